@@ -1,0 +1,51 @@
+# tradebot: `make demo` (the bot on embedded defaults) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/tradebot
+export DJANGO_SETTINGS_MODULE := tradebot.settings
+
+.PHONY: venv migrate demo test test-sqlite test-postgres bench run web clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@set -e; \
+	if [ ! -x $(PY) ]; then \
+	  python=$$(scripts/find-python) || exit 1; \
+	  echo "Creating $(VENV) with $$python"; \
+	  "$$python" -m venv $(VENV); \
+	fi; \
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip; \
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt; \
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+migrate: venv
+	$(PY) manage.py migrate --noinput
+
+demo: venv
+	$(PY) manage.py demo
+
+# Two passes: the whole suite on SQLite, then the PostgreSQL/Redis/Celery
+# tests against the local servers. Set REQUIRE_SERVICES=1 (CI does) to turn a
+# missing PostgreSQL or Redis into a failure instead of a skip.
+test: venv test-sqlite test-postgres
+
+test-sqlite: venv
+	$(PY) -m pytest -m "not postgres" $(PYTEST_ARGS)
+
+test-postgres: venv
+	DATABASE_URL=$(PG_TEST_URL) REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/0} $(PY) -m pytest -m postgres $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/run.py
+
+run: venv migrate
+	$(PY) manage.py runbot
+
+web: venv migrate
+	$(PY) manage.py runserver 127.0.0.1:8000
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,67 @@
+"""Market state: instruments (synced from OKX, never hard-coded) and candles."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.db import models
+
+
+class Timeframe(models.TextChoices):
+    M5 = "5m", "5 minutes"
+    M15 = "15m", "15 minutes"
+    H1 = "1H", "1 hour"
+    H4 = "4H", "4 hours"
+
+
+TIMEFRAME_SECONDS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1H": 3600, "4H": 14400, "1D": 86400}
+
+
+class Instrument(models.Model):
+    """An OKX instrument as /public/instruments describes it."""
+
+    inst_id = models.CharField(max_length=40, unique=True)
+    inst_type = models.CharField(max_length=10, default="SWAP")
+    ct_val = models.DecimalField(max_digits=24, decimal_places=12, help_text="Contract value in base currency")
+    lot_sz = models.DecimalField(max_digits=24, decimal_places=12, help_text="Size increment in contracts")
+    min_sz = models.DecimalField(max_digits=24, decimal_places=12, help_text="Minimum size in contracts")
+    tick_sz = models.DecimalField(max_digits=24, decimal_places=12, help_text="Price increment")
+    max_lever = models.DecimalField(max_digits=8, decimal_places=2, default=Decimal("1"))
+    settle_ccy = models.CharField(max_length=10, default="USDT")
+    state = models.CharField(max_length=20, default="live")
+    trading_enabled = models.BooleanField(default=False, help_text="Run the decision cycle for this instrument")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["inst_id"]
+
+    def __str__(self) -> str:
+        return self.inst_id
+
+
+class Candle(models.Model):
+    """One OHLCV bar; `ts` is the bar's open time (UTC).
+
+    The unique constraint on (instrument, timeframe, ts) is what upserts
+    conflict on. On TimescaleDB the table becomes a hypertable on `ts`
+    (migration 0002), which also needs that constraint to include `ts`.
+    """
+
+    instrument = models.ForeignKey(Instrument, on_delete=models.CASCADE, related_name="candles")
+    timeframe = models.CharField(max_length=4, choices=Timeframe.choices)
+    ts = models.DateTimeField(help_text="Open time, UTC")
+    open = models.DecimalField(max_digits=24, decimal_places=10)
+    high = models.DecimalField(max_digits=24, decimal_places=10)
+    low = models.DecimalField(max_digits=24, decimal_places=10)
+    close = models.DecimalField(max_digits=24, decimal_places=10)
+    volume = models.DecimalField(max_digits=30, decimal_places=10, help_text="Base-currency volume (OKX volCcy)")
+    confirmed = models.BooleanField(default=True, help_text="OKX confirm == '1': the bar is closed")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["instrument", "timeframe", "ts"], name="candle_unique_inst_tf_ts"),
+        ]
+        indexes = [models.Index(fields=["instrument", "timeframe", "-ts"], name="candle_inst_tf_ts_desc")]
+        ordering = ["instrument", "timeframe", "ts"]
+
+    def __str__(self) -> str:
+        return f"{self.instrument_id} {self.timeframe} {self.ts:%Y-%m-%d %H:%M}"

@@ -1,0 +1,52 @@
+"""The Celery app: queues, routing by module, JSON only, beat from the database.
+
+Queues: `okx` (market and execution: anything that talks to the exchange),
+`llm` (brain), `reflection` (self-learning), `default` (risk gate, journal).
+Tasks stay thin: they take ids, load rows, call one service and own only
+retries and time limits.
+"""
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from kombu import Queue
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tradebot.settings")
+
+app = Celery("tradebot")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+
+QUEUES = ("okx", "llm", "reflection", "default")
+
+
+def route_task(name: str, args: object, kwargs: object, options: object, task: object = None, **kw: object) -> dict[str, str]:
+    """Route by the module a task lives in; the pipeline may still name a queue."""
+    module = name.split(".", 1)[0]
+    if name.startswith("brain.reflection") or name.startswith("tradebot.tasks.reflection"):
+        return {"queue": "reflection"}
+    if module in ("market", "execution"):
+        return {"queue": "okx"}
+    if module == "brain":
+        return {"queue": "llm"}
+    return {"queue": "default"}
+
+
+app.conf.update(
+    task_queues=[Queue(q) for q in QUEUES],
+    task_default_queue="default",
+    task_routes=(route_task,),
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    worker_prefetch_multiplier=1,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_hijack_root_logger=False,
+    beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler",
+    timezone="UTC",
+    enable_utc=True,
+    broker_connection_retry_on_startup=True,
+)
+app.autodiscover_tasks()

@@ -1,0 +1,275 @@
+"""Django settings for tradebot, all read from the environment.
+
+`.env.example` lists every variable with its default and meaning. A bad value
+stops the process at start with a message naming the variable
+(`tradebot.env.ImproperSetting`). Secrets are read only from the environment
+and never logged (see `tradebot.logging`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from decimal import Decimal
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from tradebot.env import (
+    ImproperSetting,
+    env_bool,
+    env_choice,
+    env_decimal,
+    env_float,
+    env_int,
+    env_list,
+    env_secret,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("TRADEBOT_VAR_DIR", str(BASE_DIR / "var")))
+
+# --- Django core -----------------------------------------------------------
+DEBUG = env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = env_secret("DJANGO_SECRET_KEY") or "dev-only-insecure-key-set-DJANGO_SECRET_KEY-in-production"
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_celery_beat",
+    "market",
+    "journal",
+    "brain",
+    "execution",
+    "tradebot",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "tradebot.urls"
+WSGI_APPLICATION = "tradebot.wsgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+
+# --- Database --------------------------------------------------------------
+def database_from_url(url: str | None) -> tuple[dict[str, object], bool]:
+    """Return Django's DATABASES['default'] and whether TimescaleDB is asked for.
+
+    SQLite when no URL is set. `postgres://` / `postgresql://` use Django's own
+    PostgreSQL backend. `timescale://` / `timescaledb://` also use Django's own
+    backend, and the market migration turns the candle table into a hypertable
+    (see README, "TimescaleDB").
+    """
+    if not url:
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": str(VAR_DIR / "tradebot.sqlite3"),
+                "OPTIONS": {"timeout": 30}}, False
+    parsed = urlparse(url)
+    scheme = parsed.scheme.lower()
+    if scheme == "sqlite":
+        # sqlite:///relative/path or sqlite:////absolute/path
+        name = unquote(parsed.path[1:]) if parsed.path.startswith("/") else unquote(parsed.path)
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": name or ":memory:", "OPTIONS": {"timeout": 30}}, False
+    if scheme not in {"postgres", "postgresql", "timescale", "timescaledb"}:
+        raise ImproperSetting(
+            f"DATABASE_URL must start with sqlite://, postgres://, postgresql://, timescale:// or timescaledb://, got scheme {scheme!r}"
+        )
+    if not parsed.path or parsed.path == "/":
+        raise ImproperSetting("DATABASE_URL must name a database, e.g. postgres://user@127.0.0.1:5432/tradebot")
+    config: dict[str, object] = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(parsed.path[1:]),
+        "USER": unquote(parsed.username or ""),
+        "PASSWORD": unquote(parsed.password or ""),
+        "HOST": parsed.hostname or "",
+        "PORT": str(parsed.port or ""),
+        "CONN_MAX_AGE": 60,
+        "CONN_HEALTH_CHECKS": True,
+    }
+    return config, scheme in {"timescale", "timescaledb"}
+
+
+_db, TIMESCALEDB = database_from_url(os.environ.get("DATABASE_URL", "").strip() or None)
+DATABASES = {"default": _db}
+if _db["ENGINE"] == "django.db.backends.postgresql":
+    # A per-process test database name lets two test runs share one server.
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{_db['NAME']}_{os.getpid()}"}
+
+# --- Broker (Celery) -------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL", "")
+BROKER_DIR = VAR_DIR / "broker"
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+    BROKER_KIND = "redis"
+else:
+    # Embedded broker: kombu's filesystem transport needs no server and works
+    # with a worker and beat on one machine.
+    CELERY_BROKER_URL = "filesystem://"
+    BROKER_KIND = "filesystem"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(BROKER_DIR / "queue"),
+        "data_folder_out": str(BROKER_DIR / "queue"),
+        "processed_folder": str(BROKER_DIR / "processed"),
+        "store_processed": False,
+    }
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120, minimum=1)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 180, minimum=1)
+if CELERY_TASK_TIME_LIMIT <= CELERY_TASK_SOFT_TIME_LIMIT:
+    raise ImproperSetting("CELERY_TASK_TIME_LIMIT must be greater than CELERY_TASK_SOFT_TIME_LIMIT")
+
+# --- The cycle -------------------------------------------------------------
+INSTRUMENTS = env_list("INSTRUMENTS", ["BTC-USDT-SWAP"])
+TIMEFRAMES = ["15m", "1H", "4H"]
+DECISION_CYCLE_SECONDS = env_int("DECISION_CYCLE_SECONDS", 300, minimum=10)
+ACCOUNT_SYNC_SECONDS = env_int("ACCOUNT_SYNC_SECONDS", 15, minimum=1)
+INDICATOR_HISTORY_CANDLES = env_int("INDICATOR_HISTORY_CANDLES", 1000, minimum=50)
+SNAPSHOT_RECENT_CANDLES = env_int("SNAPSHOT_RECENT_CANDLES", 5, minimum=1)
+# auto: OKX public data when reachable, otherwise the synthetic market (said aloud).
+MARKET_DATA_SOURCE = env_choice("MARKET_DATA_SOURCE", "auto", ("auto", "okx", "synthetic"))
+SYNTHETIC_SEED = env_int("SYNTHETIC_SEED", 7)
+
+# --- OKX -------------------------------------------------------------------
+OKX_API_KEY = env_secret("OKX_API_KEY")
+OKX_API_SECRET = env_secret("OKX_API_SECRET")
+OKX_PASSPHRASE = env_secret("OKX_PASSPHRASE")
+OKX_BASE_URL = env_str("OKX_BASE_URL", "https://www.okx.com")
+OKX_DEMO = env_bool("OKX_DEMO", True)  # python-okx flag "1" = demo trading
+OKX_LIVE_TRADING = env_bool("OKX_LIVE_TRADING", False)
+OKX_TIMEOUT_SECONDS = env_float("OKX_TIMEOUT_SECONDS", 10.0, minimum=0.1)
+OKX_MAX_RETRIES = env_int("OKX_MAX_RETRIES", 3, minimum=0)
+if OKX_LIVE_TRADING and OKX_DEMO:
+    raise ImproperSetting("OKX_LIVE_TRADING=true needs OKX_DEMO=false as well; both say which account is traded")
+
+# --- Paper exchange --------------------------------------------------------
+PAPER_START_BALANCE = env_decimal("PAPER_START_BALANCE", "10000", minimum=Decimal("1"))
+PAPER_SLIPPAGE = env_decimal("PAPER_SLIPPAGE", "0.0005", minimum=Decimal("0"), maximum=Decimal("0.05"))
+PAPER_TAKER_FEE = env_decimal("PAPER_TAKER_FEE", "0.0005", minimum=Decimal("0"), maximum=Decimal("0.01"))
+PAPER_MAKER_FEE = env_decimal("PAPER_MAKER_FEE", "0.0002", minimum=Decimal("-0.01"), maximum=Decimal("0.01"))
+PAPER_MAINT_MARGIN_RATE = env_decimal("PAPER_MAINT_MARGIN_RATE", "0.004", minimum=Decimal("0"), maximum=Decimal("0.5"))
+
+# --- Risk gate (code reads these; no model or playbook can change them) ----
+MAX_DAILY_LOSS_PCT = env_decimal("MAX_DAILY_LOSS_PCT", "0.03", minimum=Decimal("0"), maximum=Decimal("1"))
+MAX_DRAWDOWN_PCT = env_decimal("MAX_DRAWDOWN_PCT", "0.10", minimum=Decimal("0"), maximum=Decimal("1"))
+MAX_CONCURRENT_POSITIONS = env_int("MAX_CONCURRENT_POSITIONS", 3, minimum=0)
+MAX_TOTAL_EXPOSURE_PCT = env_decimal("MAX_TOTAL_EXPOSURE_PCT", "0.15", minimum=Decimal("0"), maximum=Decimal("10"))
+MAX_SINGLE_TRADE_PCT = env_decimal("MAX_SINGLE_TRADE_PCT", "0.05", minimum=Decimal("0"), maximum=Decimal("10"))
+MAX_LEVERAGE = env_decimal("MAX_LEVERAGE", "3", minimum=Decimal("1"), maximum=Decimal("125"))
+MAX_SL_DISTANCE_PCT = env_decimal("MAX_SL_DISTANCE_PCT", "0.03", minimum=Decimal("0"), maximum=Decimal("1"))
+MIN_RR_RATIO = env_decimal("MIN_RR_RATIO", "1.5", minimum=Decimal("0"))
+MAX_CONSECUTIVE_LOSSES = env_int("MAX_CONSECUTIVE_LOSSES", 3, minimum=1)
+COOLDOWN_AFTER_LOSS_STREAK = env_int("COOLDOWN_AFTER_LOSS_STREAK", 1800, minimum=0)
+MAX_CORRELATION = env_decimal("MAX_CORRELATION", "0.8", minimum=Decimal("-1"), maximum=Decimal("1"))
+CORRELATION_LOOKBACK_HOURS = env_int("CORRELATION_LOOKBACK_HOURS", 168, minimum=24)
+
+# --- Market anomaly and research triggers ---------------------------------
+ANOMALY_MOVE_1H_PCT = env_decimal("ANOMALY_MOVE_1H_PCT", "0.03", minimum=Decimal("0"))
+FUNDING_SPIKE_HIGH = env_decimal("FUNDING_SPIKE_HIGH", "0.0005")
+FUNDING_SPIKE_LOW = env_decimal("FUNDING_SPIKE_LOW", "-0.0003")
+OI_CHANGE_4H_PCT = env_decimal("OI_CHANGE_4H_PCT", "0.10", minimum=Decimal("0"))
+NEWS_WINDOW_MINUTES = env_int("NEWS_WINDOW_MINUTES", 30, minimum=0)
+
+# --- LLM brain -------------------------------------------------------------
+ANTHROPIC_API_KEY = env_secret("ANTHROPIC_API_KEY")
+ANTHROPIC_BASE_URL = env_str("ANTHROPIC_BASE_URL", "")
+# BRAIN: auto = Claude when ANTHROPIC_API_KEY is set, otherwise the rules brain.
+BRAIN = env_choice("BRAIN", "auto", ("auto", "claude", "rules"))
+ANALYST_MODEL = env_str("ANALYST_MODEL", "claude-opus-4-6")
+SCREENER_MODEL = env_str("SCREENER_MODEL", "claude-haiku-4-5-20251001")
+REFLECTION_MODEL = env_str("REFLECTION_MODEL", "claude-opus-4-6")
+ANALYST_TEMPERATURE = env_float("ANALYST_TEMPERATURE", 0.2, minimum=0.0, maximum=1.0)
+REFLECTION_TEMPERATURE = env_float("REFLECTION_TEMPERATURE", 0.3, minimum=0.0, maximum=1.0)
+ANALYST_MAX_TOKENS = env_int("ANALYST_MAX_TOKENS", 4096, minimum=16)
+SCREENER_MAX_TOKENS = env_int("SCREENER_MAX_TOKENS", 100, minimum=1)
+REFLECTION_MAX_TOKENS = env_int("REFLECTION_MAX_TOKENS", 8192, minimum=16)
+ANALYST_TIMEOUT_SECONDS = env_float("ANALYST_TIMEOUT_SECONDS", 30.0, minimum=1.0)
+SCREENER_TIMEOUT_SECONDS = env_float("SCREENER_TIMEOUT_SECONDS", 10.0, minimum=1.0)
+REFLECTION_TIMEOUT_SECONDS = env_float("REFLECTION_TIMEOUT_SECONDS", 120.0, minimum=1.0)
+LLM_EFFORT = env_choice("LLM_EFFORT", "medium", ("low", "medium", "high", "max"))
+LLM_DAILY_BUDGET_USD = env_decimal("LLM_DAILY_BUDGET_USD", "10", minimum=Decimal("0"))
+LLM_BUDGET_WARN_FRACTION = env_decimal("LLM_BUDGET_WARN_FRACTION", "0.8", minimum=Decimal("0"), maximum=Decimal("1"))
+LLM_DEGRADE_MODE = env_choice("LLM_DEGRADE_MODE", "rules", ("rules", "hold"))
+SCREENER_ENABLED = env_bool("SCREENER_ENABLED", True)
+SCREENER_BYPASS_ON_POSITION = env_bool("SCREENER_BYPASS_ON_POSITION", True)
+SCREENER_BYPASS_ON_NEWS = env_bool("SCREENER_BYPASS_ON_NEWS", True)
+SCREENER_MIN_PASS_RATE = env_decimal("SCREENER_MIN_PASS_RATE", "0.10", minimum=Decimal("0"), maximum=Decimal("1"))
+
+# USD per million tokens. cache_write is the 5-minute write price (1.25x input);
+# cache_read 0.1x input unless the model's page says otherwise. Override the
+# whole table with LLM_PRICES_JSON (same shape) when prices change.
+LLM_PRICES: dict[str, dict[str, Decimal]] = {
+    "claude-opus-4-6": {"input": Decimal("5"), "output": Decimal("25"), "cache_write": Decimal("6.25"), "cache_read": Decimal("0.50")},
+    "claude-haiku-4-5-20251001": {"input": Decimal("1"), "output": Decimal("5"), "cache_write": Decimal("1.25"), "cache_read": Decimal("0.10")},
+    "claude-opus-5-5": {"input": Decimal("4"), "output": Decimal("20"), "cache_write": Decimal("5"), "cache_read": Decimal("0.20")},
+    "claude-sonnet-5-5": {"input": Decimal("2"), "output": Decimal("10"), "cache_write": Decimal("2.5"), "cache_read": Decimal("0.20")},
+    "claude-haiku-5-5": {"input": Decimal("0.10"), "output": Decimal("0.50"), "cache_write": Decimal("0.125"), "cache_read": Decimal("0.01")},
+    "sonar-pro": {"input": Decimal("3"), "output": Decimal("15"), "cache_write": Decimal("3"), "cache_read": Decimal("3")},
+}
+_prices_json = env_str("LLM_PRICES_JSON", "")
+if _prices_json:
+    try:
+        LLM_PRICES = {
+            model: {k: Decimal(str(v)) for k, v in row.items()} for model, row in json.loads(_prices_json).items()
+        }
+    except (ValueError, AttributeError, ArithmeticError) as exc:
+        raise ImproperSetting(f"LLM_PRICES_JSON must be a JSON object of models to prices: {exc}") from None
+
+# --- Research (Perplexity) -------------------------------------------------
+PERPLEXITY_API_KEY = env_secret("PERPLEXITY_API_KEY")
+PERPLEXITY_BASE_URL = env_str("PERPLEXITY_BASE_URL", "https://api.perplexity.ai")
+PERPLEXITY_MODEL = env_str("PERPLEXITY_MODEL", "sonar-pro")
+PERPLEXITY_TIMEOUT_SECONDS = env_float("PERPLEXITY_TIMEOUT_SECONDS", 20.0, minimum=1.0)
+RESEARCH_CACHE_SECONDS = env_int("RESEARCH_CACHE_SECONDS", 3600, minimum=0)
+
+# --- Self-learning -----------------------------------------------------------
+REFLECTION_INTERVAL_TRADES = env_int("REFLECTION_INTERVAL_TRADES", 20, minimum=1)
+REFLECTION_INTERVAL_HOURS = env_int("REFLECTION_INTERVAL_HOURS", 6, minimum=1)
+PLAYBOOK_VALIDATION_DAYS = env_int("PLAYBOOK_VALIDATION_DAYS", 30, minimum=1)
+PLAYBOOK_VALIDATION_METRIC = env_choice("PLAYBOOK_VALIDATION_METRIC", "profit_factor", ("profit_factor", "total_pnl", "sharpe"))
+PLAYBOOK_MAX_DRAWDOWN_MARGIN = env_decimal("PLAYBOOK_MAX_DRAWDOWN_MARGIN", "0.02", minimum=Decimal("0"))
+
+# --- Web / flower ----------------------------------------------------------
+FLOWER_BASIC_AUTH = env_secret("FLOWER_BASIC_AUTH")
+
+# --- Logging ---------------------------------------------------------------
+LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+LOG_FORMAT = env_choice("LOG_FORMAT", "console", ("console", "json"))
+LOGGING_CONFIG = None  # tradebot.logging configures stdlib logging and structlog
+from tradebot.logging import configure_logging  # noqa: E402
+
+configure_logging(level=LOG_LEVEL, fmt=LOG_FORMAT)
+
+TESTING = "pytest" in sys.modules
