@@ -80,3 +80,14 @@ def test_database_urls() -> None:
     assert tsdb["ENGINE"] == "django.db.backends.postgresql" and ts is True
     with pytest.raises(ImproperSetting, match="DATABASE_URL must name a database"):
         database_from_url("postgres://bot@db")
+
+
+def test_every_setting_read_from_the_environment_is_documented_in_env_example() -> None:
+    import re
+
+    source = (ROOT / "tradebot" / "settings.py").read_text()
+    read = set(re.findall(r'env_(?:str|int|decimal|float|bool|list|choice|secret)\(\s*"([A-Z0-9_]+)"', source))
+    read |= set(re.findall(r'os\.environ\.get\("([A-Z0-9_]+)"', source))
+    documented = set(re.findall(r"^([A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert read, "no settings found: the pattern is wrong"
+    assert read - documented == set(), f"settings missing from .env.example: {sorted(read - documented)}"
