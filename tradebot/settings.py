@@ -28,6 +28,9 @@ from tradebot.env import (
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("TRADEBOT_VAR_DIR", str(BASE_DIR / "var")))
+# numba's compiled-kernel cache (indicators): a writable place shared by every
+# process, so workers don't recompile (~10 s) when the code dir is read-only.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(VAR_DIR / "numba"))
 
 # --- Django core -----------------------------------------------------------
 DEBUG = env_bool("DJANGO_DEBUG", False)
@@ -134,6 +137,14 @@ BROKER_DIR = VAR_DIR / "broker"
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
     BROKER_KIND = "redis"
+    # How long a task taken by a worker that died (SIGKILL, power loss) stays
+    # invisible before Redis hands it to another worker. Stages are idempotent,
+    # so a short timeout only costs a harmless duplicate.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=1),
+        # A per-deployment (or per-test-run) prefix keeps two bots on one Redis apart.
+        "global_keyprefix": env_str("CELERY_REDIS_KEY_PREFIX", ""),
+    }
 else:
     # Embedded broker: kombu's filesystem transport needs no server and works
     # with a worker and beat on one machine.
@@ -161,6 +172,10 @@ SNAPSHOT_RECENT_CANDLES = env_int("SNAPSHOT_RECENT_CANDLES", 5, minimum=1)
 # auto: OKX public data when reachable, otherwise the synthetic market (said aloud).
 MARKET_DATA_SOURCE = env_choice("MARKET_DATA_SOURCE", "auto", ("auto", "okx", "synthetic"))
 SYNTHETIC_SEED = env_int("SYNTHETIC_SEED", 7)
+# A cycle still unfinished this long after it started is marked INTERRUPTED by
+# the next beat tick, so a lost worker cannot block its instrument forever.
+# Default: every stage task at its hard time limit, back to back.
+CYCLE_STALE_SECONDS = env_int("CYCLE_STALE_SECONDS", 7 * CELERY_TASK_TIME_LIMIT, minimum=10)
 
 # --- OKX -------------------------------------------------------------------
 OKX_API_KEY = env_secret("OKX_API_KEY")
@@ -171,6 +186,8 @@ OKX_DEMO = env_bool("OKX_DEMO", True)  # python-okx flag "1" = demo trading
 OKX_LIVE_TRADING = env_bool("OKX_LIVE_TRADING", False)
 OKX_TIMEOUT_SECONDS = env_float("OKX_TIMEOUT_SECONDS", 10.0, minimum=0.1)
 OKX_MAX_RETRIES = env_int("OKX_MAX_RETRIES", 3, minimum=0)
+# MARKET_DATA_SOURCE=auto: how long the OKX reachability probe may take before falling back.
+MARKET_PROBE_TIMEOUT_SECONDS = env_float("MARKET_PROBE_TIMEOUT_SECONDS", 3.0, minimum=0.1)
 if OKX_LIVE_TRADING and OKX_DEMO:
     raise ImproperSetting("OKX_LIVE_TRADING=true needs OKX_DEMO=false as well; both say which account is traded")
 

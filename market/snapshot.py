@@ -1,0 +1,323 @@
+"""The market snapshot of one instrument at one time (`MarketSnapshot`).
+
+`snapshot_build` reads a feed (live, replay or synthetic); `snapshot_from_frames`
+is the pure part, which the replay loop calls with candle frames and
+indicators precomputed once over its whole history.
+
+Definitions (all ratios are fractions, like the settings: 0.03 = 3%):
+- per timeframe: the last `INDICATOR_HISTORY_CANDLES` candles closed by `as_of`
+  (open time + timeframe <= as_of), their indicators at the last one, the regime,
+  the last `SNAPSHOT_RECENT_CANDLES` candles;
+- price = ticker last, else the last close of the finest timeframe;
+- price_change_1h_pct = price / C - 1, C = the close of the finest candle
+  (15m, else 1H) that closed at or before as_of - 1 h;
+- order book: top 5; imbalance = (sum bid sizes - sum ask sizes) / (sum of
+  both); spread = best ask - best bid; None when the feed has no book;
+- oi_change_4h_pct = OI / OI 4 h earlier - 1, in contracts. The earlier value
+  comes from the feed's `open_interest_at(inst_id, when)` when it has one
+  (replay, synthetic); OKX's public REST has no point-in-time OI, so live it is
+  None (and so is the OI anomaly);
+- regime = the 1H regime; anomalies from ANOMALY_MOVE_1H_PCT, FUNDING_SPIKE_HIGH
+  / FUNDING_SPIKE_LOW and OI_CHANGE_4H_PCT, each with its reason.
+
+Replay equivalence rule: the live snapshot computes indicators over the
+trailing window W (= INDICATOR_HISTORY_CANDLES). Given indicators precomputed
+over a longer history (`computed`, made by `indicators_compute` with the same
+`profile_bars`), the row at t equals the trailing-window computation within
+1e-9 relative for every column except `indicators.WINDOW_DEPENDENT` once
+W >= `indicators.CONVERGED_AFTER_BARS`: those (EMA200, its alignment, OBV)
+are recomputed here on the trailing window. With a shorter W, or when t is
+not in `computed`, the whole trailing window is computed (exact by definition).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+from django.conf import settings
+
+from market import indicator_kernels as k
+from market.feeds.base import Bar, FeedError, FundingRate, MarketFeed, OpenInterest, OrderBook, Ticker
+from market.indicators import (
+    CONVERGED_AFTER_BARS,
+    OHLCV,
+    ema_alignment_code,
+    indicator_set_at,
+    indicators_compute,
+)
+from market.regime import regime_detect
+from market.schemas import (
+    Anomalies,
+    BookView,
+    CandleView,
+    IndicatorSet,
+    MarketSnapshot,
+    TickerView,
+    TimeframeView,
+)
+from tradebot.logging import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+TIMEFRAME_DURATIONS: dict[str, timedelta] = {
+    "1m": timedelta(minutes=1), "3m": timedelta(minutes=3), "5m": timedelta(minutes=5),
+    "15m": timedelta(minutes=15), "30m": timedelta(minutes=30), "1H": timedelta(hours=1),
+    "2H": timedelta(hours=2), "4H": timedelta(hours=4), "6H": timedelta(hours=6),
+    "12H": timedelta(hours=12), "1D": timedelta(days=1),
+}
+BOOK_DEPTH = 5
+
+
+class SnapshotUnavailable(Exception):
+    """Not even a price is known for the instrument: no snapshot can be built."""
+
+
+def tf_duration(timeframe: str) -> timedelta:
+    try:
+        return TIMEFRAME_DURATIONS[timeframe]
+    except KeyError:
+        raise ValueError(f"unknown timeframe {timeframe!r}; known: {', '.join(TIMEFRAME_DURATIONS)}") from None
+
+
+def _dec(x: float) -> Decimal:
+    # repr gives the shortest string that round-trips: 66440.5, not 66440.500000000007...
+    return Decimal(repr(float(x)))
+
+
+def bars_to_frame(bars: list[Bar]) -> pd.DataFrame:
+    """Confirmed bars as the candle frame indicators take (float OHLCV, UTC open-time index)."""
+    bars = [b for b in bars if b.confirmed]
+    index = pd.DatetimeIndex([b.ts for b in bars], name="ts")
+    if index.tz is None:
+        index = index.tz_localize("UTC")
+    data = {name: np.array([float(getattr(b, name)) for b in bars], dtype=np.float64) for name in OHLCV}
+    return pd.DataFrame(data, index=index)
+
+
+def closed_by(candles: pd.DataFrame, timeframe: str, as_of: datetime) -> pd.DataFrame:
+    """The rows of `candles` whose candle closed at or before `as_of` (a slice, no copy)."""
+    limit = pd.Timestamp(as_of) - pd.Timedelta(tf_duration(timeframe))
+    end = int(np.searchsorted(candles.index.asi8, limit.value, side="right")) if len(candles) else 0
+    return candles.iloc[:end]
+
+
+def _indicator_frame(trailing: pd.DataFrame, computed: pd.DataFrame | None, window: int) -> pd.DataFrame:
+    """The indicator row of the trailing window's last candle, as a one-row frame."""
+    if computed is not None and len(computed):
+        t = trailing.index[-1]
+        pos = int(computed.index.searchsorted(t))
+        if pos < len(computed) and computed.index[pos] == t:
+            row = computed.iloc[pos:pos + 1]
+            if computed.index[0] == trailing.index[0]:
+                return row  # same start, same data: identical by construction
+            if computed.index[0] < trailing.index[0] and len(trailing) >= CONVERGED_AFTER_BARS:
+                return _with_window_columns(row.copy(), trailing)
+    return indicators_compute(trailing, profile_bars=window, tail=1).iloc[-1:]
+
+
+def _with_window_columns(row: pd.DataFrame, trailing: pd.DataFrame) -> pd.DataFrame:
+    close = np.ascontiguousarray(trailing["close"].to_numpy(dtype=np.float64))
+    volume = np.ascontiguousarray(trailing["volume"].to_numpy(dtype=np.float64))
+    e200 = k.ema(close, 200)[-1:]
+    row["ema_200"] = e200
+    row["ema_alignment"] = ema_alignment_code(row["ema_20"].to_numpy(), row["ema_50"].to_numpy(), e200)
+    row["obv"] = k.obv(close, volume)[-1:]
+    return row
+
+
+def timeframe_view(*, timeframe: str, candles: pd.DataFrame | None, as_of: datetime,
+                   computed: pd.DataFrame | None = None, window: int | None = None,
+                   recent: int | None = None) -> TimeframeView:
+    window = int(window or settings.INDICATOR_HISTORY_CANDLES)
+    recent = int(recent or settings.SNAPSHOT_RECENT_CANDLES)
+    trailing = closed_by(candles, timeframe, as_of).iloc[-window:] if candles is not None else None
+    if trailing is None or trailing.empty:
+        return TimeframeView(timeframe=timeframe, candles_used=0, last_closed_ts=None,
+                             indicators=IndicatorSet(), regime="unknown")
+    indicators = indicator_set_at(_indicator_frame(trailing, computed, window))
+    tail = trailing.iloc[-recent:]
+    views = tuple(
+        CandleView(ts=ts.to_pydatetime(), open=_dec(o), high=_dec(h), low=_dec(lo), close=_dec(c), volume=_dec(v))
+        for ts, o, h, lo, c, v in zip(tail.index, tail["open"], tail["high"], tail["low"], tail["close"],
+                                      tail["volume"], strict=True)
+    )
+    return TimeframeView(timeframe=timeframe, candles_used=len(trailing),
+                         last_closed_ts=trailing.index[-1].to_pydatetime(), indicators=indicators,
+                         regime=regime_detect(indicators), recent_candles=views)
+
+
+def ticker_view(ticker: Ticker) -> TickerView:
+    change = None
+    if ticker.open_24h is not None and ticker.open_24h != 0:
+        change = float(ticker.last / ticker.open_24h - 1)
+    return TickerView(last=ticker.last, bid=ticker.bid, ask=ticker.ask, mark=ticker.mark,
+                      high_24h=ticker.high_24h, low_24h=ticker.low_24h, volume_24h=ticker.volume_24h,
+                      change_24h_pct=change)
+
+
+def book_view(book: OrderBook, depth: int = BOOK_DEPTH) -> BookView | None:
+    bids, asks = book.bids[:depth], book.asks[:depth]
+    if not bids and not asks:
+        return None
+    bid_size = sum((level.size for level in bids), Decimal(0))
+    ask_size = sum((level.size for level in asks), Decimal(0))
+    total = bid_size + ask_size
+    return BookView(
+        bids=tuple((level.price, level.size) for level in bids),
+        asks=tuple((level.price, level.size) for level in asks),
+        imbalance=float((bid_size - ask_size) / total) if total > 0 else None,
+        spread=asks[0].price - bids[0].price if bids and asks else None,
+    )
+
+
+def price_change_1h(*, price: Decimal, candles: Mapping[str, pd.DataFrame | None], as_of: datetime) -> float | None:
+    for timeframe in ("15m", "1H"):
+        frame = candles.get(timeframe)
+        if frame is None or frame.empty:
+            continue
+        earlier = closed_by(frame, timeframe, as_of - timedelta(hours=1))
+        if earlier.empty:
+            return None
+        base = float(earlier["close"].iloc[-1])
+        return float(price) / base - 1 if base > 0 else None
+    return None
+
+
+def anomalies_detect(*, price_change_1h_pct: float | None, funding_rate: Decimal | None,
+                     oi_change_4h_pct: float | None) -> Anomalies:
+    reasons: list[str] = []
+    move = price_change_1h_pct is not None and abs(price_change_1h_pct) > float(settings.ANOMALY_MOVE_1H_PCT)
+    if move:
+        reasons.append(f"1H move {price_change_1h_pct:+.2%} beyond ±{float(settings.ANOMALY_MOVE_1H_PCT):.2%}")
+    spike = False
+    if funding_rate is not None:
+        if funding_rate > settings.FUNDING_SPIKE_HIGH:
+            spike = True
+            reasons.append(f"funding {float(funding_rate):+.4%} above {float(settings.FUNDING_SPIKE_HIGH):+.4%}")
+        elif funding_rate < settings.FUNDING_SPIKE_LOW:
+            spike = True
+            reasons.append(f"funding {float(funding_rate):+.4%} below {float(settings.FUNDING_SPIKE_LOW):+.4%}")
+    oi = oi_change_4h_pct is not None and abs(oi_change_4h_pct) > float(settings.OI_CHANGE_4H_PCT)
+    if oi:
+        reasons.append(f"open interest {oi_change_4h_pct:+.2%} in 4H beyond ±{float(settings.OI_CHANGE_4H_PCT):.2%}")
+    return Anomalies(move_1h=move, funding_spike=spike, oi_change_4h=oi, reasons=tuple(reasons))
+
+
+def snapshot_from_frames(*, inst_id: str, as_of: datetime, source: str,
+                         candles: Mapping[str, pd.DataFrame | None],
+                         computed: Mapping[str, pd.DataFrame] | None = None,
+                         ticker: Ticker | None = None, order_book: OrderBook | None = None,
+                         funding: FundingRate | None = None, open_interest: OpenInterest | None = None,
+                         open_interest_4h_ago: Decimal | None = None,
+                         window: int | None = None, recent: int | None = None) -> MarketSnapshot:
+    """Build the snapshot from candle frames (any history; only bars closed by `as_of` are used).
+
+    `computed[tf]`, when given, is `indicators_compute` over `candles[tf]` (see
+    the module docstring for when its rows are used as they are).
+    Raises SnapshotUnavailable when there is neither a ticker nor a closed candle.
+    """
+    if as_of.tzinfo is None:
+        raise ValueError("as_of must be timezone-aware (UTC)")
+    computed = computed or {}
+    views = {
+        tf: timeframe_view(timeframe=tf, candles=candles.get(tf), as_of=as_of, computed=computed.get(tf),
+                           window=window, recent=recent)
+        for tf in candles
+    }
+    if ticker is not None:
+        tview = ticker_view(ticker)
+    else:
+        last = _last_close(candles, as_of)
+        if last is None:
+            raise SnapshotUnavailable(f"no ticker and no closed candle for {inst_id} at {as_of.isoformat()}")
+        tview = TickerView(last=last)
+    price = tview.last
+    change_1h = price_change_1h(price=price, candles=candles, as_of=as_of)
+    rate = funding.rate if funding is not None else None
+    oi_now = open_interest.oi_contracts if open_interest is not None else None
+    oi_change = None
+    if oi_now is not None and open_interest_4h_ago is not None and open_interest_4h_ago > 0:
+        oi_change = float(oi_now / open_interest_4h_ago - 1)
+    hourly = views.get("1H")
+    return MarketSnapshot(
+        inst_id=inst_id,
+        ts=as_of,
+        source=source,
+        price=price,
+        ticker=tview,
+        timeframes=views,
+        order_book=book_view(order_book) if order_book is not None else None,
+        funding_rate=rate,
+        next_funding_time=funding.next_funding_time if funding is not None else None,
+        open_interest=oi_now,
+        oi_change_4h_pct=oi_change,
+        price_change_1h_pct=change_1h,
+        regime=hourly.regime if hourly is not None else "unknown",
+        anomalies=anomalies_detect(price_change_1h_pct=change_1h, funding_rate=rate, oi_change_4h_pct=oi_change),
+    )
+
+
+def _last_close(candles: Mapping[str, pd.DataFrame | None], as_of: datetime) -> Decimal | None:
+    best: tuple[pd.Timestamp, float] | None = None
+    for tf, frame in candles.items():
+        if frame is None:
+            continue
+        closed = closed_by(frame, tf, as_of)
+        if closed.empty:
+            continue
+        close_time = closed.index[-1] + pd.Timedelta(tf_duration(tf))
+        if best is None or close_time > best[0]:
+            best = (close_time, float(closed["close"].iloc[-1]))
+    return _dec(best[1]) if best is not None else None
+
+
+def _optional(what: str, inst_id: str, fn: Callable[[], T]) -> T | None:
+    """An optional part of the snapshot: a feed error degrades it to None, logged."""
+    try:
+        return fn()
+    except FeedError as e:
+        log.warning("snapshot.part_missing", part=what, inst_id=inst_id, error=str(e), retryable=e.retryable)
+        return None
+
+
+def _candles_from_feed(feed: MarketFeed, inst_id: str, timeframe: str, *, limit: int,
+                       as_of: datetime | None) -> pd.DataFrame | None:
+    # Bars opening before `before` close by as_of; one extra covers a still-open bar.
+    before = as_of - tf_duration(timeframe) + timedelta(milliseconds=1) if as_of is not None else None
+    frame_fn: Any = getattr(feed, "frame", None)
+    if callable(frame_fn):
+        return frame_fn(inst_id, timeframe, limit=limit + 1, before=before)
+    return bars_to_frame(feed.candles(inst_id, timeframe, limit=limit + 1, before=before))
+
+
+def snapshot_build(*, feed: MarketFeed, inst_id: str, as_of: datetime | None = None) -> MarketSnapshot:
+    """Read the feed and build the snapshot of `inst_id` at `as_of` (default: the feed's clock).
+
+    Missing candles for a timeframe leave its indicators None; book, funding and
+    open interest degrade to None on a feed error (logged). The ticker falls back
+    to the last close; with neither, SnapshotUnavailable.
+    """
+    as_of = as_of or feed.now()
+    window = int(settings.INDICATOR_HISTORY_CANDLES)
+    candles: dict[str, pd.DataFrame | None] = {}
+    for tf in settings.TIMEFRAMES:
+        candles[tf] = _optional(f"candles {tf}", inst_id,
+                                lambda tf=tf: _candles_from_feed(feed, inst_id, tf, limit=window, as_of=as_of))
+    ticker = _optional("ticker", inst_id, lambda: feed.ticker(inst_id))
+    book = _optional("order book", inst_id, lambda: feed.order_book(inst_id, BOOK_DEPTH))
+    funding = _optional("funding rate", inst_id, lambda: feed.funding_rate(inst_id))
+    oi = _optional("open interest", inst_id, lambda: feed.open_interest(inst_id))
+    oi_ago = None
+    history: Any = getattr(feed, "open_interest_at", None)
+    if oi is not None and callable(history):
+        oi_ago = _optional("open interest 4h ago", inst_id, lambda: history(inst_id, as_of - timedelta(hours=4)))
+    return snapshot_from_frames(
+        inst_id=inst_id, as_of=as_of, source=getattr(feed, "name", type(feed).__name__), candles=candles,
+        ticker=ticker, order_book=book, funding=funding, open_interest=oi, open_interest_4h_ago=oi_ago,
+        window=window,
+    )
