@@ -1,0 +1,61 @@
+"""Market feeds behind one interface (`market.feeds.base.MarketFeed`).
+
+`feed_from_settings()` picks the source from `settings.MARKET_DATA_SOURCE`:
+"okx" (public REST via python-okx), "synthetic" (the seeded SYN market) or
+"auto": OKX when a short probe answers, otherwise the synthetic market. It
+always logs which source is in use and why.
+"""
+from __future__ import annotations
+
+import time
+
+from django.conf import settings
+
+from market.feeds.base import FeedError, MarketFeed
+from tradebot.logging import get_logger
+
+log = get_logger(__name__)
+SOURCES = ("auto", "okx", "synthetic")
+
+
+def okx_feed_from_settings(*, timeout: float | None = None) -> MarketFeed:
+    from market.feeds.okx import OkxFeed
+
+    return OkxFeed(base_url=settings.OKX_BASE_URL, flag="1" if settings.OKX_DEMO else "0",
+                   timeout=timeout if timeout is not None else settings.OKX_TIMEOUT_SECONDS)
+
+
+def synthetic_feed_from_settings() -> MarketFeed:
+    from market.feeds.synthetic import SyntheticFeed
+
+    return SyntheticFeed(seed=settings.SYNTHETIC_SEED)
+
+
+def feed_from_settings(*, source: str | None = None) -> MarketFeed:
+    """The market feed the settings ask for (see the module docstring)."""
+    source = source or settings.MARKET_DATA_SOURCE
+    if source not in SOURCES:
+        raise ValueError(f"market data source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "okx":
+        log.info("market_data.source", source="okx", base_url=settings.OKX_BASE_URL, reason="configured")
+        return okx_feed_from_settings()
+    if source == "synthetic":
+        log.info("market_data.source", source="synthetic", seed=settings.SYNTHETIC_SEED, reason="configured")
+        return synthetic_feed_from_settings()
+    probe_timeout = settings.MARKET_PROBE_TIMEOUT_SECONDS
+    probe = okx_feed_from_settings(timeout=probe_timeout)
+    started = time.monotonic()
+    try:
+        probe.system_time()  # type: ignore[attr-defined]
+    except FeedError as e:
+        probe.close()  # type: ignore[attr-defined]
+        log.warning("market_data.source", source="synthetic", seed=settings.SYNTHETIC_SEED,
+                    reason=f"OKX at {settings.OKX_BASE_URL} did not answer a {probe_timeout}s probe: {e}")
+        return synthetic_feed_from_settings()
+    probe.close()  # type: ignore[attr-defined]
+    log.info("market_data.source", source="okx", base_url=settings.OKX_BASE_URL,
+             reason=f"OKX answered the probe in {round((time.monotonic() - started) * 1000)} ms")
+    return okx_feed_from_settings()
+
+
+__all__ = ["feed_from_settings", "okx_feed_from_settings", "synthetic_feed_from_settings", "SOURCES"]

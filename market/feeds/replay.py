@@ -1,0 +1,383 @@
+"""Candles from a CSV file or the database, replayed on a virtual clock.
+
+The rule that matters: a ReplayFeed never returns a bar whose close time
+(open + timeframe) is after its clock, on any timeframe, derived or not.
+
+- Series are numpy arrays (open times in epoch ms, float OHLCV); lookups are
+  `searchsorted` on the open times, and each Bar is built once and cached, so
+  a year of 5-minute cycles costs slices, not DataFrames of the whole history.
+- Missing timeframes are derived from the finest loaded one that divides them
+  (e.g. 5m -> 15m/1H/4H) by UTC-aligned resampling: open first, high max,
+  low min, close last, volume sum. Only complete buckets (every base bar
+  present) become bars; a bucket still forming at the clock closes after the
+  clock and so is never returned.
+- Ticker: the close of the last closed bar of the finest timeframe; no bid/ask
+  (a replay has no quotes); 24 h fields from the finest bars of the last 24 h.
+- Order book: a replay has no order book, so `order_book` returns an EMPTY
+  book (no bids, no asks); consumers must treat empty as "unknown".
+- Funding: the last settled rate at or before the clock (from an optional
+  `ts,funding_rate` CSV) and the next 8-hourly settlement; rate None without data.
+- Open interest: optional series; None without data.
+- Clock: `set_clock(dt)`. With no clock set, `now()` is wall time (a live bot
+  on a generated market); the default for a file replay is the close of its
+  last bar.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from market.feeds.base import (
+    Bar,
+    FeedPermanentError,
+    FundingRate,
+    InstrumentSpec,
+    OpenInterest,
+    OrderBook,
+    Ticker,
+)
+from market.models import TIMEFRAME_SECONDS
+
+FUNDING_INTERVAL_MS = 8 * 3600 * 1000
+DAY_MS = 86_400_000
+
+
+def tf_ms(timeframe: str) -> int:
+    try:
+        return TIMEFRAME_SECONDS[timeframe] * 1000
+    except KeyError:
+        known = ", ".join(TIMEFRAME_SECONDS)
+        raise FeedPermanentError(f"unknown timeframe {timeframe!r}; expected one of {known}") from None
+
+
+def ms_to_dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def dt_to_ms(dt: datetime) -> int:
+    if dt.tzinfo is None:
+        raise ValueError("datetimes must be timezone-aware (UTC)")
+    return int(dt.timestamp() * 1000)
+
+
+def _dec(x: float) -> Decimal:
+    # repr of a float parsed from text is that text again ("60000.1"), so this is exact for CSV input.
+    return Decimal(repr(float(x)))
+
+
+@dataclass
+class Series:
+    """One instrument's bars on one timeframe: sorted open times (ms) and float OHLCV."""
+
+    tf_ms: int
+    ts: np.ndarray
+    open: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray
+    _bars: list[Bar | None] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ts = np.asarray(self.ts, dtype=np.int64)
+        for name in ("open", "high", "low", "close", "volume"):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        if len(self.ts) > 1 and np.any(np.diff(self.ts) <= 0):
+            order = np.argsort(self.ts, kind="stable")
+            self.ts = self.ts[order]
+            for name in ("open", "high", "low", "close", "volume"):
+                setattr(self, name, getattr(self, name)[order])
+            keep = np.concatenate([[True], np.diff(self.ts) > 0])  # duplicates: keep the first
+            self.ts = self.ts[keep]
+            for name in ("open", "high", "low", "close", "volume"):
+                setattr(self, name, getattr(self, name)[keep])
+        self._bars = [None] * len(self.ts)
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def closed_end(self, clock_ms: int, before_ms: int | None = None) -> int:
+        """Index one past the last bar closed by `clock_ms` (and opening before `before_ms`)."""
+        end = int(np.searchsorted(self.ts, clock_ms - self.tf_ms, side="right"))
+        if before_ms is not None:
+            end = min(end, int(np.searchsorted(self.ts, before_ms, side="left")))
+        return end
+
+    def bar(self, i: int) -> Bar:
+        cached = self._bars[i]
+        if cached is None:
+            cached = Bar(ts=ms_to_dt(int(self.ts[i])), open=_dec(self.open[i]), high=_dec(self.high[i]),
+                         low=_dec(self.low[i]), close=_dec(self.close[i]), volume=_dec(self.volume[i]), confirmed=True)
+            self._bars[i] = cached
+        return cached
+
+    def resample(self, target_ms: int) -> Series:
+        """UTC-aligned OHLCV buckets of `target_ms`; only complete buckets are kept."""
+        if target_ms % self.tf_ms:
+            raise FeedPermanentError(f"cannot build {target_ms // 1000}s bars from {self.tf_ms // 1000}s bars")
+        per_bucket = target_ms // self.tf_ms
+        if len(self.ts) == 0:
+            return Series(target_ms, *(np.empty(0),) * 6)
+        buckets = self.ts - self.ts % target_ms
+        starts = np.flatnonzero(np.concatenate([[True], buckets[1:] != buckets[:-1]]))
+        counts = np.diff(np.append(starts, len(buckets)))
+        ends = starts + counts - 1
+        complete = counts == per_bucket
+        return Series(
+            target_ms,
+            buckets[starts][complete],
+            self.open[starts][complete],
+            np.maximum.reduceat(self.high, starts)[complete],
+            np.minimum.reduceat(self.low, starts)[complete],
+            self.close[ends][complete],
+            # Rounded to 8 dp: float summation noise must not show up as volume digits.
+            np.round(np.add.reduceat(self.volume, starts), 8)[complete],
+        )
+
+
+def read_candle_csv(path: str | Path) -> dict[str, np.ndarray]:
+    """`ts,open,high,low,close,volume` (ts = open time, epoch ms; .gz allowed) -> arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeedPermanentError(f"candle CSV not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="") as fh:  # type: ignore[operator]
+        header = next(csv.reader(fh), None)
+    expected = ["ts", "open", "high", "low", "close", "volume"]
+    if header is None or [h.strip().lower() for h in header[:6]] != expected:
+        raise FeedPermanentError(f"{path}: expected a header {','.join(expected)}, got {header}")
+    try:
+        frame = pd.read_csv(path, usecols=expected, dtype={"ts": "int64"}, keep_default_na=True)
+    except ValueError as e:
+        raise FeedPermanentError(f"{path}: unreadable candle CSV: {e}") from e
+    frame["volume"] = frame["volume"].fillna(0.0)  # mark-price files have no volume
+    if frame[["open", "high", "low", "close"]].isna().any().any():
+        raise FeedPermanentError(f"{path}: empty price cells")
+    return {name: frame[name].to_numpy() for name in expected}
+
+
+def infer_timeframe(ts_ms: np.ndarray) -> str:
+    """The timeframe whose length is the most common step between open times."""
+    if len(ts_ms) < 2:
+        raise FeedPermanentError("need at least two candles to tell the timeframe")
+    steps, counts = np.unique(np.diff(ts_ms), return_counts=True)
+    step = int(steps[np.argmax(counts)])
+    for name, seconds in TIMEFRAME_SECONDS.items():
+        if seconds * 1000 == step:
+            return name
+    raise FeedPermanentError(f"candle spacing of {step} ms is not a known timeframe")
+
+
+class ReplayFeed:
+    """A MarketFeed over stored candles on a virtual clock (see the module docstring)."""
+
+    name = "replay"
+
+    def __init__(self, *, clock: datetime | None = None, instruments: list[InstrumentSpec] | None = None,
+                 name: str | None = None) -> None:
+        self._native: dict[tuple[str, str], Series] = {}
+        self._derived: dict[tuple[str, str], Series] = {}
+        self._funding: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._oi: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        self._specs = {s.inst_id: s for s in instruments or []}
+        self._clock_ms: int | None = None
+        if clock is not None:
+            self.set_clock(clock)
+        if name:
+            self.name = name
+
+    # -- loading ----------------------------------------------------------
+    def add_series(self, inst_id: str, timeframe: str, *, ts: np.ndarray, open: np.ndarray, high: np.ndarray,
+                   low: np.ndarray, close: np.ndarray, volume: np.ndarray) -> None:
+        self._native[(inst_id, timeframe)] = Series(tf_ms(timeframe), ts, open, high, low, close, volume)
+        self._derived = {k: v for k, v in self._derived.items() if k[0] != inst_id}
+
+    def add_csv(self, inst_id: str, path: str | Path, timeframe: str | None = None) -> str:
+        """Load a candle CSV; the timeframe is inferred from the spacing unless given. Returns it."""
+        arrays = read_candle_csv(path)
+        timeframe = timeframe or infer_timeframe(arrays["ts"])
+        self.add_series(inst_id, timeframe, **arrays)
+        return timeframe
+
+    def add_funding_csv(self, inst_id: str, path: str | Path) -> None:
+        """`ts,funding_rate` (ts = settlement time, epoch ms)."""
+        frame = pd.read_csv(path)
+        if list(frame.columns[:2]) != ["ts", "funding_rate"]:
+            raise FeedPermanentError(f"{path}: expected a header ts,funding_rate")
+        self.add_funding(inst_id, ts=frame["ts"].to_numpy(np.int64), rate=frame["funding_rate"].to_numpy(float))
+
+    def add_funding(self, inst_id: str, *, ts: np.ndarray, rate: np.ndarray) -> None:
+        order = np.argsort(ts)
+        self._funding[inst_id] = (np.asarray(ts, np.int64)[order], np.asarray(rate, float)[order])
+
+    def add_open_interest(self, inst_id: str, *, ts: np.ndarray, oi_contracts: np.ndarray,
+                          oi_ccy: np.ndarray | None = None) -> None:
+        order = np.argsort(ts)
+        self._oi[inst_id] = (np.asarray(ts, np.int64)[order], np.asarray(oi_contracts, float)[order],
+                             None if oi_ccy is None else np.asarray(oi_ccy, float)[order])
+
+    @classmethod
+    def from_csv(cls, path: str | Path, *, inst_id: str, timeframe: str | None = None,
+                 funding_csv: str | Path | None = None, instrument: InstrumentSpec | None = None,
+                 clock: datetime | None = None) -> ReplayFeed:
+        """A replay of one CSV; the clock starts at the close of its last bar unless given."""
+        feed = cls(instruments=[instrument] if instrument else None)
+        tf = feed.add_csv(inst_id, path, timeframe)
+        if funding_csv:
+            feed.add_funding_csv(inst_id, funding_csv)
+        series = feed._native[(inst_id, tf)]
+        feed.set_clock(clock or ms_to_dt(int(series.ts[-1]) + series.tf_ms))
+        return feed
+
+    @classmethod
+    def from_db(cls, *, inst_ids: list[str], timeframes: list[str], since: datetime | None = None,
+                until: datetime | None = None, clock: datetime | None = None) -> ReplayFeed:
+        """Confirmed candles from the database (one query per instrument and timeframe)."""
+        from market.models import Candle, Instrument
+
+        instruments = list(Instrument.objects.filter(inst_id__in=inst_ids))
+        specs = [InstrumentSpec(i.inst_id, i.inst_type, i.ct_val, i.lot_sz, i.min_sz, i.tick_sz, i.max_lever,
+                                i.settle_ccy, i.state) for i in instruments]
+        feed = cls(instruments=specs)
+        last_close = 0
+        for inst in instruments:
+            for tf in timeframes:
+                rows = Candle.objects.filter(instrument=inst, timeframe=tf, confirmed=True)
+                if since is not None:
+                    rows = rows.filter(ts__gte=since)
+                if until is not None:
+                    rows = rows.filter(ts__lte=until)
+                data = list(rows.order_by("ts").values_list("ts", "open", "high", "low", "close", "volume"))
+                if not data:
+                    continue
+                cols = list(zip(*data))
+                ts = np.array([dt_to_ms(t) for t in cols[0]], dtype=np.int64)
+                fields = ["open", "high", "low", "close", "volume"]
+                feed.add_series(inst.inst_id, tf, ts=ts,
+                                **{name: np.array(cols[i + 1], dtype=float) for i, name in enumerate(fields)})
+                last_close = max(last_close, int(ts[-1]) + tf_ms(tf))
+        if clock is not None:
+            feed.set_clock(clock)
+        elif last_close:
+            feed.set_clock(ms_to_dt(last_close))
+        return feed
+
+    # -- the clock --------------------------------------------------------
+    def set_clock(self, dt: datetime) -> None:
+        self._clock_ms = dt_to_ms(dt)
+
+    def now(self) -> datetime:
+        return ms_to_dt(self._clock_ms) if self._clock_ms is not None else datetime.now(UTC)
+
+    def _now_ms(self) -> int:
+        return self._clock_ms if self._clock_ms is not None else dt_to_ms(datetime.now(UTC))
+
+    # -- series lookup ----------------------------------------------------
+    def inst_ids(self) -> list[str]:
+        return sorted({k[0] for k in self._native})
+
+    def timeframes(self, inst_id: str) -> list[str]:
+        return sorted((k[1] for k in self._native if k[0] == inst_id), key=lambda t: TIMEFRAME_SECONDS[t])
+
+    def series(self, inst_id: str, timeframe: str) -> Series:
+        key = (inst_id, timeframe)
+        if key in self._native:
+            return self._native[key]
+        if key not in self._derived:
+            target = tf_ms(timeframe)
+            bases = [tf for tf in self.timeframes(inst_id) if tf_ms(tf) < target and target % tf_ms(tf) == 0]
+            if not bases:
+                raise FeedPermanentError(
+                    f"replay has no {timeframe} candles for {inst_id} and nothing finer to build them from")
+            self._derived[key] = self._native[(inst_id, bases[0])].resample(target)
+        return self._derived[key]
+
+    def _finest(self, inst_id: str) -> Series:
+        tfs = self.timeframes(inst_id)
+        if not tfs:
+            raise FeedPermanentError(f"replay has no candles for {inst_id}")
+        return self._native[(inst_id, tfs[0])]
+
+    def data_range(self, inst_id: str) -> tuple[datetime, datetime]:
+        """(open of the first, close of the last) bar of the finest timeframe."""
+        s = self._finest(inst_id)
+        return ms_to_dt(int(s.ts[0])), ms_to_dt(int(s.ts[-1]) + s.tf_ms)
+
+    # -- MarketFeed -------------------------------------------------------
+    def instruments(self, inst_type: str = "SWAP") -> list[InstrumentSpec]:
+        return [s for s in self._specs.values() if s.inst_type == inst_type]
+
+    def candles(self, inst_id: str, timeframe: str, *, limit: int = 300, before: datetime | None = None) -> list[Bar]:
+        """Up to `limit` bars closed by the clock (and opening before `before`), oldest first."""
+        s = self.series(inst_id, timeframe)
+        end = s.closed_end(self._now_ms(), dt_to_ms(before) if before is not None else None)
+        start = max(0, end - max(limit, 0))
+        return [s.bar(i) for i in range(start, end)]
+
+    def frame(self, inst_id: str, timeframe: str, *, limit: int = 1000, before: datetime | None = None) -> pd.DataFrame:
+        """The same bars as `candles`, as the DataFrame `market.selectors.candles_frame` returns."""
+        s = self.series(inst_id, timeframe)
+        end = s.closed_end(self._now_ms(), dt_to_ms(before) if before is not None else None)
+        start = max(0, end - max(limit, 0))
+        index = pd.DatetimeIndex(pd.to_datetime(s.ts[start:end], unit="ms", utc=True), name="ts")
+        return pd.DataFrame({"open": s.open[start:end], "high": s.high[start:end], "low": s.low[start:end],
+                             "close": s.close[start:end], "volume": s.volume[start:end]}, index=index)
+
+    def ticker(self, inst_id: str) -> Ticker:
+        s = self._finest(inst_id)
+        now = self._now_ms()
+        end = s.closed_end(now)
+        if end == 0:
+            raise FeedPermanentError(f"replay has no closed {inst_id} bar at {ms_to_dt(now).isoformat()}")
+        last_close_ms = int(s.ts[end - 1]) + s.tf_ms
+        day_start = int(np.searchsorted(s.ts, last_close_ms - DAY_MS, side="left"))
+        return Ticker(
+            inst_id=inst_id,
+            ts=ms_to_dt(last_close_ms),
+            last=_dec(s.close[end - 1]),
+            bid=None,
+            ask=None,
+            open_24h=_dec(s.open[day_start]),
+            high_24h=_dec(s.high[day_start:end].max()),
+            low_24h=_dec(s.low[day_start:end].min()),
+            volume_24h=_dec(round(float(s.volume[day_start:end].sum()), 8)),
+        )
+
+    def order_book(self, inst_id: str, depth: int = 5) -> OrderBook:
+        return OrderBook(inst_id=inst_id, ts=self.now(), bids=(), asks=())
+
+    def funding_rate(self, inst_id: str) -> FundingRate:
+        now = self._now_ms()
+        next_time = ms_to_dt((now // FUNDING_INTERVAL_MS + 1) * FUNDING_INTERVAL_MS)
+        data = self._funding.get(inst_id)
+        if data is None:
+            return FundingRate(inst_id=inst_id, ts=self.now(), rate=None, next_funding_time=next_time)
+        ts, rate = data
+        i = int(np.searchsorted(ts, now, side="right")) - 1
+        if i < 0:
+            return FundingRate(inst_id=inst_id, ts=self.now(), rate=None, next_funding_time=next_time)
+        return FundingRate(inst_id=inst_id, ts=ms_to_dt(int(ts[i])), rate=_dec(rate[i]), next_funding_time=next_time)
+
+    def open_interest(self, inst_id: str) -> OpenInterest:
+        data = self._oi.get(inst_id)
+        i = -1 if data is None else int(np.searchsorted(data[0], self._now_ms(), side="right")) - 1
+        if data is None or i < 0:
+            return OpenInterest(inst_id=inst_id, ts=self.now(), oi_contracts=None, oi_ccy=None)
+        ts, contracts, ccy = data
+        return OpenInterest(inst_id=inst_id, ts=ms_to_dt(int(ts[i])), oi_contracts=_dec(contracts[i]),
+                            oi_ccy=None if ccy is None else _dec(ccy[i]))
+
+    def open_interest_at(self, inst_id: str, when: datetime) -> Decimal | None:
+        """Open interest (contracts) at or before `when` (never after the clock): for the 4H change."""
+        data = self._oi.get(inst_id)
+        if data is None:
+            return None
+        i = int(np.searchsorted(data[0], min(dt_to_ms(when), self._now_ms()), side="right")) - 1
+        return None if i < 0 else _dec(data[1][i])

@@ -1,0 +1,196 @@
+"""Writes for the market app: instruments from the venue, candles into the database.
+
+All candle writes are bulk upserts on the unique (instrument, timeframe, ts)
+constraint, so running anything twice stores nothing twice. A confirmed
+(closed) bar is never overwritten by an unconfirmed one. No database
+transaction is held across a feed call: each page is fetched, then written.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from market.feeds.base import Bar, FeedError, FeedTemporaryError, MarketFeed
+from market.models import TIMEFRAME_SECONDS, Candle, Instrument
+from tradebot.logging import get_logger
+
+log = get_logger(__name__)
+BACKFILL_PAGE = 300
+_CANDLE_FIELDS = ["open", "high", "low", "close", "volume", "confirmed"]
+_INSTRUMENT_FIELDS = ["inst_type", "ct_val", "lot_sz", "min_sz", "tick_sz", "max_lever", "settle_ccy", "state",
+                      "updated_at"]
+
+
+def instruments_sync(*, feed: MarketFeed, enable: list[str] | None = None) -> list[Instrument]:
+    """Store the feed's SWAP instruments (insert or update their specs); mark `enable` ones tradable.
+
+    Returns the stored rows for every instrument the feed offered. Asking to
+    enable an instrument the feed does not offer is an error (nothing is
+    half-enabled).
+    """
+    specs = feed.instruments("SWAP")
+    offered = {s.inst_id for s in specs}
+    missing = sorted(set(enable or []) - offered)
+    if missing:
+        raise ValueError(f"{feed.name} does not offer {', '.join(missing)}")
+    rows = [
+        Instrument(inst_id=s.inst_id, inst_type=s.inst_type, ct_val=s.ct_val, lot_sz=s.lot_sz, min_sz=s.min_sz,
+                   tick_sz=s.tick_sz, max_lever=s.max_lever, settle_ccy=s.settle_ccy or "USDT", state=s.state)
+        for s in specs
+    ]
+    Instrument.objects.bulk_create(rows, batch_size=500, update_conflicts=True, unique_fields=["inst_id"],
+                                   update_fields=_INSTRUMENT_FIELDS)
+    if enable:
+        Instrument.objects.filter(inst_id__in=enable).update(trading_enabled=True)
+    log.info("instruments.synced", source=feed.name, count=len(rows), enabled=enable or [])
+    return list(Instrument.objects.filter(inst_id__in=offered))
+
+
+def candles_upsert(*, instrument: Instrument, timeframe: str, bars: list[Bar]) -> int:
+    """Insert or update `bars`; returns how many rows were written (inserted or updated).
+
+    Within the batch the last bar per ts wins, a confirmed one over an
+    unconfirmed one; an unconfirmed bar whose ts is already stored confirmed
+    is dropped, so a closed bar is never reopened.
+    """
+    if timeframe not in TIMEFRAME_SECONDS:
+        raise ValueError(f"unknown timeframe {timeframe!r}")
+    by_ts: dict[datetime, Bar] = {}
+    for bar in bars:
+        if bar.ts.tzinfo is None:
+            raise ValueError("candle times must be timezone-aware (UTC)")
+        current = by_ts.get(bar.ts)
+        if current is None or bar.confirmed or not current.confirmed:
+            by_ts[bar.ts] = bar
+    unconfirmed = [ts for ts, bar in by_ts.items() if not bar.confirmed]
+    if unconfirmed:
+        closed = set(
+            Candle.objects.filter(instrument=instrument, timeframe=timeframe, confirmed=True,
+                                  ts__in=unconfirmed).values_list("ts", flat=True)
+        )
+        for ts in closed:
+            by_ts.pop(ts, None)
+    if not by_ts:
+        return 0
+    rows = [
+        Candle(instrument=instrument, timeframe=timeframe, ts=b.ts, open=b.open, high=b.high, low=b.low,
+               close=b.close, volume=b.volume, confirmed=b.confirmed)
+        for b in sorted(by_ts.values(), key=lambda b: b.ts)
+    ]
+    Candle.objects.bulk_create(rows, batch_size=500, update_conflicts=True,
+                               unique_fields=["instrument", "timeframe", "ts"], update_fields=_CANDLE_FIELDS)
+    return len(rows)
+
+
+def _stored_bounds(instrument: Instrument, timeframe: str) -> tuple[datetime | None, datetime | None]:
+    from django.db.models import Max, Min
+
+    agg = Candle.objects.filter(instrument=instrument, timeframe=timeframe, confirmed=True).aggregate(
+        first=Min("ts"), last=Max("ts"))
+    return agg["first"], agg["last"]
+
+
+def _fetch(feed: MarketFeed, inst_id: str, timeframe: str, *, limit: int, before: datetime | None) -> list[Bar]:
+    from market.feeds.okx import call_with_retries
+
+    return call_with_retries(lambda: feed.candles(inst_id, timeframe, limit=limit, before=before),
+                             what=f"{feed.name} candles {inst_id} {timeframe}")
+
+
+def candles_backfill(
+    *,
+    feed: MarketFeed,
+    instrument: Instrument,
+    timeframe: str,
+    since: datetime | None = None,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Fill closed candles from `since` (or the last `limit` bars) up to the feed's clock.
+
+    Resumable: it continues from what is stored. Bars newer than the newest
+    stored one are fetched first (held in memory until they reach the stored
+    bars, so an interruption cannot leave a hole), then it pages backwards
+    from the oldest stored bar, writing each page as it arrives. Only
+    confirmed bars are stored. Temporary feed errors are retried with
+    backoff (OkxFeed also paces itself to OKX's rate limits). Returns the
+    number of new rows. `progress(n)` is called with each page's bar count.
+    """
+    if (since is None) == (limit is None):
+        raise ValueError("give exactly one of since or limit")
+    if timeframe not in TIMEFRAME_SECONDS:
+        raise ValueError(f"unknown timeframe {timeframe!r}")
+    step = timedelta(seconds=TIMEFRAME_SECONDS[timeframe])
+    now = feed.now()
+    if since is None:
+        assert limit is not None
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        since = now - step * (limit + 1)
+    if since.tzinfo is None:
+        raise ValueError("since must be timezone-aware (UTC)")
+    count_before = Candle.objects.filter(instrument=instrument, timeframe=timeframe).count()
+    first, last = _stored_bounds(instrument, timeframe)
+    inst_id = instrument.inst_id
+
+    def report(n: int) -> None:
+        if progress is not None and n:
+            progress(n)
+
+    # 1. Newer than what is stored: page back from the clock to the newest stored bar (or `since`).
+    #    With bars already stored, the new ones are held until they meet the stored ones (no hole if
+    #    interrupted); with nothing stored, each page is written at once (the range stays contiguous).
+    held: list[Bar] = []
+    cursor: datetime | None = None
+    while True:
+        raw = _fetch(feed, inst_id, timeframe, limit=BACKFILL_PAGE, before=cursor)
+        if not raw:
+            break
+        fresh = [b for b in raw if b.confirmed and b.ts >= since and (last is None or b.ts > last)]
+        if last is None and fresh:
+            candles_upsert(instrument=instrument, timeframe=timeframe, bars=fresh)
+            first = fresh[0].ts
+        else:
+            held.extend(fresh)
+        report(len(fresh))
+        if raw[0].ts <= (last if last is not None else since):
+            break
+        cursor = raw[0].ts
+    if held:
+        candles_upsert(instrument=instrument, timeframe=timeframe, bars=held)
+
+    # 2. Older than what is stored: page back from the oldest stored bar down to `since`.
+    cursor = first
+    while cursor is not None and cursor > since:
+        raw = _fetch(feed, inst_id, timeframe, limit=BACKFILL_PAGE, before=cursor)
+        if not raw:
+            break
+        page = [b for b in raw if b.confirmed and b.ts >= since]
+        candles_upsert(instrument=instrument, timeframe=timeframe, bars=page)
+        report(len(page))
+        cursor = raw[0].ts
+    added = Candle.objects.filter(instrument=instrument, timeframe=timeframe).count() - count_before
+    log.info("candles.backfilled", source=feed.name, inst_id=inst_id, timeframe=timeframe, added=added,
+             since=since.isoformat())
+    return added
+
+
+def candles_sync(*, feed: MarketFeed, instrument: Instrument, timeframes: list[str], limit: int) -> int:
+    """Refresh the newest `limit` bars of each timeframe (the forming bar too, flagged unconfirmed).
+
+    Returns the rows written. A temporary error on one timeframe is retried;
+    if it persists it is raised after the other timeframes were written.
+    """
+    written = 0
+    failure: FeedError | None = None
+    for tf in timeframes:
+        try:
+            bars = _fetch(feed, instrument.inst_id, tf, limit=limit, before=None)
+        except FeedTemporaryError as e:
+            log.warning("candles.sync_failed", inst_id=instrument.inst_id, timeframe=tf, error=str(e))
+            failure = e
+            continue
+        written += candles_upsert(instrument=instrument, timeframe=tf, bars=bars)
+    if failure is not None:
+        raise failure
+    return written

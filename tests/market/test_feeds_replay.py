@@ -1,0 +1,157 @@
+"""ReplayFeed: real OKX candles on a virtual clock; it never shows a bar that has not closed."""
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from market.feeds.base import FeedPermanentError
+from market.feeds.replay import ReplayFeed, read_candle_csv
+
+BTC = "BTC-USDT-SWAP"
+TF_MS = {"5m": 300_000, "15m": 900_000, "1H": 3_600_000, "4H": 14_400_000}
+
+
+@pytest.fixture(scope="module")
+def btc_5m_2022() -> dict[str, np.ndarray]:
+    from tests.conftest import SHARED_DATA
+
+    path = SHARED_DATA / "okx_BTC-USDT-SWAP_5m_2022.csv.gz"
+    if not path.is_file():
+        pytest.skip(f"real market data not found at {path}")
+    return read_candle_csv(path)
+
+
+@pytest.fixture(scope="module")
+def replay_5m(btc_5m_2022: dict[str, np.ndarray]) -> ReplayFeed:
+    feed = ReplayFeed()
+    feed.add_series(BTC, "5m", **btc_5m_2022)
+    return feed
+
+
+def direct_resample(arrays: dict[str, np.ndarray], rule: str, per_bucket: int, clock_ms: int) -> pd.DataFrame:
+    """pandas' own resample of the 5m bars closed by the clock; complete buckets only."""
+    frame = pd.DataFrame({k: arrays[k] for k in ("open", "high", "low", "close", "volume")},
+                         index=pd.to_datetime(arrays["ts"], unit="ms", utc=True))
+    frame = frame[arrays["ts"] + 300_000 <= clock_ms]
+    grouped = frame.resample(rule, label="left", closed="left")
+    out = grouped.agg({"open": "first", "high": "max", "low": "min", "close": "last", "volume": "sum"})
+    out["n"] = grouped["close"].count()
+    return out[out["n"] == per_bucket].drop(columns="n")
+
+
+@settings(max_examples=60, deadline=None)
+@given(offset=st.integers(min_value=0, max_value=70_499 * 300_000), jitter=st.integers(min_value=0, max_value=299_999),
+       tf=st.sampled_from(["5m", "15m", "1H", "4H"]), limit=st.integers(min_value=1, max_value=400))
+def test_it_never_returns_a_bar_that_closes_after_the_clock(replay_5m: ReplayFeed, btc_5m_2022, offset: int,
+                                                            jitter: int, tf: str, limit: int) -> None:
+    clock_ms = int(btc_5m_2022["ts"][0]) + offset + jitter
+    replay_5m.set_clock(datetime.fromtimestamp(clock_ms / 1000, tz=UTC))
+    bars = replay_5m.candles(BTC, tf, limit=limit)
+    closes = [int(b.ts.timestamp() * 1000) + TF_MS[tf] for b in bars]
+    assert all(c <= clock_ms for c in closes)
+    assert len(bars) <= limit
+    # Nothing that had closed by the clock is missing from the end: the newest closed bar is there.
+    if bars:
+        assert closes[-1] > clock_ms - 2 * TF_MS[tf]
+    ticker = replay_5m.ticker(BTC) if clock_ms >= int(btc_5m_2022["ts"][0]) + 300_000 else None
+    if ticker is not None:
+        assert ticker.ts <= replay_5m.now()
+        assert ticker.last == (bars[-1].close if tf == "5m" and bars else ticker.last)
+
+
+@settings(max_examples=25, deadline=None)
+@given(offset=st.integers(min_value=86_400_000, max_value=70_000 * 300_000),
+       tf=st.sampled_from([("15m", "15min", 3), ("1H", "1h", 12), ("4H", "4h", 48)]))
+def test_resampled_bars_equal_a_direct_resample_of_the_closed_data(replay_5m: ReplayFeed, btc_5m_2022, offset: int,
+                                                                   tf: tuple[str, str, int]) -> None:
+    name, rule, per_bucket = tf
+    clock_ms = int(btc_5m_2022["ts"][0]) + offset
+    replay_5m.set_clock(datetime.fromtimestamp(clock_ms / 1000, tz=UTC))
+    got = replay_5m.frame(BTC, name, limit=50)
+    window = {k: v[(btc_5m_2022["ts"] >= clock_ms - 60 * TF_MS[name]) & (btc_5m_2022["ts"] < clock_ms)]
+              for k, v in btc_5m_2022.items()}
+    expected = direct_resample(window, rule, per_bucket, clock_ms).tail(len(got))
+    assert list(got.index) == list(expected.index)
+    np.testing.assert_array_equal(got[["open", "high", "low", "close"]].to_numpy(),
+                                  expected[["open", "high", "low", "close"]].to_numpy())
+    np.testing.assert_allclose(got["volume"].to_numpy(), expected["volume"].to_numpy(), rtol=1e-12)
+
+
+def test_resampled_4h_matches_the_native_4h_file(shared_data: Path) -> None:
+    feed = ReplayFeed.from_csv(shared_data / "okx_BTC-USDT-SWAP_15m.csv.gz", inst_id=BTC)
+    native = ReplayFeed.from_csv(shared_data / "okx_BTC-USDT-SWAP_4H.csv", inst_id=BTC)
+    feed.set_clock(datetime(2024, 6, 1, tzinfo=UTC))
+    native.set_clock(datetime(2024, 6, 1, tzinfo=UTC))
+    ours, theirs = feed.candles(BTC, "4H", limit=500), native.candles(BTC, "4H", limit=500)
+    assert [b.ts for b in ours] == [b.ts for b in theirs]
+    assert [(b.open, b.high, b.low, b.close) for b in ours] == [(b.open, b.high, b.low, b.close) for b in theirs]
+
+
+def test_a_bucket_still_forming_is_never_returned(replay_5m: ReplayFeed) -> None:
+    replay_5m.set_clock(datetime(2022, 6, 1, 10, 55, tzinfo=UTC))
+    assert replay_5m.candles(BTC, "1H", limit=1)[0].ts == datetime(2022, 6, 1, 9, tzinfo=UTC)
+    assert replay_5m.candles(BTC, "4H", limit=1)[0].ts == datetime(2022, 6, 1, 4, tzinfo=UTC)
+    replay_5m.set_clock(datetime(2022, 6, 1, 11, 0, tzinfo=UTC))
+    assert replay_5m.candles(BTC, "1H", limit=1)[0].ts == datetime(2022, 6, 1, 10, tzinfo=UTC)
+    assert replay_5m.candles(BTC, "5m", limit=1)[0].ts == datetime(2022, 6, 1, 10, 55, tzinfo=UTC)
+
+
+def test_before_limits_bars_by_open_time(replay_5m: ReplayFeed) -> None:
+    replay_5m.set_clock(datetime(2022, 6, 2, tzinfo=UTC))
+    bars = replay_5m.candles(BTC, "1H", limit=3, before=datetime(2022, 6, 1, 12, tzinfo=UTC))
+    assert [b.ts.hour for b in bars] == [9, 10, 11]
+
+
+def test_the_ticker_is_the_last_closed_price_and_quotes_are_unknown(shared_data: Path) -> None:
+    feed = ReplayFeed.from_csv(shared_data / "okx_BTC-USDT-SWAP_1H.csv", inst_id=BTC,
+                               funding_csv=shared_data / "okx_BTC-USDT-SWAP_funding_rate.csv",
+                               clock=datetime(2025, 11, 1, 8, 30, tzinfo=UTC))
+    last = feed.candles(BTC, "1H", limit=1)[0]
+    ticker = feed.ticker(BTC)
+    assert ticker.last == last.close and ticker.ts == datetime(2025, 11, 1, 8, tzinfo=UTC)
+    assert ticker.bid is None and ticker.ask is None
+    book = feed.order_book(BTC)
+    assert book.bids == () and book.asks == ()
+    funding = feed.funding_rate(BTC)
+    assert funding.ts == datetime(2025, 11, 1, 8, tzinfo=UTC)  # the settlement at or before the clock
+    assert funding.next_funding_time == datetime(2025, 11, 1, 16, tzinfo=UTC)
+    assert funding.rate is not None and abs(funding.rate) < Decimal("0.001")
+    assert feed.open_interest(BTC).oi_contracts is None
+
+
+def test_it_cannot_build_a_finer_timeframe_than_it_has(shared_data: Path) -> None:
+    feed = ReplayFeed.from_csv(shared_data / "okx_BTC-USDT-SWAP_1H.csv", inst_id=BTC)
+    with pytest.raises(FeedPermanentError, match="15m"):
+        feed.candles(BTC, "15m")
+
+
+def test_a_csv_with_the_wrong_header_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,o,h,l,c,v\n1,2,3,4,5,6\n")
+    with pytest.raises(FeedPermanentError, match="header"):
+        ReplayFeed.from_csv(bad, inst_id=BTC)
+
+
+def test_the_default_clock_of_a_file_replay_is_its_last_close(shared_data: Path) -> None:
+    feed = ReplayFeed.from_csv(shared_data / "okx_BTC-USDT-SWAP_4H.csv", inst_id=BTC)
+    assert feed.now() == datetime(2026, 4, 18, 4, tzinfo=UTC)
+    assert feed.candles(BTC, "4H", limit=1)[0].ts == feed.now() - timedelta(hours=4)
+
+
+def test_a_bucket_with_a_missing_base_bar_is_not_a_bar() -> None:
+    ts = np.arange(0, 24, dtype=np.int64) * 300_000  # two hours of 5m bars from 1970-01-01 00:00
+    keep = ts != 7 * 300_000  # a hole in the first hour
+    feed = ReplayFeed(clock=datetime(1970, 1, 1, 3, tzinfo=UTC))
+    price = np.linspace(100, 123, 24)
+    feed.add_series(BTC, "5m", ts=ts[keep], open=price[keep], high=price[keep] + 1, low=price[keep] - 1,
+                    close=price[keep], volume=np.ones(24)[keep])
+    hours = feed.candles(BTC, "1H", limit=10)
+    assert [b.ts.hour for b in hours] == [1]
+    assert hours[0].open == Decimal("112.0") and hours[0].high == Decimal("124.0") and hours[0].volume == Decimal("12.0")
