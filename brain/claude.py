@@ -1,0 +1,115 @@
+"""The Claude brain: Haiku screens, Opus analyses and reflects, via the gateway.
+
+Every failure ends in the safe default with its reason: no signal for the
+screener, HOLD for the analyst, the rules review for a post-trade review, and
+"no change" for a deep reflection.
+"""
+from __future__ import annotations
+
+import json
+
+from django.conf import settings
+
+from brain.llm import CallSpec, LlmResult, llm_call_structured, model_caps
+from brain.playbook_schema import playbook_validate
+from brain.prompts import (
+    DEEP_REFLECTION_SYSTEM, POST_TRADE_SYSTEM, SCREENER_SYSTEM_PROMPT, Prompt, analyst_prompt,
+    deep_reflection_prompt, post_trade_prompt, screener_prompt,
+)
+from brain.schemas import (
+    BrainContext, DeepReflection, DeepReflectionAnswer, Decision, ResearchResult, ScreenResult, TradeReview, TradeView,
+)
+from market.schemas import MarketSnapshot
+
+# Thinking tokens count against max_tokens: a thinking model needs room to think.
+THINKING_MIN_MAX_TOKENS = 2048
+
+
+def call_spec(purpose: str) -> CallSpec:
+    """Model and parameters for a purpose, from settings only."""
+    if purpose == "screen":
+        model, max_tokens, timeout, temp, effort = (settings.SCREENER_MODEL, settings.SCREENER_MAX_TOKENS,
+                                                    settings.SCREENER_TIMEOUT_SECONDS, settings.ANALYST_TEMPERATURE, "low")
+    elif purpose == "analyze":
+        model, max_tokens, timeout, temp, effort = (settings.ANALYST_MODEL, settings.ANALYST_MAX_TOKENS,
+                                                    settings.ANALYST_TIMEOUT_SECONDS, settings.ANALYST_TEMPERATURE, settings.LLM_EFFORT)
+    else:  # post_trade, deep_reflection
+        model, max_tokens, timeout, temp, effort = (settings.REFLECTION_MODEL, settings.REFLECTION_MAX_TOKENS,
+                                                    settings.REFLECTION_TIMEOUT_SECONDS, settings.REFLECTION_TEMPERATURE, settings.LLM_EFFORT)
+    if model_caps(model).adaptive_thinking:
+        max_tokens = max(max_tokens, THINKING_MIN_MAX_TOKENS)
+    return CallSpec(purpose=purpose, model=model, max_tokens=max_tokens, timeout=timeout, temperature=temp, effort=effort)
+
+
+class ClaudeBrain:
+    name = "claude"
+
+    def __init__(self, *, playbook: dict | None = None, playbook_version: int | None = None, client=None) -> None:
+        if playbook is None:
+            from brain.playbook import playbook_current
+
+            current = playbook_current()
+            playbook, playbook_version = current.playbook, current.version
+        self.playbook = playbook
+        self.playbook_version = playbook_version or 0
+        self.client = client
+        self.last_result: LlmResult | None = None  # usage of the last call, for the screener log
+        self.last_prompt: Prompt | None = None
+
+    def screen(self, *, snapshot: MarketSnapshot, context: BrainContext, cycle_id: int | None = None, mode: str = "live") -> ScreenResult:
+        result = llm_call_structured(spec=call_spec("screen"), system_static=[SCREENER_SYSTEM_PROMPT], user=screener_prompt(snapshot),
+                                     output_type=ScreenResult, cycle_id=cycle_id, mode=mode, client=self.client)
+        self.last_result = result
+        if result.value is not None:
+            return result.value
+        return ScreenResult(signal=False, reason=f"screener {result.status}: {result.reason}"[:2000])
+
+    def decide(self, *, snapshot: MarketSnapshot, context: BrainContext, research: ResearchResult | None = None,
+               cycle_id: int | None = None, mode: str = "live") -> Decision:
+        from brain.news import upcoming_events
+
+        prompt = analyst_prompt(snapshot=snapshot, context=context, research=research, playbook=self.playbook,
+                                playbook_version=self.playbook_version, upcoming=upcoming_events(now=context.now, hours=24))
+        self.last_prompt = prompt
+        result = llm_call_structured(spec=call_spec("analyze"), system_static=prompt.static, user=prompt.user,
+                                     output_type=Decision, cycle_id=cycle_id, mode=mode, client=self.client)
+        self.last_result = result
+        decision = result.value
+        if decision is None:
+            return Decision.hold(snapshot.inst_id, f"analyst {result.status}: {result.reason}"[:2000])
+        if decision.decision.symbol != snapshot.inst_id:
+            return Decision.hold(snapshot.inst_id, f"analyst answered for {decision.decision.symbol!r}, not {snapshot.inst_id}")
+        return decision
+
+    def review_trade(self, *, trade: TradeView, cycle_id: int | None = None, mode: str = "live") -> TradeReview:
+        result = llm_call_structured(spec=call_spec("post_trade"), system_static=[POST_TRADE_SYSTEM], user=post_trade_prompt(trade),
+                                     output_type=TradeReview, cycle_id=cycle_id, mode=mode, client=self.client)
+        self.last_result = result
+        if result.value is not None:
+            return result.value
+        from brain.rules import RulesBrain
+
+        review = RulesBrain(playbook=self.playbook, playbook_version=self.playbook_version).review_trade(trade=trade)
+        return review.model_copy(update={"lesson": f"{review.lesson} (LLM review {result.status}: {result.reason[:200]})"})
+
+    def reflect(self, *, trades: list[TradeView], playbook: dict | None = None, version: int | None = None,
+                performance: dict | None = None, cycle_id: int | None = None, mode: str = "live") -> DeepReflection:
+        playbook = playbook or self.playbook
+        user = deep_reflection_prompt(trades=trades, playbook=playbook, version=version or self.playbook_version, performance=performance or {})
+        result = llm_call_structured(spec=call_spec("deep_reflection"), system_static=[DEEP_REFLECTION_SYSTEM], user=user,
+                                     output_type=DeepReflectionAnswer, cycle_id=cycle_id, mode=mode, client=self.client)
+        self.last_result = result
+        ids = [t.id for t in trades]
+        answer = result.value
+        if answer is None:
+            return DeepReflection(updated_playbook=playbook, summary=f"no change: reflection {result.status}: {result.reason}"[:2000], trade_ids=ids)
+        try:
+            updated = playbook_validate(json.loads(answer.updated_playbook_json)).model_dump(mode="json")
+        except ValueError as exc:
+            return DeepReflection(updated_playbook=playbook, summary=f"no change: the proposed playbook is invalid: {str(exc)[:500]}",
+                                  pattern_insights=answer.pattern_insights, bias_findings=answer.bias_findings,
+                                  discipline_score=answer.discipline_score, trade_ids=ids)
+        known = set(ids)
+        changes = [c.model_copy(update={"evidence_trade_ids": [i for i in c.evidence_trade_ids if i in known]}) for c in answer.changes]
+        return DeepReflection(updated_playbook=updated, pattern_insights=answer.pattern_insights, bias_findings=answer.bias_findings,
+                              discipline_score=answer.discipline_score, summary=answer.summary, changes=changes, trade_ids=ids)

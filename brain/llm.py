@@ -1,0 +1,331 @@
+"""The LLM gateway: one structured call to Claude, validated, journaled, priced.
+
+- Structured outputs: the request carries `output_config.format` (a JSON
+  schema built from the pydantic model with the SDK's own `transform_schema`,
+  exactly what `messages.parse` sends). We call `messages.create` and validate
+  ourselves instead of `messages.parse`, because `parse` raises inside the SDK
+  on an invalid answer and loses the raw text and the usage we must record.
+  No forced tool call (the 5.5 models answer HTTP 400) and no prefill.
+- Per-model capabilities: temperature only where accepted (the SDK 2.11 has no
+  `temperature` argument, so it travels in `extra_body`); adaptive thinking and
+  `effort` on the 5.5 models; thinking blocks are skipped when reading.
+- Prompt caching: the static system blocks end with `cache_control`.
+- Retries: 429 (honouring retry-after), 529, 5xx and connection errors are
+  retried with backoff inside one deadline; a timeout ends the call.
+- One stricter retry when the answer does not validate; then the caller's
+  safe default.
+- Every attempt is an `LlmCall` row written before the request and completed
+  after it (never inside a transaction across the call).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, Generic, TypeVar
+
+import anthropic
+from anthropic.lib._parse._transform import transform_schema
+from django.conf import settings
+from pydantic import BaseModel, ValidationError
+
+from brain.budget import budget_check, llm_cost
+from journal.models import LlmCall, LlmCallStatus
+from tradebot.logging import get_logger, redact
+
+log = get_logger(__name__)
+T = TypeVar("T", bound=BaseModel)
+
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
+MAX_BACKOFF_SECONDS = 8.0
+
+
+@dataclass(frozen=True)
+class ModelCaps:
+    temperature: bool  # the model accepts `temperature`
+    adaptive_thinking: bool  # send thinking={"type": "adaptive"}
+    effort: bool  # send output_config.effort
+
+
+# Known models; anything else is matched by family below.
+CAPABILITIES: dict[str, ModelCaps] = {
+    "claude-opus-4-6": ModelCaps(temperature=True, adaptive_thinking=False, effort=False),
+    "claude-haiku-4-5-20251001": ModelCaps(temperature=True, adaptive_thinking=False, effort=False),
+    "claude-opus-5-5": ModelCaps(temperature=False, adaptive_thinking=True, effort=True),
+    "claude-sonnet-5-5": ModelCaps(temperature=False, adaptive_thinking=True, effort=True),
+    "claude-haiku-5-5": ModelCaps(temperature=False, adaptive_thinking=True, effort=True),
+}
+
+
+def model_caps(model: str) -> ModelCaps:
+    if model in CAPABILITIES:
+        return CAPABILITIES[model]
+    match = re.search(r"-(\d+)-(\d+)", model)
+    if match and (int(match.group(1)), int(match.group(2))) >= (5, 0):
+        return ModelCaps(temperature=False, adaptive_thinking=True, effort=True)
+    # An unknown older model: sending no temperature is always accepted.
+    return ModelCaps(temperature=False, adaptive_thinking=False, effort=False)
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    purpose: str  # screen, analyze, post_trade, deep_reflection
+    model: str
+    max_tokens: int
+    timeout: float  # seconds for the whole call, retries included
+    temperature: float | None = None
+    effort: str | None = None
+
+
+@dataclass
+class LlmResult(Generic[T]):
+    value: T | None
+    status: str  # ok, invalid, timeout, error, skipped
+    reason: str = ""
+    call_ids: list[int] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+    cost_usd: Decimal = Decimal("0")
+    latency_ms: int = 0
+    model: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.value is not None
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens + self.cache_write_tokens + self.cache_read_tokens
+
+
+class LlmUnavailable(Exception):
+    """No key, or degrade mode: the call was not sent."""
+
+
+def anthropic_client() -> anthropic.Anthropic:
+    if not settings.ANTHROPIC_API_KEY:
+        raise LlmUnavailable("ANTHROPIC_API_KEY is not set")
+    kwargs: dict[str, Any] = {"api_key": settings.ANTHROPIC_API_KEY, "max_retries": 0}
+    if settings.ANTHROPIC_BASE_URL:
+        kwargs["base_url"] = settings.ANTHROPIC_BASE_URL
+    return anthropic.Anthropic(**kwargs)
+
+
+def output_schema(model_type: type[BaseModel]) -> dict[str, Any]:
+    return {"type": "json_schema", "schema": transform_schema(model_type)}
+
+
+def scrub(text: str) -> str:
+    """`redact` plus the keys as settings hold them (they may not come from os.environ)."""
+    text = redact(text)
+    for secret in (settings.ANTHROPIC_API_KEY, settings.PERPLEXITY_API_KEY):
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, "[REDACTED]")
+    return text
+
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_json_text(text: str) -> str:
+    """The JSON object in an answer: bare, in a markdown fence, or inside prose."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        return stripped
+    fence = _FENCE.search(stripped)
+    if fence:
+        return fence.group(1).strip()
+    start, end = stripped.find("{"), stripped.rfind("}")
+    if start != -1 and end > start:
+        return stripped[start : end + 1]
+    return stripped
+
+
+def answer_validate(text: str, model_type: type[T]) -> T:
+    """Validate an answer's JSON against the model; ValueError says what is wrong."""
+    if not text.strip():
+        raise ValueError("empty answer")
+    candidate = extract_json_text(text)
+    try:
+        data = json.loads(candidate)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    try:
+        return model_type.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:8])
+        raise ValueError(f"schema: {problems}") from None
+
+
+def _answer_text(message: Any) -> str:
+    # Thinking / redacted_thinking blocks come first on thinking models: skip them.
+    return "".join(block.text for block in message.content if getattr(block, "type", "") == "text")
+
+
+def _retry_wait(exc: anthropic.APIStatusError | None, attempt: int) -> float:
+    if exc is not None:
+        header = exc.response.headers.get("retry-after")
+        if header:
+            try:
+                return max(0.0, float(header))
+            except ValueError:
+                pass
+    return min(MAX_BACKOFF_SECONDS, 0.25 * (2**attempt))
+
+
+STRICT_NOTE = (
+    "Your previous answer could not be used: {error}. Answer again with ONLY one JSON object that matches "
+    "the required schema exactly: no prose, no markdown, every required field present with the right type."
+)
+
+
+def llm_call_structured(
+    *,
+    spec: CallSpec,
+    system_static: list[str],
+    user: str,
+    output_type: type[T],
+    cycle_id: int | None = None,
+    mode: str = "live",
+    now: datetime | None = None,
+    client: anthropic.Anthropic | None = None,
+) -> LlmResult[T]:
+    """Ask for `output_type`; never raises for model or network trouble.
+
+    `system_static` are the cacheable blocks (system prompt, output format,
+    playbook): the last one carries `cache_control`. `user` is the part that
+    changes every cycle.
+    """
+    result: LlmResult[T] = LlmResult(value=None, status="error", model=spec.model)
+    state = budget_check(now=now or datetime.now(timezone.utc))
+    if state.degraded:
+        result.status, result.reason = "skipped", f"LLM budget exhausted (${state.spent} of ${state.budget}): degrade mode"
+        return result
+    try:
+        client = client or anthropic_client()
+    except LlmUnavailable as exc:
+        result.status, result.reason = "skipped", str(exc)
+        return result
+
+    caps = model_caps(spec.model)
+    system = [{"type": "text", "text": block} for block in system_static]
+    if system:
+        system[-1]["cache_control"] = {"type": "ephemeral"}
+    output_config: dict[str, Any] = {"format": output_schema(output_type)}
+    if caps.effort and spec.effort:
+        output_config["effort"] = spec.effort
+    extra_body: dict[str, Any] = {}
+    if caps.temperature and spec.temperature is not None:
+        extra_body["temperature"] = spec.temperature
+    thinking: dict[str, Any] | None = {"type": "adaptive"} if caps.adaptive_thinking else None
+
+    messages = [{"role": "user", "content": user}]
+    deadline = time.monotonic() + spec.timeout
+    started = time.monotonic()
+    attempt, strict_retry_used = 0, False
+    while True:
+        attempt += 1
+        remaining = deadline - time.monotonic()
+        if remaining <= 0.05:
+            result.status, result.reason = "timeout", f"no time left after {attempt - 1} attempt(s) ({spec.timeout:.0f}s limit)"
+            break
+        request = {"model": spec.model, "max_tokens": spec.max_tokens, "system": system, "messages": messages,
+                   "output_config": output_config, **extra_body}
+        if thinking:
+            request["thinking"] = thinking
+        row = LlmCall.objects.create(
+            cycle_id=cycle_id, mode=mode, purpose=spec.purpose, provider="anthropic", model=spec.model,
+            attempt=attempt, prompt=json.loads(scrub(json.dumps(request))),
+        )
+        result.call_ids.append(row.pk)
+        t0 = time.monotonic()
+        kwargs: dict[str, Any] = dict(model=spec.model, max_tokens=spec.max_tokens, system=system, messages=messages,
+                                      output_config=output_config, timeout=remaining)
+        if extra_body:
+            kwargs["extra_body"] = extra_body
+        if thinking:
+            kwargs["thinking"] = thinking
+        try:
+            message = client.messages.create(**kwargs)
+        except anthropic.APITimeoutError:
+            _complete(row, status=LlmCallStatus.TIMEOUT, error=f"timed out after {remaining:.1f}s", t0=t0)
+            result.status, result.reason = "timeout", f"{spec.purpose} timed out ({spec.timeout:.0f}s limit)"
+            break
+        except anthropic.APIStatusError as exc:
+            error = scrub(f"HTTP {exc.status_code} {exc.type or ''}: {exc.api_message or exc}")
+            _complete(row, status=LlmCallStatus.ERROR, error=error, t0=t0)
+            if exc.status_code in RETRYABLE_STATUS:
+                wait = _retry_wait(exc, attempt)
+                if time.monotonic() + wait < deadline - 0.5:
+                    log.warning("llm_retry", purpose=spec.purpose, status=exc.status_code, wait_s=wait, attempt=attempt)
+                    time.sleep(wait)
+                    continue
+                error += f"; retry would need {wait:.1f}s, past the {spec.timeout:.0f}s limit"
+            result.status, result.reason = "error", error
+            break
+        except anthropic.APIConnectionError as exc:
+            error = scrub(f"connection error: {exc}")
+            _complete(row, status=LlmCallStatus.ERROR, error=error, t0=t0)
+            wait = _retry_wait(None, attempt)
+            if time.monotonic() + wait < deadline - 0.5:
+                time.sleep(wait)
+                continue
+            result.status, result.reason = "error", error
+            break
+
+        usage = message.usage
+        tokens = {
+            "input_tokens": usage.input_tokens or 0,
+            "output_tokens": usage.output_tokens or 0,  # thinking included by the API
+            "cache_write_tokens": usage.cache_creation_input_tokens or 0,
+            "cache_read_tokens": usage.cache_read_input_tokens or 0,
+        }
+        cost = llm_cost(model=spec.model, **tokens)
+        for key, value in tokens.items():
+            setattr(result, key, getattr(result, key) + value)
+        result.cost_usd += cost
+        text = _answer_text(message)
+        try:
+            if message.stop_reason == "max_tokens" and not text.strip().endswith("}"):
+                raise ValueError(f"answer cut off at max_tokens ({usage.output_tokens} output tokens)")
+            if message.stop_reason == "refusal":
+                raise ValueError("the model refused to answer")
+            value = answer_validate(text, output_type)
+        except ValueError as exc:
+            _complete(row, status=LlmCallStatus.INVALID, error=str(exc), t0=t0, raw=text, cost=cost, **tokens)
+            if not strict_retry_used:
+                strict_retry_used = True
+                messages = [{"role": "user", "content": user + "\n\n" + STRICT_NOTE.format(error=str(exc)[:300])}]
+                continue
+            result.status, result.reason = "invalid", f"invalid answer twice: {exc}"
+            break
+        _complete(row, status=LlmCallStatus.OK, error="", t0=t0, raw=text, cost=cost, parsed=True, **tokens)
+        result.value, result.status, result.reason = value, "ok", ""
+        break
+    result.latency_ms = int((time.monotonic() - started) * 1000)
+    if result.status != "ok":
+        log.warning("llm_call_failed", purpose=spec.purpose, model=spec.model, status=result.status, reason=result.reason)
+    budget_check(now=now or datetime.now(timezone.utc))  # the 80% warning / degrade note right away
+    return result
+
+
+def _complete(row: LlmCall, *, status: str, error: str, t0: float, raw: str = "", cost: Decimal = Decimal("0"),
+              parsed: bool = False, input_tokens: int = 0, output_tokens: int = 0,
+              cache_write_tokens: int = 0, cache_read_tokens: int = 0) -> None:
+    row.status = status
+    row.parse_error = scrub(error)[:4000]
+    row.raw_answer = scrub(raw)
+    row.parsed = parsed
+    row.input_tokens, row.output_tokens = input_tokens, output_tokens
+    row.cache_write_tokens, row.cache_read_tokens = cache_write_tokens, cache_read_tokens
+    row.cost_usd = cost
+    row.latency_ms = int((time.monotonic() - t0) * 1000)
+    row.completed_at = datetime.now(timezone.utc)
+    row.save()

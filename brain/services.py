@@ -1,0 +1,221 @@
+"""The brain's services, as the pipeline calls them (see the contract in the notes).
+
+None of them raises for model, network or data trouble: screening without a
+verdict is "no signal", a decision without a valid answer is HOLD, research
+that cannot run is skipped, and the reason is recorded each time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+
+from django.conf import settings
+
+from brain.base import Brain, brain_for_settings, brain_name_for_settings
+from brain.budget import budget_check
+from brain.news import news_event_near
+from brain.schemas import OPENING_ACTIONS, BrainContext, Decision, ResearchResult, ScreenResult
+from journal.models import EventLevel, ScreenerLog
+from journal.services import event_record
+from market.models import Instrument
+from market.schemas import MarketSnapshot
+from tradebot.logging import get_logger, redact
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ScreeningOutcome:
+    proceed: bool
+    bypassed: bool
+    reason: str
+    screen: ScreenResult | None
+    screener_log_id: int | None
+
+
+def _wall_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def brain_in_use(*, name: str | None = None, now: datetime | None = None) -> Brain | None:
+    """The brain for this call: the configured one, or the degrade-mode fallback.
+
+    Returns None when degrade mode is HOLD. The budget is real money, so it is
+    checked on the wall clock even in a replay.
+    """
+    chosen = brain_name_for_settings(name)
+    if chosen == "claude" and budget_check(now=now or _wall_now()).degraded:
+        if settings.LLM_DEGRADE_MODE == "hold":
+            return None
+        return brain_for_settings("rules")
+    return brain_for_settings(chosen)
+
+
+def screener_bypass_reason(*, snapshot: MarketSnapshot, context: BrainContext) -> str:
+    """Why the screener is skipped and the analyst asked directly ("" = not bypassed)."""
+    if context.manual_trigger:
+        return "manual trigger"
+    if settings.SCREENER_BYPASS_ON_POSITION and context.positions_for(snapshot.inst_id):
+        return f"open position on {snapshot.inst_id}"
+    if settings.SCREENER_BYPASS_ON_NEWS:
+        event = news_event_near(now=context.now)
+        if event is not None:
+            return f"news window: {event.name} at {event.scheduled_at:%Y-%m-%d %H:%M} UTC"
+    move = snapshot.price_change_1h_pct
+    if snapshot.anomalies.move_1h or (move is not None and abs(move) > float(settings.ANOMALY_MOVE_1H_PCT)):
+        return f"1H move {move * 100:+.2f}%" if move is not None else "1H move anomaly"
+    funding = snapshot.funding_rate
+    if snapshot.anomalies.funding_spike or (
+        funding is not None and (funding > settings.FUNDING_SPIKE_HIGH or funding < settings.FUNDING_SPIKE_LOW)
+    ):
+        return f"funding spike {funding}"
+    if not settings.SCREENER_ENABLED:
+        return "screener disabled (SCREENER_ENABLED=false)"
+    return ""
+
+
+def _instrument(inst_id: str) -> Instrument | None:
+    return Instrument.objects.filter(inst_id=inst_id).first()
+
+
+def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: int | None = None, mode: str = "live",
+                  brain: Brain | None = None) -> ScreeningOutcome:
+    """Bypass rules or the screener; always one ScreenerLog row (when the instrument is known)."""
+    instrument = _instrument(snapshot.inst_id)
+    bypass = screener_bypass_reason(snapshot=snapshot, context=context)
+    screen: ScreenResult | None = None
+    tokens = latency = 0
+    cost, model = Decimal(0), ""
+    if bypass:
+        proceed, reason = True, f"bypassed: {bypass}"
+    else:
+        try:
+            brain = brain or brain_in_use()
+            if brain is None:
+                screen = ScreenResult(signal=False, reason="LLM budget exhausted: degrade mode HOLD")
+            else:
+                t0 = time.monotonic()
+                screen = brain.screen(snapshot=snapshot, context=context, cycle_id=cycle_id, mode=mode)
+                latency = int((time.monotonic() - t0) * 1000)
+                usage = getattr(brain, "last_result", None)
+                if usage is not None:
+                    tokens, cost, model, latency = usage.tokens, usage.cost_usd, usage.model, usage.latency_ms or latency
+                else:
+                    model = getattr(brain, "name", "")
+        except Exception as exc:  # the screener must never break the cycle
+            log.exception("screening_failed", inst_id=snapshot.inst_id)
+            screen = ScreenResult(signal=False, reason=redact(f"screening failed: {type(exc).__name__}: {exc}")[:2000])
+        proceed, reason = screen.signal, screen.reason
+    log_id = None
+    if instrument is not None:
+        row = ScreenerLog.objects.create(
+            instrument=instrument, cycle_id=cycle_id, mode=mode, signal=proceed if bypass else bool(screen and screen.signal),
+            bypassed=bool(bypass), bypass_reason=bypass[:200], reason=reason, snapshot_json=snapshot.as_jsonable(),
+            model=model[:60], tokens_used=tokens, latency_ms=latency, cost_usd=cost,
+        )
+        log_id = row.pk
+    else:
+        log.warning("screener_log_without_instrument", inst_id=snapshot.inst_id)
+    return ScreeningOutcome(proceed=proceed, bypassed=bool(bypass), reason=reason, screen=screen, screener_log_id=log_id)
+
+
+def screener_feedback_record(*, cycle_id: int, action: str) -> None:
+    """Write the analyst's action back on the cycle's screener log (agreement tracking)."""
+    row = ScreenerLog.objects.filter(cycle_id=cycle_id).order_by("-id").first()
+    if row is None:
+        return
+    row.analyst_action = str(action)[:20]
+    # Agreement only means something when the screener itself said "go".
+    row.analyst_agreed = None if row.bypassed or not row.signal else str(action) != "HOLD"
+    row.save(update_fields=["analyst_action", "analyst_agreed"])
+
+
+def research_run(*, snapshot: MarketSnapshot, cycle_id: int | None = None, mode: str = "live",
+                 now: datetime | None = None) -> ResearchResult | None:
+    """Perplexity research when triggered; cached 1 h; a skip is recorded with its reason."""
+    from brain.prompts import research_query
+    from brain.research import ResearchUnavailable, cache_lookup, cache_store, perplexity_ask, research_triggers, trigger_key
+
+    now = now or snapshot.ts
+    try:
+        triggers = research_triggers(snapshot=snapshot, now=now)
+        if not triggers:
+            return None
+        instrument = _instrument(snapshot.inst_id)
+
+        def skipped(reason: str, level: str = EventLevel.INFO) -> None:
+            event_record(kind="research_skipped", message=f"research skipped: {reason}", level=level, cycle_id=cycle_id,
+                         instrument_id=instrument.pk if instrument else None, mode=mode, data={"triggers": list(triggers.values())})
+
+        if mode != "live":
+            skipped("a replay does not ask for today's news about a past market")
+            return None
+        key = trigger_key(snapshot.inst_id, list(triggers))
+        query = research_query(snapshot, list(triggers.values()), now)
+        cached = cache_lookup(key=key, now=now)
+        if cached is not None:
+            return ResearchResult(**cached.response_json, query=cached.query, triggers=list(triggers.values()),
+                                  as_of=cached.created_at, from_cache=True)
+        try:
+            answer, error, citations = perplexity_ask(query=query, cycle_id=cycle_id, mode=mode)
+        except ResearchUnavailable as exc:
+            skipped(str(exc))
+            return None
+        if answer is None:
+            skipped(f"research failed: {error}", level=EventLevel.WARNING)
+            return None
+        if citations and not answer.sources:
+            answer = answer.model_copy(update={"sources": citations})
+        cache_store(key=key, query=query, answer=answer, now=now)
+        return ResearchResult(**answer.model_dump(), query=query, triggers=list(triggers.values()), as_of=now)
+    except Exception as exc:  # research is optional: never break the cycle
+        log.exception("research_failed", inst_id=snapshot.inst_id)
+        event_record(kind="research_skipped", level=EventLevel.WARNING, cycle_id=cycle_id, mode=mode,
+                     message=redact(f"research failed: {type(exc).__name__}: {exc}"))
+        return None
+
+
+def decision_bound(decision: Decision, *, symbol: str) -> Decision:
+    """An opening decision beyond the hard limits is not passed on: HOLD, with why.
+
+    The risk gate would reject it anyway; stopping it here means text from a
+    model (or research it read) never even reaches the gate with such numbers.
+    """
+    if decision.action not in OPENING_ACTIONS:
+        return decision
+    d = decision.decision
+    problems = []
+    if d.leverage > float(settings.MAX_LEVERAGE):
+        problems.append(f"leverage {d.leverage}x above {settings.MAX_LEVERAGE}x")
+    if d.size_pct > float(settings.MAX_SINGLE_TRADE_PCT):
+        problems.append(f"size {d.size_pct:.2%} above {float(settings.MAX_SINGLE_TRADE_PCT):.0%}")
+    if d.size_pct <= 0:
+        problems.append("size_pct is not positive")
+    if d.stop_loss is None:
+        problems.append("no stop loss")
+    if problems:
+        return Decision.hold(symbol, f"analyst proposed {decision.action} outside hard limits ({'; '.join(problems)}); not passed on")
+    return decision
+
+
+def decision_make(*, snapshot: MarketSnapshot, context: BrainContext, research: ResearchResult | None = None,
+                  cycle_id: int | None = None, mode: str = "live", brain: Brain | None = None) -> Decision:
+    """The cycle's decision; never raises: HOLD with the reason on any failure."""
+    try:
+        brain = brain or brain_in_use()
+        if brain is None:
+            return Decision.hold(snapshot.inst_id, "LLM budget exhausted: degrade mode HOLD until 00:00 UTC")
+        decision = brain.decide(snapshot=snapshot, context=context, research=research, cycle_id=cycle_id, mode=mode)
+        if not isinstance(decision, Decision):
+            raise TypeError(f"brain {brain.name} returned {type(decision).__name__}, not a Decision")
+        return decision_bound(decision, symbol=snapshot.inst_id)
+    except Exception as exc:
+        reason = redact(f"decision failed: {type(exc).__name__}: {exc}")[:1000]
+        log.exception("decision_failed", inst_id=snapshot.inst_id)
+        try:
+            event_record(kind="decision_failed", level=EventLevel.ERROR, message=reason, cycle_id=cycle_id, mode=mode)
+        except Exception:  # the journal itself failing must not turn a HOLD into a crash
+            log.exception("decision_failed_not_journaled")
+        return Decision.hold(snapshot.inst_id, reason)

@@ -1,0 +1,196 @@
+"""The Claude path through the real anthropic SDK against a local Messages API server."""
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+
+import pytest
+
+from brain.claude import ClaudeBrain
+from brain.schemas import Action
+from brain.services import decision_make
+from journal.models import LlmCall
+from tests.brain import factories as f
+from tests.fakes.anthropic_server import error, ok, overloaded, rate_limited
+
+pytestmark = pytest.mark.django_db
+
+GOOD = {
+    "analysis": {"market_regime": "trending_up", "bias": "bullish", "key_observations": ["pullback to EMA20"], "risk_factors": []},
+    "decision": {"action": "OPEN_LONG", "symbol": "BTC-USDT-SWAP", "size_pct": 0.03, "order_type": "market",
+                 "entry_price": 70000, "limit_price": None, "stop_loss": 69300, "take_profit": 71400, "leverage": 2},
+    "confidence": 0.7, "strategy_used": "trend_pullback", "reasoning": "trend pullback",
+}
+
+
+def decide(**kwargs):
+    return decision_make(snapshot=f.pullback_long(), context=f.context(), **kwargs)
+
+
+def test_it_parses_a_valid_answer_into_a_decision_and_journals_the_call(anthropic_server):
+    anthropic_server.script(ok(data=GOOD, input_tokens=1200, output_tokens=300))
+    decision = decide()
+    assert decision.action == Action.OPEN_LONG and decision.decision.stop_loss == 69300
+    row = LlmCall.objects.get()
+    assert (row.status, row.parsed, row.purpose, row.provider, row.model) == ("ok", True, "analyze", "anthropic", "claude-opus-4-6")
+    assert row.input_tokens == 1200 and row.output_tokens == 300 and row.completed_at is not None
+    assert "market_snapshot" in json.dumps(row.prompt) and json.loads(row.raw_answer)["confidence"] == 0.7
+
+
+def test_it_skips_thinking_blocks_when_reading_the_answer(anthropic_server):
+    anthropic_server.script(ok(data=GOOD, thinking='{"decision": "this is not the answer"}'))
+    assert decide().action == Action.OPEN_LONG
+
+
+@pytest.mark.parametrize("text", [
+    "Here is my decision:\n" + json.dumps(GOOD) + "\nGood luck.",
+    "```json\n" + json.dumps(GOOD) + "\n```",
+])
+def test_it_reads_json_wrapped_in_prose_or_a_markdown_fence(anthropic_server, text):
+    anthropic_server.script(ok(text))
+    assert decide().action == Action.OPEN_LONG
+    assert LlmCall.objects.count() == 1
+
+
+def test_missing_fields_get_one_stricter_retry(anthropic_server):
+    anthropic_server.script(ok(data={"analysis": {}, "confidence": 0.5}), ok(data=GOOD))
+    assert decide().action == Action.OPEN_LONG
+    first, second = anthropic_server.bodies()
+    assert "could not be used" in second["messages"][0]["content"] and "decision" in second["messages"][0]["content"]
+    assert list(LlmCall.objects.order_by("id").values_list("status", "attempt")) == [("invalid", 1), ("ok", 2)]
+
+
+@pytest.mark.parametrize("reply", [
+    ok(data={**GOOD, "confidence": "very high", "decision": {**GOOD["decision"], "leverage": "lots"}}),  # wrong types
+    ok(""),  # empty answer
+    ok("{", output_tokens=1, stop_reason="max_tokens"),  # one output token
+    ok("I cannot decide right now."),  # prose, no JSON
+])
+def test_an_invalid_answer_twice_ends_in_a_recorded_hold(anthropic_server, reply):
+    anthropic_server.script(reply)
+    decision = decide()
+    assert decision.action == Action.HOLD and "invalid answer twice" in decision.reasoning
+    rows = list(LlmCall.objects.order_by("id"))
+    assert [r.status for r in rows] == ["invalid", "invalid"] and all(r.parse_error for r in rows)
+
+
+def test_a_timeout_is_a_hold_within_the_time_limit(anthropic_server, settings):
+    settings.ANALYST_TIMEOUT_SECONDS = 1.0
+    anthropic_server.route("POST", "/v1/messages", _delayed(ok(data=GOOD), 3.0))
+    started = time.monotonic()
+    decision = decide()
+    assert time.monotonic() - started < 2.5
+    assert decision.action == Action.HOLD and "timed out" in decision.reasoning
+    assert LlmCall.objects.get().status == "timeout"
+
+
+def _delayed(reply, seconds):
+    reply.delay = seconds
+    return reply
+
+
+def test_a_529_overloaded_is_retried_and_then_answered(anthropic_server):
+    anthropic_server.script(overloaded(), ok(data=GOOD))
+    assert decide().action == Action.OPEN_LONG
+    assert list(LlmCall.objects.order_by("id").values_list("status", flat=True)) == ["error", "ok"]
+    assert "529 overloaded_error" in LlmCall.objects.order_by("id").first().parse_error
+
+
+def test_a_429_waits_the_retry_after_then_retries(anthropic_server):
+    anthropic_server.script(rate_limited("1"), ok(data=GOOD))
+    started = time.monotonic()
+    assert decide().action == Action.OPEN_LONG
+    assert time.monotonic() - started >= 1.0
+
+
+def test_a_429_whose_retry_after_exceeds_the_limit_is_a_hold_at_once(anthropic_server):
+    anthropic_server.script(rate_limited("120"))
+    started = time.monotonic()
+    decision = decide()
+    assert time.monotonic() - started < 2.0
+    assert decision.action == Action.HOLD and "429" in decision.reasoning
+
+
+def test_persistent_5xx_is_a_hold_and_a_400_is_not_retried(anthropic_server, settings):
+    settings.ANALYST_TIMEOUT_SECONDS = 2.0
+    anthropic_server.script(error(500, "api_error"))
+    assert decide().action == Action.HOLD
+    LlmCall.objects.all().delete()
+    anthropic_server.script(error(400, "invalid_request_error", "tool_choice is not supported"))
+    decision = decide()
+    assert decision.action == Action.HOLD and "400" in decision.reasoning
+    assert LlmCall.objects.count() == 1
+
+
+def test_cost_equals_hand_computed_prices_with_cache_writes_and_reads(anthropic_server):
+    anthropic_server.script(ok(data=GOOD, input_tokens=1000, output_tokens=500, cache_creation_input_tokens=2000, cache_read_input_tokens=3000))
+    decide()
+    row = LlmCall.objects.get()
+    # Opus 4.6: $5 in, $25 out, $6.25 cache write, $0.50 cache read per million.
+    assert row.cost_usd == Decimal("0.0315")
+    assert (row.cache_write_tokens, row.cache_read_tokens) == (2000, 3000)
+
+
+def test_thinking_tokens_are_billed_as_output_on_a_5_5_model(anthropic_server, settings):
+    settings.ANALYST_MODEL = "claude-opus-5-5"
+    # output_tokens from the API already includes the thinking tokens.
+    anthropic_server.script(ok(data=GOOD, thinking="weighing the pullback", model="claude-opus-5-5",
+                               input_tokens=400, output_tokens=1800, cache_read_input_tokens=2500))
+    assert decide().action == Action.OPEN_LONG
+    row = LlmCall.objects.get()
+    assert row.output_tokens == 1800
+    assert row.cost_usd == (Decimal(400) * 4 + Decimal(1800) * 20 + Decimal(2500) * Decimal("0.20")) / Decimal(1_000_000)
+
+
+def test_the_static_prefix_is_cached_and_holds_the_playbook(anthropic_server):
+    anthropic_server.script(ok(data=GOOD))
+    decide()
+    body = anthropic_server.bodies()[0]
+    system = body["system"]
+    assert system[-1]["cache_control"] == {"type": "ephemeral"}
+    assert "<playbook" in system[-1]["text"] and "<output_format>" in system[1]["text"]
+    assert "<playbook" not in body["messages"][0]["content"]
+
+
+def test_a_4_6_config_sends_temperature_and_no_thinking(anthropic_server):
+    anthropic_server.script(ok(data=GOOD))
+    decide()
+    body = anthropic_server.bodies()[0]
+    assert body["temperature"] == 0.2 and "thinking" not in body
+    assert body["output_config"]["format"]["type"] == "json_schema" and "effort" not in body["output_config"]
+
+
+def test_a_5_5_config_sends_no_temperature_and_no_forced_tool(anthropic_server, settings):
+    settings.ANALYST_MODEL, settings.SCREENER_MODEL = "claude-opus-5-5", "claude-haiku-5-5"
+    anthropic_server.script(ok(data=GOOD, thinking="...", model="claude-opus-5-5"))
+    decide()
+    body = anthropic_server.bodies()[0]
+    assert body["model"] == "claude-opus-5-5"
+    assert "temperature" not in body and "tool_choice" not in body and "tools" not in body
+    assert body["thinking"] == {"type": "adaptive"} and body["output_config"]["effort"] == settings.LLM_EFFORT
+    assert body["messages"][-1]["role"] == "user"  # no prefill
+    assert body["output_config"]["format"]["schema"]["properties"]["decision"]
+
+
+def test_an_answer_for_another_symbol_is_a_hold(anthropic_server):
+    anthropic_server.script(ok(data={**GOOD, "decision": {**GOOD["decision"], "symbol": "ETH-USDT-SWAP"}}))
+    assert decide().action == Action.HOLD
+
+
+def test_the_api_key_never_reaches_the_journal(anthropic_server):
+    from tests.brain.conftest import TEST_KEY
+
+    anthropic_server.script(error(401, "authentication_error", f"invalid x-api-key {TEST_KEY}"))
+    decision = decide()
+    row = LlmCall.objects.get()
+    assert TEST_KEY not in row.parse_error + json.dumps(row.prompt) + decision.reasoning
+    assert "[REDACTED]" in row.parse_error
+
+
+def test_the_brain_object_reports_usage_for_the_screener_log(anthropic_server):
+    anthropic_server.script(ok(data={"signal": True, "reason": "pullback"}, model="claude-haiku-4-5-20251001", input_tokens=480, output_tokens=25))
+    brain = ClaudeBrain(playbook=None)
+    screen = brain.screen(snapshot=f.pullback_long(), context=f.context())
+    assert screen.signal and brain.last_result.tokens == 505
+    assert brain.last_result.cost_usd == (Decimal(480) * 1 + Decimal(25) * 5) / Decimal(1_000_000)
