@@ -1,0 +1,413 @@
+"""Self-learning services: the post-trade review and the periodic deep reflection.
+
+Post-trade review (`trade_review_run`): one closed trade -> the brain in use
+(Claude through the gateway, or the rules brain) -> a `TradeReview` stored on
+`Trade.self_review` and as a post_trade `ReflectionLog` (prompt, output). Its
+`should_update_playbook` suggestion is passed to the next deep reflection.
+
+Deep reflection (`deep_reflection_run`): every REFLECTION_INTERVAL_TRADES
+closed trades or REFLECTION_INTERVAL_HOURS, whichever comes first, or on
+demand. It summarises the trades not yet reflected on (`brain.performance`),
+asks the brain for an updated playbook and stores it as a CANDIDATE version
+(it trades only after `tradebot.learning` validates it in a replay).
+
+No invented history: with no trades it says so (status no_trades); a NEW
+lesson must list `evidence_trade_ids`, all of them closed trades in the
+journal, or it is dropped (and the drop recorded); an invalid playbook or an
+answer with no JSON leaves the current playbook in force (status invalid).
+
+Restart safety: a deep reflection is claimed by a ReflectionLog row in state
+`running` that holds the trade ids and a lease (owner host:pid, expiry). A
+rerun after a crash finds the row, sees the lease is dead (the owner process
+is gone or the lease expired) and resumes with the SAME trade ids; saving the
+candidate and finishing the row happen in one transaction guarded by a
+conditional UPDATE (`status=running`), so a candidate is never stored twice.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from brain.base import brain_for_settings
+from brain.models import PlaybookStatus, PlaybookTrigger, PlaybookVersion
+from brain.performance import performance_summarize, summary_as_dict, trade_record_from_row
+from brain.playbook import playbook_current, playbook_save
+from brain.playbook_schema import playbook_validate
+from brain.prompts import DEEP_REFLECTION_SYSTEM, POST_TRADE_SYSTEM, deep_reflection_prompt, post_trade_prompt
+from brain.schemas import DeepReflection, DeepReflectionAnswer, TradeReview, TradeView
+from journal.models import Mode, ReflectionLog, ReflectionType, Trade, TradeStatus
+from journal.services import event_record
+from tradebot.logging import get_logger, redact
+
+log = get_logger(__name__)
+
+
+class ReflectionStatus:
+    RUNNING = "running"
+    DONE = "done"  # a candidate version was stored
+    NO_CHANGE = "no_change"  # a valid answer that changes nothing
+    NO_TRADES = "no_trades"  # nothing to reflect on; nothing changed
+    INVALID = "invalid"  # the answer was unusable; the current playbook stays
+    FAILED = "failed"  # the brain raised; the current playbook stays
+
+
+TERMINAL = frozenset({ReflectionStatus.DONE, ReflectionStatus.NO_CHANGE, ReflectionStatus.NO_TRADES,
+                      ReflectionStatus.INVALID, ReflectionStatus.FAILED})
+# Allowed status changes of a reflection row; a terminal row never changes again.
+TRANSITIONS: dict[str, frozenset[str]] = {ReflectionStatus.RUNNING: TERMINAL, **{s: frozenset() for s in TERMINAL}}
+
+
+class ReflectionError(Exception):
+    """A reflection was asked for something it cannot do (e.g. review an open trade)."""
+
+
+@dataclass
+class DeepReflectionOutcome:
+    status: str  # not_due, busy, or a ReflectionStatus
+    reason: str
+    log_id: int | None = None
+    trade_ids: list[int] = field(default_factory=list)
+    old_version: int | None = None
+    candidate_version: int | None = None
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    resumed: bool = False
+
+
+# --- leases (who holds a running reflection) -----------------------------------
+
+
+def _lease_seconds() -> float:
+    # The reflection call with its retries, plus room for the rest.
+    return max(600.0, settings.REFLECTION_TIMEOUT_SECONDS * 3)
+
+
+def _new_lease() -> dict[str, Any]:
+    until = timezone.now() + timedelta(seconds=_lease_seconds())
+    return {"owner": f"{socket.gethostname()}:{os.getpid()}", "until": until.isoformat()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def lease_alive(lease: dict[str, Any] | None) -> bool:
+    """A lease holds while it has not expired and, on this host, its process still runs."""
+    if not lease:
+        return False
+    try:
+        until = datetime.fromisoformat(lease["until"])
+        host, pid = str(lease["owner"]).rsplit(":", 1)
+    except (KeyError, ValueError):
+        return False
+    if until <= timezone.now():
+        return False
+    if host == socket.gethostname() and int(pid) != os.getpid():
+        return _pid_alive(int(pid))
+    return True
+
+
+# --- conversions -----------------------------------------------------------------
+
+
+def trade_view_from_row(trade: Trade) -> TradeView:
+    """A journal trade as the frozen view a brain may see."""
+    return TradeView(
+        id=trade.pk, inst_id=trade.instrument.inst_id, direction=trade.direction, status=trade.status,
+        opened_at=trade.opened_at, closed_at=trade.closed_at, entry_price=trade.entry_price, exit_price=trade.exit_price,
+        stop_loss=trade.stop_loss, take_profit=trade.take_profit, size_pct=trade.size_pct, leverage=trade.leverage,
+        pnl_usd=trade.pnl_usd, pnl_pct=trade.pnl_pct, fees_usd=trade.fees_usd, strategy_used=trade.strategy_used,
+        confidence_at_entry=trade.confidence_at_entry, market_regime=trade.market_regime, exit_reason=trade.exit_reason,
+        reasoning=trade.reasoning[:2000], indicators_entry=trade.indicators_entry, indicators_exit=trade.indicators_exit,
+        playbook_version=trade.playbook_version, research_context=trade.research_context,
+    )
+
+
+def _review_payload(log_row: ReflectionLog) -> TradeReview | None:
+    try:
+        return TradeReview.model_validate((log_row.output_json or {}).get("review"))
+    except ValueError:
+        return None
+
+
+# --- post-trade review -------------------------------------------------------------
+
+
+def trade_review_run(*, trade_id: int, brain_name: str | None = None) -> ReflectionLog:
+    """Review one closed trade once; returns its post_trade ReflectionLog (done, or running elsewhere)."""
+    with transaction.atomic():
+        trade = Trade.objects.select_for_update().select_related("instrument").filter(pk=trade_id).first()
+        if trade is None:
+            raise ReflectionError(f"trade {trade_id} does not exist")
+        if trade.status != TradeStatus.CLOSED or trade.pnl_usd is None:
+            raise ReflectionError(f"trade {trade_id} is not closed (status {trade.status}); only closed trades are reviewed")
+        logs = ReflectionLog.objects.filter(reflection_type=ReflectionType.POST_TRADE, trade_ids=[trade_id])
+        done = logs.filter(status=ReflectionStatus.DONE).order_by("id").first()
+        if done is not None:
+            return done  # idempotent: a reviewed trade is not reviewed twice
+        running = logs.filter(status=ReflectionStatus.RUNNING).order_by("id").first()
+        if running is not None and lease_alive((running.output_json or {}).get("lease")):
+            return running  # another worker is reviewing it now
+        if running is None:
+            running = ReflectionLog.objects.create(
+                reflection_type=ReflectionType.POST_TRADE, mode=trade.mode, status=ReflectionStatus.RUNNING,
+                trade_ids=[trade_id], output_json={"lease": _new_lease()},
+            )
+        else:  # the previous reviewer died: take over
+            running.output_json = {"lease": _new_lease()}
+            running.save(update_fields=["output_json"])
+    view = trade_view_from_row(trade)
+    brain = brain_for_settings(brain_name)
+    prompt = f"{POST_TRADE_SYSTEM}\n{post_trade_prompt(view)}"
+    ReflectionLog.objects.filter(pk=running.pk).update(input_prompt=redact(prompt))
+    # No transaction is open across the brain call (it may be an LLM call).
+    review = brain.review_trade(trade=view, mode=trade.mode)
+    llm = getattr(brain, "last_result", None)
+    output = {"review": review.model_dump(mode="json"), "brain": brain.name,
+              "llm_status": getattr(llm, "status", None), "llm_call_ids": getattr(llm, "call_ids", [])}
+    with transaction.atomic():
+        finished = ReflectionLog.objects.filter(pk=running.pk, status=ReflectionStatus.RUNNING).update(
+            status=ReflectionStatus.DONE, output_json=output)
+        if finished:
+            Trade.objects.filter(pk=trade_id).update(self_review={**review.model_dump(mode="json"), "brain": brain.name,
+                                                                  "reflection_log_id": running.pk})
+    if review.should_update_playbook:
+        log.info("trade_review_suggests_playbook_change", trade_id=trade_id, suggestion=review.playbook_suggestion)
+    running.refresh_from_db()
+    return running
+
+
+# --- deep reflection: what is due ----------------------------------------------------
+
+
+def _closed_trades(mode: str):  # -> QuerySet[Trade]
+    return Trade.objects.filter(mode=mode, run_id="", status=TradeStatus.CLOSED, pnl_usd__isnull=False)
+
+
+def _consumed_trade_ids(mode: str) -> set[int]:
+    ids: set[int] = set()
+    for row in ReflectionLog.objects.filter(reflection_type=ReflectionType.PERIODIC, mode=mode).values_list("trade_ids", flat=True):
+        ids.update(int(i) for i in (row or []))
+    return ids
+
+
+def trades_pending_reflection(*, mode: str = Mode.LIVE) -> list[int]:
+    """Closed trades not yet in any deep reflection (finished or running), oldest first."""
+    consumed = _consumed_trade_ids(mode)
+    return [pk for pk in _closed_trades(mode).order_by("closed_at", "id").values_list("pk", flat=True) if pk not in consumed]
+
+
+def deep_reflection_due(*, now: datetime, mode: str = Mode.LIVE) -> tuple[bool, str]:
+    """Every REFLECTION_INTERVAL_TRADES trades or REFLECTION_INTERVAL_HOURS hours, whichever first."""
+    pending = trades_pending_reflection(mode=mode)
+    if len(pending) >= settings.REFLECTION_INTERVAL_TRADES:
+        return True, f"{len(pending)} closed trades since the last deep reflection (every {settings.REFLECTION_INTERVAL_TRADES})"
+    last = ReflectionLog.objects.filter(reflection_type=ReflectionType.PERIODIC, mode=mode).order_by("-created_at", "-id").first()
+    since = last.created_at if last is not None else None
+    if since is None and pending:
+        since = _closed_trades(mode).filter(pk=pending[0]).values_list("closed_at", flat=True).first()
+    if since is None:
+        return False, "no closed trades and no earlier reflection"
+    hours = (now - since).total_seconds() / 3600
+    if hours >= settings.REFLECTION_INTERVAL_HOURS:
+        return True, f"{hours:.1f} h since the last deep reflection (every {settings.REFLECTION_INTERVAL_HOURS} h)"
+    return False, f"{len(pending)} trades and {hours:.1f} h since the last deep reflection: not due"
+
+
+# --- deep reflection: claim, run, finish ------------------------------------------------
+
+
+def _claim(*, mode: str) -> tuple[ReflectionLog | None, bool]:
+    """(the running row we now hold, resumed?) or (None, False) when another process holds it."""
+    current = playbook_current()
+    with transaction.atomic():
+        # Serialise claimers on the active playbook row (PostgreSQL row lock; SQLite has one writer).
+        PlaybookVersion.objects.select_for_update().filter(pk=current.pk).first()
+        running = (ReflectionLog.objects.select_for_update()
+                   .filter(reflection_type=ReflectionType.PERIODIC, mode=mode, status=ReflectionStatus.RUNNING)
+                   .order_by("id").first())
+        if running is not None:
+            if lease_alive((running.output_json or {}).get("lease")):
+                return None, False
+            running.output_json = {"lease": _new_lease(), "resumed_from": (running.output_json or {}).get("lease")}
+            running.save(update_fields=["output_json"])
+            return running, True
+        pending = trades_pending_reflection(mode=mode)
+        row = ReflectionLog.objects.create(
+            reflection_type=ReflectionType.PERIODIC, mode=mode, status=ReflectionStatus.RUNNING, trade_ids=pending,
+            old_version=current.version, output_json={"lease": _new_lease()},
+        )
+        return row, False
+
+
+def _finish(row: ReflectionLog, *, status: str, output: dict[str, Any], changes: dict[str, Any] | None = None,
+            new_version: int | None = None) -> bool:
+    """Move a running row to its end state; False when it was already finished by someone else."""
+    if status not in TRANSITIONS[ReflectionStatus.RUNNING]:
+        raise ReflectionError(f"reflection {row.pk}: running -> {status} is not allowed")
+    return bool(ReflectionLog.objects.filter(pk=row.pk, status=ReflectionStatus.RUNNING).update(
+        status=status, output_json=output, playbook_changes=changes, new_version=new_version))
+
+
+def _performance_payload(trades: list[Trade]) -> dict[str, Any]:
+    summary = summary_as_dict(performance_summarize([trade_record_from_row(t) for t in trades]))
+    payload = {k: v for k, v in summary.items() if k not in ("by_strategy", "by_regime", "by_hour", "confidence_calibration")}
+    payload["sharpe_note"] = "per trade, not annualised"
+    payload["breakdown_by_strategy"] = summary["by_strategy"]
+    payload["breakdown_by_regime"] = summary["by_regime"]
+    payload["breakdown_by_time"] = {f"{int(h):02d}:00 UTC (opened)": v for h, v in summary["by_hour"].items()}
+    payload["confidence_calibration"] = summary["confidence_calibration"]
+    reviews, suggestions = [], []
+    for t in trades:
+        review = t.self_review or {}
+        if "outcome" in review:
+            reviews.append({"trade_id": t.pk, "outcome": review.get("outcome"), "lesson": review.get("lesson", ""),
+                            "what_went_wrong": review.get("what_went_wrong", []), "should_update_playbook": review.get("should_update_playbook")})
+            if review.get("should_update_playbook"):
+                suggestions.append({"trade_id": t.pk, "suggestion": review.get("playbook_suggestion") or review.get("lesson", "")})
+    payload["individual_trade_reviews"] = reviews
+    payload["pending_playbook_suggestions"] = suggestions
+    return payload
+
+
+def _answer_problem(brain: Any) -> str | None:
+    """Why the Claude brain's answer is unusable (no JSON, invalid playbook), from the gateway's result."""
+    result = getattr(brain, "last_result", None)
+    if result is None:
+        return None  # the rules brain: no model answer to judge
+    if result.value is None:
+        return f"reflection answer {result.status}: {result.reason}"
+    if isinstance(result.value, DeepReflectionAnswer):
+        import json
+
+        try:
+            playbook_validate(json.loads(result.value.updated_playbook_json))
+        except ValueError as exc:
+            return f"the proposed playbook is invalid: {str(exc)[:800]}"
+    return None
+
+
+def _filter_lessons(candidate: dict[str, Any], current: dict[str, Any], *, mode: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Drop new lessons that cite no trade or a trade that does not exist."""
+    known_lessons = {(l.get("id"), l.get("lesson")) for l in current.get("lessons_learned", [])}
+    new_ids = {int(i) for l in candidate.get("lessons_learned", []) for i in l.get("evidence_trade_ids", []) if str(i).lstrip("-").isdigit()}
+    existing = set(_closed_trades(mode).filter(pk__in=new_ids).values_list("pk", flat=True)) if new_ids else set()
+    kept, dropped = [], []
+    for lesson in candidate.get("lessons_learned", []):
+        if (lesson.get("id"), lesson.get("lesson")) in known_lessons:
+            kept.append(lesson)
+            continue
+        cited = [int(i) for i in lesson.get("evidence_trade_ids", [])]
+        missing = [i for i in cited if i not in existing]
+        if not cited:
+            dropped.append({"lesson": lesson, "reason": "cites no trade ids"})
+        elif missing:
+            dropped.append({"lesson": lesson, "reason": f"cites trades that do not exist: {missing}"})
+        else:
+            kept.append(lesson)
+    return {**candidate, "lessons_learned": kept}, dropped
+
+
+def _change_summary(reflection: DeepReflection, dropped: list[dict[str, Any]]) -> str:
+    lines = [reflection.summary or "deep reflection"]
+    for c in reflection.changes:
+        lines.append(f"- {c.path}: {c.old} -> {c.new} ({c.reason}; evidence trades {c.evidence_trade_ids})")
+    for d in dropped:
+        lines.append(f"- dropped lesson {d['lesson'].get('id')!r}: {d['reason']}")
+    return "\n".join(lines)
+
+
+def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mode: str = Mode.LIVE,
+                        brain_name: str | None = None) -> DeepReflectionOutcome:
+    """Reflect on the trades since the last deep reflection; store the result as a CANDIDATE playbook."""
+    now = now or timezone.now()
+    if not force:
+        due, why = deep_reflection_due(now=now, mode=mode)
+        if not due:
+            return DeepReflectionOutcome(status="not_due", reason=why)
+    row, resumed = _claim(mode=mode)
+    if row is None:
+        return DeepReflectionOutcome(status="busy", reason="another deep reflection is running (its lease is alive)")
+    ids = [int(i) for i in row.trade_ids]
+    outcome = DeepReflectionOutcome(status=ReflectionStatus.RUNNING, reason="", log_id=row.pk, trade_ids=ids,
+                                    old_version=row.old_version, resumed=resumed)
+    trades = list(_closed_trades(mode).filter(pk__in=ids).select_related("instrument").order_by("closed_at", "id"))
+    if not trades:
+        reason = "no closed trades since the last deep reflection: nothing to learn from, the playbook is unchanged"
+        _finish(row, status=ReflectionStatus.NO_TRADES, output={"message": reason})
+        event_record(kind="reflection_no_trades", message=reason, mode=mode)
+        outcome.status, outcome.reason = ReflectionStatus.NO_TRADES, reason
+        return outcome
+
+    current = PlaybookVersion.objects.filter(version=row.old_version).first() or playbook_current()
+    views = [trade_view_from_row(t) for t in trades]
+    performance = _performance_payload(trades)
+    prompt = deep_reflection_prompt(trades=views, playbook=current.playbook, version=current.version, performance=performance)
+    ReflectionLog.objects.filter(pk=row.pk).update(input_prompt=redact(f"{DEEP_REFLECTION_SYSTEM}\n{prompt}"))
+    brain = brain_for_settings(brain_name, playbook=current.playbook, playbook_version=current.version)
+    try:
+        # No transaction is open across the brain call (it may be a 20 s LLM call).
+        reflection = brain.reflect(trades=views, playbook=current.playbook, version=current.version,
+                                   performance=performance, mode=mode)
+    except Exception as exc:  # noqa: BLE001 - a failed reflection must leave the playbook in force, recorded
+        reason = redact(f"the {brain.name} brain failed: {type(exc).__name__}: {exc}")
+        _finish(row, status=ReflectionStatus.FAILED, output={"error": reason, "brain": brain.name})
+        event_record(kind="reflection_failed", message=reason, level="error", mode=mode)
+        outcome.status, outcome.reason = ReflectionStatus.FAILED, reason
+        return outcome
+
+    output = {"brain": brain.name, "reflection": reflection.model_dump(mode="json"),
+              "performance": {k: v for k, v in performance.items() if not k.startswith("breakdown")}}
+    llm = getattr(brain, "last_result", None)
+    if llm is not None:
+        output["llm_status"], output["llm_call_ids"] = llm.status, llm.call_ids
+    problem = _answer_problem(brain)
+    candidate: dict[str, Any] | None = None
+    if problem is None:
+        try:
+            candidate = playbook_validate(reflection.updated_playbook).model_dump(mode="json")
+        except ValueError as exc:
+            problem = f"the proposed playbook is invalid: {str(exc)[:800]}"
+    if problem is not None or candidate is None:
+        reason = f"current playbook v{current.version} stays in force: {problem}"
+        _finish(row, status=ReflectionStatus.INVALID, output={**output, "error": problem})
+        event_record(kind="reflection_invalid", message=reason, level="warning", mode=mode)
+        outcome.status, outcome.reason = ReflectionStatus.INVALID, reason
+        return outcome
+
+    candidate, dropped = _filter_lessons(candidate, current.playbook, mode=mode)
+    for d in dropped:
+        log.warning("reflection_lesson_dropped", lesson_id=d["lesson"].get("id"), reason=d["reason"], log_id=row.pk)
+    outcome.dropped = dropped
+    changes = {"changes": [c.model_dump(mode="json") for c in reflection.changes], "dropped_lessons": dropped}
+    if candidate == playbook_validate(current.playbook).model_dump(mode="json"):
+        reason = f"no change to playbook v{current.version}: {reflection.summary}"
+        _finish(row, status=ReflectionStatus.NO_CHANGE, output=output, changes=changes)
+        outcome.status, outcome.reason = ReflectionStatus.NO_CHANGE, reason
+        return outcome
+
+    headline = {k: performance[k] for k in ("total_trades", "win_rate", "profit_factor", "sharpe_ratio", "total_pnl", "max_drawdown_usd")}
+    with transaction.atomic():
+        saved = playbook_save(data=candidate, change_summary=_change_summary(reflection, dropped), triggered_by=PlaybookTrigger.REFLECTION,
+                              performance={**headline, "trade_ids": ids, "reflection_log_id": row.pk}, status=PlaybookStatus.CANDIDATE)
+        if not _finish(row, status=ReflectionStatus.DONE, output=output, changes=changes, new_version=saved.version):
+            # Someone else finished this reflection meanwhile: undo our candidate (never applied twice).
+            transaction.set_rollback(True)
+            return DeepReflectionOutcome(status="busy", reason="the reflection was finished by another process", log_id=row.pk, trade_ids=ids)
+    event_record(kind="playbook_candidate", mode=mode, data={"version": saved.version, "log_id": row.pk},
+                 message=f"deep reflection on {len(ids)} trades proposed playbook v{saved.version} (candidate; replay validation next)")
+    outcome.status, outcome.candidate_version = ReflectionStatus.DONE, saved.version
+    outcome.reason = reflection.summary
+    return outcome

@@ -1,0 +1,161 @@
+"""Post-trade reviews and deep reflection with the rules brain (no network)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from brain.models import PlaybookStatus, PlaybookVersion
+from brain.playbook import playbook_current
+from brain.reflection import ReflectionError, deep_reflection_due, deep_reflection_run, trade_review_run
+from journal.models import ReflectionLog, ReflectionType, Trade, TradeStatus
+from market.models import Instrument
+
+T0 = datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc)
+
+
+def make_trade(instrument: Instrument, i: int, pnl: str, *, strategy: str = "momentum_breakout", exit_reason: str = "stop_loss",
+               status: str = TradeStatus.CLOSED, confidence: str = "0.6") -> Trade:
+    opened = T0 + timedelta(hours=i)
+    return Trade.objects.create(
+        instrument=instrument, opened_at=opened, closed_at=opened + timedelta(minutes=40) if status == TradeStatus.CLOSED else None,
+        direction="LONG", entry_price=Decimal("70000"), exit_price=Decimal("69500"), stop_loss=Decimal("69500"),
+        take_profit=Decimal("71000"), size=Decimal("1"), pnl_usd=Decimal(pnl) if status == TradeStatus.CLOSED else None,
+        strategy_used=strategy, market_regime="volatile", confidence_at_entry=Decimal(confidence), exit_reason=exit_reason,
+        status=status, reasoning="breakout with volume", indicators_entry={"15m": {"rsi_14": 66}},
+        indicators_exit={"15m": {"rsi_14": 48}}, research_context={"summary": "quiet news day"},
+    )
+
+
+@pytest.fixture
+def rules(settings):
+    settings.BRAIN = "rules"
+    settings.ANTHROPIC_API_KEY = ""
+
+
+@pytest.fixture
+def losing_breakouts(instrument, rules) -> list[Trade]:
+    """Six momentum breakouts stopped out, two winning trend pullbacks."""
+    trades = [make_trade(instrument, i, "-25") for i in range(6)]
+    trades += [make_trade(instrument, 10 + i, "60", strategy="trend_pullback", exit_reason="take_profit") for i in range(2)]
+    return trades
+
+
+def test_deep_reflection_with_no_trades_says_so_and_changes_nothing(db, rules) -> None:
+    before = playbook_current()
+    outcome = deep_reflection_run(force=True)
+    assert outcome.status == "no_trades"
+    assert "no closed trades" in outcome.reason
+    row = ReflectionLog.objects.get(pk=outcome.log_id)
+    assert row.status == "no_trades" and row.trade_ids == [] and row.new_version is None
+    assert list(PlaybookVersion.objects.values_list("version", flat=True)) == [before.version]
+    assert playbook_current().pk == before.pk
+
+
+def test_deep_reflection_is_not_due_before_the_trade_or_hour_interval(db, instrument, rules, settings) -> None:
+    settings.REFLECTION_INTERVAL_TRADES = 3
+    make_trade(instrument, 0, "-5")
+    due, why = deep_reflection_due(now=T0 + timedelta(hours=1))
+    assert not due and "not due" in why
+    assert deep_reflection_run(now=T0 + timedelta(hours=1)).status == "not_due"
+    make_trade(instrument, 1, "-5")
+    make_trade(instrument, 2, "-5")
+    assert deep_reflection_due(now=T0 + timedelta(hours=1))[0]
+    settings.REFLECTION_INTERVAL_TRADES = 20
+    # Six hours after the first pending trade closed, even three trades are enough.
+    assert deep_reflection_due(now=T0 + timedelta(hours=7))[0]
+
+
+def test_rules_reflection_proposes_switching_off_the_losing_strategy_with_evidence(db, losing_breakouts) -> None:
+    v1 = playbook_current()
+    outcome = deep_reflection_run(force=True)
+    assert outcome.status == "done", outcome.reason
+    candidate = PlaybookVersion.objects.get(version=outcome.candidate_version)
+    assert candidate.status == PlaybookStatus.CANDIDATE and candidate.triggered_by == "reflection"
+    assert candidate.playbook["strategy_definitions"]["momentum_breakout"]["params"]["enabled"] is False
+    assert v1.playbook["strategy_definitions"]["momentum_breakout"]["params"]["enabled"] is True
+    assert playbook_current().pk == v1.pk  # a candidate does not trade before validation
+    breakout_ids = sorted(t.pk for t in losing_breakouts[:6])
+    assert "momentum_breakout.params.enabled: True -> False" in candidate.change_summary
+    assert str(breakout_ids) in candidate.change_summary
+    lesson = candidate.playbook["lessons_learned"][-1]
+    assert sorted(lesson["evidence_trade_ids"]) == breakout_ids
+    row = ReflectionLog.objects.get(pk=outcome.log_id)
+    assert row.status == "done" and row.old_version == v1.version and row.new_version == candidate.version
+    assert sorted(row.trade_ids) == sorted(t.pk for t in losing_breakouts)
+    for section in ("<performance_summary>", "<breakdown_by_strategy>", "<breakdown_by_regime>", "<breakdown_by_time>",
+                    "<confidence_calibration>", "<individual_trade_reviews>", "<current_playbook", "<tasks>"):
+        assert section in row.input_prompt
+    change = row.playbook_changes["changes"][0]
+    assert change["path"].endswith("momentum_breakout.params.enabled") and sorted(change["evidence_trade_ids"]) == breakout_ids
+    # The same trades are not reflected on twice.
+    again = deep_reflection_run(force=True)
+    assert again.status == "no_trades"
+    assert PlaybookVersion.objects.count() == 2
+
+
+def test_post_trade_review_is_stored_once_on_the_trade_and_in_the_log(db, losing_breakouts) -> None:
+    trade = losing_breakouts[0]
+    row = trade_review_run(trade_id=trade.pk)
+    assert row.status == "done" and row.reflection_type == ReflectionType.POST_TRADE and row.trade_ids == [trade.pk]
+    review = row.output_json["review"]
+    assert review["outcome"] == "loss" and review["should_update_playbook"] is True
+    assert "indicators at entry" in row.input_prompt and "quiet news day" in row.input_prompt
+    trade.refresh_from_db()
+    assert trade.self_review["outcome"] == "loss" and trade.self_review["reflection_log_id"] == row.pk
+    assert trade_review_run(trade_id=trade.pk).pk == row.pk
+    assert ReflectionLog.objects.filter(reflection_type=ReflectionType.POST_TRADE).count() == 1
+    # The suggestion reaches the next deep reflection.
+    outcome = deep_reflection_run(force=True)
+    prompt = ReflectionLog.objects.get(pk=outcome.log_id).input_prompt
+    assert f'"trade_id": {trade.pk}' in prompt and "pending_playbook_suggestions" in prompt
+
+
+def test_an_open_or_missing_trade_is_not_reviewed(db, instrument, rules) -> None:
+    open_trade = make_trade(instrument, 0, "0", status=TradeStatus.OPEN)
+    with pytest.raises(ReflectionError, match="not closed"):
+        trade_review_run(trade_id=open_trade.pk)
+    with pytest.raises(ReflectionError, match="does not exist"):
+        trade_review_run(trade_id=999999)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_crashed_deep_reflection_is_resumed_with_the_same_trades_and_applied_once(db, losing_breakouts) -> None:
+    import socket
+
+    v1 = playbook_current()
+    ids = [t.pk for t in losing_breakouts]
+    # What a process killed mid-reflection leaves behind: the claim, holding the trades, with its lease.
+    until = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    crashed = ReflectionLog.objects.create(reflection_type=ReflectionType.PERIODIC, status="running", trade_ids=ids,
+                                           old_version=v1.version,
+                                           output_json={"lease": {"owner": f"{socket.gethostname()}:{_dead_pid()}", "until": until}})
+    # A new trade closes meanwhile: it is not part of the resumed reflection.
+    later = make_trade(losing_breakouts[0].instrument, 30, "5", strategy="trend_pullback", exit_reason="take_profit")
+    outcome = deep_reflection_run(force=True)
+    assert outcome.resumed and outcome.log_id == crashed.pk and outcome.status == "done"
+    assert sorted(outcome.trade_ids) == sorted(ids)
+    assert PlaybookVersion.objects.filter(status=PlaybookStatus.CANDIDATE).count() == 1
+    # Rerun: only the later trade is pending; the first candidate is not stored again.
+    rerun = deep_reflection_run(force=True)
+    assert rerun.log_id != crashed.pk and rerun.trade_ids == [later.pk]
+    assert PlaybookVersion.objects.filter(triggered_by="reflection", performance_at_update__reflection_log_id=crashed.pk).count() == 1
+
+
+def test_a_reflection_whose_owner_is_alive_is_not_taken_over(db, losing_breakouts) -> None:
+    import socket
+
+    until = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    ReflectionLog.objects.create(reflection_type=ReflectionType.PERIODIC, status="running", trade_ids=[losing_breakouts[0].pk],
+                                 output_json={"lease": {"owner": f"{socket.gethostname()}:{os.getppid()}", "until": until}})
+    assert deep_reflection_run(force=True).status == "busy"
+    assert PlaybookVersion.objects.filter(status=PlaybookStatus.CANDIDATE).count() == 0
