@@ -71,6 +71,7 @@ class Cycle(models.Model):
     decision = models.JSONField(null=True, blank=True)
     risk_verdict = models.JSONField(null=True, blank=True)
     client_order_id = models.CharField(max_length=32, blank=True, default="", db_index=True)
+    order = models.JSONField(null=True, blank=True, help_text="The order as execution reported it (state, fill, fee)")
     error = models.TextField(blank=True, default="")
 
     class Meta:

@@ -149,12 +149,17 @@ else:
     # Embedded broker: kombu's filesystem transport needs no server and works
     # with a worker and beat on one machine.
     CELERY_BROKER_URL = "filesystem://"
+    CELERY_BROKER_TRANSPORT = "tradebot.broker:Transport"  # atomic message files (see tradebot/broker.py)
     BROKER_KIND = "filesystem"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(BROKER_DIR / "queue"),
         "data_folder_out": str(BROKER_DIR / "queue"),
         "processed_folder": str(BROKER_DIR / "processed"),
+        # Broadcast (pidbox) exchange files: kombu's default is ./control in the cwd.
+        "control_folder": str(BROKER_DIR / "control"),
         "store_processed": False,
+        # kombu polls the folder once a second by default: seven hops per cycle would cost seconds.
+        "polling_interval": env_float("CELERY_FS_POLLING_INTERVAL", 0.05, minimum=0.01),
     }
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120, minimum=1)

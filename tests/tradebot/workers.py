@@ -1,0 +1,129 @@
+"""Real Celery workers for the pipeline tests: one subprocess per queue on Redis.
+
+Each run gets its own Redis key prefix, so two test runs on one Redis never
+take each other's tasks; the workers talk to the pytest test database.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from django.conf import settings
+from django.db import connection
+
+from tradebot.celery import QUEUES, app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Workers:
+    def __init__(self, *, redis_url: str, tmp: Path) -> None:
+        db = settings.DATABASES["default"]
+        user = db.get("USER") or "postgres"
+        auth = f"{user}:{db['PASSWORD']}@" if db.get("PASSWORD") else f"{user}@"
+        self.database_url = f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{connection.settings_dict['NAME']}"
+        self.redis_url = redis_url
+        self.prefix = f"tbtest{os.getpid()}:"
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_API", "OKX_PASS", "ANTHROPIC", "PERPLEXITY"))}
+        self.env.update({
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": redis_url,
+            "CELERY_REDIS_KEY_PREFIX": self.prefix,
+            "CELERY_VISIBILITY_TIMEOUT": "3",
+            "MARKET_DATA_SOURCE": "synthetic",
+            "BRAIN": "rules",
+            "TRADEBOT_VAR_DIR": str(tmp),
+            "PYTHONPATH": str(ROOT),
+            "LOG_LEVEL": "INFO",
+        })
+        # This process sends to the same broker with the same prefix.
+        app.conf.broker_url = redis_url
+        app.conf.broker_transport_options = {"visibility_timeout": 3, "global_keyprefix": self.prefix}
+        # Rebuild the connection and producer pools with the new broker settings.
+        app._pool = None  # noqa: SLF001
+        app.amqp._producer_pool = None  # noqa: SLF001
+
+    def log_path(self, queue: str) -> Path:
+        return self.tmp / f"worker-{queue}.log"
+
+    def start(self, *queues: str) -> None:
+        """Start workers (in parallel) and wait until each says it is ready."""
+        markers = {}
+        for queue in queues:
+            path = self.log_path(queue)
+            path.touch()
+            markers[queue] = path.stat().st_size
+            log = open(path, "ab")  # noqa: SIM115 - the child writes to it
+            self.procs[queue] = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tradebot", "worker", "-Q", queue, "-n", f"{queue}@{self.prefix[:-1]}",
+                 "-P", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 90
+        waiting = set(queues)
+        while waiting and time.monotonic() < deadline:
+            for queue in list(waiting):
+                text = self.log_path(queue).read_bytes()[markers[queue]:]
+                if b"ready." in text:
+                    waiting.discard(queue)
+                elif self.procs[queue].poll() is not None:
+                    raise RuntimeError(f"worker {queue} exited: {text.decode(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+        if waiting:
+            raise RuntimeError(f"workers {sorted(waiting)} not ready in 90 s")
+
+    def start_all(self) -> None:
+        self.start(*QUEUES)
+
+    def kill(self, queue: str) -> None:
+        proc = self.procs.pop(queue)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        procs = [self.procs.pop(q) for q in list(self.procs)]
+        for proc in procs:
+            proc.send_signal(signal.SIGQUIT)  # cold shutdown: the tests are over
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        try:
+            import redis
+
+            client = redis.Redis.from_url(self.redis_url)
+            keys = list(client.scan_iter(match=f"{self.prefix}*"))
+            if keys:
+                client.delete(*keys)
+        except Exception:  # noqa: BLE001 - cleanup is best effort
+            pass
+
+    def queue_lengths(self) -> dict[str, int]:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        return {q: int(client.llen(f"{self.prefix}{q}")) for q in QUEUES}
+
+    def worker_logs(self) -> str:
+        return "\n".join(f"--- {q}\n" + self.log_path(q).read_text(errors="replace")[-4000:]
+                         for q in QUEUES if self.log_path(q).exists())
+
+
+def redis_reachable(url: str) -> bool:
+    import socket
+
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,83 @@
+"""Beat entries in the database (django-celery-beat), so a person can edit them in the admin.
+
+`beat_sync()` makes the entries match the instruments and settings: one cycle
+entry per `Instrument.trading_enabled` every `DECISION_CYCLE_SECONDS` (it
+expires after one interval: a tick that waited that long is worthless),
+account sync every `ACCOUNT_SYNC_SECONDS`, performance snapshots hourly,
+daily and weekly, and the daily risk reset at 00:00 UTC. Entries of
+instruments no longer enabled are disabled, not deleted, so admin edits to
+them survive. Only the schedule, task and queue are rewritten; an entry a
+person disabled in the admin stays disabled.
+"""
+from __future__ import annotations
+
+import json
+
+from django.conf import settings
+from django.db import transaction
+from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
+
+from market.models import Instrument
+
+CYCLE_PREFIX = "cycle "
+CYCLE_TASK = "tradebot.tasks.cycle_start"
+
+
+def _interval(seconds: int) -> IntervalSchedule:
+    schedule, _ = IntervalSchedule.objects.get_or_create(every=seconds, period=IntervalSchedule.SECONDS)
+    return schedule
+
+
+def _crontab(*, minute: str, hour: str, day_of_week: str = "*") -> CrontabSchedule:
+    schedule, _ = CrontabSchedule.objects.get_or_create(
+        minute=minute, hour=hour, day_of_week=day_of_week, day_of_month="*", month_of_year="*", timezone="UTC"
+    )
+    return schedule
+
+
+def _entry(name: str, *, task: str, queue: str, args: list[object] | None = None, description: str = "", **schedule: object) -> PeriodicTask:
+    entry = PeriodicTask.objects.filter(name=name).first()
+    fields = {"task": task, "queue": queue, "args": json.dumps(args or []), "description": description,
+              "interval": None, "crontab": None, **schedule}
+    if entry is None:
+        return PeriodicTask.objects.create(name=name, enabled=True, **fields)
+    for key, value in fields.items():
+        setattr(entry, key, value)
+    entry.save()
+    return entry
+
+
+@transaction.atomic
+def beat_sync() -> list[PeriodicTask]:
+    """Create or update every entry; returns the enabled ones."""
+    cycle_every = settings.DECISION_CYCLE_SECONDS
+    entries: list[PeriodicTask] = []
+    enabled_names = set()
+    for inst in Instrument.objects.filter(trading_enabled=True):
+        name = f"{CYCLE_PREFIX}{inst.inst_id}"
+        enabled_names.add(name)
+        entries.append(_entry(
+            name, task=CYCLE_TASK, queue="default", args=[inst.inst_id], interval=_interval(cycle_every),
+            expire_seconds=cycle_every, description=f"Decision cycle for {inst.inst_id} every {cycle_every}s",
+        ))
+    # Instruments turned off: their entries stop, a person's edits stay.
+    PeriodicTask.objects.filter(name__startswith=CYCLE_PREFIX, task=CYCLE_TASK).exclude(name__in=enabled_names).update(enabled=False)
+    entries.append(_entry(
+        "account sync", task="tradebot.tasks.account_sync", queue="okx", interval=_interval(settings.ACCOUNT_SYNC_SECONDS),
+        expire_seconds=settings.ACCOUNT_SYNC_SECONDS, description="Positions, balance and closed trades from the exchange",
+    ))
+    for period, cron in (
+        ("hourly", {"minute": "0", "hour": "*"}),
+        ("daily", {"minute": "5", "hour": "0"}),
+        ("weekly", {"minute": "10", "hour": "0", "day_of_week": "1"}),
+    ):
+        entries.append(_entry(
+            f"performance {period}", task="tradebot.tasks.reflection_performance_snapshot", queue="reflection",
+            args=[period], crontab=_crontab(**cron), expire_seconds=None, description=f"{period} performance snapshot",
+        ))
+    entries.append(_entry(
+        "risk daily reset", task="tradebot.tasks.risk_daily_reset", queue="default",
+        crontab=_crontab(minute="0", hour="0"), expire_seconds=3600,
+        description="Day-start equity for the daily loss limit; ends a daily-loss HALT",
+    ))
+    return [e for e in entries if e.enabled]

@@ -1,0 +1,70 @@
+"""`manage.py replay --inst BTC-USDT-SWAP --from DATE --to DATE [--csv PATH | --synthetic] [--brain rules|claude] [--cycle 5m] [--json]`."""
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from tradebot.replay import ReplayError, parse_cycle, replay_feed, replay_run
+
+
+def parse_date(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(f"not a date: {text!r} (use YYYY-MM-DD or an ISO time)") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class Command(BaseCommand):
+    help = "Replay history through the same cycle stages on a virtual clock (paper exchange, no broker)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--inst", required=True)
+        parser.add_argument("--from", dest="start", required=True, type=parse_date)
+        parser.add_argument("--to", dest="end", required=True, type=parse_date)
+        source = parser.add_mutually_exclusive_group()
+        source.add_argument("--csv", help="candles CSV (ts,open,high,low,close,volume)")
+        source.add_argument("--synthetic", action="store_true", help="the synthetic market (default)")
+        parser.add_argument("--brain", choices=("rules", "claude"), default="rules")
+        parser.add_argument("--cycle", default="5m", help="cycle length: 5m, 15m, 1H ...")
+        parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        try:
+            cycle = parse_cycle(opts["cycle"])
+            feed = replay_feed(inst_id=opts["inst"], csv_path=opts["csv"])
+        except (ReplayError, OSError, ValueError) as exc:
+            raise CommandError(str(exc)) from exc
+        bar = None
+        if not opts["json"] and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=0, unit="cycle", file=sys.stderr)
+
+        def progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
+            elif not opts["json"]:
+                self.stderr.write(f"\r{done}/{total} cycles", ending="")
+
+        try:
+            summary = replay_run(inst_id=opts["inst"], start=opts["start"], end=opts["end"], feed=feed,
+                                 brain=opts["brain"], cycle=cycle, progress=progress)
+        except ReplayError as exc:
+            raise CommandError(str(exc)) from exc
+        finally:
+            if bar is not None:
+                bar.close()
+        data = summary.as_dict()
+        if opts["json"]:
+            self.stdout.write(json.dumps(data, default=str))
+            return
+        self.stderr.write("")
+        width = max(len(k) for k in data)
+        for key, value in data.items():
+            self.stdout.write(f"{key.ljust(width)}  {value}")

@@ -1,0 +1,119 @@
+"""`manage.py runbot` (`make run`): the bot on one machine without Docker.
+
+One supervised process starts: a Celery worker consuming every queue, Celery
+beat (database schedule, synced from the enabled instruments) and the admin on
+127.0.0.1:8000, on the embedded broker or Redis when REDIS_URL is set. A child
+that dies is restarted. Ctrl-C stops cleanly: the worker gets a warm shutdown
+(the task in flight, an order included, finishes), then every cycle still
+unfinished is recorded INTERRUPTED.
+
+Market data: with MARKET_DATA_SOURCE=auto the bot needs OKX public data; when
+OKX is unreachable it says so and retries, it does not switch to synthetic
+data silently (set MARKET_DATA_SOURCE=synthetic to trade the synthetic market).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+from tradebot.celery import QUEUES
+
+
+class Command(BaseCommand):
+    help = "Run workers for all queues, beat and the admin (127.0.0.1:8000) until Ctrl-C."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
+        parser.add_argument("--no-web", action="store_true", help="do not start the admin")
+        parser.add_argument("--enable", default=",".join(settings.INSTRUMENTS), help="instruments to trade")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        from tradebot.beat import beat_sync
+        from tradebot.controls import broker_dirs_ensure
+
+        broker_dirs_ensure()
+
+        source = self._market_source()
+        self._instruments(source, [i for i in opts["enable"].split(",") if i])
+        entries = beat_sync()
+        self.stdout.write(f"beat: {len(entries)} entries ({', '.join(e.name for e in entries)})")
+        env = {**os.environ, "MARKET_DATA_SOURCE": source}
+        manage = [sys.executable, "manage.py"]
+        celery = [sys.executable, "-m", "celery", "-A", "tradebot"]
+        commands = {
+            "worker": celery + ["worker", "-Q", ",".join(QUEUES), "-c", str(opts["concurrency"]), "-l", "INFO",
+                                "-n", "runbot@%h"],
+            "beat": celery + ["beat", "-l", "INFO"],
+        }
+        if not opts["no_web"]:
+            commands["web"] = manage + ["runserver", "127.0.0.1:8000", "--noreload"]
+        self.stdout.write(f"broker: {settings.BROKER_KIND}   market data: {source}   admin: http://127.0.0.1:8000/admin/")
+        procs = {name: subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR) for name, cmd in commands.items()}
+        stopping = False
+
+        def stop(*_: Any) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            while not stopping:
+                for name, proc in list(procs.items()):
+                    if proc.poll() is not None and not stopping:
+                        self.stderr.write(f"{name} exited with {proc.returncode}; restarting")
+                        procs[name] = subprocess.Popen(commands[name], env=env, cwd=settings.BASE_DIR)
+                time.sleep(1)
+        finally:
+            self._shutdown(procs)
+
+    def _shutdown(self, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+        from tradebot.cycle import cycle_interrupt_running
+
+        self.stdout.write("stopping: beat first, then a warm worker shutdown (the task in flight finishes)")
+        for name in ("beat", "web", "worker"):
+            proc = procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=settings.CELERY_TASK_TIME_LIMIT if name == "worker" else 10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        interrupted = cycle_interrupt_running(reason="runbot stopped (Ctrl-C) while the cycle ran")
+        self.stdout.write(f"stopped; {len(interrupted)} unfinished cycle(s) recorded INTERRUPTED")
+
+    def _market_source(self) -> str:
+        """OKX public data (retrying while unreachable) unless synthetic is asked for explicitly."""
+        from market.feeds import okx_feed_from_settings
+        from market.feeds.base import FeedError
+
+        if settings.MARKET_DATA_SOURCE == "synthetic":
+            self.stdout.write("market data: the synthetic market (MARKET_DATA_SOURCE=synthetic)")
+            return "synthetic"
+        delay = 5.0
+        while True:
+            feed = okx_feed_from_settings(timeout=settings.MARKET_PROBE_TIMEOUT_SECONDS)
+            try:
+                feed.system_time()  # type: ignore[attr-defined]
+                return "okx"
+            except FeedError as exc:
+                self.stderr.write(f"OKX at {settings.OKX_BASE_URL} is unreachable ({exc}); retrying in {delay:.0f}s "
+                                  "(set MARKET_DATA_SOURCE=synthetic to run on the synthetic market)")
+            finally:
+                feed.close()  # type: ignore[attr-defined]
+            time.sleep(delay)
+            delay = min(delay * 2, 60)
+
+    def _instruments(self, source: str, enable: list[str]) -> None:
+        from market.feeds import feed_from_settings
+        from market.services import instruments_sync
+
+        synced = instruments_sync(feed=feed_from_settings(source=source), enable=enable)
+        self.stdout.write(f"instruments: {len(synced)} synced, trading {', '.join(enable)}")

@@ -1,0 +1,58 @@
+"""The Celery chain for one instrument's cycle, one task per stage, each on its queue.
+
+COLLECTING (okx) -> SCREENING (llm) -> RESEARCHING (llm) -> ANALYZING (llm)
+-> RISK_CHECK (default) -> EXECUTING/CONFIRMING (okx) -> JOURNALING (default).
+
+Signatures are immutable (`si`): every task takes the cycle id and reads the
+rest from the Cycle row, so a redelivered task needs nothing from its parent.
+A stage that ends the cycle cuts the rest of the chain.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from celery import chain
+from celery.canvas import Signature
+from django.utils import timezone
+
+from journal.models import Cycle, CycleState, Mode
+from market.models import Instrument
+from tradebot.celery import app
+from tradebot.cycle import cycle_open
+from tradebot.logging import get_logger
+from tradebot.stages import STAGES
+
+log = get_logger(__name__)
+
+# Task name per stage (the task bodies are in tradebot.tasks).
+STAGE_TASK_NAMES: dict[str, str] = {
+    CycleState.COLLECTING: "tradebot.tasks.cycle_collect",
+    CycleState.SCREENING: "tradebot.tasks.cycle_screen",
+    CycleState.RESEARCHING: "tradebot.tasks.cycle_research",
+    CycleState.ANALYZING: "tradebot.tasks.cycle_analyze",
+    CycleState.RISK_CHECK: "tradebot.tasks.cycle_risk_check",
+    CycleState.EXECUTING: "tradebot.tasks.cycle_execute",
+    CycleState.JOURNALING: "tradebot.tasks.cycle_journal",
+}
+
+
+def stage_signature(stage: str, cycle_id: int) -> Signature:
+    queue = dict((s, q) for s, _, q in STAGES)[stage]
+    return app.signature(STAGE_TASK_NAMES[stage], args=(cycle_id,), immutable=True).set(queue=queue)
+
+
+def pipeline_chain(cycle_id: int) -> chain:
+    """The whole cycle as one chain; each stage routed to its queue explicitly."""
+    return chain(*(stage_signature(stage, cycle_id) for stage, _, _ in STAGES))
+
+
+def cycle_launch(
+    *, instrument: Instrument, as_of: datetime | None = None, trigger: str = "beat", mode: str = Mode.LIVE
+) -> Cycle:
+    """Open the instrument's next cycle and send its chain; a SKIPPED cycle sends nothing."""
+    cycle = cycle_open(instrument=instrument, as_of=as_of or timezone.now(), mode=mode, trigger=trigger)
+    if cycle.state == CycleState.SKIPPED:
+        return cycle
+    pipeline_chain(cycle.pk).apply_async()
+    log.info("cycle_launched", cycle_id=cycle.pk, inst_id=instrument.inst_id, trigger=trigger)
+    return cycle

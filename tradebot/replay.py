@@ -1,0 +1,313 @@
+"""Replay: the same stage functions, cycle by cycle, on a virtual clock, with no broker.
+
+For every cycle time t (every `cycle` from `start` to `end`):
+1. the paper exchange is walked through every base bar that closed since the
+   last cycle (SL/TP, funding, liquidation happen where the market says);
+2. the snapshot at t is built by `market.snapshot.snapshot_from_frames` from
+   candle frames and indicators computed ONCE over the whole history; it only
+   uses bars closed by t (no lookahead), and equals what a live cycle at t
+   computes from the same candles (the indicators engineer's equivalence rule;
+   `tests/tradebot/test_pipeline_workers.py` checks replay == live);
+3. the cycle runs through `tradebot.stages` exactly as a worker runs it.
+The journal is written with mode=replay and the run id. Cycle rows are written
+in bulk per batch (one INSERT for placeholders that give the ids the other
+rows point to, one upsert at the end of the batch), inside one transaction per
+batch when the brain makes no network call (rules brain + paper exchange).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pandas as pd
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Sum
+
+from journal.models import Cycle, CycleOutcome, CycleState, LlmCall, Mode, RiskRejection, ScreenerLog, Trade, TradeStatus
+from market.feeds.base import MarketFeed
+from market.models import TIMEFRAME_SECONDS, Instrument
+from market.schemas import MarketSnapshot
+from tradebot.cycle import cycle_end, stage_started
+from tradebot.logging import get_logger, redact
+from tradebot.stages import STAGES, CycleWork, StageEnv, recent_trades
+
+log = get_logger(__name__)
+S = CycleState
+BATCH = 500
+_PERSISTED = (
+    "state", "outcome", "reason", "error", "ended_at", "stage_times", "snapshot", "screener_result", "research",
+    "decision", "risk_verdict", "client_order_id", "order", "brain", "playbook_version",
+)
+
+
+class ReplayError(Exception):
+    """The replay cannot start: no data for the range, unknown instrument, bad arguments."""
+
+
+@dataclass
+class ReplaySummary:
+    run_id: str
+    inst_id: str
+    start: datetime
+    end: datetime
+    brain: str
+    source: str
+    cycles: int = 0
+    outcomes: Counter = field(default_factory=Counter)
+    decisions: list[tuple[str, str]] = field(default_factory=list)  # (as_of, action) of analysed cycles
+    elapsed_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures the command prints (and `--json` prints as one object)."""
+        trades = Trade.objects.filter(mode=Mode.REPLAY, run_id=self.run_id)
+        closed = list(trades.filter(status=TradeStatus.CLOSED, pnl_usd__isnull=False).order_by("closed_at", "id"))
+        pnls = [t.pnl_usd for t in closed]
+        wins = [p for p in pnls if p > 0]
+        losses = [p for p in pnls if p < 0]
+        gross_loss = -sum(losses, Decimal(0))
+        equity = peak = Decimal(settings.PAPER_START_BALANCE)
+        max_dd = Decimal(0)
+        for p in pnls:
+            equity += p
+            peak = max(peak, equity)
+            max_dd = max(max_dd, (peak - equity) / peak if peak else Decimal(0))
+        screens = ScreenerLog.objects.filter(mode=Mode.REPLAY, cycle__run_id=self.run_id)
+        llm = LlmCall.objects.filter(mode=Mode.REPLAY, cycle__run_id=self.run_id)
+        rejections: Counter = Counter()
+        for row in RiskRejection.objects.filter(mode=Mode.REPLAY, cycle__run_id=self.run_id).values_list("failed_rules", flat=True):
+            for failure in row or []:
+                rejections[str(failure.get("rule", "?"))] += 1
+        return {
+            "run_id": self.run_id,
+            "inst_id": self.inst_id,
+            "from": self.start.isoformat(),
+            "to": self.end.isoformat(),
+            "brain": self.brain,
+            "source": self.source,
+            "cycles": self.cycles,
+            "screened": screens.filter(bypassed=False).count(),
+            "bypassed": screens.filter(bypassed=True).count(),
+            "analyzed": self.outcomes[CycleOutcome.HOLD] + self.outcomes[CycleOutcome.REJECTED]
+            + self.outcomes[CycleOutcome.TRADED] + self.outcomes[CycleOutcome.HALTED],
+            "outcomes": dict(self.outcomes),
+            "trades": trades.count(),
+            "closed_trades": len(closed),
+            "win_rate": round(len(wins) / len(pnls), 4) if pnls else None,
+            "profit_factor": (round(float(sum(wins, Decimal(0)) / gross_loss), 4) if gross_loss else None),
+            "pnl_usd": str(sum(pnls, Decimal(0)).quantize(Decimal("0.01"))),
+            "max_drawdown_pct": round(float(max_dd), 6),
+            "fees_usd": str((trades.aggregate(v=Sum("fees_usd"))["v"] or Decimal(0)).quantize(Decimal("0.01"))),
+            "funding_usd": str((trades.aggregate(v=Sum("funding_usd"))["v"] or Decimal(0)).quantize(Decimal("0.01"))),
+            "llm_calls": llm.exclude(status="skipped").count(),
+            "llm_cost_usd": str((llm.aggregate(v=Sum("cost_usd"))["v"] or Decimal(0)).quantize(Decimal("0.0001"))),
+            "risk_rejections": dict(rejections),
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "cycles_per_second": round(self.cycles / self.elapsed_seconds, 1) if self.elapsed_seconds else None,
+        }
+
+
+def parse_cycle(text: str) -> timedelta:
+    if text not in TIMEFRAME_SECONDS:
+        raise ReplayError(f"--cycle must be one of {', '.join(TIMEFRAME_SECONDS)}, got {text!r}")
+    return timedelta(seconds=TIMEFRAME_SECONDS[text])
+
+
+class FrameSnapshots:
+    """Snapshots from frames and indicators computed once over the whole replay history."""
+
+    def __init__(self, feed: Any, inst_id: str, until: datetime) -> None:
+        from market.indicators import indicators_compute
+
+        self.feed = feed
+        self.inst_id = inst_id
+        self.window = int(settings.INDICATOR_HISTORY_CANDLES)
+        feed.set_clock(until)
+        self.frames: dict[str, pd.DataFrame | None] = {}
+        self.computed: dict[str, pd.DataFrame] = {}
+        for tf in settings.TIMEFRAMES:
+            frame = feed.frame(inst_id, tf, limit=10_000_000)
+            self.frames[tf] = frame
+            if not frame.empty:
+                self.computed[tf] = indicators_compute(frame)
+
+    def __call__(self, inst_id: str, as_of: datetime) -> MarketSnapshot:
+        from market.snapshot import snapshot_from_frames
+
+        feed = self.feed
+        feed.set_clock(as_of)
+        oi = feed.open_interest(inst_id)
+        history = getattr(feed, "open_interest_at", None)
+        oi_ago = history(inst_id, as_of - timedelta(hours=4)) if oi is not None and callable(history) else None
+        return snapshot_from_frames(
+            inst_id=inst_id, as_of=as_of, source=getattr(feed, "name", "replay"), candles=self.frames,
+            computed=self.computed, ticker=feed.ticker(inst_id), order_book=feed.order_book(inst_id, 5),
+            funding=feed.funding_rate(inst_id), open_interest=oi, open_interest_4h_ago=oi_ago, window=self.window,
+        )
+
+
+def replay_feed(*, inst_id: str, csv_path: str | None = None) -> MarketFeed:
+    """`--csv PATH`: that file; otherwise the synthetic market the live bot sees with the same seed."""
+    if csv_path:
+        from market.feeds.replay import ReplayFeed
+
+        return ReplayFeed.from_csv(csv_path, inst_id=inst_id)
+    from market.feeds import synthetic_feed_from_settings
+
+    return synthetic_feed_from_settings()
+
+
+def replay_run(
+    *,
+    inst_id: str,
+    start: datetime,
+    end: datetime,
+    feed: MarketFeed,
+    brain: str = "rules",
+    cycle: timedelta = timedelta(minutes=5),
+    run_id: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    playbook_version: int | None = None,
+) -> ReplaySummary:
+    """Run every cycle in [start, end) and return the summary (the journal holds the rest).
+
+    `playbook_version` replays with that stored version (any status: candidates
+    are validated this way) instead of the active one.
+    """
+    from execution.exchanges.paper import PaperExchange
+    from market.services import instruments_sync
+
+    if end <= start:
+        raise ReplayError("--to must be after --from")
+    run_id = run_id or f"replay-{uuid.uuid4().hex[:12]}"
+    instrument = Instrument.objects.filter(inst_id=inst_id).first()
+    if instrument is None:
+        instruments_sync(feed=feed)
+        instrument = Instrument.objects.filter(inst_id=inst_id).first()
+        if instrument is None:
+            raise ReplayError(f"{inst_id} is not an instrument the feed knows")
+    data_start, data_end = feed.data_range(inst_id)  # type: ignore[attr-defined]
+    start, end = max(start, data_start), min(end, data_end)
+    if end <= start:
+        raise ReplayError(f"no {inst_id} data between the dates asked for (data covers {data_start} to {data_end})")
+    snapshots = FrameSnapshots(feed, inst_id, end)
+    exchange = PaperExchange(account_name=run_id[:40])
+    trades_cache: dict[str, Any] = {"key": None, "value": []}
+
+    def cached_recent_trades() -> list[Any]:
+        # Re-read only when the journal's trades of this run changed (opened or closed).
+        key = Trade.objects.filter(mode=Mode.REPLAY, run_id=run_id).aggregate(n=Sum("id"), c=Sum("duration_seconds"))
+        key_t = (key["n"], key["c"])
+        if key_t != trades_cache["key"]:
+            trades_cache["key"] = key_t
+            trades_cache["value"] = recent_trades(mode=Mode.REPLAY, run_id=run_id)
+        return trades_cache["value"]
+
+    env = StageEnv(feed=feed, exchange=exchange, mode=Mode.REPLAY, run_id=run_id, brain_name=brain,
+                   snapshot_provider=snapshots, sync_candles=False, recent_trades_provider=cached_recent_trades)
+    if playbook_version is not None:
+        from brain.base import brain_for_settings
+        from brain.models import PlaybookVersion
+
+        pinned = PlaybookVersion.objects.filter(version=playbook_version).first()
+        if pinned is None:
+            raise ReplayError(f"playbook version {playbook_version} does not exist")
+        env.brain = brain_for_settings(brain, playbook=pinned.playbook, playbook_version=pinned.version)
+    summary = ReplaySummary(run_id=run_id, inst_id=inst_id, start=start, end=end, brain=brain,
+                            source=getattr(feed, "name", "replay"))
+    times: list[datetime] = []
+    t = start + cycle  # the first cycle sees the first full cycle of bars
+    while t <= end:
+        times.append(t)
+        t += cycle
+    base_tf = feed.timeframes(inst_id)[0]  # type: ignore[attr-defined]  # the finest bars the data has
+    walker = _BarWalker(feed, inst_id, base_tf, exchange, start)
+    # Network brains must not run inside a database transaction (house rule); the rules brain may.
+    atomic = brain == "rules"
+    began = time.perf_counter()
+    for offset in range(0, len(times), BATCH):
+        batch = times[offset:offset + BATCH]
+        if atomic:
+            with transaction.atomic():
+                _run_batch(batch, instrument, env, walker, summary)
+        else:
+            _run_batch(batch, instrument, env, walker, summary)
+        if progress:
+            progress(min(offset + BATCH, len(times)), len(times))
+    summary.elapsed_seconds = time.perf_counter() - began
+    return summary
+
+
+class _BarWalker:
+    """Feeds the paper exchange every base bar up to the clock, only while it holds something."""
+
+    def __init__(self, feed: Any, inst_id: str, timeframe: str, exchange: Any, start: datetime) -> None:
+        self.series = feed.series(inst_id, timeframe)
+        self.inst_id = inst_id
+        self.exchange = exchange
+        self.tf_ms = self.series.tf_ms
+        self.next_i = int(self.series.closed_end(int(start.timestamp() * 1000)))
+        self.exposed = False  # an open position or a resting order on the paper exchange
+
+    def advance(self, until: datetime) -> None:
+        end = self.series.closed_end(int(until.timestamp() * 1000))
+        if self.exposed:
+            for i in range(self.next_i, end):
+                self.exchange.process_bar(self.inst_id, self.series.bar(i))
+        elif end > self.next_i:
+            # Flat: only the last price matters (market orders fill at it).
+            self.exchange.process_bar(self.inst_id, self.series.bar(end - 1))
+        self.next_i = max(self.next_i, end)
+
+
+def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, walker: _BarWalker, summary: ReplaySummary) -> None:
+    from execution.services import account_sync
+
+    placeholders = Cycle.objects.bulk_create([
+        Cycle(instrument=instrument, mode=Mode.REPLAY, run_id=env.run_id, as_of=t, state=S.IDLE) for t in times
+    ])
+    for cycle in placeholders:
+        cycle.instrument = instrument
+        had_position = walker.exposed
+        walker.advance(cycle.as_of)
+        if had_position:
+            account_sync(exchange=env.exchange, mode=Mode.REPLAY)
+        _run_cycle(cycle, env)
+        walker.exposed = bool(env.exchange.positions())
+        summary.cycles += 1
+        summary.outcomes[cycle.outcome] += 1
+        if cycle.decision:
+            summary.decisions.append((cycle.as_of.isoformat(), cycle.decision["decision"]["action"]))
+    Cycle.objects.bulk_create(placeholders, update_conflicts=True, unique_fields=["id"], update_fields=list(_PERSISTED))
+
+
+def _run_cycle(cycle: Cycle, env: StageEnv) -> None:
+    """One cycle through the stages, in memory; errors end the cycle, never the replay."""
+    work = CycleWork(cycle=cycle)
+    for stage, fn, _queue in STAGES:
+        if cycle.state in (S.DONE, S.FAILED):
+            break
+        if stage == S.JOURNALING and cycle.state != S.CONFIRMING:
+            break
+        stage_started(cycle, stage, now=cycle.as_of)
+        began = time.perf_counter()
+        try:
+            go_on = fn(work, env)
+        except Exception as exc:  # noqa: BLE001 - a failed cycle is journaled; the replay goes on
+            message = redact(f"{type(exc).__name__}: {exc}")
+            cycle_end(cycle, outcome=CycleOutcome.ERROR, reason=f"{stage} failed: {message}"[:500], error=message,
+                      state=S.FAILED, now=cycle.as_of)
+            log.warning("replay_cycle_failed", as_of=cycle.as_of.isoformat(), stage=stage, error=message)
+            go_on = False
+        cycle.stage_times[stage]["duration_ms"] = round((time.perf_counter() - began) * 1000, 3)
+        if not go_on:
+            break
+    if cycle.ended_at is None:
+        cycle_end(cycle, outcome=CycleOutcome.ERROR, reason=f"cycle stopped in {cycle.state} without an outcome",
+                  state=S.FAILED, now=cycle.as_of)

@@ -1,0 +1,429 @@
+"""The cycle's stages as plain functions: the Celery tasks and the replay loop both call these.
+
+A stage takes a `CycleWork` (the Cycle row, in memory, plus the parsed objects
+earlier stages produced) and a `StageEnv` (feed, exchange, mode), calls ONE
+service of another app, stores the result on the cycle and says whether the
+cycle goes on. A stage never saves the cycle: the task (live) or the replay
+loop (bulk) does. A stage that ends the cycle calls `cycle_end` with the
+outcome and the reason; nothing after it runs.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+
+from brain.schemas import (
+    AccountView,
+    Action,
+    BrainContext,
+    Decision,
+    PositionView,
+    ResearchResult,
+    TradeView,
+)
+from journal.models import Cycle, CycleOutcome, CycleState, Mode, Trade, TradeStatus
+from market.feeds.base import MarketFeed
+from market.schemas import MarketSnapshot
+from tradebot.cycle import cycle_end, transition_check
+from tradebot.logging import get_logger
+
+log = get_logger(__name__)
+S = CycleState
+RECENT_TRADES = 20
+SYNC_CANDLES = 10
+HALT_STATES = frozenset({"HALTED", "EMERGENCY_HALT", "COOLDOWN"})
+
+
+@dataclass
+class StageEnv:
+    """What the stages run against. Live: built once per worker process. Replay: one per run."""
+
+    feed: MarketFeed | None
+    exchange: Any  # execution.exchanges.base.Exchange
+    mode: str = Mode.LIVE
+    run_id: str = ""
+    brain_name: str | None = None
+    # Replay passes a pure snapshot builder over precomputed indicators; live builds from the feed.
+    snapshot_provider: Callable[[str, datetime], MarketSnapshot] | None = None
+    sync_candles: bool = True
+    # Replay keeps the recent trades in memory between trades instead of reading them every cycle.
+    recent_trades_provider: Callable[[], list[TradeView]] | None = None
+    manual_trigger: bool = False
+    brain: Any = None  # cached brain instance (replay: one per run)
+
+
+@dataclass
+class CycleWork:
+    """One cycle in flight: the row plus parsed values (parsed lazily from its JSON when a task resumes)."""
+
+    cycle: Cycle
+    _snapshot: MarketSnapshot | None = None
+    _decision: Decision | None = None
+    _research: ResearchResult | None = None
+    context: BrainContext | None = None
+    screen_proceed: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inst_id(self) -> str:
+        return self.cycle.instrument.inst_id
+
+    @property
+    def snapshot(self) -> MarketSnapshot:
+        if self._snapshot is None:
+            if not self.cycle.snapshot:
+                raise ValueError(f"cycle {self.cycle.pk} has no snapshot")
+            self._snapshot = MarketSnapshot.model_validate(self.cycle.snapshot)
+        return self._snapshot
+
+    @property
+    def decision(self) -> Decision:
+        if self._decision is None:
+            if not self.cycle.decision:
+                raise ValueError(f"cycle {self.cycle.pk} has no decision")
+            self._decision = Decision.model_validate(self.cycle.decision)
+        return self._decision
+
+    @property
+    def research(self) -> ResearchResult | None:
+        if self._research is None and self.cycle.research:
+            self._research = ResearchResult.model_validate(self.cycle.research)
+        return self._research
+
+
+# --- views the brain may see ------------------------------------------------------
+
+
+def position_view(position: Any, strategy: str = "") -> PositionView:
+    return PositionView(
+        inst_id=position.inst_id,
+        side="short" if position.pos_side == "short" else "long",
+        size=position.size,
+        notional_usd=position.notional_usd,
+        entry_price=position.avg_px,
+        unrealized_pnl=position.unrealized_pnl,
+        leverage=position.leverage,
+        stop_loss=position.stop_loss,
+        take_profit=position.take_profit,
+        opened_at=position.opened_at,
+        strategy_used=strategy,
+    )
+
+
+def account_view(account: Any) -> AccountView:
+    return AccountView(
+        equity=account.equity,
+        available_balance=account.available_balance,
+        day_start_equity=account.day_start_equity if account.day_start_equity is not None else account.equity,
+        peak_equity=account.peak_equity if account.peak_equity is not None else account.equity,
+    )
+
+
+def trade_view(trade: Trade) -> TradeView:
+    return TradeView(
+        id=trade.pk, inst_id=trade.instrument.inst_id, direction=trade.direction, status=trade.status,
+        opened_at=trade.opened_at, closed_at=trade.closed_at, entry_price=trade.entry_price, exit_price=trade.exit_price,
+        stop_loss=trade.stop_loss, take_profit=trade.take_profit, size_pct=trade.size_pct, leverage=trade.leverage,
+        pnl_usd=trade.pnl_usd, pnl_pct=trade.pnl_pct, fees_usd=trade.fees_usd, strategy_used=trade.strategy_used,
+        confidence_at_entry=trade.confidence_at_entry, market_regime=trade.market_regime, exit_reason=trade.exit_reason,
+        reasoning=trade.reasoning[:2000], indicators_entry=trade.indicators_entry, indicators_exit=trade.indicators_exit,
+        playbook_version=trade.playbook_version,
+    )
+
+
+def recent_trades(*, mode: str, run_id: str, limit: int = RECENT_TRADES) -> list[TradeView]:
+    rows = Trade.objects.filter(mode=mode, run_id=run_id).select_related("instrument").order_by("-opened_at", "-id")[:limit]
+    return [trade_view(t) for t in rows]
+
+
+def brain_context(work: CycleWork, env: StageEnv) -> BrainContext:
+    """Positions, account and recent trades as frozen views (brain never sees execution's objects)."""
+    from execution.selectors import account_state, positions_open
+
+    if work.context is not None:
+        return work.context
+    trades = env.recent_trades_provider() if env.recent_trades_provider else recent_trades(mode=env.mode, run_id=env.run_id)
+    strategies = {t.inst_id: t.strategy_used for t in trades if t.status == TradeStatus.OPEN}
+    positions = [position_view(p, strategies.get(p.inst_id, "")) for p in positions_open(exchange=env.exchange)]
+    work.context = BrainContext(
+        positions=positions,
+        account=account_view(account_state(exchange=env.exchange)),
+        recent_trades=trades,
+        manual_trigger=env.manual_trigger or (work.cycle.stage_times or {}).get("trigger") == "manual",
+        now=work.cycle.as_of,
+    )
+    return work.context
+
+
+def chosen_brain(env: StageEnv) -> Any:
+    """The brain this environment asks for (degrade mode included); None lets the service choose."""
+    from brain.services import brain_in_use
+
+    if env.mode != Mode.REPLAY:
+        # Live: every cycle reads the active playbook (a reflection may have saved a new one).
+        return brain_in_use(name=env.brain_name)
+    if env.brain is None:
+        env.brain = brain_in_use(name=env.brain_name)
+    return env.brain
+
+
+def _end(work: CycleWork, outcome: str, reason: str, now: datetime | None = None) -> bool:
+    cycle_end(work.cycle, outcome=outcome, reason=reason, now=now)
+    return False
+
+
+# --- the stages -------------------------------------------------------------------
+
+
+def collect(work: CycleWork, env: StageEnv) -> bool:
+    """COLLECTING: refresh candles, build the snapshot (only bars closed by `as_of`), mark the paper exchange."""
+    cycle = work.cycle
+    inst_id = work.inst_id
+    if env.snapshot_provider is not None:
+        snapshot = env.snapshot_provider(inst_id, cycle.as_of)
+    else:
+        from market.services import candles_sync
+        from market.snapshot import snapshot_build
+
+        feed = env.feed
+        if feed is None:
+            raise ValueError("no market feed configured")
+        if hasattr(feed, "set_clock"):
+            feed.set_clock(cycle.as_of)  # virtual clock feeds (synthetic, replay): never a bar after as_of
+        if env.sync_candles:
+            # The latest bars only: the backfill filled history; a few bars cover a missed cycle or two.
+            candles_sync(feed=feed, instrument=cycle.instrument, timeframes=list(settings.TIMEFRAMES), limit=SYNC_CANDLES)
+        snapshot = snapshot_build(feed=feed, inst_id=inst_id, as_of=cycle.as_of)
+    work._snapshot = snapshot
+    cycle.snapshot = snapshot.as_jsonable()
+    if hasattr(env.exchange, "set_price") and env.snapshot_provider is None:
+        # The paper exchange fills market orders at the price the cycle saw.
+        env.exchange.set_price(inst_id, snapshot.price, snapshot.ts)
+    return True
+
+
+def screen(work: CycleWork, env: StageEnv) -> bool:
+    """SCREENING: bypass rules or the screener; no signal ends the cycle here."""
+    from brain.services import screening_run
+
+    outcome = screening_run(snapshot=work.snapshot, context=brain_context(work, env), cycle_id=work.cycle.pk,
+                            mode=env.mode, brain=chosen_brain(env))
+    work.screen_proceed = outcome.proceed
+    work.cycle.screener_result = {
+        "proceed": outcome.proceed,
+        "bypassed": outcome.bypassed,
+        "reason": outcome.reason,
+        "signal": None if outcome.screen is None else outcome.screen.signal,
+        "screener_log_id": outcome.screener_log_id,
+    }
+    if not outcome.proceed:
+        return _end(work, CycleOutcome.NO_SIGNAL, f"no signal: {outcome.reason}")
+    return True
+
+
+def research(work: CycleWork, env: StageEnv) -> bool:
+    """RESEARCHING: the research service decides whether it is triggered (and records a skip)."""
+    from brain.services import research_run
+
+    result = research_run(snapshot=work.snapshot, cycle_id=work.cycle.pk, mode=env.mode)
+    work._research = result
+    work.cycle.research = None if result is None else result.model_dump(mode="json")
+    if result is None:
+        work.cycle.stage_times.setdefault(S.RESEARCHING, {})["skipped"] = "not triggered or unavailable"
+    return True
+
+
+def analyze(work: CycleWork, env: StageEnv) -> bool:
+    """ANALYZING: the analyst (or the rules brain) returns a validated decision; HOLD ends the cycle."""
+    from brain.services import decision_make, screener_feedback_record
+
+    brain = chosen_brain(env)
+    decision = decision_make(
+        snapshot=work.snapshot, context=brain_context(work, env), research=work.research,
+        cycle_id=work.cycle.pk, mode=env.mode, brain=brain,
+    )
+    work._decision = decision
+    work.cycle.brain = getattr(brain, "name", "") or ""
+    work.cycle.playbook_version = getattr(brain, "playbook_version", None)
+    work.cycle.decision = decision.model_dump(mode="json")
+    if work.cycle.pk is not None and (work.cycle.screener_result or {}).get("screener_log_id"):
+        screener_feedback_record(cycle_id=work.cycle.pk, action=str(decision.action))
+    if decision.action == Action.HOLD:
+        return _end(work, CycleOutcome.HOLD, f"HOLD: {decision.reasoning or 'no reason given'}"[:2000])
+    return True
+
+
+def _gate(work: CycleWork, env: StageEnv) -> Any:
+    """Run the risk gate on the cycle's decision against fresh account state.
+
+    execution's `risk_gate_run` wraps `risk_check` with its consequences: it
+    refreshes the bot state, halts on daily loss / drawdown and records a
+    rejection with every failed rule.
+    """
+    from execution.selectors import account_state, positions_open
+    from execution.services import risk_gate_run
+    from market.selectors import returns_1h
+
+    positions = positions_open(exchange=env.exchange)
+    others = sorted({p.inst_id for p in positions} | {work.inst_id})
+    returns = returns_1h(inst_ids=others, until=work.cycle.as_of, hours=settings.CORRELATION_LOOKBACK_HOURS) if len(others) > 1 else None
+    return risk_gate_run(
+        decision=work.decision,
+        market=market_ref(work.snapshot),
+        account=account_state(exchange=env.exchange),
+        positions=positions,
+        returns_1h=returns,
+        instrument=work.cycle.instrument,
+        cycle_id=work.cycle.pk,
+        mode=env.mode,
+        now=work.cycle.as_of,
+    )
+
+
+def market_ref(snapshot: MarketSnapshot) -> Any:
+    """The market's own prices at the snapshot (never the model's)."""
+    from execution.risk import MarketRef
+
+    return MarketRef(last=snapshot.price, mark=snapshot.ticker.mark, inst_id=snapshot.inst_id, ts=snapshot.ts)
+
+
+def halted_reason() -> str | None:
+    """HALTED / EMERGENCY_HALT / COOLDOWN: the reason no order may go out, else None."""
+    from execution.selectors import bot_state
+
+    bot = bot_state()
+    if str(bot.state) in HALT_STATES:
+        return f"bot {bot.state}: {bot.reason or 'no reason given'}"
+    return None
+
+
+def _verdict_json(verdict: Any) -> dict[str, Any]:
+    return {
+        "approved": bool(verdict.approved),
+        "failures": [{"rule": rule, "reason": reason} for rule, reason in verdict.failures],
+        "warnings": list(getattr(verdict, "warnings", []) or []),
+    }
+
+
+def risk(work: CycleWork, env: StageEnv) -> bool:
+    """RISK_CHECK: bot-wide halt first, then the gate; a rejection is journaled with every failed rule."""
+    reason = halted_reason()
+    if reason:
+        return _end(work, CycleOutcome.HALTED, reason)
+    verdict = _gate(work, env)
+    work.cycle.risk_verdict = _verdict_json(verdict)
+    if not verdict.approved:
+        rules = ", ".join(rule for rule, _ in verdict.failures)
+        return _end(work, CycleOutcome.REJECTED, f"risk gate rejected ({rules})")
+    work.extra["approved"] = verdict.approved_order
+    return True
+
+
+def trade_context(work: CycleWork, env: StageEnv) -> dict[str, Any]:
+    decision = work.decision
+    snapshot = work.snapshot
+    return {
+        "strategy_used": decision.strategy_used,
+        "confidence_at_entry": str(Decimal(str(decision.confidence)).quantize(Decimal("0.001"))),
+        "market_regime": snapshot.regime,
+        "reasoning": decision.reasoning,
+        "indicators_entry": {tf: view.indicators.model_dump(mode="json") for tf, view in snapshot.timeframes.items()},
+        "research_context": work.cycle.research,
+        "playbook_version": work.cycle.playbook_version,
+        "size_pct": str(decision.decision.size_pct),
+        "mode": env.mode,
+        "run_id": env.run_id,
+    }
+
+
+def execute(work: CycleWork, env: StageEnv) -> bool:
+    """EXECUTING / CONFIRMING: halt check, the gate again on fresh state, one idempotent order.
+
+    The gate runs again here (not only in RISK_CHECK) because only the gate can
+    build an ApprovedOrder and it must not cross a broker as JSON, and because
+    a halt or a fill between the stages must stop the order.
+    """
+    from execution.models import TERMINAL_ORDER_STATES, Order
+    from execution.services import order_place
+
+    existing = Order.objects.filter(cycle_id=work.cycle.pk).order_by("id").first() if work.cycle.pk else None
+    if existing is not None and existing.state in TERMINAL_ORDER_STATES:
+        # A previous delivery of this task finished the order before its worker died: never a second.
+        _order_record(work, existing)
+        return True
+    # An unfinished order of ours (the worker died mid-call) is completed below through
+    # order_place, which looks it up by client order id before it would send anything.
+    reason = None if existing is not None else halted_reason()
+    if reason:
+        return _end(work, CycleOutcome.HALTED, reason)
+    approved = work.extra.pop("approved", None)
+    if approved is None:
+        verdict = _gate(work, env)
+        work.cycle.risk_verdict = _verdict_json(verdict)
+        if not verdict.approved:
+            rules = ", ".join(rule for rule, _ in verdict.failures)
+            return _end(work, CycleOutcome.REJECTED, f"risk gate rejected at execution ({rules})")
+        approved = verdict.approved_order
+    order = order_place(approved=approved, cycle_id=work.cycle.pk, trade_context=trade_context(work, env), exchange=env.exchange)
+    _order_record(work, order)
+    return True
+
+
+def _order_record(work: CycleWork, order: Any) -> None:
+    order.refresh_from_db()  # execution settles the fill on its own copy of the row
+    work.cycle.client_order_id = order.client_order_id
+    work.cycle.order = {
+        "id": order.pk,
+        "client_order_id": order.client_order_id,
+        "state": str(order.state),
+        "action": order.action,
+        "size": str(order.size),
+        "filled_size": str(order.filled_size),
+        "avg_fill_price": None if order.avg_fill_price is None else str(order.avg_fill_price),
+        "fee": str(order.fee),
+        "error": order.error_message[:500],
+    }
+    transition_check(work.cycle.state, S.CONFIRMING)
+    work.cycle.state = S.CONFIRMING
+
+
+def journal(work: CycleWork, env: StageEnv) -> bool:
+    """JOURNALING: link the trade to the cycle and close the cycle with its outcome."""
+    cycle = work.cycle
+    order = cycle.order or {}
+    if cycle.client_order_id and cycle.pk is not None:
+        Trade.objects.filter(client_order_id=cycle.client_order_id, cycle__isnull=True).update(cycle_id=cycle.pk)
+    state = str(order.get("state", ""))
+    if state in ("REJECTED", "CANCELED"):
+        return _end(work, CycleOutcome.ERROR, f"order {cycle.client_order_id} {state}: {order.get('error', '')}")
+    return _end(work, CycleOutcome.TRADED, f"{work.decision.action} {order.get('filled_size', '?')} @ {order.get('avg_fill_price')}")
+
+
+# The pipeline, in order: (state, function, queue).
+STAGES: tuple[tuple[str, Callable[[CycleWork, StageEnv], bool], str], ...] = (
+    (S.COLLECTING, collect, "okx"),
+    (S.SCREENING, screen, "llm"),
+    (S.RESEARCHING, research, "llm"),
+    (S.ANALYZING, analyze, "llm"),
+    (S.RISK_CHECK, risk, "default"),
+    (S.EXECUTING, execute, "okx"),
+    (S.JOURNALING, journal, "default"),
+)
+STAGE_FUNCS = {state: fn for state, fn, _ in STAGES}
+STAGE_QUEUES = {state: queue for state, _, queue in STAGES}
+
+
+def stage_timed(work: CycleWork, env: StageEnv, stage: str) -> bool:
+    """Run one stage and record its duration (the start was recorded by the claim)."""
+    started = time.perf_counter()
+    try:
+        return STAGE_FUNCS[stage](work, env)
+    finally:
+        entry = work.cycle.stage_times.setdefault(stage, {})
+        entry["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)

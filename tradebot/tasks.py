@@ -1,0 +1,237 @@
+"""Celery tasks: thin wrappers over the stage functions and the services.
+
+A stage task takes the cycle id, takes the cycle's lock, claims the stage with
+a conditional UPDATE, runs ONE stage function and writes the cycle back with
+another conditional UPDATE. It owns only retries (temporary feed/exchange
+errors) and time limits; anything else ends the cycle with the error.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Retry, SoftTimeLimitExceeded
+from django.utils import timezone
+
+from journal.models import Cycle, CycleOutcome, CycleState, EventLevel
+from journal.services import event_record
+from market.models import Instrument
+from tradebot.celery import app
+from tradebot.cycle import Claim, cycle_end, cycle_lock, stage_claim
+from tradebot.logging import get_logger, redact
+from tradebot.stages import CycleWork, StageEnv, stage_timed
+
+log = get_logger(__name__)
+S = CycleState
+MAX_RETRIES = 3
+
+_ENV: StageEnv | None = None
+
+
+def live_env() -> StageEnv:
+    """The feed (built once per worker process) and a fresh exchange handle for this task.
+
+    The exchange handle is cheap and is re-made per task so a reset paper
+    account (admin, tests) is picked up instead of a stale row id.
+    """
+    global _ENV
+    from execution.exchanges import exchange_from_settings
+
+    if _ENV is None:
+        from market.feeds import feed_from_settings
+
+        _ENV = StageEnv(feed=feed_from_settings(), exchange=None)
+    _ENV.exchange = exchange_from_settings()
+    return _ENV
+
+
+def env_reset() -> None:
+    """Forget the cached feed and exchange (tests, and after a settings change)."""
+    global _ENV
+    _ENV = None
+
+
+_PERSISTED = (
+    "state", "outcome", "reason", "error", "ended_at", "stage_times", "snapshot", "screener_result", "research",
+    "decision", "risk_verdict", "client_order_id", "order", "brain", "playbook_version",
+)
+
+
+def _persist(cycle: Cycle, claimed_state: str) -> bool:
+    """Write the cycle back only if nobody ended it meanwhile (a stale-sweep or an interrupt)."""
+    values = {name: getattr(cycle, name) for name in _PERSISTED}
+    written = Cycle.objects.filter(pk=cycle.pk, state=claimed_state).update(**values)
+    if not written:
+        log.warning("cycle_changed_under_stage", cycle_id=cycle.pk, expected=claimed_state)
+    return bool(written)
+
+
+def stage_run(task: Task, cycle_id: int, stage: str, *, resume_states: frozenset[str] | None = None) -> int | None:
+    """Claim, run, persist. Returns the cycle id when the chain should go on."""
+    with cycle_lock(cycle_id) as held:
+        if not held:
+            # Another worker runs a stage of this cycle right now: this delivery is a duplicate.
+            log.info("stage_duplicate", cycle_id=cycle_id, stage=stage)
+            task.request.chain = None
+            return None
+        claim, cycle = stage_claim(cycle_id=cycle_id, stage=stage, resume_states=resume_states)
+        if claim == Claim.STOP or cycle is None:
+            task.request.chain = None
+            return None
+        if claim == Claim.CONTINUE:
+            return cycle_id
+        claimed_state = cycle.state
+        work = CycleWork(cycle=cycle)
+        started = time.perf_counter()
+        try:
+            go_on = stage_timed(work, live_env(), stage)
+        except Retry:
+            raise
+        except SoftTimeLimitExceeded:
+            go_on = _fail(work, stage, "time limit exceeded", outcome=CycleOutcome.ERROR)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a journaled cycle end
+            if getattr(exc, "retryable", False) and task.request.retries < MAX_RETRIES:
+                _persist(cycle, claimed_state)
+                log.warning("stage_retry", cycle_id=cycle_id, stage=stage, error=redact(str(exc)))
+                raise task.retry(exc=exc, countdown=min(2 ** task.request.retries, 10)) from exc
+            go_on = _fail(work, stage, f"{type(exc).__name__}: {exc}", outcome=CycleOutcome.ERROR)
+        entry = cycle.stage_times.setdefault(stage, {})
+        entry.setdefault("duration_ms", round((time.perf_counter() - started) * 1000, 3))
+        entry["done"] = True
+        entry["queue"] = (task.request.delivery_info or {}).get("routing_key", "")
+        _persist(cycle, claimed_state)
+        if not go_on:
+            task.request.chain = None
+            return None
+        return cycle_id
+
+
+def _fail(work: CycleWork, stage: str, message: str, *, outcome: str) -> bool:
+    cycle = work.cycle
+    message = redact(message)
+    log.error("stage_failed", cycle_id=cycle.pk, stage=stage, error=message)
+    cycle_end(cycle, outcome=outcome, reason=f"{stage} failed: {message}"[:500], error=message, state=S.FAILED)
+    event_record(kind="cycle_failed", message=f"cycle {cycle.pk} {stage}: {message}", level=EventLevel.ERROR,
+                 instrument_id=cycle.instrument_id, cycle_id=cycle.pk, mode=cycle.mode)
+    return False
+
+
+# --- stage tasks (queues are set on the chain's signatures; see tradebot.pipeline) ---------
+
+_STAGE_OPTS: dict[str, Any] = {"bind": True, "acks_late": True, "max_retries": MAX_RETRIES}
+
+
+@app.task(name="tradebot.tasks.cycle_collect", **_STAGE_OPTS)
+def cycle_collect(self: Task, cycle_id: int) -> int | None:
+    return stage_run(self, cycle_id, S.COLLECTING)
+
+
+@app.task(name="tradebot.tasks.cycle_screen", **_STAGE_OPTS)
+def cycle_screen(self: Task, cycle_id: int) -> int | None:
+    return stage_run(self, cycle_id, S.SCREENING)
+
+
+@app.task(name="tradebot.tasks.cycle_research", **_STAGE_OPTS)
+def cycle_research(self: Task, cycle_id: int) -> int | None:
+    return stage_run(self, cycle_id, S.RESEARCHING)
+
+
+@app.task(name="tradebot.tasks.cycle_analyze", **_STAGE_OPTS)
+def cycle_analyze(self: Task, cycle_id: int) -> int | None:
+    return stage_run(self, cycle_id, S.ANALYZING)
+
+
+@app.task(name="tradebot.tasks.cycle_risk_check", **_STAGE_OPTS)
+def cycle_risk_check(self: Task, cycle_id: int) -> int | None:
+    return stage_run(self, cycle_id, S.RISK_CHECK)
+
+
+@app.task(name="tradebot.tasks.cycle_execute", **_STAGE_OPTS)
+def cycle_execute(self: Task, cycle_id: int) -> int | None:
+    # Found in EXECUTING or CONFIRMING with the lock free: the worker died there. order_place is
+    # idempotent by client order id, so running again finds the order instead of placing a second.
+    return stage_run(self, cycle_id, S.EXECUTING, resume_states=frozenset({S.EXECUTING, S.CONFIRMING}))
+
+
+@app.task(name="tradebot.tasks.cycle_journal", **_STAGE_OPTS)
+def cycle_journal(self: Task, cycle_id: int) -> int | None:
+    return stage_run(self, cycle_id, S.JOURNALING)
+
+
+# --- beat entries -------------------------------------------------------------------
+
+
+@app.task(name="tradebot.tasks.cycle_start", bind=True, acks_late=True)
+def cycle_start(self: Task, inst_id: str, as_of: str | None = None, trigger: str = "beat") -> int | None:
+    """Beat's per-instrument entry: open the cycle (or record a skip) and send its chain."""
+    from tradebot.pipeline import cycle_launch
+
+    instrument = Instrument.objects.filter(inst_id=inst_id).first()
+    if instrument is None or not instrument.trading_enabled:
+        log.info("cycle_not_started", inst_id=inst_id, reason="unknown or trading disabled")
+        return None
+    when = datetime.fromisoformat(as_of) if as_of else timezone.now()
+    return cycle_launch(instrument=instrument, as_of=when, trigger=trigger).pk
+
+
+@app.task(name="tradebot.tasks.account_sync", bind=True, acks_late=True, max_retries=0)
+def account_sync(self: Task) -> list[int]:
+    """Reconcile with the exchange; every trade it closed gets a post-trade review."""
+    from execution.services import account_sync as sync
+
+    result = sync(exchange=live_env().exchange)
+    closed = list(getattr(result, "closed_trade_ids", []) or [])
+    for trade_id in closed:
+        app.signature("tradebot.tasks.reflection_trade_review", args=(trade_id,)).set(queue="reflection").apply_async()
+    return closed
+
+
+@app.task(name="tradebot.tasks.reflection_trade_review", bind=True, acks_late=True)
+def reflection_trade_review(self: Task, trade_id: int) -> int | None:
+    from tradebot.reflection import trade_review_request
+
+    return trade_review_request(trade_id=trade_id)
+
+
+@app.task(name="tradebot.tasks.reflection_performance_snapshot", bind=True, acks_late=True)
+def reflection_performance_snapshot(self: Task, period: str) -> int:
+    from tradebot.performance import performance_snapshot_record
+
+    return performance_snapshot_record(period=period, exchange=live_env().exchange).pk
+
+
+@app.task(name="tradebot.tasks.risk_daily_reset", bind=True, acks_late=True)
+def risk_daily_reset(self: Task) -> None:
+    from tradebot.reflection import risk_day_reset
+
+    risk_day_reset(exchange=live_env().exchange)
+
+
+
+# --- worker warm-up -----------------------------------------------------------------
+
+
+def _warm_up(**_: Any) -> None:
+    """Build the feed and one snapshot before the first task, so the first cycle is not the slow one."""
+    try:
+        env = live_env()
+        feed = env.feed
+        inst = Instrument.objects.filter(trading_enabled=True).values_list("inst_id", flat=True).first()
+        if feed is not None and inst:
+            from market.snapshot import snapshot_build
+
+            snapshot_build(feed=feed, inst_id=inst)
+    except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs time on the first task
+        log.warning("worker_warm_up_failed", error=redact(str(exc)))
+
+
+def _connect_warm_up() -> None:
+    from celery.signals import worker_process_init, worker_ready
+
+    worker_process_init.connect(_warm_up, weak=False)  # prefork children
+    worker_ready.connect(_warm_up, weak=False)  # solo / threads pools run tasks in the main process
+
+
+_connect_warm_up()
