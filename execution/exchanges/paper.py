@@ -1,0 +1,430 @@
+"""A local paper exchange faithful to OKX USDT-margined swaps, with its book in the database.
+
+Model (documented, tested by hand-computed cases in tests/execution/test_paper_exchange.py):
+- sizes are contracts of `ctVal` base units, rounded to `lotSz`, at least `minSz`; prices on `tickSz`;
+- isolated margin: margin = entry notional / leverage, kept inside cash; equity = cash + unrealised PnL;
+  available = cash - position margins - margin reserved by resting orders;
+- market orders fill at the last price +/- `PAPER_SLIPPAGE` (buy up, sell down) with the taker fee;
+  resting limit orders fill at their price when a bar (or price) crosses it, with the maker fee; a
+  limit order that is marketable when placed fills at once as a taker (never worse than its price);
+- attached SL/TP trigger on the bar's low/high; when one bar touches both, the stop fills first;
+  a bar that opens beyond the stop (a gap) fills the stop at the bar's open, not at the stop;
+  both fill with the taker fee;
+- funding at 00:00, 08:00 and 16:00 UTC for positions open before that time, from the rate given by
+  `set_funding_rate`: a long pays size*ctVal*price*rate (a short receives it), price = the price then;
+- liquidation (isolated) when margin + unrealised PnL <= maintenance margin (mmr * notional at mark):
+      long:  liq = (E*Q - M) / (Q * (1 - mmr))      short: liq = (E*Q + M) / (Q * (1 + mmr))
+  with E entry, Q = contracts*ctVal, M margin, mmr = PAPER_MAINT_MARGIN_RATE. The position closes at
+  the liquidation price and the remaining maintenance margin is the liquidation penalty, so the
+  position loses exactly its margin (a bar that opens beyond it fills there too: margin lost);
+- the clock is the time of the last bar/price given (`process_bar`/`set_price`), so replays work.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone as dt_timezone
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from execution.exchanges.base import (
+    AccountState,
+    ClosedPosition,
+    Exchange,
+    ExchangeOrder,
+    ExchangeRejected,
+    Position,
+)
+from execution.models import PaperAccount, PaperFill, PaperFunding, PaperOrder, PaperPosition, PaperPrice
+from execution.validation import round_down_to_lot, round_to_tick
+from market.models import Instrument
+from tradebot.logging import get_logger
+
+log = get_logger(__name__)
+Q10 = Decimal("1e-10")
+ZERO = Decimal("0")
+FUNDING_HOURS = (0, 8, 16)
+
+
+def q(value: Decimal) -> Decimal:
+    return value.quantize(Q10)
+
+
+def next_funding_after(ts: datetime) -> datetime:
+    """The first 00/08/16 UTC boundary strictly after `ts`."""
+    ts = ts.astimezone(dt_timezone.utc)
+    base = ts.replace(minute=0, second=0, microsecond=0, hour=(ts.hour // 8) * 8)
+    return base + timedelta(hours=8)
+
+
+class PaperExchange(Exchange):
+    name = "paper"
+
+    def __init__(
+        self,
+        *,
+        account_name: str = "default",
+        start_balance: Decimal | None = None,
+        slippage: Decimal | None = None,
+        taker_fee: Decimal | None = None,
+        maker_fee: Decimal | None = None,
+        maint_margin_rate: Decimal | None = None,
+    ) -> None:
+        self.slippage = settings.PAPER_SLIPPAGE if slippage is None else slippage
+        self.taker_fee = settings.PAPER_TAKER_FEE if taker_fee is None else taker_fee
+        self.maker_fee = settings.PAPER_MAKER_FEE if maker_fee is None else maker_fee
+        self.mmr = settings.PAPER_MAINT_MARGIN_RATE if maint_margin_rate is None else maint_margin_rate
+        balance = settings.PAPER_START_BALANCE if start_balance is None else start_balance
+        self.account_id = PaperAccount.objects.get_or_create(name=account_name, defaults={"cash": q(balance)})[0].pk
+
+    # --- helpers ---------------------------------------------------------------
+    def _spec(self, inst_id: str) -> Instrument:
+        spec = Instrument.objects.filter(inst_id=inst_id).first()
+        if spec is None:
+            raise ExchangeRejected(f"Instrument ID {inst_id} doesn't exist", code="51001")
+        return spec
+
+    def _locked_account(self) -> PaperAccount:
+        return PaperAccount.objects.select_for_update().get(pk=self.account_id)
+
+    def _last(self, inst_id: str) -> PaperPrice:
+        row = PaperPrice.objects.filter(account_id=self.account_id, inst_id=inst_id).first()
+        if row is None or row.last is None or row.ts is None:
+            raise ExchangeRejected(f"no price known for {inst_id} yet: call set_price or process_bar first", code="51000")
+        return row
+
+    def now(self) -> datetime:
+        latest = PaperPrice.objects.filter(account_id=self.account_id, ts__isnull=False).order_by("-ts").values_list("ts", flat=True).first()
+        return latest or timezone.now()
+
+    def liquidation_price(self, pos: PaperPosition, ct_val: Decimal) -> Decimal:
+        qty = pos.size * ct_val
+        if qty <= 0:
+            return ZERO
+        if pos.pos_side == "long":
+            return max(ZERO, (pos.avg_px * qty - pos.margin) / (qty * (1 - self.mmr)))
+        return (pos.avg_px * qty + pos.margin) / (qty * (1 + self.mmr))
+
+    @staticmethod
+    def _upl(pos: PaperPosition, price: Decimal, ct_val: Decimal) -> Decimal:
+        sign = 1 if pos.pos_side == "long" else -1
+        return sign * (price - pos.avg_px) * pos.size * ct_val
+
+    def _reserved(self) -> Decimal:
+        return sum((o.reserved_margin for o in PaperOrder.objects.filter(account_id=self.account_id, state="live")), ZERO)
+
+    def _available(self, account: PaperAccount) -> Decimal:
+        margins = sum((p.margin for p in PaperPosition.objects.filter(account=account, status="open")), ZERO)
+        return account.cash - margins - self._reserved()
+
+    @staticmethod
+    def _as_exchange_order(o: PaperOrder) -> ExchangeOrder:
+        return ExchangeOrder(
+            client_order_id=o.client_order_id, order_id=str(o.pk), inst_id=o.inst_id, state=o.state, size=o.size,
+            filled_size=o.filled_size, avg_px=o.avg_px, fee=o.fee, ts=o.updated_at, side=o.side, pos_side=o.pos_side,
+        )
+
+    # --- the interface ---------------------------------------------------------------
+    def set_leverage(self, *, inst_id: str, leverage: Decimal, pos_side: str) -> None:
+        spec = self._spec(inst_id)
+        if leverage < 1 or leverage > spec.max_lever:
+            raise ExchangeRejected(f"leverage {leverage} outside 1..{spec.max_lever} for {inst_id}", code="59102")
+
+    def _place_order(self, order: Any) -> ExchangeOrder:
+        try:
+            return self._place_atomically(order)
+        except ExchangeRejected as exc:
+            # The transaction rolled back; the rejected order is still a row (like OKX's order history).
+            row = getattr(exc, "row", None)
+            if row is not None:
+                row.pk = None
+                row.save()
+            raise
+
+    def _reject(self, row: PaperOrder, reason: str, code: str) -> ExchangeRejected:
+        row.state, row.reason = "rejected", reason
+        exc = ExchangeRejected(reason, code=code)
+        exc.row = row  # type: ignore[attr-defined]
+        return exc
+
+    def _place_atomically(self, order: Any) -> ExchangeOrder:
+        spec = self._spec(order.inst_id)
+        with transaction.atomic():
+            account = self._locked_account()
+            if PaperOrder.objects.filter(account=account, client_order_id=order.client_order_id).exists():
+                raise ExchangeRejected(f"Duplicated clOrdId {order.client_order_id}", code="51016")
+            price_row = self._last(order.inst_id)
+            now = price_row.ts
+            size = round_down_to_lot(order.size, spec.lot_sz) if order.size else order.size
+            row = PaperOrder(
+                account=account, client_order_id=order.client_order_id, inst_id=order.inst_id, side=order.side,
+                pos_side=order.pos_side, ord_type=order.order_type, size=size, price=order.price,
+                stop_loss=order.stop_loss, take_profit=order.take_profit, leverage=order.leverage,
+                reduce_only=order.reduce_only, created_at=now, updated_at=now,
+            )
+            if order.reduce_only:
+                pos = PaperPosition.objects.filter(account=account, inst_id=order.inst_id, pos_side=order.pos_side, status="open").first()
+                if pos is None:
+                    raise self._reject(row, "no position in this direction to reduce or close", "51169")
+                row.size = min(size or pos.size, pos.size)
+                row.save()
+                self._fill(account, row, pos, spec, self._slipped(price_row.last, order.side, spec), self.taker_fee, now, kind="close")
+                return self._as_exchange_order(row)
+            if size < spec.min_sz or size <= 0:
+                raise self._reject(row, f"size {size} below minimum {spec.min_sz}", "51020")
+            last = price_row.last
+            marketable = order.order_type == "market" or (
+                (order.side == "buy" and order.price >= last) or (order.side == "sell" and order.price <= last)
+            )
+            if marketable:
+                px = self._slipped(last, order.side, spec)
+                if order.order_type == "limit":  # never worse than the limit
+                    px = min(px, order.price) if order.side == "buy" else max(px, order.price)
+                self._require_margin(account, px * size * spec.ct_val, order.leverage, self.taker_fee, row)
+                row.save()
+                self._fill(account, row, None, spec, px, self.taker_fee, now, kind="open")
+            else:
+                need = order.price * size * spec.ct_val
+                self._require_margin(account, need, order.leverage, self.maker_fee, row)
+                row.reserved_margin = q(need / order.leverage + need * self.maker_fee)
+                row.save()
+            return self._as_exchange_order(row)
+
+    def _slipped(self, last: Decimal, side: str, spec: Instrument) -> Decimal:
+        factor = 1 + self.slippage if side == "buy" else 1 - self.slippage
+        return round_to_tick(last * factor, spec.tick_sz)
+
+    def _require_margin(self, account: PaperAccount, notional: Decimal, leverage: Decimal, fee_rate: Decimal, row: PaperOrder) -> None:
+        need = notional / leverage + notional * fee_rate
+        available = self._available(account)
+        if need > available:
+            raise self._reject(row, f"Order failed. Insufficient USDT margin in account (needs {q(need)}, available {q(available)})", "51008")
+
+    def _fill(
+        self, account: PaperAccount, row: PaperOrder | None, pos: PaperPosition | None, spec: Instrument,
+        px: Decimal, fee_rate: Decimal, ts: datetime, *, kind: str, size: Decimal | None = None,
+    ) -> PaperPosition:
+        """Apply one fill to the book: cash, position, fill row, order row."""
+        ct_val = spec.ct_val
+        size = size if size is not None else row.size  # type: ignore[union-attr]
+        fee = q(px * size * ct_val * fee_rate)
+        pnl = ZERO
+        if kind == "open":
+            pos = PaperPosition.objects.filter(account=account, inst_id=row.inst_id, pos_side=row.pos_side, status="open").first()  # type: ignore[union-attr]
+            margin = q(px * size * ct_val / row.leverage)  # type: ignore[union-attr]
+            if pos is None:
+                pos = PaperPosition(
+                    account=account, inst_id=row.inst_id, pos_side=row.pos_side, size=size, max_size=size,  # type: ignore[union-attr]
+                    avg_px=px, leverage=row.leverage, margin=margin, opened_at=ts, last_funding_at=ts,  # type: ignore[union-attr]
+                    open_client_order_id=row.client_order_id,  # type: ignore[union-attr]
+                )
+            else:
+                pos.avg_px = q((pos.avg_px * pos.size + px * size) / (pos.size + size))
+                pos.size += size
+                pos.max_size = max(pos.max_size, pos.size)
+                pos.margin += margin
+            if row is not None and row.stop_loss is not None:
+                pos.stop_loss = row.stop_loss
+            if row is not None and row.take_profit is not None:
+                pos.take_profit = row.take_profit
+        else:
+            assert pos is not None
+            sign = 1 if pos.pos_side == "long" else -1
+            pnl = q(sign * (px - pos.avg_px) * size * ct_val)
+            released = q(pos.margin * size / pos.size)
+            pos.close_avg_px = q(((pos.close_avg_px or ZERO) * pos.closed_size + px * size) / (pos.closed_size + size))
+            pos.closed_size += size
+            pos.size -= size
+            pos.margin -= released
+            pos.realized_pnl += pnl
+            if pos.size <= 0:
+                pos.status, pos.closed_at, pos.close_reason, pos.margin = "closed", ts, kind, ZERO
+        pos.fees += fee
+        pos.save()
+        account.cash = q(account.cash + pnl - fee)
+        account.save(update_fields=["cash", "updated_at"])
+        PaperFill.objects.create(
+            account=account, order=row, position=pos, inst_id=pos.inst_id, kind=kind, size=size, price=px, fee=fee, pnl=pnl, ts=ts,
+            side=row.side if row is not None else ("sell" if pos.pos_side == "long" else "buy"),
+        )
+        if row is not None:
+            row.avg_px = q(((row.avg_px or ZERO) * row.filled_size + px * size) / (row.filled_size + size))
+            row.filled_size += size
+            row.fee += fee
+            row.state = "filled" if row.filled_size >= row.size else "partially_filled"
+            row.reserved_margin = ZERO
+            row.updated_at = ts
+            row.save()
+        return pos
+
+    def close_position(self, *, inst_id: str, pos_side: str, client_order_id: str = "") -> ExchangeOrder | None:
+        spec = self._spec(inst_id)
+        with transaction.atomic():
+            account = self._locked_account()
+            pos = PaperPosition.objects.filter(account=account, inst_id=inst_id, pos_side=pos_side, status="open").first()
+            if pos is None:
+                return None
+            price_row = self._last(inst_id)
+            side = "sell" if pos_side == "long" else "buy"
+            cl_ord_id = client_order_id or f"close{pos.pk}x{int(price_row.ts.timestamp())}"
+            existing = PaperOrder.objects.filter(account=account, client_order_id=cl_ord_id).first()
+            if existing is not None:
+                return self._as_exchange_order(existing)
+            row = PaperOrder.objects.create(
+                account=account, client_order_id=cl_ord_id, inst_id=inst_id, side=side, pos_side=pos_side, ord_type="market",
+                size=pos.size, reduce_only=True, leverage=pos.leverage, created_at=price_row.ts, updated_at=price_row.ts,
+            )
+            self._fill(account, row, pos, spec, self._slipped(price_row.last, side, spec), self.taker_fee, price_row.ts, kind="close")
+            return self._as_exchange_order(row)
+
+    def cancel_order(self, *, inst_id: str, client_order_id: str) -> ExchangeOrder | None:
+        with transaction.atomic():
+            self._locked_account()
+            row = PaperOrder.objects.filter(account_id=self.account_id, client_order_id=client_order_id).first()
+            if row is None:
+                return None
+            if row.state == "live":
+                row.state, row.reserved_margin, row.updated_at = "canceled", ZERO, self.now()
+                row.save()
+            return self._as_exchange_order(row)
+
+    def cancel_algo_orders(self, *, inst_id: str) -> int:
+        return PaperPosition.objects.filter(account_id=self.account_id, inst_id=inst_id, status="open").exclude(
+            stop_loss=None, take_profit=None
+        ).update(stop_loss=None, take_profit=None)
+
+    def get_order(self, *, inst_id: str, client_order_id: str) -> ExchangeOrder | None:
+        row = PaperOrder.objects.filter(account_id=self.account_id, client_order_id=client_order_id).first()
+        return self._as_exchange_order(row) if row else None
+
+    def positions(self) -> list[Position]:
+        result = []
+        for pos in PaperPosition.objects.filter(account_id=self.account_id, status="open"):
+            spec = self._spec(pos.inst_id)
+            mark = self._last(pos.inst_id).last
+            result.append(Position(
+                inst_id=pos.inst_id, pos_side=pos.pos_side, size=pos.size, avg_px=pos.avg_px,
+                notional_usd=q(pos.size * spec.ct_val * mark), leverage=pos.leverage,
+                unrealized_pnl=q(self._upl(pos, mark, spec.ct_val)), margin=pos.margin,
+                liq_px=q(self.liquidation_price(pos, spec.ct_val)), mark_px=mark, stop_loss=pos.stop_loss,
+                take_profit=pos.take_profit, pos_id=str(pos.pk), opened_at=pos.opened_at,
+            ))
+        return result
+
+    def account(self) -> AccountState:
+        account = PaperAccount.objects.get(pk=self.account_id)
+        positions = self.positions()
+        upl = sum((p.unrealized_pnl for p in positions), ZERO)
+        margin = sum((p.margin for p in positions), ZERO)
+        return AccountState(
+            equity=account.cash + upl, available_balance=self._available(account), margin_used=margin,
+            unrealized_pnl=upl, cash=account.cash,
+        )
+
+    def closed_positions(self, *, since: datetime | None = None) -> list[ClosedPosition]:
+        rows = PaperPosition.objects.filter(account_id=self.account_id, status="closed")
+        if since is not None:
+            rows = rows.filter(closed_at__gte=since)
+        return [
+            ClosedPosition(
+                inst_id=p.inst_id, pos_side=p.pos_side, pos_id=str(p.pk), opened_at=p.opened_at, closed_at=p.closed_at,  # type: ignore[arg-type]
+                open_avg_px=p.avg_px, close_avg_px=p.close_avg_px or ZERO, size=p.closed_size, pnl=p.realized_pnl,
+                fee=p.fees, funding=p.funding, liq_penalty=p.liq_penalty, close_reason=p.close_reason, leverage=p.leverage,
+            )
+            for p in rows.order_by("closed_at", "id")
+        ]
+
+    # --- prices in -----------------------------------------------------------------------
+    def set_funding_rate(self, inst_id: str, rate: Decimal | None) -> None:
+        """The funding rate charged at the next settlements (None: unknown, nothing is charged)."""
+        row, _ = PaperPrice.objects.get_or_create(account_id=self.account_id, inst_id=inst_id)
+        row.funding_rate = rate
+        row.save(update_fields=["funding_rate"])
+
+    def set_price(self, inst_id: str, price: Decimal, ts: datetime) -> None:
+        self._advance(inst_id, ts=ts, open_=price, high=price, low=price, close=price)
+
+    def process_bar(self, inst_id: str, bar: Any) -> None:
+        """Advance the book through one candle: funding, SL/TP, liquidation, limit fills."""
+        self._advance(inst_id, ts=bar.ts, open_=Decimal(bar.open), high=Decimal(bar.high), low=Decimal(bar.low), close=Decimal(bar.close))
+
+    def _advance(self, inst_id: str, *, ts: datetime, open_: Decimal, high: Decimal, low: Decimal, close: Decimal) -> None:
+        spec = self._spec(inst_id)
+        with transaction.atomic():
+            account = self._locked_account()
+            price_row, _ = PaperPrice.objects.get_or_create(account=account, inst_id=inst_id)
+            self._apply_funding(account, inst_id, ts, open_, price_row.funding_rate)
+            for pos in list(PaperPosition.objects.filter(account=account, inst_id=inst_id, status="open")):
+                self._triggers(account, pos, spec, ts, open_, high, low)
+            for row in list(PaperOrder.objects.filter(account=account, inst_id=inst_id, state="live", ord_type="limit")):
+                crossed = (row.side == "buy" and low <= row.price) or (row.side == "sell" and high >= row.price)
+                if crossed:
+                    self._fill(account, row, None, spec, row.price, self.maker_fee, ts, kind="open")  # type: ignore[arg-type]
+            price_row.last, price_row.ts = close, max(ts, price_row.ts) if price_row.ts else ts
+            price_row.save()
+
+    def _apply_funding(self, account: PaperAccount, inst_id: str, ts: datetime, price: Decimal, rate: Decimal | None) -> None:
+        ct_val = self._spec(inst_id).ct_val
+        for pos in PaperPosition.objects.filter(account=account, inst_id=inst_id, status="open"):
+            boundary = next_funding_after(pos.last_funding_at)
+            while boundary <= ts:
+                if rate is not None:
+                    sign = -1 if pos.pos_side == "long" else 1
+                    amount = q(sign * pos.size * ct_val * price * rate)
+                    PaperFunding.objects.create(account=account, position=pos, inst_id=inst_id, ts=boundary, rate=rate, price=price, amount=amount)
+                    pos.funding += amount
+                    account.cash = q(account.cash + amount)
+                else:
+                    log.warning("paper_funding_rate_unknown", inst_id=inst_id, at=boundary.isoformat())
+                pos.last_funding_at = boundary
+                boundary = next_funding_after(boundary)
+            pos.save()
+        account.save(update_fields=["cash", "updated_at"])
+
+    def _triggers(self, account: PaperAccount, pos: PaperPosition, spec: Instrument, ts: datetime, open_: Decimal, high: Decimal, low: Decimal) -> None:
+        long = pos.pos_side == "long"
+        liq = self.liquidation_price(pos, spec.ct_val)
+        liq_hit = (low <= liq) if long else (high >= liq)
+        stop, tp = pos.stop_loss, pos.take_profit
+        # A gap beyond the liquidation price, or a liquidation price reached before the stop.
+        liq_first = liq_hit and (
+            (long and open_ <= liq) or (not long and open_ >= liq)
+            or stop is None or (long and stop <= liq) or (not long and stop >= liq)
+        )
+        if liq_first:
+            self._liquidate(account, pos, spec, liq, ts)
+            return
+        side = "sell" if long else "buy"
+        if stop is not None and ((long and low <= stop) or (not long and high >= stop)):
+            px = min(open_, stop) if long else max(open_, stop)  # a gap through the stop fills at the open
+            self._system_fill(account, pos, spec, px, ts, "stop_loss", side)
+            return
+        if tp is not None and ((long and high >= tp) or (not long and low <= tp)):
+            px = max(open_, tp) if long else min(open_, tp)
+            self._system_fill(account, pos, spec, px, ts, "take_profit", side)
+
+    def _system_fill(self, account: PaperAccount, pos: PaperPosition, spec: Instrument, px: Decimal, ts: datetime, kind: str, side: str) -> None:
+        self._fill(account, None, pos, spec, px, self.taker_fee, ts, kind=kind, size=pos.size)
+
+    def _liquidate(self, account: PaperAccount, pos: PaperPosition, spec: Instrument, liq: Decimal, ts: datetime) -> None:
+        sign = 1 if pos.pos_side == "long" else -1
+        qty = pos.size * spec.ct_val
+        px = q(liq)
+        pnl = q(sign * (px - pos.avg_px) * qty)
+        penalty = q(pos.margin + pnl)  # what is left of the margin goes to the insurance fund
+        lost = pos.margin
+        PaperFill.objects.create(
+            account=account, order=None, position=pos, inst_id=pos.inst_id, kind="liquidation", size=pos.size, price=px,
+            fee=penalty, pnl=pnl, ts=ts, side="sell" if pos.pos_side == "long" else "buy",
+        )
+        pos.close_avg_px = px
+        pos.closed_size += pos.size
+        pos.size = ZERO
+        pos.realized_pnl += pnl
+        pos.liq_penalty += penalty
+        pos.status, pos.closed_at, pos.close_reason, pos.margin = "closed", ts, "liquidation", ZERO
+        pos.save()
+        account.cash = q(account.cash - lost)
+        account.save(update_fields=["cash", "updated_at"])

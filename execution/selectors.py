@@ -1,0 +1,45 @@
+"""Reads for execution: the bot's state, the account as the risk gate sees it, orders."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from execution.exchanges.base import AccountState, Exchange, Position
+from execution.models import LIVE_SCOPE, BotState, Order
+from execution.risk import BotStateView
+
+
+def bot_scope(*, mode: str = "live", run_id: str = "") -> str:
+    """The BotState row a mode/run uses: the live bot, or one per replay run."""
+    return LIVE_SCOPE if mode == "live" else f"replay:{run_id}"[:80]
+
+
+def bot_state_row(scope: str = LIVE_SCOPE) -> BotState:
+    return BotState.objects.get_or_create(scope=scope)[0]
+
+
+def bot_state(*, scope: str = LIVE_SCOPE) -> BotStateView:
+    row = bot_state_row(scope)
+    return BotStateView(
+        state=row.state, consecutive_losses=row.consecutive_losses, until=row.until, reason=row.reason, since=row.since,
+        by=row.by, day_start_equity=row.day_start_equity, peak_equity=row.peak_equity,
+    )
+
+
+def account_state(*, exchange: Exchange, scope: str = LIVE_SCOPE) -> AccountState:
+    """The exchange's balances plus the day-start and peak equity the bot tracks."""
+    account = exchange.account()
+    row = bot_state_row(scope)
+    return replace(account, day_start_equity=row.day_start_equity, peak_equity=row.peak_equity)
+
+
+def positions_open(*, exchange: Exchange) -> list[Position]:
+    return exchange.positions()
+
+
+def order_by_client_id(client_order_id: str) -> Order | None:
+    return Order.objects.filter(client_order_id=client_order_id).first()
+
+
+def orders_unsettled() -> list[Order]:
+    """Orders whose final outcome we do not know yet."""
+    return list(Order.objects.filter(state__in=["PENDING", "SUBMITTED", "PARTIALLY_FILLED"]).order_by("created_at"))

@@ -1,0 +1,509 @@
+"""Execution services: the bot's state, the risk gate's bookkeeping, orders and account sync.
+
+Rules kept here: the Order row with its client order id is written (and committed) before
+any exchange call and its outcome after; no transaction spans an exchange call; a placement
+whose outcome is unknown stays PENDING and is looked up by client order id before anything
+else is done with it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from brain.schemas import Decision
+from execution.exchanges.base import (
+    AccountState,
+    ClosedPosition,
+    Exchange,
+    ExchangeError,
+    ExchangeOrder,
+    ExchangeRejected,
+    ExchangeUnknownOutcome,
+    Position,
+)
+from execution.models import (
+    BOT_TRANSITIONS,
+    ORDER_TRANSITIONS,
+    TERMINAL_ORDER_STATES,
+    BotState,
+    LIVE_SCOPE,
+    BotStatus,
+    LiveTradingConfirmation,
+    Order,
+    OrderState,
+    transition,
+)
+from execution.risk import ApprovedOrder, BotStateView, MarketRef, RiskVerdict, approval_is_genuine, risk_check
+from execution.selectors import bot_scope, bot_state
+from execution.validation import to_decimal
+from journal.models import Direction, EventLevel, Mode, RiskRejection, Trade, TradeStatus
+from journal.services import event_record
+from market.models import Instrument
+from tradebot.logging import get_logger, redact
+
+log = get_logger(__name__)
+SYSTEM = "system"
+EXCHANGE_STATES = {
+    "live": OrderState.SUBMITTED, "partially_filled": OrderState.PARTIALLY_FILLED, "filled": OrderState.FILLED,
+    "canceled": OrderState.CANCELED, "mmp_canceled": OrderState.CANCELED, "rejected": OrderState.REJECTED,
+}
+
+
+# --- Bot state ----------------------------------------------------------------------
+def _locked_bot(scope: str) -> BotState:
+    BotState.objects.get_or_create(scope=scope)
+    return BotState.objects.select_for_update().get(scope=scope)
+
+
+def _set_state(row: BotState, to: str, *, reason: str, by: str, now: datetime, until: datetime | None = None) -> None:
+    transition(row, to, table=BOT_TRANSITIONS, now=now)
+    row.reason, row.by, row.since, row.until = reason, by, now, until
+    row.save()
+    event_record(kind=f"bot_{to.lower()}", message=f"bot {to}: {reason} (by {by})",
+                 level=EventLevel.WARNING if to != BotStatus.RUNNING else EventLevel.INFO,
+                 mode=Mode.LIVE if row.scope == LIVE_SCOPE else Mode.REPLAY)
+
+
+def next_utc_midnight(now: datetime) -> datetime:
+    return (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def bot_halt(*, reason: str, by: str, emergency: bool = False, now: datetime | None = None, scope: str = LIVE_SCOPE) -> BotStateView:
+    """HALTED (lifts itself at the next UTC day when by the system) or EMERGENCY_HALT (a person must resume)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        row = _locked_bot(scope)
+        if row.state == BotStatus.EMERGENCY_HALT:
+            return bot_state(scope=scope)
+        to = BotStatus.EMERGENCY_HALT if emergency else BotStatus.HALTED
+        until = None if emergency or by != SYSTEM else next_utc_midnight(now)
+        _set_state(row, to, reason=reason, by=by, now=now, until=until)
+    return bot_state(scope=scope)
+
+
+def bot_resume(*, by: str, now: datetime | None = None, scope: str = LIVE_SCOPE) -> BotStateView:
+    """A person resumes the bot. After an emergency halt the peak equity restarts from the current equity."""
+    if not by.strip() or by == SYSTEM:
+        raise ValueError("bot_resume needs the name of the person resuming the bot")
+    now = now or timezone.now()
+    with transaction.atomic():
+        row = _locked_bot(scope)
+        if row.state == BotStatus.RUNNING:
+            return bot_state(scope=scope)
+        if row.state == BotStatus.EMERGENCY_HALT:
+            row.peak_equity = None  # otherwise the same drawdown halts it again at once
+        row.consecutive_losses = 0
+        _set_state(row, BotStatus.RUNNING, reason=f"resumed by {by}", by=by, now=now)
+    return bot_state(scope=scope)
+
+
+def bot_state_refresh(*, now: datetime | None = None, scope: str = LIVE_SCOPE) -> BotStateView:
+    """Lift HALTED/COOLDOWN whose time is up; EMERGENCY_HALT stays until a person resumes."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        row = _locked_bot(scope)
+        if row.state in (BotStatus.HALTED, BotStatus.COOLDOWN) and row.until is not None and row.until <= now:
+            was = row.state
+            if was == BotStatus.COOLDOWN:
+                row.consecutive_losses = 0
+            _set_state(row, BotStatus.RUNNING, reason=f"{was} ended at {row.until.isoformat()}", by=SYSTEM, now=now)
+    return bot_state(scope=scope)
+
+
+def risk_daily_reset(*, now: datetime, equity: Decimal, scope: str = LIVE_SCOPE) -> BotStateView:
+    """00:00 UTC: the day's starting equity; a daily-loss halt ends. Idempotent per UTC date."""
+    with transaction.atomic():
+        row = _locked_bot(scope)
+        if row.day_start_date != now.date():
+            row.day_start_equity, row.day_start_date = equity, now.date()
+        if row.peak_equity is None or equity > row.peak_equity:
+            row.peak_equity = equity
+        row.save()
+    return bot_state_refresh(now=now, scope=scope)
+
+
+def risk_trade_closed(*, pnl: Decimal, now: datetime, scope: str = LIVE_SCOPE) -> BotStateView:
+    """Count consecutive losses; at the limit the bot cools down for COOLDOWN_AFTER_LOSS_STREAK seconds."""
+    with transaction.atomic():
+        row = _locked_bot(scope)
+        row.consecutive_losses = row.consecutive_losses + 1 if pnl < 0 else 0
+        row.save()
+        if row.consecutive_losses >= settings.MAX_CONSECUTIVE_LOSSES and row.state in (BotStatus.RUNNING, BotStatus.COOLDOWN):
+            until = now + timedelta(seconds=settings.COOLDOWN_AFTER_LOSS_STREAK)
+            _set_state(row, BotStatus.COOLDOWN, reason=f"{row.consecutive_losses} consecutive losses", by=SYSTEM, now=now, until=until)
+    return bot_state(scope=scope)
+
+
+def live_trading_confirm(*, by: str, note: str = "") -> LiveTradingConfirmation:
+    """A person confirms real-money trading (needs OKX_LIVE_TRADING=true as well)."""
+    if not by.strip() or by == SYSTEM:
+        raise ValueError("live trading must be confirmed by a named person")
+    row = LiveTradingConfirmation.objects.create(by=by.strip(), confirmed_at=timezone.now(), note=note)
+    event_record(kind="live_trading_confirmed", message=f"live trading confirmed by {row.by}", level=EventLevel.WARNING)
+    return row
+
+
+# --- The gate, with its consequences --------------------------------------------------
+def risk_gate_run(
+    *,
+    decision: Decision,
+    market: MarketRef,
+    account: AccountState,
+    positions: list[Position],
+    returns_1h: dict[str, list[float]] | None = None,
+    instrument: Any = None,
+    cycle_id: int | None = None,
+    mode: str = Mode.LIVE,
+    run_id: str = "",
+    now: datetime | None = None,
+) -> RiskVerdict:
+    """Run the gate against the stored bot state; halt on daily loss / drawdown; record a rejection."""
+    now = now or market.ts or timezone.now()
+    scope = bot_scope(mode=mode, run_id=run_id)
+    view = bot_state_refresh(now=now, scope=scope)
+    verdict = risk_check(decision=decision, market=market, account=account, positions=positions, bot=view,
+                         returns_1h=returns_1h, instrument=instrument, cycle_id=cycle_id, now=now)
+    failed = dict(verdict.failures)
+    # Only a real breach halts (not, say, an unusable equity figure, which merely rejects).
+    if "reached the limit" in failed.get("drawdown", ""):
+        bot_halt(reason=failed["drawdown"], by=SYSTEM, emergency=True, now=now, scope=scope)
+    elif "reached the limit" in failed.get("daily_loss", ""):
+        bot_halt(reason=failed["daily_loss"], by=SYSTEM, now=now, scope=scope)
+    if not verdict.approved:
+        risk_rejection_record(verdict=verdict, decision=decision, account=account, cycle_id=cycle_id, mode=mode)
+    return verdict
+
+
+def risk_rejection_record(*, verdict: RiskVerdict, decision: Decision, account: AccountState | None, cycle_id: int | None, mode: str = Mode.LIVE) -> RiskRejection:
+    instrument = Instrument.objects.filter(inst_id=decision.decision.symbol).first()
+    state = account.as_json() if isinstance(account, AccountState) else None
+    return RiskRejection.objects.create(
+        instrument=instrument, cycle_id=cycle_id, mode=mode, decision_json=decision.model_dump(mode="json"),
+        failed_rules=[{"rule": r, "reason": why} for r, why in verdict.failures],
+        account_state={"account": state, "skipped_rules": [{"rule": r, "reason": why} for r, why in verdict.skipped]},
+    )
+
+
+# --- Orders ---------------------------------------------------------------------------
+def _apply_outcome(order: Order, ex: ExchangeOrder, *, now: datetime) -> None:
+    """Move the row to the state the exchange reports (through the transitions table)."""
+    target = EXCHANGE_STATES.get(ex.state, OrderState.SUBMITTED)
+    if order.state == OrderState.PENDING and target not in (OrderState.SUBMITTED, OrderState.REJECTED, OrderState.CANCELED):
+        transition(order, OrderState.SUBMITTED, table=ORDER_TRANSITIONS, now=now)
+    if order.state != target or target == OrderState.PARTIALLY_FILLED:
+        if target in ORDER_TRANSITIONS[order.state]:
+            transition(order, target, table=ORDER_TRANSITIONS, now=now)
+    order.exchange_order_id = ex.order_id or order.exchange_order_id
+    order.filled_size = ex.filled_size
+    order.avg_fill_price = ex.avg_px
+    order.fee = ex.fee
+
+
+def order_place(
+    *, approved: ApprovedOrder, cycle_id: int | None, trade_context: dict[str, Any] | None = None, exchange: Exchange | None = None,
+) -> Order:
+    """Send an approved order once. Idempotent by client order id; opening fills start a journal Trade."""
+    if not approval_is_genuine(approved):
+        raise TypeError("order_place accepts only an ApprovedOrder from the risk gate")
+    if exchange is None:
+        from execution.exchanges import exchange_from_settings
+
+        exchange = exchange_from_settings()
+    context = dict(trade_context or {})
+    now = timezone.now()
+    order, created = Order.objects.get_or_create(
+        client_order_id=approved.client_order_id,
+        defaults=dict(
+            exchange=exchange.name, cycle_id=cycle_id, mode=context.get("mode", Mode.LIVE), run_id=context.get("run_id", ""),
+            inst_id=approved.inst_id, action=approved.action, side=approved.side, pos_side=approved.pos_side,
+            order_type=approved.order_type, size=approved.size, price=approved.price, stop_loss=approved.stop_loss,
+            take_profit=approved.take_profit, leverage=approved.leverage, reduce_only=approved.reduce_only,
+            approved=approved.as_json(), trade_context=_jsonable(context),
+        ),
+    )
+    if not created:
+        if order.state in TERMINAL_ORDER_STATES:
+            return order
+        # We may have sent it before: ask the exchange first, never send it twice.
+        try:
+            found = exchange.get_order(inst_id=order.inst_id, client_order_id=order.client_order_id)
+        except ExchangeError as exc:
+            _note(order, f"lookup before re-sending failed: {exc}")
+            return order
+        if found is not None:
+            return _settle(order, found, approved, context)
+        if order.state != OrderState.PENDING:
+            return order
+    try:
+        if approved.kind == "open":
+            exchange.set_leverage(inst_id=approved.inst_id, leverage=approved.leverage, pos_side=approved.pos_side)
+        if approved.kind == "close":
+            result = exchange.close_position(inst_id=approved.inst_id, pos_side=approved.pos_side, client_order_id=approved.client_order_id)
+        else:
+            result = exchange.place_order(approved)
+    except ExchangeRejected as exc:
+        _reject(order, exc)
+        return order
+    except ExchangeUnknownOutcome as exc:
+        _note(order, f"outcome unknown, left PENDING: {exc}")
+        event_record(kind="order_unknown_outcome", message=f"{order.client_order_id}: {exc}", level=EventLevel.ERROR, cycle_id=cycle_id)
+        return order
+    except ExchangeError as exc:
+        _note(order, f"not placed: {exc}")
+        event_record(kind="order_failed", message=f"{order.client_order_id}: {exc}", level=EventLevel.ERROR, cycle_id=cycle_id)
+        return order
+    if result is None:  # close of a position that is already gone
+        order.refresh_from_db()
+        transition(order, OrderState.CANCELED, table=ORDER_TRANSITIONS, now=timezone.now(), note="no position to close")
+        order.save()
+        return order
+    order = _settle(order, result, approved, context)
+    if approved.kind != "open":
+        mode = context.get("mode", Mode.LIVE)
+        account_sync(exchange=exchange, mode=mode, run_id=None if mode == Mode.LIVE else context.get("run_id", ""))
+    return order
+
+
+def _settle(order: Order, ex: ExchangeOrder, approved: Any, context: dict[str, Any]) -> Order:
+    """Record what the exchange reports (a short transaction after the call); returns the fresh row."""
+    with transaction.atomic():
+        order = Order.objects.select_for_update().get(pk=order.pk)
+        _apply_outcome(order, ex, now=timezone.now())
+        order.save()
+    if approved.kind == "open" and ex.filled_size > 0:
+        trade_open_record(order=order, fill=ex, context=context)
+    return order
+
+
+def _reject(order: Order, exc: ExchangeError) -> None:
+    order.refresh_from_db()
+    transition(order, OrderState.REJECTED, table=ORDER_TRANSITIONS, now=timezone.now(), note=str(exc))
+    order.error_code, order.error_message = exc.code, redact(str(exc))
+    order.save()
+    event_record(kind="order_rejected", message=f"{order.client_order_id} rejected: {exc}", level=EventLevel.WARNING, cycle_id=order.cycle_id)
+
+
+def _note(order: Order, message: str) -> None:
+    Order.objects.filter(pk=order.pk).update(error_message=redact(message), updated_at=timezone.now())
+    order.error_message = redact(message)
+
+
+def _opt_decimal(value: Any) -> Decimal | None:
+    return None if value in (None, "") else Decimal(str(value))
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(data, default=str))
+
+
+def trade_open_record(*, order: Order, fill: ExchangeOrder, context: dict[str, Any]) -> Trade | None:
+    """The journal Trade for an opening fill (an ADD updates the open trade it adds to)."""
+    instrument = Instrument.objects.filter(inst_id=order.inst_id).first()
+    if instrument is None:
+        event_record(kind="trade_not_journaled", message=f"{order.inst_id} is not an instrument row; trade not journaled", level=EventLevel.ERROR)
+        return None
+    if Trade.objects.filter(client_order_id=order.client_order_id).exists():
+        return Trade.objects.get(client_order_id=order.client_order_id)
+    direction = Direction.LONG if order.pos_side == "long" else Direction.SHORT
+    price = fill.avg_px or order.price or Decimal(order.approved.get("entry_reference", "0"))
+    mode = context.get("mode", Mode.LIVE)
+    existing = Trade.objects.filter(instrument=instrument, direction=direction, status=TradeStatus.OPEN, mode=mode).first()
+    if existing is not None:
+        total = existing.size + fill.filled_size
+        existing.entry_price = (existing.entry_price * existing.size + price * fill.filled_size) / total
+        existing.size = total
+        existing.stop_loss = order.stop_loss or existing.stop_loss
+        existing.take_profit = order.take_profit or existing.take_profit
+        existing.save()
+        return existing
+    confidence = context.get("confidence_at_entry")
+    return Trade.objects.create(
+        instrument=instrument, cycle_id=order.cycle_id, mode=mode, run_id=context.get("run_id", ""),
+        opened_at=fill.ts or timezone.now(), direction=direction, entry_price=price,
+        stop_loss=order.stop_loss if order.stop_loss is not None else Decimal(str(order.approved.get("stop_loss") or "0")),
+        take_profit=order.take_profit if order.take_profit is not None else _opt_decimal(order.approved.get("take_profit")), size=fill.filled_size, size_pct=to_decimal(context.get("size_pct", order.approved.get("size_pct"))),
+        leverage=order.leverage, fees_usd=fill.fee, strategy_used=str(context.get("strategy_used", ""))[:50],
+        confidence_at_entry=None if to_decimal(confidence) is None else to_decimal(confidence).quantize(Decimal("0.001")),  # type: ignore[union-attr]
+        market_regime=str(context.get("market_regime", ""))[:20], reasoning=str(context.get("reasoning", "")),
+        indicators_entry=context.get("indicators_entry"), research_context=context.get("research_context"),
+        playbook_version=context.get("playbook_version"), client_order_id=order.client_order_id,
+        okx_order_id=order.exchange_order_id, status=TradeStatus.OPEN,
+    )
+
+
+def position_close(*, exchange: Exchange, inst_id: str, pos_side: str, reason: str, cycle_id: int | None = None, mode: str = Mode.LIVE) -> Order | None:
+    """Close one position reduce-only at market (flatten, a person's close). None when nothing was open."""
+    pos = next((p for p in exchange.positions() if p.inst_id == inst_id and p.pos_side == pos_side), None)
+    if pos is None:
+        return None
+    stamp = exchange.now().isoformat()
+    cl_ord_id = "tbx" + hashlib.sha256(f"{inst_id}|{pos_side}|{stamp}|{reason}".encode()).hexdigest()[:29]
+    order, created = Order.objects.get_or_create(
+        client_order_id=cl_ord_id,
+        defaults=dict(exchange=exchange.name, cycle_id=cycle_id, mode=mode, inst_id=inst_id, action="CLOSE",
+                      side="sell" if pos_side == "long" else "buy", pos_side=pos_side, order_type="market", size=pos.size,
+                      leverage=pos.leverage, reduce_only=True, trade_context={"exit_reason": reason}),
+    )
+    if not created and order.state in TERMINAL_ORDER_STATES:
+        return order
+    try:
+        result = exchange.close_position(inst_id=inst_id, pos_side=pos_side, client_order_id=cl_ord_id)
+    except ExchangeRejected as exc:
+        _reject(order, exc)
+        return order
+    except ExchangeError as exc:
+        _note(order, f"close failed: {exc}")
+        return order
+    order.refresh_from_db()
+    if result is None:
+        transition(order, OrderState.CANCELED, table=ORDER_TRANSITIONS, now=timezone.now(), note="no position to close")
+    else:
+        _apply_outcome(order, result, now=timezone.now())
+    order.save()
+    return order
+
+
+@dataclass
+class FlattenResult:
+    orders: list[Order] = field(default_factory=list)
+    algo_orders_canceled: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def positions_flatten(*, exchange: Exchange, reason: str, mode: str = Mode.LIVE) -> FlattenResult:
+    """Close every open position and cancel its TP/SL orders (halt, emergency, a person's order)."""
+    result = FlattenResult()
+    positions = exchange.positions()
+    for inst_id in sorted({p.inst_id for p in positions}):
+        try:
+            result.algo_orders_canceled += exchange.cancel_algo_orders(inst_id=inst_id)
+        except ExchangeError as exc:
+            result.errors.append(f"{inst_id}: cancel algo orders failed: {exc}")
+    for pos in positions:
+        order = position_close(exchange=exchange, inst_id=pos.inst_id, pos_side=pos.pos_side, reason=reason, mode=mode)
+        if order is not None:
+            result.orders.append(order)
+    event_record(kind="positions_flattened", message=f"flattened {len(result.orders)} positions: {reason}",
+                 level=EventLevel.WARNING, data={"errors": result.errors})
+    account_sync(exchange=exchange, mode=mode)
+    return result
+
+
+# --- Account sync ------------------------------------------------------------------------
+@dataclass
+class SyncResult:
+    equity: Decimal
+    available_balance: Decimal
+    open_positions: int
+    closed_trade_ids: list[int] = field(default_factory=list)
+    orders_updated: list[str] = field(default_factory=list)
+
+
+def account_sync(*, exchange: Exchange, mode: str = Mode.LIVE, run_id: str | None = None) -> SyncResult:
+    """Reconcile orders, positions, balance and closed trades with the exchange's own numbers.
+
+    `run_id` limits a replay's sync to its own orders and trades (and its own bot state)."""
+    scope = bot_scope(mode=mode, run_id=run_id or "")
+    now = exchange.now()
+    account = exchange.account()
+    positions = exchange.positions()
+    result = SyncResult(equity=account.equity, available_balance=account.available_balance, open_positions=len(positions))
+    in_flight = timezone.now() - timedelta(seconds=60)
+    orders = Order.objects.filter(state__in=[OrderState.SUBMITTED, OrderState.PARTIALLY_FILLED, OrderState.PENDING], mode=mode)
+    trades = Trade.objects.filter(status=TradeStatus.OPEN, mode=mode)
+    if run_id is not None:
+        orders, trades = orders.filter(run_id=run_id), trades.filter(run_id=run_id)
+    for order in orders:
+        if order.state == OrderState.PENDING and order.created_at > in_flight:
+            continue  # may be in flight in another worker right now
+        try:
+            found = exchange.get_order(inst_id=order.inst_id, client_order_id=order.client_order_id)
+        except ExchangeError as exc:
+            log.warning("order_lookup_failed", clOrdId=order.client_order_id, error=str(exc))
+            continue
+        if found is None:
+            continue
+        before = order.state
+        order = _settle(order, found, _StoredApproval(order), dict(order.trade_context))
+        if order.state != before:
+            result.orders_updated.append(order.client_order_id)
+    live = {(p.inst_id, p.pos_side) for p in positions}
+    open_trades = list(trades.select_related("instrument").order_by("opened_at"))
+    pending = [t for t in open_trades if (t.instrument.inst_id, "long" if t.direction == Direction.LONG else "short") not in live]
+    if pending:
+        closed = exchange.closed_positions(since=min(t.opened_at for t in pending) - timedelta(minutes=1))
+        used: set[str] = set()
+        for trade in pending:
+            match = _match_closed(trade, closed, used)
+            if match is None:
+                continue
+            used.add(match.pos_id)
+            trade_close_record(trade=trade, closed=match)
+            result.closed_trade_ids.append(trade.pk)
+            risk_trade_closed(pnl=match.realized_pnl, now=match.closed_at, scope=scope)
+    with transaction.atomic():
+        row = _locked_bot(scope)
+        if row.day_start_date is None:
+            row.day_start_equity, row.day_start_date = account.equity, now.date()
+        if row.peak_equity is None or account.equity > row.peak_equity:
+            row.peak_equity = account.equity
+        row.save()
+    return result
+
+
+class _StoredApproval:
+    """What `_settle` needs from an approval, rebuilt from the stored order row."""
+
+    def __init__(self, order: Order) -> None:
+        self.kind = order.approved.get("kind", "close" if order.reduce_only else "open")
+
+
+def _match_closed(trade: Trade, closed: list[ClosedPosition], used: set[str]) -> ClosedPosition | None:
+    side = "long" if trade.direction == Direction.LONG else "short"
+    for cp in closed:
+        if cp.pos_id in used or cp.inst_id != trade.instrument.inst_id or cp.pos_side != side:
+            continue
+        if cp.closed_at >= trade.opened_at and cp.opened_at >= trade.opened_at - timedelta(minutes=1):
+            return cp
+    return None
+
+
+def trade_close_record(*, trade: Trade, closed: ClosedPosition) -> Trade:
+    """Close the journal Trade with the exchange's numbers (net PnL, fees, funding)."""
+    reason = closed.close_reason
+    if reason in ("", "close"):
+        reason = _exit_reason(trade, closed)
+    margin = trade.entry_price * trade.size * trade.instrument.ct_val / (trade.leverage or 1)
+    trade.exit_price = closed.close_avg_px
+    trade.closed_at = closed.closed_at
+    trade.duration_seconds = int((closed.closed_at - trade.opened_at).total_seconds())
+    trade.pnl_usd = closed.realized_pnl
+    trade.pnl_pct = (closed.realized_pnl / margin).quantize(Decimal("1e-8")) if margin else None
+    trade.fees_usd = closed.fee + closed.liq_penalty
+    trade.funding_usd = closed.funding
+    trade.exit_reason = reason
+    trade.status = TradeStatus.CLOSED
+    trade.save()
+    return trade
+
+
+def _exit_reason(trade: Trade, closed: ClosedPosition) -> str:
+    """The exchange did not say why: our own close order says, else the nearest of SL/TP."""
+    order = Order.objects.filter(inst_id=trade.instrument.inst_id, reduce_only=True, pos_side=closed.pos_side,
+                                 created_at__gte=trade.created_at).order_by("-created_at").first()
+    if order is not None:
+        return str(order.trade_context.get("exit_reason") or "signal")
+    px = closed.close_avg_px
+    for name, level in (("stop_loss", trade.stop_loss), ("take_profit", trade.take_profit)):
+        if level and px and abs(px - level) / level <= Decimal("0.005"):
+            return name
+    return "signal"

@@ -1,0 +1,233 @@
+"""Order placement, account sync, the bot's states and the gate's bookkeeping, on the paper exchange
+(and on the OKX fake for the unknown-outcome path)."""
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from execution.exchanges.base import Position
+from execution.exchanges.paper import PaperExchange
+from execution.models import ORDER_TRANSITIONS, BotStatus, InvalidTransition, Order, OrderState, PaperOrder, transition
+from execution.risk import MarketRef
+from execution.selectors import account_state, bot_state
+from execution.services import (
+    account_sync,
+    bot_halt,
+    bot_resume,
+    bot_state_refresh,
+    order_place,
+    positions_flatten,
+    risk_daily_reset,
+    risk_gate_run,
+    risk_trade_closed,
+)
+from journal.models import RiskRejection, Trade
+from market.feeds.base import Bar
+from tests.execution.helpers import BTC, T0, account, approve, decision
+
+D = Decimal
+CONTEXT = {"strategy_used": "breakout", "confidence_at_entry": 0.7, "market_regime": "trending_up", "reasoning": "because",
+           "indicators_entry": {"rsi": 55}, "playbook_version": 3, "size_pct": "0.05", "mode": "live"}
+
+
+def bar(ts, o, h, l, c) -> Bar:  # noqa: E741
+    return Bar(ts=ts, open=D(str(o)), high=D(str(h)), low=D(str(l)), close=D(str(c)), volume=D("1"))
+
+
+def open_trade(paper: PaperExchange, *, cycle: int = 1) -> Order:
+    paper.set_price(BTC, D("50000"), T0)
+    order = approve(decision(size_pct=0.05, stop_loss=49000.0, take_profit=52000.0), last="50000", cycle_id=cycle)
+    return order_place(approved=order, cycle_id=None, trade_context=CONTEXT, exchange=paper)
+
+
+def test_an_opening_fill_writes_the_order_and_an_open_journal_trade(paper: PaperExchange) -> None:
+    order = open_trade(paper)
+    assert order.state == OrderState.FILLED and order.filled_size == D("1") and order.avg_fill_price == D("50025")
+    assert [h["to"] for h in order.history] == [OrderState.SUBMITTED, OrderState.FILLED]
+    trade = Trade.objects.get()
+    assert (trade.status, trade.direction, trade.entry_price, trade.size) == ("open", "LONG", D("50025"), D("1"))
+    assert (trade.strategy_used, trade.market_regime, trade.playbook_version, trade.client_order_id) == (
+        "breakout", "trending_up", 3, order.client_order_id)
+
+
+def test_placing_the_same_approved_order_twice_sends_it_once(paper: PaperExchange) -> None:
+    paper.set_price(BTC, D("50000"), T0)
+    approved = approve(decision(size_pct=0.05, stop_loss=49000.0, take_profit=52000.0), last="50000")
+    first = order_place(approved=approved, cycle_id=None, trade_context=CONTEXT, exchange=paper)
+    second = order_place(approved=approved, cycle_id=None, trade_context=CONTEXT, exchange=paper)
+    assert first.pk == second.pk and Order.objects.count() == 1
+    assert PaperOrder.objects.count() == 1 and Trade.objects.count() == 1 and len(paper.positions()) == 1
+
+
+def test_a_pending_order_left_by_a_crash_is_looked_up_before_it_is_sent(paper: PaperExchange) -> None:
+    paper.set_price(BTC, D("50000"), T0)
+    approved = approve(decision(size_pct=0.05, stop_loss=49000.0, take_profit=52000.0), last="50000")
+    paper.place_order(approved)  # it reached the exchange...
+    Order.objects.create(client_order_id=approved.client_order_id, exchange="paper", inst_id=BTC, action="OPEN_LONG",
+                         side="buy", pos_side="long", order_type="market", size=approved.size, approved=approved.as_json())
+    order = order_place(approved=approved, cycle_id=None, trade_context=CONTEXT, exchange=paper)  # ...then we crashed
+    assert order.state == OrderState.FILLED and PaperOrder.objects.count() == 1
+
+
+def test_an_exchange_rejection_is_recorded_not_retried(btc) -> None:
+    poor = PaperExchange(account_name="poor", start_balance=D("100"))
+    poor.set_price(BTC, D("50000"), T0)
+    approved = approve(decision(size_pct=0.05, stop_loss=49000.0, take_profit=52000.0), last="50000")
+    order = order_place(approved=approved, cycle_id=None, exchange=poor)
+    assert (order.state, order.error_code) == (OrderState.REJECTED, "51008")
+    assert order_place(approved=approved, cycle_id=None, exchange=poor).state == OrderState.REJECTED
+    assert PaperOrder.objects.count() == 1 and Trade.objects.count() == 0
+
+
+def test_order_place_refuses_anything_but_an_approved_order(paper: PaperExchange) -> None:
+    with pytest.raises(TypeError):
+        order_place(approved=decision(), cycle_id=None, exchange=paper)  # type: ignore[arg-type]
+    assert Order.objects.count() == 0
+
+
+def test_a_stop_out_becomes_a_closed_trade_with_the_exchanges_numbers(paper: PaperExchange) -> None:
+    open_trade(paper)
+    paper.process_bar(BTC, bar(T0 + timedelta(hours=1), 50000, 50100, 48900, 49100))
+    result = account_sync(exchange=paper)
+    trade = Trade.objects.get(pk=result.closed_trade_ids[0])
+    assert (trade.status, trade.exit_reason, trade.exit_price) == ("closed", "stop_loss", D("49000"))
+    assert trade.fees_usd == D("0.250125") + D("0.245")
+    assert trade.pnl_usd == D("-10.25") - D("0.250125") - D("0.245")
+    assert trade.duration_seconds == 3600
+    assert bot_state().consecutive_losses == 1
+    assert account_sync(exchange=paper).closed_trade_ids == []  # nothing closes twice
+
+
+def test_a_close_decision_closes_the_trade_as_a_signal(paper: PaperExchange) -> None:
+    open_trade(paper)
+    paper.set_price(BTC, D("51000"), T0 + timedelta(minutes=30))
+    close = approve(decision("CLOSE"), last="51000", positions=paper.positions(), cycle_id=2)
+    order = order_place(approved=close, cycle_id=None, exchange=paper)
+    assert order.state == OrderState.FILLED
+    trade = Trade.objects.get()
+    assert (trade.status, trade.exit_reason, trade.exit_price) == ("closed", "signal", D("50974.5"))
+    assert trade.pnl_usd > 0 and bot_state().consecutive_losses == 0
+
+
+def test_flatten_closes_everything_and_cancels_the_tp_sl(paper: PaperExchange) -> None:
+    open_trade(paper)
+    result = positions_flatten(exchange=paper, reason="flatten")
+    assert paper.positions() == [] and result.algo_orders_canceled == 1
+    assert Trade.objects.get().exit_reason == "flatten"
+
+
+def test_three_losses_in_a_row_cool_the_bot_down_for_30_minutes(db: None) -> None:
+    for i in range(3):
+        view = risk_trade_closed(pnl=D("-1"), now=T0 + timedelta(minutes=i))
+    assert (view.state, view.until) == (BotStatus.COOLDOWN, T0 + timedelta(minutes=2, seconds=1800))
+    assert bot_state_refresh(now=T0 + timedelta(minutes=20)).state == BotStatus.COOLDOWN
+    view = bot_state_refresh(now=T0 + timedelta(minutes=33))
+    assert (view.state, view.consecutive_losses) == (BotStatus.RUNNING, 0)
+
+
+def test_a_win_resets_the_loss_streak(db: None) -> None:
+    risk_trade_closed(pnl=D("-1"), now=T0)
+    risk_trade_closed(pnl=D("-1"), now=T0)
+    assert risk_trade_closed(pnl=D("2"), now=T0).consecutive_losses == 0
+
+
+def test_daily_loss_halts_until_the_next_utc_day_and_the_rejection_is_stored(btc) -> None:
+    risk_daily_reset(now=T0, equity=D("10000"))
+    dec = decision()
+    verdict = risk_gate_run(decision=dec, market=MarketRef(last=65000.0, ts=T0), account=account("9650"), positions=[], now=T0)
+    assert not verdict.approved
+    view = bot_state()
+    assert view.state == BotStatus.HALTED and view.until == T0.replace(hour=0) + timedelta(days=1)
+    rejection = RiskRejection.objects.get()
+    assert {"rule": "daily_loss", "reason": dict(verdict.failures)["daily_loss"]} in rejection.failed_rules
+    assert rejection.decision_json["decision"]["symbol"] == BTC and rejection.account_state["account"]["equity"] == "9650"
+    next_day = T0 + timedelta(days=1)
+    assert risk_daily_reset(now=next_day, equity=D("9650")).state == BotStatus.RUNNING
+    assert bot_state().day_start_equity == D("9650")
+
+
+def test_drawdown_is_an_emergency_halt_only_a_person_lifts(btc) -> None:
+    risk_daily_reset(now=T0, equity=D("12000"))
+    risk_daily_reset(now=T0 + timedelta(days=1), equity=D("10700"))
+    risk_gate_run(decision=decision(), market=MarketRef(last=65000.0), account=account("10700"), positions=[], now=T0 + timedelta(days=1))
+    assert bot_state().state == BotStatus.EMERGENCY_HALT
+    assert bot_state_refresh(now=T0 + timedelta(days=5)).state == BotStatus.EMERGENCY_HALT
+    assert risk_daily_reset(now=T0 + timedelta(days=6), equity=D("10700")).state == BotStatus.EMERGENCY_HALT
+    with pytest.raises(ValueError):
+        bot_resume(by="system")
+    view = bot_resume(by="alice")
+    assert view.state == BotStatus.RUNNING and view.by == "alice"
+
+
+def test_a_person_can_halt_and_resume(db: None) -> None:
+    assert bot_halt(reason="maintenance", by="bob").state == BotStatus.HALTED
+    assert bot_state().until is None  # a person's halt does not lift itself
+    assert bot_resume(by="bob").state == BotStatus.RUNNING
+
+
+def test_account_state_carries_day_start_and_peak(paper: PaperExchange) -> None:
+    open_trade(paper)
+    account_sync(exchange=paper)
+    state = account_state(exchange=paper)
+    assert state.peak_equity == state.equity == state.day_start_equity
+
+
+def test_order_states_only_move_along_the_transitions_table() -> None:
+    order = Order(state=OrderState.PENDING)
+    transition(order, OrderState.SUBMITTED, table=ORDER_TRANSITIONS, now=T0)
+    transition(order, OrderState.FILLED, table=ORDER_TRANSITIONS, now=T0)
+    with pytest.raises(InvalidTransition):
+        transition(order, OrderState.CANCELED, table=ORDER_TRANSITIONS, now=T0)
+    with pytest.raises(InvalidTransition):
+        transition(Order(state=OrderState.REJECTED), OrderState.SUBMITTED, table=ORDER_TRANSITIONS, now=T0)
+
+
+def test_an_unknown_placement_outcome_leaves_the_order_pending_and_never_sends_twice(btc) -> None:
+    from tests.fakes.http_server import FakeHttpServer, Reply
+    from tests.fakes.okx_trade_server import ORDER, OkxTradeFake
+    from execution.exchanges.okx import OkxExchange
+
+    with FakeHttpServer() as server:
+        fake = OkxTradeFake(server)
+        server.route("GET", ORDER, Reply(503, {"code": "50001", "msg": "busy", "data": []}))
+        fake.place_script.append(("slow", 1.0))
+        okx = OkxExchange(api_key="k" * 8, api_secret="s" * 8, passphrase="p" * 8, base_url=server.url, timeout=0.3,
+                          max_retries=1, backoff=0, sleep=lambda _: None)
+        approved = approve(decision(), last="65000")
+        order = order_place(approved=approved, cycle_id=None, exchange=okx)
+        assert order.state == OrderState.PENDING and "unknown" in order.error_message
+        # Later the lookup works: the order is found, not re-sent.
+        server.route("GET", ORDER, fake._get)
+        order = order_place(approved=approved, cycle_id=None, exchange=okx)
+        assert order.state == OrderState.FILLED
+        assert len(server.calls("POST", ORDER)) == 1 and Trade.objects.count() == 1
+
+
+def test_the_account_sync_task_reconciles_through_the_configured_exchange(paper: PaperExchange) -> None:
+    from execution.tasks import account_sync_task
+
+    open_trade(paper)
+    result = account_sync_task.apply().get()
+    assert result["equity"] == str(paper.account().equity)
+
+
+def test_positions_views_are_plain_values(paper: PaperExchange) -> None:
+    open_trade(paper)
+    (pos,) = paper.positions()
+    assert isinstance(pos, Position) and pos.stop_loss == D("49000") and pos.take_profit == D("52000")
+
+
+def test_a_replay_has_its_own_bot_state_and_never_halts_the_live_bot(btc) -> None:
+    from execution.selectors import bot_scope
+
+    scope = bot_scope(mode="replay", run_id="r1")
+    risk_daily_reset(now=T0, equity=D("10000"), scope=scope)
+    risk_gate_run(decision=decision(), market=MarketRef(last=65000.0), account=account("9650"), positions=[],
+                  mode="replay", run_id="r1", now=T0)
+    assert bot_state(scope=scope).state == BotStatus.HALTED
+    assert bot_state().state == BotStatus.RUNNING
+    for _ in range(3):
+        risk_trade_closed(pnl=D("-1"), now=T0, scope=scope)
+    assert bot_state().consecutive_losses == 0
