@@ -6,6 +6,7 @@ version (the admin may fix a version's JSON; its form validates too).
 """
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -100,3 +101,13 @@ def playbook_transition(*, version: PlaybookVersion, to: str, validation: dict |
             version.validation = validation
         version.save(update_fields=["status", "validation"])
     return version
+
+
+def playbook_text(version: PlaybookVersion) -> list[str]:
+    """A version's JSON, indented with sorted keys, so a diff shows only real changes."""
+    return json.dumps(version.playbook, indent=2, sort_keys=True).splitlines()
+
+
+def playbook_diff(a: PlaybookVersion, b: PlaybookVersion) -> list[str]:
+    """Unified diff of two versions' JSON (the `playbook diff` command and the admin diff view)."""
+    return list(difflib.unified_diff(playbook_text(a), playbook_text(b), fromfile=f"v{a.version}", tofile=f"v{b.version}", lineterm=""))

@@ -192,8 +192,9 @@ def trade_review_run(*, trade_id: int, brain_name: str | None = None) -> Reflect
 # --- deep reflection: what is due ----------------------------------------------------
 
 
-def _closed_trades(mode: str):  # -> QuerySet[Trade]
-    return Trade.objects.filter(mode=mode, run_id="", status=TradeStatus.CLOSED, pnl_usd__isnull=False)
+def _closed_trades(mode: str, run_id: str = ""):  # -> QuerySet[Trade]
+    # run_id "" = the bot's own trades; a replay run's id reflects on that run's trades only.
+    return Trade.objects.filter(mode=mode, run_id=run_id, status=TradeStatus.CLOSED, pnl_usd__isnull=False)
 
 
 def _consumed_trade_ids(mode: str) -> set[int]:
@@ -203,21 +204,21 @@ def _consumed_trade_ids(mode: str) -> set[int]:
     return ids
 
 
-def trades_pending_reflection(*, mode: str = Mode.LIVE) -> list[int]:
+def trades_pending_reflection(*, mode: str = Mode.LIVE, run_id: str = "") -> list[int]:
     """Closed trades not yet in any deep reflection (finished or running), oldest first."""
-    consumed = _consumed_trade_ids(mode)
-    return [pk for pk in _closed_trades(mode).order_by("closed_at", "id").values_list("pk", flat=True) if pk not in consumed]
+    consumed = _consumed_trade_ids(mode)  # trade ids are unique across runs, so one set serves every run
+    return [pk for pk in _closed_trades(mode, run_id).order_by("closed_at", "id").values_list("pk", flat=True) if pk not in consumed]
 
 
-def deep_reflection_due(*, now: datetime, mode: str = Mode.LIVE) -> tuple[bool, str]:
+def deep_reflection_due(*, now: datetime, mode: str = Mode.LIVE, run_id: str = "") -> tuple[bool, str]:
     """Every REFLECTION_INTERVAL_TRADES trades or REFLECTION_INTERVAL_HOURS hours, whichever first."""
-    pending = trades_pending_reflection(mode=mode)
+    pending = trades_pending_reflection(mode=mode, run_id=run_id)
     if len(pending) >= settings.REFLECTION_INTERVAL_TRADES:
         return True, f"{len(pending)} closed trades since the last deep reflection (every {settings.REFLECTION_INTERVAL_TRADES})"
     last = ReflectionLog.objects.filter(reflection_type=ReflectionType.PERIODIC, mode=mode).order_by("-created_at", "-id").first()
     since = last.created_at if last is not None else None
     if since is None and pending:
-        since = _closed_trades(mode).filter(pk=pending[0]).values_list("closed_at", flat=True).first()
+        since = _closed_trades(mode, run_id).filter(pk=pending[0]).values_list("closed_at", flat=True).first()
     if since is None:
         return False, "no closed trades and no earlier reflection"
     hours = (now - since).total_seconds() / 3600
@@ -229,25 +230,26 @@ def deep_reflection_due(*, now: datetime, mode: str = Mode.LIVE) -> tuple[bool, 
 # --- deep reflection: claim, run, finish ------------------------------------------------
 
 
-def _claim(*, mode: str) -> tuple[ReflectionLog | None, bool]:
+def _claim(*, mode: str, run_id: str = "") -> tuple[ReflectionLog | None, bool]:
     """(the running row we now hold, resumed?) or (None, False) when another process holds it."""
     current = playbook_current()
     with transaction.atomic():
         # Serialise claimers on the active playbook row (PostgreSQL row lock; SQLite has one writer).
         PlaybookVersion.objects.select_for_update().filter(pk=current.pk).first()
-        running = (ReflectionLog.objects.select_for_update()
-                   .filter(reflection_type=ReflectionType.PERIODIC, mode=mode, status=ReflectionStatus.RUNNING)
-                   .order_by("id").first())
+        rows = (ReflectionLog.objects.select_for_update()
+                .filter(reflection_type=ReflectionType.PERIODIC, mode=mode, status=ReflectionStatus.RUNNING).order_by("id"))
+        # A reflection over a replay run's trades is a separate job from the bot's own (run_id kept in output_json).
+        running = next((r for r in rows if (r.output_json or {}).get("run_id", "") == run_id), None)
         if running is not None:
             if lease_alive((running.output_json or {}).get("lease")):
                 return None, False
-            running.output_json = {"lease": _new_lease(), "resumed_from": (running.output_json or {}).get("lease")}
+            running.output_json = {"lease": _new_lease(), "resumed_from": (running.output_json or {}).get("lease"), "run_id": run_id}
             running.save(update_fields=["output_json"])
             return running, True
-        pending = trades_pending_reflection(mode=mode)
+        pending = trades_pending_reflection(mode=mode, run_id=run_id)
         row = ReflectionLog.objects.create(
             reflection_type=ReflectionType.PERIODIC, mode=mode, status=ReflectionStatus.RUNNING, trade_ids=pending,
-            old_version=current.version, output_json={"lease": _new_lease()},
+            old_version=current.version, output_json={"lease": _new_lease(), "run_id": run_id},
         )
         return row, False
 
@@ -257,6 +259,8 @@ def _finish(row: ReflectionLog, *, status: str, output: dict[str, Any], changes:
     """Move a running row to its end state; False when it was already finished by someone else."""
     if status not in TRANSITIONS[ReflectionStatus.RUNNING]:
         raise ReflectionError(f"reflection {row.pk}: running -> {status} is not allowed")
+    # Keep whose trades these were (the claim's run id) in the final output too.
+    output = {"run_id": (row.output_json or {}).get("run_id", ""), **output}
     return bool(ReflectionLog.objects.filter(pk=row.pk, status=ReflectionStatus.RUNNING).update(
         status=status, output_json=output, playbook_changes=changes, new_version=new_version))
 
@@ -299,11 +303,12 @@ def _answer_problem(brain: Any) -> str | None:
     return None
 
 
-def _filter_lessons(candidate: dict[str, Any], current: dict[str, Any], *, mode: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _filter_lessons(candidate: dict[str, Any], current: dict[str, Any], *, mode: str,
+                    run_id: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Drop new lessons that cite no trade or a trade that does not exist."""
     known_lessons = {(l.get("id"), l.get("lesson")) for l in current.get("lessons_learned", [])}
     new_ids = {int(i) for l in candidate.get("lessons_learned", []) for i in l.get("evidence_trade_ids", []) if str(i).lstrip("-").isdigit()}
-    existing = set(_closed_trades(mode).filter(pk__in=new_ids).values_list("pk", flat=True)) if new_ids else set()
+    existing = set(_closed_trades(mode, run_id).filter(pk__in=new_ids).values_list("pk", flat=True)) if new_ids else set()
     kept, dropped = [], []
     for lesson in candidate.get("lessons_learned", []):
         if (lesson.get("id"), lesson.get("lesson")) in known_lessons:
@@ -330,20 +335,24 @@ def _change_summary(reflection: DeepReflection, dropped: list[dict[str, Any]]) -
 
 
 def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mode: str = Mode.LIVE,
-                        brain_name: str | None = None) -> DeepReflectionOutcome:
-    """Reflect on the trades since the last deep reflection; store the result as a CANDIDATE playbook."""
+                        brain_name: str | None = None, run_id: str = "") -> DeepReflectionOutcome:
+    """Reflect on the trades since the last deep reflection; store the result as a CANDIDATE playbook.
+
+    `mode`/`run_id` choose whose trades: the bot's own (live, "") by default, or
+    one replay run's (mode replay, its run id), e.g. to learn from a backtest.
+    """
     now = now or timezone.now()
     if not force:
-        due, why = deep_reflection_due(now=now, mode=mode)
+        due, why = deep_reflection_due(now=now, mode=mode, run_id=run_id)
         if not due:
             return DeepReflectionOutcome(status="not_due", reason=why)
-    row, resumed = _claim(mode=mode)
+    row, resumed = _claim(mode=mode, run_id=run_id)
     if row is None:
         return DeepReflectionOutcome(status="busy", reason="another deep reflection is running (its lease is alive)")
     ids = [int(i) for i in row.trade_ids]
     outcome = DeepReflectionOutcome(status=ReflectionStatus.RUNNING, reason="", log_id=row.pk, trade_ids=ids,
                                     old_version=row.old_version, resumed=resumed)
-    trades = list(_closed_trades(mode).filter(pk__in=ids).select_related("instrument").order_by("closed_at", "id"))
+    trades = list(_closed_trades(mode, run_id).filter(pk__in=ids).select_related("instrument").order_by("closed_at", "id"))
     if not trades:
         reason = "no closed trades since the last deep reflection: nothing to learn from, the playbook is unchanged"
         _finish(row, status=ReflectionStatus.NO_TRADES, output={"message": reason})
@@ -368,7 +377,7 @@ def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mod
         outcome.status, outcome.reason = ReflectionStatus.FAILED, reason
         return outcome
 
-    output = {"brain": brain.name, "reflection": reflection.model_dump(mode="json"),
+    output = {"brain": brain.name, "run_id": run_id, "reflection": reflection.model_dump(mode="json"),
               "performance": {k: v for k, v in performance.items() if not k.startswith("breakdown")}}
     llm = getattr(brain, "last_result", None)
     if llm is not None:
@@ -387,7 +396,7 @@ def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mod
         outcome.status, outcome.reason = ReflectionStatus.INVALID, reason
         return outcome
 
-    candidate, dropped = _filter_lessons(candidate, current.playbook, mode=mode)
+    candidate, dropped = _filter_lessons(candidate, current.playbook, mode=mode, run_id=run_id)
     for d in dropped:
         log.warning("reflection_lesson_dropped", lesson_id=d["lesson"].get("id"), reason=d["reason"], log_id=row.pk)
     outcome.dropped = dropped

@@ -199,6 +199,16 @@ class ScreenerLogAdmin(ReadOnlyJournalAdmin):
     def get_readonly_fields(self, request: Any, obj: Any = None) -> list[str]:
         return [f.name for f in ScreenerLog._meta.fields if f.name != "snapshot_json"] + list(self.readonly_fields)
 
+    def changelist_view(self, request: Any, extra_context: dict[str, Any] | None = None) -> Any:
+        # The accuracy summary above the list follows the list's filters (mode, dates, instrument).
+        from journal.selectors import screener_accuracy
+
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None)
+        if context is not None and "cl" in context:
+            context["screener_accuracy"] = screener_accuracy(rows=context["cl"].queryset).lines()
+        return response
+
     @admin.display(description="cycle")
     def cycle_link(self, obj: ScreenerLog) -> SafeString:
         return admin_link("journal.cycle", obj.cycle_id, f"cycle {obj.cycle_id}")

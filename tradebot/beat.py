@@ -3,7 +3,8 @@
 `beat_sync()` makes the entries match the instruments and settings: one cycle
 entry per `Instrument.trading_enabled` every `DECISION_CYCLE_SECONDS` (it
 expires after one interval: a tick that waited that long is worthless),
-account sync every `ACCOUNT_SYNC_SECONDS`, performance snapshots hourly,
+account sync every `ACCOUNT_SYNC_SECONDS`, the deep-reflection check hourly,
+performance snapshots hourly,
 daily and weekly, and the daily risk reset at 00:00 UTC. Entries of
 instruments no longer enabled are disabled, not deleted, so admin edits to
 them survive. Only the schedule, task and queue are rewritten; an entry a
@@ -75,6 +76,14 @@ def beat_sync() -> list[PeriodicTask]:
             f"performance {period}", task="tradebot.tasks.reflection_performance_snapshot", queue="reflection",
             args=[period], crontab=_crontab(**cron), expire_seconds=None, description=f"{period} performance snapshot",
         ))
+    # The deep reflection's timer: an hourly check; `deep_reflection_due` applies the
+    # REFLECTION_INTERVAL_TRADES / REFLECTION_INTERVAL_HOURS rule (an exact 6 h beat could
+    # fire a moment before "6 h since the last one" and then wait 12 h).
+    entries.append(_entry(
+        "deep reflection", task="tradebot.tasks.reflection_deep", queue="reflection", interval=_interval(3600),
+        expire_seconds=3600, description=(f"Deep reflection every {settings.REFLECTION_INTERVAL_TRADES} closed trades or "
+                                          f"{settings.REFLECTION_INTERVAL_HOURS} h; a candidate playbook is then validated by replay"),
+    ))
     entries.append(_entry(
         "risk daily reset", task="tradebot.tasks.risk_daily_reset", queue="default",
         crontab=_crontab(minute="0", hour="0"), expire_seconds=3600,

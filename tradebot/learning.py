@@ -168,11 +168,14 @@ def _headline(summary: Any) -> dict[str, Any]:
 
 
 def learning_run(*, now: datetime | None = None, force: bool = False, brain_name: str | None = None,
-                 validate: bool = True, **validate_kwargs: Any) -> dict[str, Any]:
-    """Deep reflection (when due or forced), then validation of the candidate it produced."""
+                 validate: bool = True, mode: str = Mode.LIVE, run_id: str = "", **validate_kwargs: Any) -> dict[str, Any]:
+    """Deep reflection (when due or forced), then validation of the candidate it produced.
+
+    `mode`/`run_id` reflect on one replay run's trades instead of the bot's own.
+    """
     from brain.reflection import deep_reflection_run
 
-    outcome = deep_reflection_run(now=now, force=force, brain_name=brain_name)
+    outcome = deep_reflection_run(now=now, force=force, brain_name=brain_name, mode=mode, run_id=run_id)
     result: dict[str, Any] = {"reflection": outcome.status, "reason": outcome.reason, "log_id": outcome.log_id,
                               "trade_ids": outcome.trade_ids, "candidate_version": outcome.candidate_version,
                               "dropped_lessons": outcome.dropped, "validation": None}

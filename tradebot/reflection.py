@@ -52,19 +52,40 @@ def trade_review_request(*, trade_id: int) -> int | None:
     return entry.pk
 
 
-def deep_reflection_if_due(*, mode: str) -> None:
-    """Every REFLECTION_INTERVAL_TRADES closed trades or REFLECTION_INTERVAL_HOURS: the deep reflection."""
+def deep_reflection_if_due(*, mode: str) -> int | None:
+    """Every REFLECTION_INTERVAL_TRADES closed trades or REFLECTION_INTERVAL_HOURS: the deep reflection.
+
+    A candidate playbook it proposes is sent to validation (reflection queue)
+    right away; returns the candidate's PlaybookVersion id, or None.
+    """
     from django.utils import timezone
 
     due_fn = _service("brain.reflection", "deep_reflection_due")
     run_fn = _service("brain.reflection", "deep_reflection_run")
     if due_fn is None or run_fn is None:
-        return
+        return None
     now = timezone.now()
     due, why = due_fn(now=now, mode=mode)
-    if due:
-        log.info("deep_reflection_due", reason=why)
-        run_fn(now=now, mode=mode)
+    if not due:
+        return None
+    log.info("deep_reflection_due", reason=why)
+    outcome = run_fn(now=now, mode=mode)
+    if outcome.candidate_version is None:
+        return None
+    from brain.models import PlaybookVersion
+
+    candidate_id = PlaybookVersion.objects.filter(version=outcome.candidate_version).values_list("pk", flat=True).first()
+    if candidate_id is not None:
+        candidate_validation_request(candidate_id=candidate_id)
+    return candidate_id
+
+
+def candidate_validation_request(*, candidate_id: int) -> None:
+    """Queue the replay validation of a candidate playbook (`tradebot.tasks.reflection_playbook_validate`)."""
+    from tradebot.celery import app
+
+    log.info("playbook_validation_requested", candidate_id=candidate_id)
+    app.signature("tradebot.tasks.reflection_playbook_validate", args=(candidate_id,)).set(queue="reflection").apply_async()
 
 
 def risk_day_reset(*, exchange: Any, now: Any = None) -> None:

@@ -28,6 +28,8 @@ from tradebot.env import (
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("TRADEBOT_VAR_DIR", str(BASE_DIR / "var")))
+# The SQLite file and the embedded broker live here; a fresh clone has no var/.
+VAR_DIR.mkdir(parents=True, exist_ok=True)
 # numba's compiled-kernel cache (indicators): a writable place shared by every
 # process, so workers don't recompile (~10 s) when the code dir is read-only.
 os.environ.setdefault("NUMBA_CACHE_DIR", str(VAR_DIR / "numba"))
@@ -282,6 +284,8 @@ REFLECTION_INTERVAL_HOURS = env_int("REFLECTION_INTERVAL_HOURS", 6, minimum=1)
 PLAYBOOK_VALIDATION_DAYS = env_int("PLAYBOOK_VALIDATION_DAYS", 30, minimum=1)
 PLAYBOOK_VALIDATION_METRIC = env_choice("PLAYBOOK_VALIDATION_METRIC", "profit_factor", ("profit_factor", "total_pnl", "sharpe"))
 PLAYBOOK_MAX_DRAWDOWN_MARGIN = env_decimal("PLAYBOOK_MAX_DRAWDOWN_MARGIN", "0.02", minimum=Decimal("0"))
+# The cycle length of the validation replays (the live cycle by default; 3600 = 1H cycles, 12x fewer).
+PLAYBOOK_VALIDATION_CYCLE_SECONDS = env_int("PLAYBOOK_VALIDATION_CYCLE_SECONDS", 300, minimum=60)
 
 # --- Web / flower ----------------------------------------------------------
 FLOWER_BASIC_AUTH = env_secret("FLOWER_BASIC_AUTH")

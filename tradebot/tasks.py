@@ -26,6 +26,8 @@ from tradebot.stages import CycleWork, StageEnv, stage_timed
 log = get_logger(__name__)
 S = CycleState
 MAX_RETRIES = 3
+# Reflection tasks may run a deep reflection: a long LLM call (REFLECTION_TIMEOUT_SECONDS, retries) beyond a stage's limit.
+_REFLECTION_LIMITS: dict[str, Any] = {"soft_time_limit": 900, "time_limit": 960}
 
 _ENV: StageEnv | None = None
 
@@ -188,11 +190,39 @@ def account_sync(self: Task) -> list[int]:
     return closed
 
 
-@app.task(name="tradebot.tasks.reflection_trade_review", bind=True, acks_late=True)
+@app.task(name="tradebot.tasks.reflection_trade_review", bind=True, acks_late=True, **_REFLECTION_LIMITS)
 def reflection_trade_review(self: Task, trade_id: int) -> int | None:
     from tradebot.reflection import trade_review_request
 
     return trade_review_request(trade_id=trade_id)
+
+
+@app.task(name="tradebot.tasks.reflection_deep", bind=True, acks_late=True, **_REFLECTION_LIMITS)
+def reflection_deep(self: Task) -> int | None:
+    """Beat's timer: the deep reflection when due (20 trades or 6 h); a candidate goes on to validation."""
+    from journal.models import Mode
+    from tradebot.reflection import deep_reflection_if_due
+
+    return deep_reflection_if_due(mode=Mode.LIVE)
+
+
+@app.task(name="tradebot.tasks.reflection_playbook_validate", bind=True, acks_late=True, soft_time_limit=3 * 3600,
+          time_limit=3 * 3600 + 300)  # two replays of PLAYBOOK_VALIDATION_DAYS: far longer than a stage
+def reflection_playbook_validate(self: Task, candidate_id: int) -> bool | None:
+    """Replay a candidate against the active playbook; promote or reject it (figures kept on the version)."""
+    from datetime import timedelta
+
+    from django.conf import settings
+
+    from tradebot.learning import ValidationError, playbook_candidate_validate
+
+    try:
+        outcome = playbook_candidate_validate(
+            candidate_id=candidate_id, cycle=timedelta(seconds=settings.PLAYBOOK_VALIDATION_CYCLE_SECONDS))
+    except ValidationError as exc:  # already decided (a redelivery), or gone: nothing to do
+        log.warning("playbook_validation_skipped", candidate_id=candidate_id, reason=str(exc))
+        return None
+    return outcome.promoted
 
 
 @app.task(name="tradebot.tasks.reflection_performance_snapshot", bind=True, acks_late=True)

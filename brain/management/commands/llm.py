@@ -1,4 +1,5 @@
-"""`manage.py llm cost [--days N]`: LLM calls, tokens (cache included) and USD per day and purpose."""
+"""`manage.py llm cost [--days N]`: LLM calls, tokens (cache included) and USD per day and purpose,
+then the screener's accuracy over the same days (live cycles)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
@@ -8,7 +9,8 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
-from journal.models import LlmCall
+from journal.models import LlmCall, Mode
+from journal.selectors import screener_accuracy
 
 
 class Command(BaseCommand):
@@ -43,3 +45,7 @@ class Command(BaseCommand):
         for day, usd in day_totals.items():
             self.stdout.write(f"day {day}: ${usd:.6f}")
         self.stdout.write(f"total over {days} day(s): ${total:.6f}")
+        # Is the cheap screener worth it? Passes the analyst acted on, and what it missed when bypassed.
+        self.stdout.write(f"screener accuracy over {days} day(s) (live):")
+        for line in screener_accuracy(mode=Mode.LIVE, since=since).lines():
+            self.stdout.write(f"  {line}")

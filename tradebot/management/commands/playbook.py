@@ -5,14 +5,12 @@ history is never rewritten.
 """
 from __future__ import annotations
 
-import difflib
-import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
 from brain.models import PlaybookTrigger, PlaybookVersion
-from brain.playbook import playbook_current, playbook_save
+from brain.playbook import playbook_current, playbook_diff, playbook_save, playbook_text
 
 
 def version_get(number: int) -> PlaybookVersion:
@@ -20,15 +18,6 @@ def version_get(number: int) -> PlaybookVersion:
     if row is None:
         raise CommandError(f"playbook version {number} does not exist")
     return row
-
-
-def playbook_text(row: PlaybookVersion) -> list[str]:
-    return json.dumps(row.playbook, indent=2, sort_keys=True).splitlines()
-
-
-def playbook_diff(a: PlaybookVersion, b: PlaybookVersion) -> list[str]:
-    """Unified diff of two versions' JSON (sorted keys, so only real changes show)."""
-    return list(difflib.unified_diff(playbook_text(a), playbook_text(b), fromfile=f"v{a.version}", tofile=f"v{b.version}", lineterm=""))
 
 
 def playbook_rollback(*, version: int, by: str = "manual") -> PlaybookVersion:

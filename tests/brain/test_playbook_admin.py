@@ -1,0 +1,70 @@
+"""The playbook admin: a diff of two versions, and edits that become new versions (never rewrites)."""
+from __future__ import annotations
+
+import copy
+import html
+import json
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from brain.models import PlaybookStatus, PlaybookTrigger, PlaybookVersion
+from brain.playbook import playbook_current, playbook_save
+
+
+@pytest.fixture
+def admin_client(db) -> Client:
+    User.objects.create_superuser("boss", "boss@example.com", "pw")
+    client = Client()
+    client.login(username="boss", password="pw")
+    return client
+
+
+def test_the_diff_page_shows_the_changed_field(admin_client: Client) -> None:
+    v1 = playbook_current()
+    data = copy.deepcopy(v1.playbook)
+    data["strategy_definitions"]["momentum_breakout"]["params"]["enabled"] = False
+    v2 = playbook_save(data=data, change_summary="switch breakouts off", triggered_by=PlaybookTrigger.REFLECTION,
+                       status=PlaybookStatus.CANDIDATE)
+    page = admin_client.get("/admin/brain/playbookversion/diff/", {"a": v1.version, "b": v2.version})
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert 'id="playbook-diff"' in text and "switch breakouts off" in text
+    diff = html.unescape(text.split('id="playbook-diff"')[1].split("</pre>")[0])
+    assert '-        "enabled": true,' in diff and '+        "enabled": false,' in diff
+    # The list links each version to the diff against its parent.
+    assert f"?a={v1.version}&amp;b={v2.version}" in admin_client.get("/admin/brain/playbookversion/").content.decode()
+    same = admin_client.get("/admin/brain/playbookversion/diff/", {"a": v1.version, "b": v1.version}).content.decode()
+    assert "identical" in same
+
+
+def test_an_admin_edit_is_saved_as_a_new_manual_version_and_the_old_one_is_kept(admin_client: Client) -> None:
+    v1 = playbook_current()
+    data = copy.deepcopy(v1.playbook)
+    data["strategy_definitions"]["trend_pullback"]["params"]["size_pct"] = 0.02
+    response = admin_client.post(f"/admin/brain/playbookversion/{v1.pk}/change/",
+                                 {"playbook": json.dumps(data), "change_summary": "halve pullback size"})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    v1.refresh_from_db()
+    new = playbook_current()
+    assert new.version == v1.version + 1 and new.triggered_by == PlaybookTrigger.MANUAL
+    assert new.parent_version == v1.version and new.change_summary == "halve pullback size"
+    assert new.playbook["strategy_definitions"]["trend_pullback"]["params"]["size_pct"] == 0.02
+    assert v1.status == PlaybookStatus.RETIRED
+    assert v1.playbook["strategy_definitions"]["trend_pullback"]["params"]["size_pct"] == 0.04  # history unchanged
+
+
+def test_an_invalid_admin_edit_is_refused_and_changes_nothing(admin_client: Client) -> None:
+    v1 = playbook_current()
+    data = copy.deepcopy(v1.playbook)
+    # A target closer than the stop: reward would not beat risk.
+    data["strategy_definitions"]["trend_pullback"]["params"]["target_atr_mult"] = 1.0
+    response = admin_client.post(f"/admin/brain/playbookversion/{v1.pk}/change/",
+                                 {"playbook": json.dumps(data), "change_summary": "bad edit"})
+    assert response.status_code == 200
+    assert "invalid playbook" in response.content.decode() and "target_atr_mult must exceed stop_atr_mult" in response.content.decode()
+    unchanged = admin_client.post(f"/admin/brain/playbookversion/{v1.pk}/change/",
+                                  {"playbook": json.dumps(v1.playbook), "change_summary": "nothing"})
+    assert "the playbook is unchanged" in unchanged.content.decode()
+    assert list(PlaybookVersion.objects.values_list("version", "status")) == [(v1.version, PlaybookStatus.ACTIVE)]
