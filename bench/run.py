@@ -4,6 +4,17 @@
     .venv/bin/python bench/run.py            # every section
     .venv/bin/python bench/run.py snapshot   # one or more sections by name
     .venv/bin/python bench/run.py --list
+    .venv/bin/python bench/run.py replay --days 30             # a shorter replay window
+    .venv/bin/python bench/run.py replay --profile              # with a cProfile of the replay
+    .venv/bin/python bench/run.py pipeline --cycles 100         # cycles per series (>= 50)
+    .venv/bin/python bench/run.py instruments300 --instruments 300 --concurrency 1
+
+The sections `pipeline` and `instruments300` start real Celery workers (one
+per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
+database created and dropped by the bench (BENCH_POSTGRES_URL, default
+postgres://postgres@127.0.0.1:5432); without either they print why and skip.
+`replay` uses the same scratch database, or a scratch SQLite file without
+PostgreSQL. See bench/infra.py, bench/pipeline_bench.py, bench/replay_bench.py.
 
 Sections register themselves with `@section("name")`; each prints its own
 figures. Add a section by writing a function here (or in a module imported
@@ -151,18 +162,57 @@ def bench_snapshot() -> None:
           f"median {ms(statistics.median(feed_runs))}, p95 {ms(percentile(feed_runs, 0.95))}")
 
 
+# --- pipeline, instruments300, replay (bench/pipeline_bench.py, bench/replay_bench.py) -----
+from bench import infra  # noqa: E402
+from bench.pipeline_bench import bench_instruments300, bench_pipeline  # noqa: E402
+from bench.replay_bench import bench_replay  # noqa: E402
+
+section("pipeline")(bench_pipeline)
+section("instruments300")(bench_instruments300)
+section("replay")(bench_replay)
+
+_VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
+                  "--concurrency": ("concurrency", int)}
+
+
+def _options(argv: list[str]) -> list[str]:
+    """Strip the options into infra.OPTIONS; return the section names."""
+    names: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        key, _, inline = arg.partition("=")
+        if key in _VALUE_OPTIONS:
+            field, cast = _VALUE_OPTIONS[key]
+            raw = inline or next(args, "")
+            try:
+                setattr(infra.OPTIONS, field, cast(raw))
+            except ValueError:
+                raise SystemExit(f"{key} needs a number, got {raw!r}") from None
+        elif arg == "--profile":
+            infra.OPTIONS.profile = True
+        elif arg.startswith("-"):
+            raise SystemExit(f"unknown option {arg}; options: {', '.join([*_VALUE_OPTIONS, '--profile', '--list'])}")
+        else:
+            names.append(arg)
+    return names
+
+
 def main(argv: list[str]) -> int:
     if "--list" in argv:
         print("\n".join(SECTIONS))
         return 0
-    names = argv or list(SECTIONS)
+    names = _options(argv) or list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         print(f"unknown section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
-    for name in names:
-        print(f"== {name} ==")
-        SECTIONS[name]()
+    infra.prepare(names)
+    try:
+        for name in names:
+            print(f"== {name} ==", flush=True)
+            SECTIONS[name]()
+    finally:
+        infra.cleanup()
     return 0
 
 

@@ -78,6 +78,20 @@ def promotion_decide(*, current: Any, candidate: Any, metric: str | None = None,
     return True, f"not worse: {facts}"
 
 
+def market_now(*, inst_ids: list[str]) -> datetime:
+    """The market's own "now": the newest stored candle, else wall time.
+
+    "The recent past" is the past of the market the bot trades: on a replayed
+    or virtual clock (the demo) that is not the wall clock.
+    """
+    from django.db.models import Max
+
+    from market.models import Candle
+
+    latest = Candle.objects.filter(instrument__inst_id__in=inst_ids).aggregate(m=Max("ts"))["m"]
+    return min(latest, timezone.now()) if latest else timezone.now()
+
+
 def validation_feed(*, inst_ids: list[str], since: datetime, until: datetime) -> tuple[MarketFeed, str]:
     """The market data the bot trades on: stored candles when there are any, else the synthetic market."""
     from market.feeds.replay import ReplayFeed
@@ -125,7 +139,7 @@ def playbook_candidate_validate(
         raise ValidationError(f"playbook v{candidate.version} is {candidate.status}, not a candidate")
     current = playbook_current()
     inst_ids = inst_ids or list(settings.INSTRUMENTS)
-    end = end or timezone.now()
+    end = end or market_now(inst_ids=inst_ids)
     start = end - timedelta(days=days)
     source = "given"
     if feed is None:

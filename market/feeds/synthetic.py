@@ -12,7 +12,10 @@ usual instrument ids, so nothing else changes) with:
   (O = H = L = C = previous close, V = 0);
 - funding every 8 h (00:00, 08:00, 16:00 UTC) that leans with the trend and
   spikes in high volatility, and an hourly open-interest series;
-- BTC-like price levels (ETH moves with BTC, beta ~1.2, correlation ~0.85).
+- BTC-like price levels (ETH moves with BTC, beta ~1.2, correlation ~0.85);
+- any other instrument id gets its own profile (price level, beta, volume,
+  tick) seeded by the id, so a market of hundreds of instruments (the
+  300-instrument benchmark) is just as reproducible.
 
 Reproducible and prefix-stable: each 6-hour block draws from its own
 generator seeded by (seed, block index), so the same seed and start give
@@ -21,6 +24,7 @@ resampled from the 5-minute base by `ReplayFeed`.
 """
 from __future__ import annotations
 
+import zlib
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -70,14 +74,37 @@ _PROFILES = {
 }
 
 
+def profile_for(inst_id: str) -> tuple[float, float, float, float, int]:
+    """The instrument's (start price, beta, idiosyncratic vol share, base volume, price decimals).
+
+    BTC and ETH have fixed profiles; any other id gets one drawn from a
+    generator seeded by the id itself, so it is the same in every process.
+    """
+    if inst_id in _PROFILES:
+        return _PROFILES[inst_id]
+    rng = np.random.default_rng(zlib.crc32(inst_id.encode()))
+    price = float(10 ** rng.uniform(-1.0, 4.0))  # 0.1 .. 10,000 USDT
+    decimals = int(min(6, max(1, 4 - np.floor(np.log10(price)))))  # about 5 significant digits
+    return (round(price, decimals), float(rng.uniform(0.6, 1.6)), float(rng.uniform(0.25, 0.8)),
+            float(10 ** rng.uniform(2.0, 5.0)), decimals)
+
+
+def spec_for(inst_id: str) -> InstrumentSpec:
+    """The venue's spec for any instrument id: a contract worth roughly 10-100 USDT at the start price."""
+    if inst_id in SPECS:
+        return SPECS[inst_id]
+    price, *_, decimals = profile_for(inst_id)
+    ct_val = Decimal(10) ** int(np.round(np.log10(50.0 / price)))
+    return _spec(inst_id, str(ct_val), "1", "1", str(Decimal(10) ** -decimals), "50")
+
+
 class SyntheticMarket:
     """Generated 5m bars, funding and open interest for `inst_ids` over [start, end)."""
 
     def __init__(self, seed: int, start: datetime, end: datetime,
                  inst_ids: tuple[str, ...] = ("BTC-USDT-SWAP", "ETH-USDT-SWAP")) -> None:
-        unknown = [i for i in inst_ids if i not in _PROFILES]
-        if unknown:
-            raise ValueError(f"the synthetic market has no profile for {unknown}; it offers {sorted(_PROFILES)}")
+        if not inst_ids:
+            raise ValueError("the synthetic market needs at least one instrument id")
         self.seed = int(seed)
         self.start_ms = dt_to_ms(start) // BASE_MS * BASE_MS
         end_ms = dt_to_ms(end)
@@ -95,7 +122,7 @@ class SyntheticMarket:
 
     @property
     def specs(self) -> list[InstrumentSpec]:
-        return [SPECS[i] for i in self.inst_ids]
+        return [spec_for(i) for i in self.inst_ids]
 
     # -- generation ---------------------------------------------------------
     def _generate(self) -> None:
@@ -105,7 +132,8 @@ class SyntheticMarket:
         self.jump = np.zeros(n, dtype=bool)
         self.gap = np.zeros(n, dtype=bool)
         cols = {inst: {f: np.empty(n) for f in ("open", "high", "low", "close", "volume")} for inst in self.inst_ids}
-        last = {inst: np.log(_PROFILES[inst][0]) for inst in self.inst_ids}  # log of the previous close
+        profiles = {inst: profile_for(inst) for inst in self.inst_ids}
+        last = {inst: np.log(profiles[inst][0]) for inst in self.inst_ids}  # log of the previous close
         anchor = dict(last)  # where the current range started
         state = 2  # start in a range
         for b in range(self.n_blocks):
@@ -131,14 +159,14 @@ class SyntheticMarket:
             gap[flat] = 0.0
             self.flat[sl], self.jump[sl], self.gap[sl] = flat, jump != 0, gap != 0
             for inst in self.inst_ids:
-                _, beta, idio_share, base_volume, decimals = _PROFILES[inst]
+                _, beta, idio_share, base_volume, decimals = profiles[inst]
                 idio = rng.standard_normal(BLOCK_BARS)
                 noise = rng.random((BLOCK_BARS, 3))
                 ret = beta * (market + jump) + idio_share * vol * idio
                 if state == 2:  # range: pull back towards the anchor over the block
                     ret += -0.5 * (last[inst] - anchor[inst]) / BLOCK_BARS
                 # A weak pull towards the profile's level keeps prices BTC-like over years of trends.
-                ret += -_LEVEL_PULL * (last[inst] - np.log(_PROFILES[inst][0])) / BLOCK_BARS
+                ret += -_LEVEL_PULL * (last[inst] - np.log(profiles[inst][0])) / BLOCK_BARS
                 ret[flat] = 0.0
                 g = beta * gap
                 log_close = last[inst] + np.cumsum(ret + g)
@@ -186,7 +214,7 @@ class SyntheticMarket:
         """(ts ms, contracts, base currency) hourly."""
         contracts = np.round(2_000_000.0 * self.oi_factor, 2) if inst_id.startswith("BTC") else np.round(
             3_000_000.0 * self.oi_factor, 2)
-        return self.oi_ts, contracts, np.round(contracts * float(SPECS[inst_id].ct_val), 4)
+        return self.oi_ts, contracts, np.round(contracts * float(spec_for(inst_id).ct_val), 4)
 
     def add_to(self, feed: ReplayFeed) -> None:
         for inst in self.inst_ids:

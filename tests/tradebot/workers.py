@@ -22,30 +22,44 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Workers:
-    def __init__(self, *, redis_url: str, tmp: Path) -> None:
+    """Worker subprocesses, one per queue.
+
+    The defaults are the tests' (`-A tradebot`, solo pool, a 3 s visibility
+    timeout so a killed worker's task comes back quickly); the benchmark
+    (`bench/run.py`) passes its own app module, pool and concurrency.
+    """
+
+    def __init__(self, *, redis_url: str, tmp: Path, app_module: str = "tradebot", prefix: str | None = None,
+                 pool: str = "solo", concurrency: int = 1, visibility_timeout: int = 3,
+                 extra_env: dict[str, str] | None = None, ready_timeout: float = 90.0) -> None:
         db = settings.DATABASES["default"]
         user = db.get("USER") or "postgres"
         auth = f"{user}:{db['PASSWORD']}@" if db.get("PASSWORD") else f"{user}@"
         self.database_url = f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{connection.settings_dict['NAME']}"
         self.redis_url = redis_url
-        self.prefix = f"tbtest{os.getpid()}:"
+        self.prefix = prefix or f"tbtest{os.getpid()}:"
         self.tmp = tmp
+        self.app_module = app_module
+        self.pool = pool
+        self.concurrency = concurrency
+        self.ready_timeout = ready_timeout
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_API", "OKX_PASS", "ANTHROPIC", "PERPLEXITY"))}
         self.env.update({
             "DATABASE_URL": self.database_url,
             "REDIS_URL": redis_url,
             "CELERY_REDIS_KEY_PREFIX": self.prefix,
-            "CELERY_VISIBILITY_TIMEOUT": "3",
+            "CELERY_VISIBILITY_TIMEOUT": str(visibility_timeout),
             "MARKET_DATA_SOURCE": "synthetic",
             "BRAIN": "rules",
             "TRADEBOT_VAR_DIR": str(tmp),
             "PYTHONPATH": str(ROOT),
             "LOG_LEVEL": "INFO",
         })
+        self.env.update(extra_env or {})
         # This process sends to the same broker with the same prefix.
         app.conf.broker_url = redis_url
-        app.conf.broker_transport_options = {"visibility_timeout": 3, "global_keyprefix": self.prefix}
+        app.conf.broker_transport_options = {"visibility_timeout": visibility_timeout, "global_keyprefix": self.prefix}
         # Rebuild the connection and producer pools with the new broker settings.
         app._pool = None  # noqa: SLF001
         app.amqp._producer_pool = None  # noqa: SLF001
@@ -62,11 +76,13 @@ class Workers:
             markers[queue] = path.stat().st_size
             log = open(path, "ab")  # noqa: SIM115 - the child writes to it
             self.procs[queue] = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tradebot", "worker", "-Q", queue, "-n", f"{queue}@{self.prefix[:-1]}",
-                 "-P", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"],
+                [sys.executable, "-m", "celery", "-A", self.app_module, "worker", "-Q", queue,
+                 "-n", f"{queue}@{self.prefix[:-1]}", "-P", self.pool,
+                 *(["-c", str(self.concurrency)] if self.pool != "solo" else []),
+                 "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + self.ready_timeout
         waiting = set(queues)
         while waiting and time.monotonic() < deadline:
             for queue in list(waiting):
@@ -77,7 +93,7 @@ class Workers:
                     raise RuntimeError(f"worker {queue} exited: {text.decode(errors='replace')[-3000:]}")
             time.sleep(0.1)
         if waiting:
-            raise RuntimeError(f"workers {sorted(waiting)} not ready in 90 s")
+            raise RuntimeError(f"workers {sorted(waiting)} not ready in {self.ready_timeout:.0f} s")
 
     def start_all(self) -> None:
         self.start(*QUEUES)

@@ -49,18 +49,20 @@ class Command(BaseCommand):
         self._fresh_state()
         out("2/4 market data")
         instrument = self._market()
-        out("3/4 starting a Celery worker (all queues) on the embedded broker")
-        worker = self._start_worker()
+        out("3/4 starting Celery workers on the embedded broker")
+        workers = self._start_worker()
         try:
             out(f"4/4 trading on a virtual clock from {DEMO_START:%Y-%m-%d} in {opts['step']} steps (budget {opts['budget']:.0f}s)")
             self._trade(instrument, step=timedelta(seconds=TIMEFRAME_SECONDS[opts["step"]]),
                         budget=opts["budget"], trades=opts["trades"])
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+            for worker in workers:
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
         self._summary(time.monotonic() - began)
 
     # --- setup ------------------------------------------------------------------
@@ -98,29 +100,48 @@ class Command(BaseCommand):
         self.stdout.write(f"   {INST}: {stored} candles backfilled (15m/1H/4H up to {DEMO_START:%Y-%m-%d})")
         return instrument
 
-    def _start_worker(self) -> subprocess.Popen[bytes]:
+    def _start_worker(self) -> list[subprocess.Popen[bytes]]:
+        """Two real workers on the embedded broker: the cycle queues, and reflection.
+
+        Reflection (reviews, deep reflection, the validation replays of a new
+        playbook) gets its own process so it never holds up a trading cycle,
+        as in the full stack where each queue has its own worker.
+        """
         from tradebot.controls import broker_dirs_ensure
 
         broker_dirs_ensure()
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL",)}
         env.update({"MARKET_DATA_SOURCE": "synthetic", "BRAIN": env.get("BRAIN", "auto")})
-        log_path = Path(settings.VAR_DIR) / "demo-worker.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tradebot", "worker", "-Q", "okx,llm,reflection,default",
-             "-P", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO", "-n", "demo@%h"],
-            cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        # The demo covers a few virtual days: validate a new playbook on the last 3 of them.
+        env.setdefault("PLAYBOOK_VALIDATION_DAYS", "3")
+        env.setdefault("PLAYBOOK_VALIDATION_CYCLE_SECONDS", "900")
+        procs = []
+        for name, queues in (("demo", "okx,llm,default"), ("demo-reflection", "reflection")):
+            log_path = Path(settings.VAR_DIR) / f"{name}-worker.log"
+            log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tradebot", "worker", "-Q", queues,
+                 "-P", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
+                 "-n", f"{name}@%h"],
+                cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+            procs.append(proc)
+            self._wait_ready(proc, log_path, procs)
+            self.stdout.write(f"   worker {name} ({queues}) ready (log: {log_path})")
+        return procs
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], log_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if b"ready." in log_path.read_bytes():
-                self.stdout.write(f"   worker ready (log: {log_path})")
-                return proc
+                return
             if proc.poll() is not None:
+                for p in procs:
+                    p.kill()
                 raise CommandError(f"the worker exited: {log_path.read_text(errors='replace')[-2000:]}")
             time.sleep(0.2)
-        proc.kill()
+        for p in procs:
+            p.kill()
         raise CommandError("the worker did not start within 90 s")
 
     # --- trading ----------------------------------------------------------------

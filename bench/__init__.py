@@ -1,0 +1,1 @@
+"""`make bench`: performance figures (see bench/run.py)."""

@@ -1,0 +1,105 @@
+"""The `replay` section: `tradebot.replay.replay_run` for one instrument, 5-minute cycles, rules brain, journal written.
+
+Robust to the replay loop's signature (another engineer is optimising it): it
+passes only the keyword arguments `replay_run` accepts and says which required
+ones it could not fill.
+"""
+from __future__ import annotations
+
+import cProfile
+import inspect
+import io
+import pstats
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bench import infra
+
+INST = "BTC-USDT-SWAP"
+REAL_FILE = infra.ROOT.parent / "shared" / "data" / "okx_BTC-USDT-SWAP_5m_2022.csv.gz"
+SYNTH_END = datetime(2025, 9, 1, tzinfo=UTC)
+FREQTRADE_US_PER_CANDLE = 41.0
+
+
+def replay_call(*, feed: Any, start: datetime, end: datetime, label: str) -> tuple[Any, float]:
+    from tradebot import replay
+
+    offered = {"inst_id": INST, "start": start, "end": end, "feed": feed, "brain": "rules",
+               "cycle": timedelta(minutes=5), "run_id": f"bench-{label}-{uuid.uuid4().hex[:8]}"}
+    params = inspect.signature(replay.replay_run).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if takes_any or k in params}
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+               and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in kwargs]
+    if missing:
+        raise TypeError(f"replay_run now requires {missing}, which the bench does not know how to fill")
+    t = time.perf_counter()
+    summary = replay.replay_run(**kwargs)
+    return summary, time.perf_counter() - t
+
+
+def report(label: str, summary: Any, wall: float) -> None:
+    cycles = int(getattr(summary, "cycles", 0) or 0)
+    inner = getattr(summary, "elapsed_seconds", None)
+    outcomes = dict(getattr(summary, "outcomes", {}) or {})
+    trades = getattr(summary, "trades", None)
+    per = wall / cycles * 1e6 if cycles else float("nan")
+    start, end = getattr(summary, "start", None), getattr(summary, "end", None)
+    span = f"{start:%Y-%m-%d} .. {end:%Y-%m-%d}" if start and end else ""
+    print(f"  {label} {span}: {cycles} cycles in {wall:.1f} s (replay_run's own clock: "
+          f"{inner if inner is None else f'{inner:.1f} s'}) = {cycles / wall:.0f} cycles/s, {per:.0f} us per cycle "
+          f"({per / FREQTRADE_US_PER_CANDLE:.1f}x freqtrade's ~41 us per candle)")
+    year = per * 105_120 / 1e6
+    print(f"    a year of 5-minute cycles (105,120) at this rate: {year:.1f} s; target <= 30 s: "
+          f"{'MET' if year <= 30 else 'NOT MET'}; outcomes {outcomes}" + (f"; trades {trades}" if trades is not None else ""))
+
+
+def profiled(fn: Any) -> Any:
+    """Run fn under cProfile when --profile was given; print where the time goes."""
+    if not infra.OPTIONS.profile:
+        return fn()
+    prof = cProfile.Profile()
+    result = prof.runcall(fn)
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out).sort_stats("cumulative")
+    stats.print_stats(30)
+    print("\n".join(out.getvalue().splitlines()[:60]))
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(20)
+    print("\n".join(out.getvalue().splitlines()[:40]))
+    return result
+
+
+def bench_replay() -> None:
+    from django.conf import settings
+
+    from market.feeds.synthetic import SyntheticFeed
+
+    days = infra.OPTIONS.days
+    window = int(settings.INDICATOR_HISTORY_CANDLES)
+    span = timedelta(days=days if days else 365)
+    start = SYNTH_END - span
+    print(f"replay: {INST}, 5-minute cycles, rules brain, paper exchange, journal written to "
+          f"{infra.ENV.database} {infra.ENV.db_name or ''}; {infra.load()}")
+    t = time.perf_counter()
+    # History before the first cycle so the 4H EMA200 has converged from the first cycle on (untimed).
+    feed = SyntheticFeed(seed=settings.SYNTHETIC_SEED, start=start - timedelta(hours=4 * (window + 3)),
+                         end=SYNTH_END, inst_ids=(INST,), clock=SYNTH_END)
+    print(f"  synthetic feed generated in {time.perf_counter() - t:.1f} s (untimed)")
+    summary, wall = profiled(lambda: replay_call(feed=feed, start=start, end=SYNTH_END, label="synthetic"))
+    report(f"synthetic, {span.days} days", summary, wall)
+
+    if not REAL_FILE.is_file():
+        print(f"  real OKX 2022 file not present ({REAL_FILE}): skipped")
+        return
+    from market.feeds.replay import ReplayFeed
+
+    real = ReplayFeed.from_csv(REAL_FILE, inst_id=INST)
+    data_start, data_end = real.data_range(INST)
+    real_start = max(data_start, data_end - span) if days else data_start
+    summary, wall = replay_call(feed=real, start=real_start, end=data_end, label="okx2022")
+    report(f"real OKX 5m {Path(REAL_FILE).name}, {(data_end - real_start).days} days", summary, wall)
+    print(f"  ({infra.load()} after)")
