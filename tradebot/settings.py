@@ -91,6 +91,16 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 
 # --- Database --------------------------------------------------------------
+# Several processes (workers, beat, the admin) share the SQLite file: WAL lets
+# readers run beside a writer, IMMEDIATE takes the write lock at BEGIN so a
+# transaction never fails on a read-to-write upgrade, and the timeout makes a
+# writer wait its turn instead of failing with "database is locked".
+SQLITE_OPTIONS: dict[str, object] = {
+    "timeout": 30,
+    "transaction_mode": "IMMEDIATE",
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+}
+
 def database_from_url(url: str | None) -> tuple[dict[str, object], bool]:
     """Return Django's DATABASES['default'] and whether TimescaleDB is asked for.
 
@@ -101,13 +111,13 @@ def database_from_url(url: str | None) -> tuple[dict[str, object], bool]:
     """
     if not url:
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": str(VAR_DIR / "tradebot.sqlite3"),
-                "OPTIONS": {"timeout": 30}}, False
+                "OPTIONS": SQLITE_OPTIONS}, False
     parsed = urlparse(url)
     scheme = parsed.scheme.lower()
     if scheme == "sqlite":
         # sqlite:///relative/path or sqlite:////absolute/path
         name = unquote(parsed.path[1:]) if parsed.path.startswith("/") else unquote(parsed.path)
-        return {"ENGINE": "django.db.backends.sqlite3", "NAME": name or ":memory:", "OPTIONS": {"timeout": 30}}, False
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": name or ":memory:", "OPTIONS": SQLITE_OPTIONS}, False
     if scheme not in {"postgres", "postgresql", "timescale", "timescaledb"}:
         raise ImproperSetting(
             f"DATABASE_URL must start with sqlite://, postgres://, postgresql://, timescale:// or timescaledb://, got scheme {scheme!r}"
