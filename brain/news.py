@@ -6,7 +6,11 @@ bypassed and research is triggered (DESIGN.md).
 """
 from __future__ import annotations
 
+import bisect
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,25 @@ def _events():
     return NewsEvent.objects.filter(enabled=True)
 
 
+# A replay asks "is there news now?" every cycle: it reads the calendar once (see `calendar_preloaded`).
+_PRELOADED: ContextVar[tuple[list[datetime], list[Any]] | None] = ContextVar("news_calendar_preloaded", default=None)
+
+
+@contextmanager
+def calendar_preloaded() -> Iterator[None]:
+    """Within the block, `news_event_near` answers from the enabled high/medium events read once.
+
+    For a replay (a past market; the calendar does not change under it). Live cycles
+    read the table each time, so an edit in the admin counts at once.
+    """
+    rows = list(_events().filter(impact__in=("high", "medium")).order_by("scheduled_at", "id"))
+    token = _PRELOADED.set(([row.scheduled_at for row in rows], rows))
+    try:
+        yield
+    finally:
+        _PRELOADED.reset(token)
+
+
 def news_event_near(*, now: datetime, minutes_before: int | None = None, minutes_after: int = 15):
     """The enabled high/medium event whose window contains `now`, or None.
 
@@ -51,6 +74,11 @@ def news_event_near(*, now: datetime, minutes_before: int | None = None, minutes
     it, when the market reacts.
     """
     before = settings.NEWS_WINDOW_MINUTES if minutes_before is None else minutes_before
+    preloaded = _PRELOADED.get()
+    if preloaded is not None:
+        times, rows = preloaded
+        i = bisect.bisect_left(times, now - timedelta(minutes=minutes_after))
+        return rows[i] if i < len(rows) and times[i] <= now + timedelta(minutes=before) else None
     return (
         _events()
         .filter(

@@ -33,6 +33,8 @@ class ScreeningOutcome:
     reason: str
     screen: ScreenResult | None
     screener_log_id: int | None
+    # With `defer_log`: the ScreenerLog row, built but not saved (the replay bulk-inserts its rows).
+    pending_log: ScreenerLog | None = None
 
 
 def _wall_now() -> datetime:
@@ -81,9 +83,15 @@ def _instrument(inst_id: str) -> Instrument | None:
 
 
 def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: int | None = None, mode: str = "live",
-                  brain: Brain | None = None) -> ScreeningOutcome:
-    """Bypass rules or the screener; always one ScreenerLog row (when the instrument is known)."""
-    instrument = _instrument(snapshot.inst_id)
+                  brain: Brain | None = None, instrument: Instrument | None = None,
+                  defer_log: bool = False) -> ScreeningOutcome:
+    """Bypass rules or the screener; always one ScreenerLog row (when the instrument is known).
+
+    `instrument` saves the lookup when the caller has the row. `defer_log=True` (replay) returns
+    the row unsaved in `pending_log`, without its snapshot JSON: the caller saves it (in bulk)
+    and decides how much of the snapshot to keep.
+    """
+    instrument = instrument if instrument is not None and instrument.inst_id == snapshot.inst_id else _instrument(snapshot.inst_id)
     bypass = screener_bypass_reason(snapshot=snapshot, context=context)
     screen: ScreenResult | None = None
     tokens = latency = 0
@@ -109,16 +117,30 @@ def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: 
             screen = ScreenResult(signal=False, reason=redact(f"screening failed: {type(exc).__name__}: {exc}")[:2000])
         proceed, reason = screen.signal, screen.reason
     log_id = None
+    pending = None
     if instrument is not None:
-        row = ScreenerLog.objects.create(
+        row = ScreenerLog(
             instrument=instrument, cycle_id=cycle_id, mode=mode, signal=proceed if bypass else bool(screen and screen.signal),
-            bypassed=bool(bypass), bypass_reason=bypass[:200], reason=reason, snapshot_json=snapshot.as_jsonable(),
+            bypassed=bool(bypass), bypass_reason=bypass[:200], reason=reason,
+            snapshot_json=None if defer_log else snapshot.as_jsonable(),
             model=model[:60], tokens_used=tokens, latency_ms=latency, cost_usd=cost,
         )
-        log_id = row.pk
+        if defer_log:
+            pending = row
+        else:
+            row.save()
+            log_id = row.pk
     else:
         log.warning("screener_log_without_instrument", inst_id=snapshot.inst_id)
-    return ScreeningOutcome(proceed=proceed, bypassed=bool(bypass), reason=reason, screen=screen, screener_log_id=log_id)
+    return ScreeningOutcome(proceed=proceed, bypassed=bool(bypass), reason=reason, screen=screen, screener_log_id=log_id,
+                            pending_log=pending)
+
+
+def screener_feedback_apply(*, row: ScreenerLog, action: str) -> None:
+    """Set the analyst's action and the agreement on a screener log row (not saved)."""
+    row.analyst_action = str(action)[:20]
+    # Agreement only means something when the screener itself said "go".
+    row.analyst_agreed = None if row.bypassed or not row.signal else str(action) != "HOLD"
 
 
 def screener_feedback_record(*, cycle_id: int, action: str) -> None:
@@ -126,14 +148,12 @@ def screener_feedback_record(*, cycle_id: int, action: str) -> None:
     row = ScreenerLog.objects.filter(cycle_id=cycle_id).order_by("-id").first()
     if row is None:
         return
-    row.analyst_action = str(action)[:20]
-    # Agreement only means something when the screener itself said "go".
-    row.analyst_agreed = None if row.bypassed or not row.signal else str(action) != "HOLD"
+    screener_feedback_apply(row=row, action=action)
     row.save(update_fields=["analyst_action", "analyst_agreed"])
 
 
 def research_run(*, snapshot: MarketSnapshot, cycle_id: int | None = None, mode: str = "live",
-                 now: datetime | None = None) -> ResearchResult | None:
+                 now: datetime | None = None, instrument: Instrument | None = None) -> ResearchResult | None:
     """Perplexity research when triggered; cached 1 h; a skip is recorded with its reason."""
     from brain.prompts import research_query
     from brain.research import ResearchUnavailable, cache_lookup, cache_store, perplexity_ask, research_triggers, trigger_key
@@ -143,7 +163,8 @@ def research_run(*, snapshot: MarketSnapshot, cycle_id: int | None = None, mode:
         triggers = research_triggers(snapshot=snapshot, now=now)
         if not triggers:
             return None
-        instrument = _instrument(snapshot.inst_id)
+        if instrument is None or instrument.inst_id != snapshot.inst_id:
+            instrument = _instrument(snapshot.inst_id)
 
         def skipped(reason: str, level: str = EventLevel.INFO) -> None:
             event_record(kind="research_skipped", message=f"research skipped: {reason}", level=level, cycle_id=cycle_id,

@@ -316,7 +316,9 @@ def trade_open_record(*, order: Order, fill: ExchangeOrder, context: dict[str, A
     direction = Direction.LONG if order.pos_side == "long" else Direction.SHORT
     price = fill.avg_px or order.price or Decimal(order.approved.get("entry_reference", "0"))
     mode = context.get("mode", Mode.LIVE)
-    existing = Trade.objects.filter(instrument=instrument, direction=direction, status=TradeStatus.OPEN, mode=mode).first()
+    # The open trade this fill adds to: same run too, so two replays in one database never mix.
+    existing = Trade.objects.filter(instrument=instrument, direction=direction, status=TradeStatus.OPEN, mode=mode,
+                                    run_id=context.get("run_id", "")).first()
     if existing is not None:
         total = existing.size + fill.filled_size
         existing.entry_price = (existing.entry_price * existing.size + price * fill.filled_size) / total

@@ -214,19 +214,24 @@ def snapshot_from_frames(*, inst_id: str, as_of: datetime, source: str,
                          ticker: Ticker | None = None, order_book: OrderBook | None = None,
                          funding: FundingRate | None = None, open_interest: OpenInterest | None = None,
                          open_interest_4h_ago: Decimal | None = None,
-                         window: int | None = None, recent: int | None = None) -> MarketSnapshot:
+                         window: int | None = None, recent: int | None = None,
+                         views: Mapping[str, TimeframeView] | None = None) -> MarketSnapshot:
     """Build the snapshot from candle frames (any history; only bars closed by `as_of` are used).
 
     `computed[tf]`, when given, is `indicators_compute` over `candles[tf]` (see
     the module docstring for when its rows are used as they are).
+    `views[tf]`, when given, is `timeframe_view` of that timeframe at `as_of` (same candles,
+    same arguments) made by the caller: the replay reuses a 1H view for the twelve 5-minute
+    cycles in which no new 1H candle closes.
     Raises SnapshotUnavailable when there is neither a ticker nor a closed candle.
     """
     if as_of.tzinfo is None:
         raise ValueError("as_of must be timezone-aware (UTC)")
     computed = computed or {}
+    given = views or {}
     views = {
-        tf: timeframe_view(timeframe=tf, candles=candles.get(tf), as_of=as_of, computed=computed.get(tf),
-                           window=window, recent=recent)
+        tf: given[tf] if tf in given else timeframe_view(
+            timeframe=tf, candles=candles.get(tf), as_of=as_of, computed=computed.get(tf), window=window, recent=recent)
         for tf in candles
     }
     if ticker is not None:

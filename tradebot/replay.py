@@ -12,7 +12,23 @@ For every cycle time t (every `cycle` from `start` to `end`):
 The journal is written with mode=replay and the run id. Cycle rows are written
 in bulk per batch (one INSERT for placeholders that give the ids the other
 rows point to, one upsert at the end of the batch), inside one transaction per
-batch when the brain makes no network call (rules brain + paper exchange).
+batch when the brain makes no network call (rules brain + paper exchange);
+screener log rows are bulk-inserted at the end of their batch too.
+
+To keep a year's journal small, a cycle keeps its FULL snapshot JSON only when
+its decision went to the risk gate (not HOLD: traded, rejected, halted), or with
+`full_snapshots="analyzed"` whenever it reached ANALYZING (with a position open
+the analyst sees every cycle, so that is about half of them, ~6 KB each: ~330 MB
+for a year); the other cycles keep a compact one (`{"compact": true, ts, price, regime, 1H change, funding, anomaly
+reasons}`). A replay's ScreenerLog rows always hold the compact one: their
+cycle (screener_log.cycle) holds the full snapshot when there is one.
+
+Each run has its own paper account (named after the run id) and its own bot
+state (scope "replay:<run_id>"); the paper exchange runs `exclusive` (its book
+in memory between its own writes, see execution/exchanges/paper.py). Funding:
+the feed's rate is given to the paper exchange as it settles, so positions
+held across 00/08/16 UTC pay or receive it. The risk gate's day starts at
+00:00 UTC as live (`risk_daily_reset` at each UTC midnight of the replay).
 """
 from __future__ import annotations
 
@@ -63,6 +79,7 @@ class ReplaySummary:
     outcomes: Counter = field(default_factory=Counter)
     decisions: list[tuple[str, str]] = field(default_factory=list)  # (as_of, action) of analysed cycles
     elapsed_seconds: float = 0.0
+    full_snapshots: str = "acted"  # which cycles kept the full snapshot JSON (see replay_run)
 
     def as_dict(self) -> dict[str, Any]:
         """The figures the command prints (and `--json` prints as one object)."""
@@ -108,6 +125,7 @@ class ReplaySummary:
             "llm_calls": llm.exclude(status="skipped").count(),
             "llm_cost_usd": str((llm.aggregate(v=Sum("cost_usd"))["v"] or Decimal(0)).quantize(Decimal("0.0001"))),
             "risk_rejections": dict(rejections),
+            "journal_snapshots": f"full for {self.full_snapshots} cycles, compact for the others",
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "cycles_per_second": round(self.cycles / self.elapsed_seconds, 1) if self.elapsed_seconds else None,
         }
@@ -120,7 +138,12 @@ def parse_cycle(text: str) -> timedelta:
 
 
 class FrameSnapshots:
-    """Snapshots from frames and indicators computed once over the whole replay history."""
+    """Snapshots from frames and indicators computed once over the whole replay history.
+
+    A timeframe's view only changes when one of its candles closes, so each view is
+    built by `market.snapshot.timeframe_view` once per closed candle and reused by the
+    cycles in between (a 4H view serves 48 five-minute cycles).
+    """
 
     def __init__(self, feed: Any, inst_id: str, until: datetime) -> None:
         from market.indicators import indicators_compute
@@ -131,11 +154,29 @@ class FrameSnapshots:
         feed.set_clock(until)
         self.frames: dict[str, pd.DataFrame | None] = {}
         self.computed: dict[str, pd.DataFrame] = {}
+        self._opens: dict[str, Any] = {}  # open times (ns) per timeframe, to find the last closed candle
+        self._views: dict[str, tuple[int, Any]] = {}  # tf -> (closed candle count, its TimeframeView)
         for tf in settings.TIMEFRAMES:
             frame = feed.frame(inst_id, tf, limit=10_000_000)
             self.frames[tf] = frame
+            self._opens[tf] = frame.index.asi8
             if not frame.empty:
                 self.computed[tf] = indicators_compute(frame)
+
+    def views_at(self, as_of: datetime) -> dict[str, Any]:
+        from market.snapshot import tf_duration, timeframe_view
+
+        as_of_ns = pd.Timestamp(as_of).value
+        views = {}
+        for tf, frame in self.frames.items():
+            end = int(self._opens[tf].searchsorted(as_of_ns - pd.Timedelta(tf_duration(tf)).value, side="right"))
+            known = self._views.get(tf)
+            if known is None or known[0] != end:
+                known = (end, timeframe_view(timeframe=tf, candles=frame, as_of=as_of, computed=self.computed.get(tf),
+                                             window=self.window))
+                self._views[tf] = known
+            views[tf] = known[1]
+        return views
 
     def __call__(self, inst_id: str, as_of: datetime) -> MarketSnapshot:
         from market.snapshot import snapshot_from_frames
@@ -149,6 +190,7 @@ class FrameSnapshots:
             inst_id=inst_id, as_of=as_of, source=getattr(feed, "name", "replay"), candles=self.frames,
             computed=self.computed, ticker=feed.ticker(inst_id), order_book=feed.order_book(inst_id, 5),
             funding=feed.funding_rate(inst_id), open_interest=oi, open_interest_4h_ago=oi_ago, window=self.window,
+            views=self.views_at(as_of) if inst_id == self.inst_id else None,
         )
 
 
@@ -174,12 +216,20 @@ def replay_run(
     run_id: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     playbook_version: int | None = None,
+    full_snapshots: str = "acted",
 ) -> ReplaySummary:
     """Run every cycle in [start, end) and return the summary (the journal holds the rest).
 
     `playbook_version` replays with that stored version (any status: candidates
-    are validated this way) instead of the active one.
+    are validated this way) instead of the active one. `full_snapshots`: which
+    cycles keep the full snapshot JSON — "acted" (default: the decision was not
+    HOLD, so it went to the risk gate) or "analyzed" (every cycle that reached
+    ANALYZING; with a position open that is every cycle, ~6 KB each); the others
+    keep the compact one.
     """
+    if full_snapshots not in ("acted", "analyzed"):
+        raise ReplayError(f"full_snapshots must be 'acted' or 'analyzed', got {full_snapshots!r}")
+    from brain.news import calendar_preloaded
     from execution.exchanges.paper import PaperExchange
     from market.services import instruments_sync
 
@@ -197,20 +247,13 @@ def replay_run(
     if end <= start:
         raise ReplayError(f"no {inst_id} data between the dates asked for (data covers {data_start} to {data_end})")
     snapshots = FrameSnapshots(feed, inst_id, end)
-    exchange = PaperExchange(account_name=run_id[:40])
-    trades_cache: dict[str, Any] = {"key": None, "value": []}
-
-    def cached_recent_trades() -> list[Any]:
-        # Re-read only when the journal's trades of this run changed (opened or closed).
-        key = Trade.objects.filter(mode=Mode.REPLAY, run_id=run_id).aggregate(n=Sum("id"), c=Sum("duration_seconds"))
-        key_t = (key["n"], key["c"])
-        if key_t != trades_cache["key"]:
-            trades_cache["key"] = key_t
-            trades_cache["value"] = recent_trades(mode=Mode.REPLAY, run_id=run_id)
-        return trades_cache["value"]
-
+    # Its own account: two runs in one database never share a balance (exclusive: see the docstring).
+    exchange = PaperExchange(account_name=run_id[:40], exclusive=True)
+    run = _RunState(run_id=run_id, exchange=exchange)
     env = StageEnv(feed=feed, exchange=exchange, mode=Mode.REPLAY, run_id=run_id, brain_name=brain,
-                   snapshot_provider=snapshots, sync_candles=False, recent_trades_provider=cached_recent_trades)
+                   snapshot_provider=snapshots, sync_candles=False, recent_trades_provider=run.recent_trades,
+                   account_provider=run.account, defer_journal=True)
+    run.scope = env.scope
     if playbook_version is not None:
         from brain.base import brain_for_settings
         from brain.models import PlaybookVersion
@@ -220,7 +263,7 @@ def replay_run(
             raise ReplayError(f"playbook version {playbook_version} does not exist")
         env.brain = brain_for_settings(brain, playbook=pinned.playbook, playbook_version=pinned.version)
     summary = ReplaySummary(run_id=run_id, inst_id=inst_id, start=start, end=end, brain=brain,
-                            source=getattr(feed, "name", "replay"))
+                            source=getattr(feed, "name", "replay"), full_snapshots=full_snapshots)
     times: list[datetime] = []
     t = start + cycle  # the first cycle sees the first full cycle of bars
     while t <= end:
@@ -231,63 +274,172 @@ def replay_run(
     # Network brains must not run inside a database transaction (house rule); the rules brain may.
     atomic = brain == "rules"
     began = time.perf_counter()
-    for offset in range(0, len(times), BATCH):
-        batch = times[offset:offset + BATCH]
-        if atomic:
-            with transaction.atomic():
-                _run_batch(batch, instrument, env, walker, summary)
-        else:
-            _run_batch(batch, instrument, env, walker, summary)
-        if progress:
-            progress(min(offset + BATCH, len(times)), len(times))
+    with calendar_preloaded():
+        for offset in range(0, len(times), BATCH):
+            batch = times[offset:offset + BATCH]
+            if atomic:
+                with transaction.atomic():
+                    _run_batch(batch, instrument, env, walker, summary, run, full_snapshots)
+            else:
+                _run_batch(batch, instrument, env, walker, summary, run, full_snapshots)
+            if progress:
+                progress(min(offset + BATCH, len(times)), len(times))
     summary.elapsed_seconds = time.perf_counter() - began
     return summary
 
 
+@dataclass
+class _RunState:
+    """What the loop remembers between cycles instead of asking the database every cycle."""
+
+    run_id: str
+    exchange: Any = None
+    scope: str = ""
+    bot: tuple[Any, Any] | None = None  # (day-start equity, peak equity) of the run's bot state, None = re-read
+    trades: list[Any] = field(default_factory=list)
+    trades_stale: bool = True  # a trade opened or closed since `trades` was read
+    synced: bool = False
+    closes_synced: int = 0  # the paper exchange's close count at the last account sync
+    peak_synced: Decimal | None = None  # the highest equity an account sync has seen
+    last_day: Any = None  # the UTC date of the last cycle (a new one starts the risk gate's day)
+
+    def account(self) -> Any:
+        """`execution.selectors.account_state` of this run, without re-reading an unchanged bot state."""
+        from dataclasses import replace
+
+        from execution.selectors import bot_state_row
+
+        if self.bot is None:
+            row = bot_state_row(self.scope)
+            self.bot = (row.day_start_equity, row.peak_equity)
+        return replace(self.exchange.account(), day_start_equity=self.bot[0], peak_equity=self.bot[1])
+
+    def recent_trades(self) -> list[Any]:
+        if self.trades_stale:
+            self.trades = recent_trades(mode=Mode.REPLAY, run_id=self.run_id)
+            self.trades_stale = False
+        return self.trades
+
+
 class _BarWalker:
-    """Feeds the paper exchange every base bar up to the clock, only while it holds something."""
+    """Feeds the paper exchange every base bar up to the clock while it holds something.
+
+    Flat, only the last bar matters (market orders fill at its close). Before the bars,
+    the exchange gets the feed's funding rate at the clock (the rate settled at the last
+    00/08/16 UTC), so a position held across a settlement pays or receives it.
+    """
 
     def __init__(self, feed: Any, inst_id: str, timeframe: str, exchange: Any, start: datetime) -> None:
+        self.feed = feed
         self.series = feed.series(inst_id, timeframe)
         self.inst_id = inst_id
         self.exchange = exchange
         self.tf_ms = self.series.tf_ms
         self.next_i = int(self.series.closed_end(int(start.timestamp() * 1000)))
-        self.exposed = False  # an open position or a resting order on the paper exchange
+        self.funding: tuple[Any, Any] | None = None  # (settlement time, rate) last given to the exchange
 
-    def advance(self, until: datetime) -> None:
+    def advance(self, until: datetime, exposed: bool) -> None:
         end = self.series.closed_end(int(until.timestamp() * 1000))
-        if self.exposed:
+        if exposed:
+            self._funding_at(until)
             for i in range(self.next_i, end):
                 self.exchange.process_bar(self.inst_id, self.series.bar(i))
         elif end > self.next_i:
-            # Flat: only the last price matters (market orders fill at it).
             self.exchange.process_bar(self.inst_id, self.series.bar(end - 1))
         self.next_i = max(self.next_i, end)
 
+    def _funding_at(self, until: datetime) -> None:
+        self.feed.set_clock(until)
+        funding = self.feed.funding_rate(self.inst_id)
+        key = (funding.ts, funding.rate)
+        if key != self.funding:
+            self.exchange.set_funding_rate(self.inst_id, funding.rate)
+            self.funding = key
 
-def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, walker: _BarWalker, summary: ReplaySummary) -> None:
+
+def _compact_snapshot(snapshot: MarketSnapshot) -> dict[str, Any]:
+    """What a cycle that ended at screening keeps of its snapshot."""
+    return {
+        "compact": True,
+        "inst_id": snapshot.inst_id,
+        "ts": snapshot.ts.isoformat(),
+        "price": str(snapshot.price),
+        "regime": snapshot.regime,
+        "price_change_1h_pct": snapshot.price_change_1h_pct,
+        "funding_rate": None if snapshot.funding_rate is None else str(snapshot.funding_rate),
+        "anomalies": list(snapshot.anomalies.reasons),
+    }
+
+
+def _sync_if_needed(env: StageEnv, run: _RunState) -> None:
+    """`account_sync` when it can change something: a position closed, a new equity peak, the first time.
+
+    Between those, a sync of this run would only re-read the same numbers (no order is in
+    flight in a replay: the paper exchange settles each order within `order_place`).
+    """
     from execution.services import account_sync
 
+    exchange = env.exchange
+    equity = exchange.account().equity
+    if run.synced and exchange.closes == run.closes_synced and run.peak_synced is not None and equity <= run.peak_synced:
+        return
+    result = account_sync(exchange=exchange, mode=Mode.REPLAY, run_id=env.run_id)
+    run.bot = None
+    run.synced, run.closes_synced = True, exchange.closes
+    run.peak_synced = equity if run.peak_synced is None else max(run.peak_synced, equity)
+    if result.closed_trade_ids:
+        run.trades_stale = True
+
+
+def _new_day(as_of: datetime, env: StageEnv, run: _RunState) -> None:
+    """00:00 UTC, as the live beat does it: the risk gate's day starts with the equity then."""
+    from execution.services import risk_daily_reset
+
+    if as_of.date() == run.last_day:
+        return
+    run.last_day = as_of.date()
+    midnight = as_of.replace(hour=0, minute=0, second=0, microsecond=0)
+    run.bot = None
+    risk_daily_reset(now=midnight, equity=env.exchange.account().equity, scope=env.scope)
+
+
+def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, walker: _BarWalker,
+               summary: ReplaySummary, run: _RunState, full_snapshots: str) -> None:
     placeholders = Cycle.objects.bulk_create([
         Cycle(instrument=instrument, mode=Mode.REPLAY, run_id=env.run_id, as_of=t, state=S.IDLE) for t in times
     ])
+    screener_logs: list[ScreenerLog] = []
     for cycle in placeholders:
         cycle.instrument = instrument
-        had_position = walker.exposed
-        walker.advance(cycle.as_of)
-        if had_position:
-            account_sync(exchange=env.exchange, mode=Mode.REPLAY)
-        _run_cycle(cycle, env)
-        walker.exposed = bool(env.exchange.positions())
+        exposed = env.exchange.exposed()
+        walker.advance(cycle.as_of, exposed)
+        if exposed:
+            _sync_if_needed(env, run)
+        _new_day(cycle.as_of, env, run)
+        work = _run_cycle(cycle, env)
+        if cycle.client_order_id:
+            run.trades_stale = True
+        if cycle.decision and cycle.outcome != CycleOutcome.HOLD:
+            run.bot = None  # the risk gate ran: it may have halted the run or refreshed its state
+        snapshot = work._snapshot
+        if snapshot is not None:
+            compact = _compact_snapshot(snapshot)
+            keep_full = bool(cycle.decision) and (full_snapshots == "analyzed" or cycle.outcome != CycleOutcome.HOLD)
+            cycle.snapshot = snapshot.as_jsonable() if keep_full else compact
+        log_row = work.extra.get("screener_log")
+        if log_row is not None:
+            log_row.snapshot_json = compact if snapshot is not None else None  # the cycle row has the full one
+            screener_logs.append(log_row)
         summary.cycles += 1
         summary.outcomes[cycle.outcome] += 1
         if cycle.decision:
             summary.decisions.append((cycle.as_of.isoformat(), cycle.decision["decision"]["action"]))
+    env.exchange.flush()
     Cycle.objects.bulk_create(placeholders, update_conflicts=True, unique_fields=["id"], update_fields=list(_PERSISTED))
+    ScreenerLog.objects.bulk_create(screener_logs)
 
 
-def _run_cycle(cycle: Cycle, env: StageEnv) -> None:
+def _run_cycle(cycle: Cycle, env: StageEnv) -> CycleWork:
     """One cycle through the stages, in memory; errors end the cycle, never the replay."""
     work = CycleWork(cycle=cycle)
     for stage, fn, _queue in STAGES:
@@ -311,3 +463,4 @@ def _run_cycle(cycle: Cycle, env: StageEnv) -> None:
     if cycle.ended_at is None:
         cycle_end(cycle, outcome=CycleOutcome.ERROR, reason=f"cycle stopped in {cycle.state} without an outcome",
                   state=S.FAILED, now=cycle.as_of)
+    return work

@@ -54,8 +54,21 @@ class StageEnv:
     sync_candles: bool = True
     # Replay keeps the recent trades in memory between trades instead of reading them every cycle.
     recent_trades_provider: Callable[[], list[TradeView]] | None = None
+    # Replay: the account as the brain sees it (balances plus the run's day-start/peak equity),
+    # kept between the events that change it instead of reading the bot state every cycle.
+    account_provider: Callable[[], Any] | None = None
     manual_trigger: bool = False
     brain: Any = None  # cached brain instance (replay: one per run)
+    # Replay: the snapshot JSON and the screener log row are left to the caller, which saves them
+    # in bulk and keeps the full snapshot only where it is worth it (tradebot/replay.py).
+    defer_journal: bool = False
+
+    @property
+    def scope(self) -> str:
+        """The BotState row this environment trades under: the live bot, or this replay run."""
+        from execution.selectors import bot_scope
+
+        return bot_scope(mode=self.mode, run_id=self.run_id)
 
 
 @dataclass
@@ -153,7 +166,8 @@ def brain_context(work: CycleWork, env: StageEnv) -> BrainContext:
     positions = [position_view(p, strategies.get(p.inst_id, "")) for p in positions_open(exchange=env.exchange)]
     work.context = BrainContext(
         positions=positions,
-        account=account_view(account_state(exchange=env.exchange)),
+        account=account_view(env.account_provider() if env.account_provider
+                             else account_state(exchange=env.exchange, scope=env.scope)),
         recent_trades=trades,
         manual_trigger=env.manual_trigger or (work.cycle.stage_times or {}).get("trigger") == "manual",
         now=work.cycle.as_of,
@@ -201,7 +215,8 @@ def collect(work: CycleWork, env: StageEnv) -> bool:
             candles_sync(feed=feed, instrument=cycle.instrument, timeframes=list(settings.TIMEFRAMES), limit=SYNC_CANDLES)
         snapshot = snapshot_build(feed=feed, inst_id=inst_id, as_of=cycle.as_of)
     work._snapshot = snapshot
-    cycle.snapshot = snapshot.as_jsonable()
+    if not env.defer_journal:
+        cycle.snapshot = snapshot.as_jsonable()
     if hasattr(env.exchange, "set_price") and env.snapshot_provider is None:
         # The paper exchange fills market orders at the price the cycle saw.
         env.exchange.set_price(inst_id, snapshot.price, snapshot.ts)
@@ -213,8 +228,11 @@ def screen(work: CycleWork, env: StageEnv) -> bool:
     from brain.services import screening_run
 
     outcome = screening_run(snapshot=work.snapshot, context=brain_context(work, env), cycle_id=work.cycle.pk,
-                            mode=env.mode, brain=chosen_brain(env))
+                            mode=env.mode, brain=chosen_brain(env), instrument=work.cycle.instrument,
+                            defer_log=env.defer_journal)
     work.screen_proceed = outcome.proceed
+    if outcome.pending_log is not None:
+        work.extra["screener_log"] = outcome.pending_log
     work.cycle.screener_result = {
         "proceed": outcome.proceed,
         "bypassed": outcome.bypassed,
@@ -231,7 +249,7 @@ def research(work: CycleWork, env: StageEnv) -> bool:
     """RESEARCHING: the research service decides whether it is triggered (and records a skip)."""
     from brain.services import research_run
 
-    result = research_run(snapshot=work.snapshot, cycle_id=work.cycle.pk, mode=env.mode)
+    result = research_run(snapshot=work.snapshot, cycle_id=work.cycle.pk, mode=env.mode, instrument=work.cycle.instrument)
     work._research = result
     work.cycle.research = None if result is None else result.model_dump(mode="json")
     if result is None:
@@ -241,7 +259,7 @@ def research(work: CycleWork, env: StageEnv) -> bool:
 
 def analyze(work: CycleWork, env: StageEnv) -> bool:
     """ANALYZING: the analyst (or the rules brain) returns a validated decision; HOLD ends the cycle."""
-    from brain.services import decision_make, screener_feedback_record
+    from brain.services import decision_make, screener_feedback_apply, screener_feedback_record
 
     brain = chosen_brain(env)
     decision = decision_make(
@@ -252,7 +270,9 @@ def analyze(work: CycleWork, env: StageEnv) -> bool:
     work.cycle.brain = getattr(brain, "name", "") or ""
     work.cycle.playbook_version = getattr(brain, "playbook_version", None)
     work.cycle.decision = decision.model_dump(mode="json")
-    if work.cycle.pk is not None and (work.cycle.screener_result or {}).get("screener_log_id"):
+    if work.extra.get("screener_log") is not None:
+        screener_feedback_apply(row=work.extra["screener_log"], action=str(decision.action))
+    elif work.cycle.pk is not None and (work.cycle.screener_result or {}).get("screener_log_id"):
         screener_feedback_record(cycle_id=work.cycle.pk, action=str(decision.action))
     if decision.action == Action.HOLD:
         return _end(work, CycleOutcome.HOLD, f"HOLD: {decision.reasoning or 'no reason given'}"[:2000])
@@ -276,12 +296,13 @@ def _gate(work: CycleWork, env: StageEnv) -> Any:
     return risk_gate_run(
         decision=work.decision,
         market=market_ref(work.snapshot),
-        account=account_state(exchange=env.exchange),
+        account=account_state(exchange=env.exchange, scope=env.scope),
         positions=positions,
         returns_1h=returns,
         instrument=work.cycle.instrument,
         cycle_id=work.cycle.pk,
         mode=env.mode,
+        run_id=env.run_id,
         now=work.cycle.as_of,
     )
 
@@ -293,11 +314,12 @@ def market_ref(snapshot: MarketSnapshot) -> Any:
     return MarketRef(last=snapshot.price, mark=snapshot.ticker.mark, inst_id=snapshot.inst_id, ts=snapshot.ts)
 
 
-def halted_reason() -> str | None:
-    """HALTED / EMERGENCY_HALT / COOLDOWN: the reason no order may go out, else None."""
+def halted_reason(scope: str | None = None) -> str | None:
+    """HALTED / EMERGENCY_HALT / COOLDOWN of `scope` (default: the live bot): why no order may go out, else None."""
+    from execution.models import LIVE_SCOPE
     from execution.selectors import bot_state
 
-    bot = bot_state()
+    bot = bot_state(scope=scope or LIVE_SCOPE)
     if str(bot.state) in HALT_STATES:
         return f"bot {bot.state}: {bot.reason or 'no reason given'}"
     return None
@@ -313,7 +335,7 @@ def _verdict_json(verdict: Any) -> dict[str, Any]:
 
 def risk(work: CycleWork, env: StageEnv) -> bool:
     """RISK_CHECK: bot-wide halt first, then the gate; a rejection is journaled with every failed rule."""
-    reason = halted_reason()
+    reason = halted_reason(env.scope)
     if reason:
         return _end(work, CycleOutcome.HALTED, reason)
     verdict = _gate(work, env)
@@ -359,7 +381,7 @@ def execute(work: CycleWork, env: StageEnv) -> bool:
         return True
     # An unfinished order of ours (the worker died mid-call) is completed below through
     # order_place, which looks it up by client order id before it would send anything.
-    reason = None if existing is not None else halted_reason()
+    reason = None if existing is not None else halted_reason(env.scope)
     if reason:
         return _end(work, CycleOutcome.HALTED, reason)
     approved = work.extra.pop("approved", None)

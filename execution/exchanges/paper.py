@@ -18,9 +18,18 @@ Model (documented, tested by hand-computed cases in tests/execution/test_paper_e
   the liquidation price and the remaining maintenance margin is the liquidation penalty, so the
   position loses exactly its margin (a bar that opens beyond it fills there too: margin lost);
 - the clock is the time of the last bar/price given (`process_bar`/`set_price`), so replays work.
+
+`exclusive=True` (the replay: this instance is the ONLY writer of its account) keeps the book in
+memory between its own writes: a bar that triggers nothing (no funding time, no SL/TP/liquidation
+touched, no limit order crossed) only moves the in-memory price, written to PaperPrice before the
+next operation that reads it (and on `flush()`); positions and balances are computed from the
+in-memory copy of the rows, reloaded after every write. The figures are the same as without it
+(tests/tradebot/test_replay_speed.py runs one scenario through both and compares). Live workers share an account across
+processes, so they never use it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone as dt_timezone
 from decimal import Decimal
 from typing import Any
@@ -59,6 +68,15 @@ def next_funding_after(ts: datetime) -> datetime:
     return base + timedelta(hours=8)
 
 
+@dataclass
+class _Book:
+    """The exclusive instance's copy of its account: cash, open positions, live orders."""
+
+    cash: Decimal
+    positions: list[PaperPosition]
+    orders: list[PaperOrder]
+
+
 class PaperExchange(Exchange):
     name = "paper"
 
@@ -71,6 +89,7 @@ class PaperExchange(Exchange):
         taker_fee: Decimal | None = None,
         maker_fee: Decimal | None = None,
         maint_margin_rate: Decimal | None = None,
+        exclusive: bool = False,
     ) -> None:
         self.slippage = settings.PAPER_SLIPPAGE if slippage is None else slippage
         self.taker_fee = settings.PAPER_TAKER_FEE if taker_fee is None else taker_fee
@@ -78,24 +97,80 @@ class PaperExchange(Exchange):
         self.mmr = settings.PAPER_MAINT_MARGIN_RATE if maint_margin_rate is None else maint_margin_rate
         balance = settings.PAPER_START_BALANCE if start_balance is None else start_balance
         self.account_id = PaperAccount.objects.get_or_create(name=account_name, defaults={"cash": q(balance)})[0].pk
+        self.exclusive = exclusive
+        self.closes = 0  # positions this instance closed (SL/TP, liquidation, close orders): tells a replay to sync
+        self._specs: dict[str, Instrument] = {}
+        self._book: _Book | None = None
+        self._prices: dict[str, tuple[Decimal, datetime]] = {}  # exclusive: the last price and clock per instrument
+        self._dirty: set[str] = set()  # prices not written to PaperPrice yet
+
+    # --- the exclusive instance's memory ----------------------------------------------
+    def _book_get(self) -> _Book:
+        if self._book is None:
+            self._book = _Book(
+                cash=PaperAccount.objects.values_list("cash", flat=True).get(pk=self.account_id),
+                positions=list(PaperPosition.objects.filter(account_id=self.account_id, status="open")),
+                orders=list(PaperOrder.objects.filter(account_id=self.account_id, state="live")),
+            )
+        return self._book
+
+    def _changed(self) -> None:
+        """The database book was written: the memory copy is reloaded on next use."""
+        self._book = None
+
+    def flush(self) -> None:
+        """Write the in-memory prices to PaperPrice (exclusive mode; a no-op otherwise)."""
+        for inst_id in self._dirty:
+            last, ts = self._prices[inst_id]
+            PaperPrice.objects.filter(account_id=self.account_id, inst_id=inst_id).update(last=last, ts=ts)
+        self._dirty.clear()
+
+    def exposed(self) -> bool:
+        """An open position or a resting order: every bar matters."""
+        if self.exclusive:
+            book = self._book_get()
+            return bool(book.positions or book.orders)
+        return (PaperPosition.objects.filter(account_id=self.account_id, status="open").exists()
+                or PaperOrder.objects.filter(account_id=self.account_id, state="live").exists())
+
+    def _quiet_bar(self, inst_id: str, ts: datetime, high: Decimal, low: Decimal) -> bool:
+        """Nothing in the book reacts to this bar: no funding time, no trigger touched, no limit crossed."""
+        book = self._book_get()
+        ct_val = None
+        for pos in book.positions:
+            if pos.inst_id != inst_id:
+                continue
+            if next_funding_after(pos.last_funding_at) <= ts:
+                return False
+            ct_val = ct_val if ct_val is not None else self._spec(inst_id).ct_val
+            if any(self._trigger_hits(pos, ct_val, high, low)[1:]):
+                return False
+        return not any(o.inst_id == inst_id and o.ord_type == "limit" and self._crossed(o, high, low) for o in book.orders)
 
     # --- helpers ---------------------------------------------------------------
     def _spec(self, inst_id: str) -> Instrument:
+        spec = self._specs.get(inst_id)
+        if spec is not None:
+            return spec
         spec = Instrument.objects.filter(inst_id=inst_id).first()
         if spec is None:
             raise ExchangeRejected(f"Instrument ID {inst_id} doesn't exist", code="51001")
+        if self.exclusive:
+            self._specs[inst_id] = spec
         return spec
 
     def _locked_account(self) -> PaperAccount:
         return PaperAccount.objects.select_for_update().get(pk=self.account_id)
 
     def _last(self, inst_id: str) -> PaperPrice:
+        self.flush()
         row = PaperPrice.objects.filter(account_id=self.account_id, inst_id=inst_id).first()
         if row is None or row.last is None or row.ts is None:
             raise ExchangeRejected(f"no price known for {inst_id} yet: call set_price or process_bar first", code="51000")
         return row
 
     def now(self) -> datetime:
+        self.flush()
         latest = PaperPrice.objects.filter(account_id=self.account_id, ts__isnull=False).order_by("-ts").values_list("ts", flat=True).first()
         return latest or timezone.now()
 
@@ -142,6 +217,8 @@ class PaperExchange(Exchange):
                 row.pk = None
                 row.save()
             raise
+        finally:
+            self._changed()
 
     def _reject(self, row: PaperOrder, reason: str, code: str) -> ExchangeRejected:
         row.state, row.reason = "rejected", reason
@@ -241,6 +318,7 @@ class PaperExchange(Exchange):
             pos.realized_pnl += pnl
             if pos.size <= 0:
                 pos.status, pos.closed_at, pos.close_reason, pos.margin = "closed", ts, kind, ZERO
+                self.closes += 1
         pos.fees += fee
         pos.save()
         account.cash = q(account.cash + pnl - fee)
@@ -261,6 +339,7 @@ class PaperExchange(Exchange):
 
     def close_position(self, *, inst_id: str, pos_side: str, client_order_id: str = "") -> ExchangeOrder | None:
         spec = self._spec(inst_id)
+        self._changed()
         with transaction.atomic():
             account = self._locked_account()
             pos = PaperPosition.objects.filter(account=account, inst_id=inst_id, pos_side=pos_side, status="open").first()
@@ -280,6 +359,7 @@ class PaperExchange(Exchange):
             return self._as_exchange_order(row)
 
     def cancel_order(self, *, inst_id: str, client_order_id: str) -> ExchangeOrder | None:
+        self._changed()
         with transaction.atomic():
             self._locked_account()
             row = PaperOrder.objects.filter(account_id=self.account_id, client_order_id=client_order_id).first()
@@ -291,6 +371,7 @@ class PaperExchange(Exchange):
             return self._as_exchange_order(row)
 
     def cancel_algo_orders(self, *, inst_id: str) -> int:
+        self._changed()
         return PaperPosition.objects.filter(account_id=self.account_id, inst_id=inst_id, status="open").exclude(
             stop_loss=None, take_profit=None
         ).update(stop_loss=None, take_profit=None)
@@ -299,28 +380,40 @@ class PaperExchange(Exchange):
         row = PaperOrder.objects.filter(account_id=self.account_id, client_order_id=client_order_id).first()
         return self._as_exchange_order(row) if row else None
 
+    def _position(self, pos: PaperPosition, mark: Decimal) -> Position:
+        spec = self._spec(pos.inst_id)
+        return Position(
+            inst_id=pos.inst_id, pos_side=pos.pos_side, size=pos.size, avg_px=pos.avg_px,
+            notional_usd=q(pos.size * spec.ct_val * mark), leverage=pos.leverage,
+            unrealized_pnl=q(self._upl(pos, mark, spec.ct_val)), margin=pos.margin,
+            liq_px=q(self.liquidation_price(pos, spec.ct_val)), mark_px=mark, stop_loss=pos.stop_loss,
+            take_profit=pos.take_profit, pos_id=str(pos.pk), opened_at=pos.opened_at,
+        )
+
+    def _mark(self, inst_id: str) -> Decimal:
+        known = self._prices.get(inst_id)
+        return known[0] if known is not None else self._last(inst_id).last  # type: ignore[return-value]
+
     def positions(self) -> list[Position]:
-        result = []
-        for pos in PaperPosition.objects.filter(account_id=self.account_id, status="open"):
-            spec = self._spec(pos.inst_id)
-            mark = self._last(pos.inst_id).last
-            result.append(Position(
-                inst_id=pos.inst_id, pos_side=pos.pos_side, size=pos.size, avg_px=pos.avg_px,
-                notional_usd=q(pos.size * spec.ct_val * mark), leverage=pos.leverage,
-                unrealized_pnl=q(self._upl(pos, mark, spec.ct_val)), margin=pos.margin,
-                liq_px=q(self.liquidation_price(pos, spec.ct_val)), mark_px=mark, stop_loss=pos.stop_loss,
-                take_profit=pos.take_profit, pos_id=str(pos.pk), opened_at=pos.opened_at,
-            ))
-        return result
+        if self.exclusive:
+            return [self._position(pos, self._mark(pos.inst_id)) for pos in self._book_get().positions]
+        return [self._position(pos, self._last(pos.inst_id).last)  # type: ignore[arg-type]
+                for pos in PaperPosition.objects.filter(account_id=self.account_id, status="open")]
 
     def account(self) -> AccountState:
-        account = PaperAccount.objects.get(pk=self.account_id)
         positions = self.positions()
+        if self.exclusive:
+            book = self._book_get()
+            cash = book.cash
+            available = cash - sum((p.margin for p in book.positions), ZERO) - sum((o.reserved_margin for o in book.orders), ZERO)
+        else:
+            account = PaperAccount.objects.get(pk=self.account_id)
+            cash, available = account.cash, self._available(account)
         upl = sum((p.unrealized_pnl for p in positions), ZERO)
         margin = sum((p.margin for p in positions), ZERO)
         return AccountState(
-            equity=account.cash + upl, available_balance=self._available(account), margin_used=margin,
-            unrealized_pnl=upl, cash=account.cash,
+            equity=cash + upl, available_balance=available, margin_used=margin,
+            unrealized_pnl=upl, cash=cash,
         )
 
     def closed_positions(self, *, since: datetime | None = None) -> list[ClosedPosition]:
@@ -351,7 +444,14 @@ class PaperExchange(Exchange):
         self._advance(inst_id, ts=bar.ts, open_=Decimal(bar.open), high=Decimal(bar.high), low=Decimal(bar.low), close=Decimal(bar.close))
 
     def _advance(self, inst_id: str, *, ts: datetime, open_: Decimal, high: Decimal, low: Decimal, close: Decimal) -> None:
+        if self.exclusive and inst_id in self._prices and self._quiet_bar(inst_id, ts, high, low):
+            # Nothing reacts: only the price and the clock move (written before anything reads them).
+            self._prices[inst_id] = (q(close), max(ts, self._prices[inst_id][1]))
+            self._dirty.add(inst_id)
+            return
         spec = self._spec(inst_id)
+        self.flush()
+        self._changed()
         with transaction.atomic():
             account = self._locked_account()
             price_row, _ = PaperPrice.objects.get_or_create(account=account, inst_id=inst_id)
@@ -359,11 +459,26 @@ class PaperExchange(Exchange):
             for pos in list(PaperPosition.objects.filter(account=account, inst_id=inst_id, status="open")):
                 self._triggers(account, pos, spec, ts, open_, high, low)
             for row in list(PaperOrder.objects.filter(account=account, inst_id=inst_id, state="live", ord_type="limit")):
-                crossed = (row.side == "buy" and low <= row.price) or (row.side == "sell" and high >= row.price)
-                if crossed:
+                if self._crossed(row, high, low):
                     self._fill(account, row, None, spec, row.price, self.maker_fee, ts, kind="open")  # type: ignore[arg-type]
             price_row.last, price_row.ts = close, max(ts, price_row.ts) if price_row.ts else ts
             price_row.save()
+        if self.exclusive:
+            self._prices[inst_id] = (q(close), price_row.ts)
+
+    @staticmethod
+    def _crossed(row: PaperOrder, high: Decimal, low: Decimal) -> bool:
+        return (row.side == "buy" and low <= row.price) or (row.side == "sell" and high >= row.price)  # type: ignore[operator]
+
+    def _trigger_hits(self, pos: PaperPosition, ct_val: Decimal, high: Decimal, low: Decimal) -> tuple[Decimal, bool, bool, bool]:
+        """(liquidation price, liquidation touched, stop touched, take-profit touched) for one bar."""
+        long = pos.pos_side == "long"
+        liq = self.liquidation_price(pos, ct_val)
+        liq_hit = (low <= liq) if long else (high >= liq)
+        stop, tp = pos.stop_loss, pos.take_profit
+        stop_hit = stop is not None and ((long and low <= stop) or (not long and high >= stop))
+        tp_hit = tp is not None and ((long and high >= tp) or (not long and low <= tp))
+        return liq, liq_hit, stop_hit, tp_hit
 
     def _apply_funding(self, account: PaperAccount, inst_id: str, ts: datetime, price: Decimal, rate: Decimal | None) -> None:
         ct_val = self._spec(inst_id).ct_val
@@ -385,8 +500,7 @@ class PaperExchange(Exchange):
 
     def _triggers(self, account: PaperAccount, pos: PaperPosition, spec: Instrument, ts: datetime, open_: Decimal, high: Decimal, low: Decimal) -> None:
         long = pos.pos_side == "long"
-        liq = self.liquidation_price(pos, spec.ct_val)
-        liq_hit = (low <= liq) if long else (high >= liq)
+        liq, liq_hit, stop_hit, tp_hit = self._trigger_hits(pos, spec.ct_val, high, low)
         stop, tp = pos.stop_loss, pos.take_profit
         # A gap beyond the liquidation price, or a liquidation price reached before the stop.
         liq_first = liq_hit and (
@@ -397,12 +511,12 @@ class PaperExchange(Exchange):
             self._liquidate(account, pos, spec, liq, ts)
             return
         side = "sell" if long else "buy"
-        if stop is not None and ((long and low <= stop) or (not long and high >= stop)):
-            px = min(open_, stop) if long else max(open_, stop)  # a gap through the stop fills at the open
+        if stop_hit:
+            px = min(open_, stop) if long else max(open_, stop)  # type: ignore[type-var]  # a gap through the stop fills at the open
             self._system_fill(account, pos, spec, px, ts, "stop_loss", side)
             return
-        if tp is not None and ((long and high >= tp) or (not long and low <= tp)):
-            px = max(open_, tp) if long else min(open_, tp)
+        if tp_hit:
+            px = max(open_, tp) if long else min(open_, tp)  # type: ignore[type-var]
             self._system_fill(account, pos, spec, px, ts, "take_profit", side)
 
     def _system_fill(self, account: PaperAccount, pos: PaperPosition, spec: Instrument, px: Decimal, ts: datetime, kind: str, side: str) -> None:
@@ -426,5 +540,6 @@ class PaperExchange(Exchange):
         pos.liq_penalty += penalty
         pos.status, pos.closed_at, pos.close_reason, pos.margin = "closed", ts, "liquidation", ZERO
         pos.save()
+        self.closes += 1
         account.cash = q(account.cash - lost)
         account.save(update_fields=["cash", "updated_at"])
