@@ -41,9 +41,12 @@ def brain_name_for_settings(name: str | None = None) -> str:
 
 def brain_for_settings(name: str | None = None, *, playbook: dict | None = None, playbook_version: int | None = None) -> Brain:
     """The brain to use (current playbook unless one is given)."""
-    from brain.claude import ClaudeBrain
+    # Imported here, and Claude's only when chosen: the anthropic SDK costs ~2 s
+    # to import, which a rules-brain worker or replay should not pay.
+    if brain_name_for_settings(name) == "claude":
+        from brain.claude import ClaudeBrain
+
+        return ClaudeBrain(playbook=playbook, playbook_version=playbook_version)
     from brain.rules import RulesBrain
 
-    if brain_name_for_settings(name) == "claude":
-        return ClaudeBrain(playbook=playbook, playbook_version=playbook_version)
     return RulesBrain(playbook=playbook, playbook_version=playbook_version)
