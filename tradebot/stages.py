@@ -27,6 +27,7 @@ from brain.schemas import (
     ResearchResult,
     TradeView,
 )
+from brain.reflection import trade_view_from_row
 from journal.models import Cycle, CycleOutcome, CycleState, Mode, Trade, TradeStatus
 from market.feeds.base import MarketFeed
 from market.schemas import MarketSnapshot
@@ -138,21 +139,9 @@ def account_view(account: Any) -> AccountView:
     )
 
 
-def trade_view(trade: Trade) -> TradeView:
-    return TradeView(
-        id=trade.pk, inst_id=trade.instrument.inst_id, direction=trade.direction, status=trade.status,
-        opened_at=trade.opened_at, closed_at=trade.closed_at, entry_price=trade.entry_price, exit_price=trade.exit_price,
-        stop_loss=trade.stop_loss, take_profit=trade.take_profit, size_pct=trade.size_pct, leverage=trade.leverage,
-        pnl_usd=trade.pnl_usd, pnl_pct=trade.pnl_pct, fees_usd=trade.fees_usd, strategy_used=trade.strategy_used,
-        confidence_at_entry=trade.confidence_at_entry, market_regime=trade.market_regime, exit_reason=trade.exit_reason,
-        reasoning=trade.reasoning[:2000], indicators_entry=trade.indicators_entry, indicators_exit=trade.indicators_exit,
-        playbook_version=trade.playbook_version,
-    )
-
-
 def recent_trades(*, mode: str, run_id: str, limit: int = RECENT_TRADES) -> list[TradeView]:
     rows = Trade.objects.filter(mode=mode, run_id=run_id).select_related("instrument").order_by("-opened_at", "-id")[:limit]
-    return [trade_view(t) for t in rows]
+    return [trade_view_from_row(t) for t in rows]
 
 
 def brain_context(work: CycleWork, env: StageEnv) -> BrainContext:
