@@ -6,19 +6,10 @@ import html
 import json
 
 import pytest
-from django.contrib.auth.models import User
 from django.test import Client
 
 from brain.models import PlaybookStatus, PlaybookTrigger, PlaybookVersion
 from brain.playbook import playbook_current, playbook_save
-
-
-@pytest.fixture
-def admin_client(db) -> Client:
-    User.objects.create_superuser("boss", "boss@example.com", "pw")
-    client = Client()
-    client.login(username="boss", password="pw")
-    return client
 
 
 def test_the_diff_page_shows_the_changed_field(admin_client: Client) -> None:

@@ -5,7 +5,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from django.contrib.auth.models import User
 from django.test import Client
 
 from journal.models import Cycle, CycleOutcome, CycleState, JournalEvent, RiskRejection, ScreenerLog, Trade
@@ -30,14 +29,6 @@ def journal_rows(db) -> Cycle:
     RiskRejection.objects.create(instrument=inst, cycle=cycle, decision_json={}, failed_rules=[{"rule": "leverage", "reason": "5x"}])
     JournalEvent.objects.create(kind="cycle_failed", message="x", cycle=cycle)
     return cycle
-
-
-@pytest.fixture
-def admin_client(db) -> Client:
-    User.objects.create_superuser("boss", "boss@example.com", "pw")
-    client = Client()
-    client.login(username="boss", password="pw")
-    return client
 
 
 @pytest.mark.parametrize("model", ["cycle", "trade", "screenerlog", "riskrejection", "llmcall", "reflectionlog",

@@ -5,7 +5,6 @@ from decimal import Decimal
 from io import StringIO
 
 import pytest
-from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.test import Client
 
@@ -57,10 +56,8 @@ def test_llm_cost_prints_the_screener_accuracy(logs) -> None:
     assert "analyst acted in 1 of 3 answered: 33.3%" in text
 
 
-def test_the_screener_log_admin_list_shows_the_accuracy_of_the_filtered_rows(logs) -> None:
-    User.objects.create_superuser("boss", "boss@example.com", "pw")
-    client = Client()
-    client.login(username="boss", password="pw")
+def test_the_screener_log_admin_list_shows_the_accuracy_of_the_filtered_rows(logs, admin_client: Client) -> None:
+    client = admin_client
     page = client.get("/admin/journal/screenerlog/", {"mode__exact": "live"}).content.decode()
     assert 'id="screener-accuracy"' in page and "analyst acted on 2 of 3 answered pass(es): 66.7%" in page
     replay = client.get("/admin/journal/screenerlog/", {"mode__exact": "replay"}).content.decode()
