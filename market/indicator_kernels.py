@@ -431,3 +431,21 @@ def volume_profile(high: np.ndarray, low: np.ndarray, close: np.ndarray, volume:
         out[i, 1] = lo + (top + 1) * width
         out[i, 2] = lo + bottom * width
     return out
+
+
+@njit(cache=True)
+def trailing_ema_obv(close: np.ndarray, volume: np.ndarray, window: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every bar i: EMA(n) and OBV computed over the trailing window close[i-window+1 : i+1] alone.
+
+    The replay's window-dependent columns for every cycle at once. It calls the
+    very kernels a live snapshot calls on its trailing window, so each value is
+    bit-identical to that computation (same operations in the same order).
+    """
+    size = close.shape[0]
+    ema_out = np.full(size, np.nan)
+    obv_out = np.full(size, np.nan)
+    for i in range(size):
+        start = max(0, i - window + 1)
+        ema_out[i] = ema(close[start:i + 1], n)[-1]
+        obv_out[i] = obv(close[start:i + 1], volume[start:i + 1])[-1]
+    return ema_out, obv_out

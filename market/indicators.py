@@ -46,6 +46,7 @@ a live computation exactly.
 """
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
 import numpy as np
@@ -203,16 +204,19 @@ def _num(row: dict[str, float], name: str) -> float | None:
     if value is None:
         return None
     value = float(value)
-    return value if np.isfinite(value) else None
+    return value if math.isfinite(value) else None
+
+
+# The price levels support and resistance are chosen from.
+_LEVEL_NAMES = ("pivot", "pivot_r1", "pivot_r2", "pivot_s1", "pivot_s2",
+                *(f"fractal_{side}_{n}" for side in ("high", "low") for n in range(1, FRACTAL_COUNT + 1)))
 
 
 def _levels(row: dict[str, float], close: float | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Support below the close and resistance above it, nearest first, at most 5 each."""
     if close is None:
         return (), ()
-    names = ["pivot", "pivot_r1", "pivot_r2", "pivot_s1", "pivot_s2"]
-    names += [f"fractal_{side}_{n}" for side in ("high", "low") for n in range(1, FRACTAL_COUNT + 1)]
-    levels = {round(x, 10) for name in names if (x := _num(row, name)) is not None}
+    levels = {round(x, 10) for name in _LEVEL_NAMES if (x := _num(row, name)) is not None}
     support = tuple(sorted((x for x in levels if x < close), reverse=True)[:5])
     resistance = tuple(sorted(x for x in levels if x > close)[:5])
     return support, resistance
@@ -222,16 +226,26 @@ def indicator_set_at(computed: pd.DataFrame, i: int = -1) -> IndicatorSet:
     """The `IndicatorSet` of row `i` of an `indicators_compute` frame (None where undefined)."""
     if computed.empty or not -len(computed) <= i < len(computed):
         return IndicatorSet()
-    row = computed.iloc[i].to_dict()
+    return indicator_set_from_row(computed.iloc[i].to_dict())
+
+
+# The IndicatorSet fields taken from the row as they are (the two coded signals are mapped to names).
+_PLAIN_FIELDS = tuple(
+    name for name in COLUMNS if name in IndicatorSet.model_fields and name not in ("ema_alignment", "macd_signal")
+)
+
+
+def indicator_set_from_row(row: dict[str, float]) -> IndicatorSet:
+    """The `IndicatorSet` of one `indicators_compute` row given as {column: value}."""
     close = _num(row, "close")
     support, resistance = _levels(row, close)
-    fields = {
-        name: _num(row, name) for name in COLUMNS
-        if name in IndicatorSet.model_fields and name not in ("ema_alignment", "macd_signal")
-    }
+    fields = {name: _num(row, name) for name in _PLAIN_FIELDS}
     alignment = _num(row, "ema_alignment")
     cross = _num(row, "macd_cross")
-    return IndicatorSet(
+    # model_construct: every value above is already what validation would make of it (a finite
+    # float or None via _num, tuples of floats, a Literal name or None), and this runs for every
+    # timeframe of every snapshot (a replay year: ~46,000 times). tests/market prove the equality.
+    return IndicatorSet.model_construct(
         close=close,
         support=support,
         resistance=resistance,

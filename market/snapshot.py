@@ -32,7 +32,7 @@ not in `computed`, the whole trailing window is computed (exact by definition).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -47,6 +47,7 @@ from market.indicators import (
     OHLCV,
     ema_alignment_code,
     indicator_set_at,
+    indicator_set_from_row,
     indicators_compute,
 )
 from market.regime import regime_detect
@@ -101,9 +102,7 @@ def bars_to_frame(bars: list[Bar]) -> pd.DataFrame:
 
 def closed_by(candles: pd.DataFrame, timeframe: str, as_of: datetime) -> pd.DataFrame:
     """The rows of `candles` whose candle closed at or before `as_of` (a slice, no copy)."""
-    limit = pd.Timestamp(as_of) - pd.Timedelta(tf_duration(timeframe))
-    end = int(np.searchsorted(candles.index.asi8, limit.value, side="right")) if len(candles) else 0
-    return candles.iloc[:end]
+    return candles.iloc[:_closed_end(candles, timeframe, as_of)]
 
 
 def _indicator_frame(trailing: pd.DataFrame, computed: pd.DataFrame | None, window: int) -> pd.DataFrame:
@@ -151,6 +150,85 @@ def timeframe_view(*, timeframe: str, candles: pd.DataFrame | None, as_of: datet
                          regime=regime_detect(indicators), recent_candles=views)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _utc_from_ns(ns: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(ns) // 1000)
+
+
+def _ns(when: datetime) -> int:
+    """Nanoseconds since the epoch of an aware datetime (exact; `pd.Timestamp(when).value` at a tenth of the cost)."""
+    return (when - _EPOCH) // _MICROSECOND * 1000
+
+
+_MICROSECOND = timedelta(microseconds=1)
+
+
+class TimeframeSeries:
+    """One timeframe's candles and indicators over a whole history, viewed at any point (the replay).
+
+    `view(end)` is `timeframe_view` at a time when exactly `end` candles had
+    closed, equal to it field for field, without pandas on the way: the
+    indicator block is a numpy array, and the window-dependent columns (EMA200,
+    its alignment, OBV over the trailing window) are computed for every bar at
+    once by the same kernels a live snapshot runs on its own window. When that
+    shortcut does not apply (indicators not computed over these very candles,
+    or a window shorter than CONVERGED_AFTER_BARS) it calls `timeframe_view`.
+    """
+
+    def __init__(self, *, timeframe: str, candles: pd.DataFrame | None, computed: pd.DataFrame | None,
+                 window: int, recent: int) -> None:
+        self.timeframe, self.candles, self.computed = timeframe, candles, computed
+        self.window, self.recent = window, recent
+        self.open_ns = candles.index.asi8 if candles is not None else np.zeros(0, dtype=np.int64)
+        self.duration_ns = tf_duration(timeframe) // _MICROSECOND * 1000
+        self.fast = (candles is not None and computed is not None and window >= CONVERGED_AFTER_BARS
+                     and computed.index.equals(candles.index))
+        if not self.fast:
+            return
+        assert candles is not None and computed is not None
+        self.ohlcv = np.ascontiguousarray(candles[list(OHLCV)].to_numpy(dtype=np.float64))
+        block = computed.to_numpy(dtype=np.float64, copy=True)
+        self.columns = list(computed.columns)
+        col = self.columns.index
+        close, volume = np.ascontiguousarray(self.ohlcv[:, 3]), np.ascontiguousarray(self.ohlcv[:, 4])
+        e200, obv = k.trailing_ema_obv(close, volume, window, 200)
+        # Rows whose trailing window starts after the first candle take the window's own values
+        # (the others ARE the whole history: their computed row is already the window's).
+        later = np.arange(len(block)) >= window
+        block[later, col("ema_200")] = e200[later]
+        block[later, col("obv")] = obv[later]
+        block[later, col("ema_alignment")] = ema_alignment_code(
+            block[later, col("ema_20")], block[later, col("ema_50")], e200[later])
+        self.rows = block
+
+    def closed_count(self, as_of: datetime) -> int:
+        """How many candles had closed by `as_of` (open time + timeframe <= as_of)."""
+        return int(self.open_ns.searchsorted(_ns(as_of) - self.duration_ns, side="right"))
+
+    def view(self, end: int, as_of: datetime) -> TimeframeView:
+        """The view when the first `end` candles had closed (`as_of` is any time in that state)."""
+        if not self.fast:
+            return timeframe_view(timeframe=self.timeframe, candles=self.candles, as_of=as_of, computed=self.computed,
+                                  window=self.window, recent=self.recent)
+        if end <= 0:
+            return TimeframeView(timeframe=self.timeframe, candles_used=0, last_closed_ts=None,
+                                 indicators=IndicatorSet(), regime="unknown")
+        start = max(0, end - self.window)
+        indicators = indicator_set_from_row(dict(zip(self.columns, self.rows[end - 1].tolist(), strict=True)))
+        # model_construct: the values are exactly the types the fields hold (aware datetime, Decimal).
+        views = tuple(
+            CandleView.model_construct(ts=_utc_from_ns(self.open_ns[i]), open=_dec(o), high=_dec(h), low=_dec(lo),
+                                       close=_dec(c), volume=_dec(v))
+            for i, (o, h, lo, c, v) in enumerate(self.ohlcv[max(start, end - self.recent):end].tolist(),
+                                                  start=max(start, end - self.recent))
+        )
+        return TimeframeView(timeframe=self.timeframe, candles_used=end - start,
+                             last_closed_ts=_utc_from_ns(self.open_ns[end - 1]), indicators=indicators,
+                             regime=regime_detect(indicators), recent_candles=views)
+
+
 def ticker_view(ticker: Ticker) -> TickerView:
     change = None
     if ticker.open_24h is not None and ticker.open_24h != 0:
@@ -175,15 +253,22 @@ def book_view(book: OrderBook, depth: int = BOOK_DEPTH) -> BookView | None:
     )
 
 
+def _closed_end(frame: pd.DataFrame, timeframe: str, as_of: datetime) -> int:
+    """The number of rows of `frame` whose candle closed by `as_of` (`len(closed_by(...))`, without the slice)."""
+    if not len(frame):
+        return 0
+    return int(np.searchsorted(frame.index.asi8, _ns(as_of - tf_duration(timeframe)), side="right"))
+
+
 def price_change_1h(*, price: Decimal, candles: Mapping[str, pd.DataFrame | None], as_of: datetime) -> float | None:
     for timeframe in ("15m", "1H"):
         frame = candles.get(timeframe)
         if frame is None or frame.empty:
             continue
-        earlier = closed_by(frame, timeframe, as_of - timedelta(hours=1))
-        if earlier.empty:
+        end = _closed_end(frame, timeframe, as_of - timedelta(hours=1))
+        if end == 0:
             return None
-        base = float(earlier["close"].iloc[-1])
+        base = float(frame["close"].to_numpy()[end - 1])
         return float(price) / base - 1 if base > 0 else None
     return None
 
@@ -272,12 +357,12 @@ def _last_close(candles: Mapping[str, pd.DataFrame | None], as_of: datetime) -> 
     for tf, frame in candles.items():
         if frame is None:
             continue
-        closed = closed_by(frame, tf, as_of)
-        if closed.empty:
+        end = _closed_end(frame, tf, as_of)
+        if end == 0:
             continue
-        close_time = closed.index[-1] + pd.Timedelta(tf_duration(tf))
+        close_time = frame.index[end - 1] + pd.Timedelta(tf_duration(tf))
         if best is None or close_time > best[0]:
-            best = (close_time, float(closed["close"].iloc[-1]))
+            best = (close_time, float(frame["close"].to_numpy()[end - 1]))
     return _dec(best[1]) if best is not None else None
 
 

@@ -9,11 +9,13 @@ For every cycle time t (every `cycle` from `start` to `end`):
    computes from the same candles (the indicators engineer's equivalence rule;
    `tests/tradebot/test_pipeline_workers.py` checks replay == live);
 3. the cycle runs through `tradebot.stages` exactly as a worker runs it.
-The journal is written with mode=replay and the run id. Cycle rows are written
-in bulk per batch (one INSERT for placeholders that give the ids the other
-rows point to, one upsert at the end of the batch), inside one transaction per
-batch when the brain makes no network call (rules brain + paper exchange);
-screener log rows are bulk-inserted at the end of their batch too.
+The journal is written with mode=replay and the run id. When the brain makes
+no network call (rules brain + paper exchange) each batch of cycles runs in one
+transaction: it reserves the batch's cycle ids first (the rows other rows point
+to use them) and inserts the finished cycle and screener log rows once at the
+end (`journal.bulk`). With a network brain no transaction may be open across a
+call, so the batch inserts placeholders for the ids first and upserts them at
+the end.
 
 To keep a year's journal small, a cycle keeps its FULL snapshot JSON only when
 its decision went to the risk gate (not HOLD: traded, rejected, halted), or with
@@ -46,13 +48,14 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Sum
 
+from journal.bulk import ids_reserve, rows_insert
 from journal.models import Cycle, CycleOutcome, CycleState, LlmCall, Mode, RiskRejection, ScreenerLog, Trade, TradeStatus
 from market.feeds.base import MarketFeed
 from market.models import TIMEFRAME_SECONDS, Instrument
 from market.schemas import MarketSnapshot
 from tradebot.cycle import cycle_end, stage_started
 from tradebot.logging import get_logger, redact
-from tradebot.stages import STAGES, CycleWork, StageEnv, recent_trades
+from tradebot.stages import STAGES, CycleWork, StageEnv
 
 log = get_logger(__name__)
 S = CycleState
@@ -60,6 +63,14 @@ BATCH = 500
 _PERSISTED = (
     "state", "outcome", "reason", "error", "ended_at", "stage_times", "snapshot", "screener_result", "research",
     "decision", "risk_verdict", "client_order_id", "order", "brain", "playbook_version",
+)
+
+
+# The scalar Trade columns a TradeView shows: when none changed, neither did the view (see _RunState).
+_TRADE_KEY = (
+    "status", "opened_at", "closed_at", "direction", "entry_price", "exit_price", "stop_loss", "take_profit",
+    "size_pct", "leverage", "pnl_usd", "pnl_pct", "fees_usd", "strategy_used", "confidence_at_entry",
+    "market_regime", "exit_reason", "playbook_version", "reasoning", "instrument_id",
 )
 
 
@@ -141,12 +152,14 @@ class FrameSnapshots:
     """Snapshots from frames and indicators computed once over the whole replay history.
 
     A timeframe's view only changes when one of its candles closes, so each view is
-    built by `market.snapshot.timeframe_view` once per closed candle and reused by the
-    cycles in between (a 4H view serves 48 five-minute cycles).
+    built once per closed candle (`market.snapshot.TimeframeSeries`, equal to what
+    `timeframe_view` gives at that time) and reused by the cycles in between (a 4H
+    view serves 48 five-minute cycles).
     """
 
     def __init__(self, feed: Any, inst_id: str, until: datetime) -> None:
         from market.indicators import indicators_compute
+        from market.snapshot import TimeframeSeries
 
         self.feed = feed
         self.inst_id = inst_id
@@ -154,26 +167,23 @@ class FrameSnapshots:
         feed.set_clock(until)
         self.frames: dict[str, pd.DataFrame | None] = {}
         self.computed: dict[str, pd.DataFrame] = {}
-        self._opens: dict[str, Any] = {}  # open times (ns) per timeframe, to find the last closed candle
+        self.series: dict[str, TimeframeSeries] = {}
         self._views: dict[str, tuple[int, Any]] = {}  # tf -> (closed candle count, its TimeframeView)
         for tf in settings.TIMEFRAMES:
             frame = feed.frame(inst_id, tf, limit=10_000_000)
             self.frames[tf] = frame
-            self._opens[tf] = frame.index.asi8
             if not frame.empty:
                 self.computed[tf] = indicators_compute(frame)
+            self.series[tf] = TimeframeSeries(timeframe=tf, candles=frame, computed=self.computed.get(tf),
+                                              window=self.window, recent=int(settings.SNAPSHOT_RECENT_CANDLES))
 
     def views_at(self, as_of: datetime) -> dict[str, Any]:
-        from market.snapshot import tf_duration, timeframe_view
-
-        as_of_ns = pd.Timestamp(as_of).value
         views = {}
-        for tf, frame in self.frames.items():
-            end = int(self._opens[tf].searchsorted(as_of_ns - pd.Timedelta(tf_duration(tf)).value, side="right"))
+        for tf, series in self.series.items():
+            end = series.closed_count(as_of)
             known = self._views.get(tf)
             if known is None or known[0] != end:
-                known = (end, timeframe_view(timeframe=tf, candles=frame, as_of=as_of, computed=self.computed.get(tf),
-                                             window=self.window))
+                known = (end, series.view(end, as_of))
                 self._views[tf] = known
             views[tf] = known[1]
         return views
@@ -198,11 +208,24 @@ def replay_feed(*, inst_id: str, csv_path: str | None = None) -> MarketFeed:
     """`--csv PATH`: that file; otherwise the synthetic market the live bot sees with the same seed."""
     if csv_path:
         from market.feeds.replay import ReplayFeed
+        from market.feeds.synthetic import SPECS
 
-        return ReplayFeed.from_csv(csv_path, inst_id=inst_id)
+        # A CSV holds candles only: the contract specs come from the database (an earlier
+        # instruments sync) or, for the instruments we know, from the venue's specs.
+        return ReplayFeed.from_csv(csv_path, inst_id=inst_id, instrument=_stored_spec(inst_id) or SPECS.get(inst_id))
     from market.feeds import synthetic_feed_from_settings
 
     return synthetic_feed_from_settings()
+
+
+def _stored_spec(inst_id: str) -> Any:
+    from market.feeds.base import InstrumentSpec
+
+    row = Instrument.objects.filter(inst_id=inst_id).first()
+    if row is None:
+        return None
+    return InstrumentSpec(row.inst_id, row.inst_type, row.ct_val, row.lot_sz, row.min_sz, row.tick_sz, row.max_lever,
+                          row.settle_ccy, row.state)
 
 
 def replay_run(
@@ -279,9 +302,9 @@ def replay_run(
             batch = times[offset:offset + BATCH]
             if atomic:
                 with transaction.atomic():
-                    _run_batch(batch, instrument, env, walker, summary, run, full_snapshots)
+                    _run_batch(batch, instrument, env, walker, summary, run, full_snapshots, reserved_ids=True)
             else:
-                _run_batch(batch, instrument, env, walker, summary, run, full_snapshots)
+                _run_batch(batch, instrument, env, walker, summary, run, full_snapshots, reserved_ids=False)
             if progress:
                 progress(min(offset + BATCH, len(times)), len(times))
     summary.elapsed_seconds = time.perf_counter() - began
@@ -298,6 +321,8 @@ class _RunState:
     bot: tuple[Any, Any] | None = None  # (day-start equity, peak equity) of the run's bot state, None = re-read
     trades: list[Any] = field(default_factory=list)
     trades_stale: bool = True  # a trade opened or closed since `trades` was read
+    trade_keys: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # id -> its scalar columns when read
+    trade_views: dict[int, Any] = field(default_factory=dict)  # id -> its TradeView
     synced: bool = False
     closes_synced: int = 0  # the paper exchange's close count at the last account sync
     peak_synced: Decimal | None = None  # the highest equity an account sync has seen
@@ -315,9 +340,27 @@ class _RunState:
         return replace(self.exchange.account(), day_start_equity=self.bot[0], peak_equity=self.bot[1])
 
     def recent_trades(self) -> list[Any]:
-        if self.trades_stale:
-            self.trades = recent_trades(mode=Mode.REPLAY, run_id=self.run_id)
-            self.trades_stale = False
+        """`tradebot.stages.recent_trades` of this run, re-reading only the trades that changed.
+
+        A trade's JSON columns (indicators, research) make a full read costly; a
+        light read of the scalar columns says which of the last trades are new or
+        changed (a close changes status, exit, PnL and the exit indicators with them).
+        """
+        if not self.trades_stale:
+            return self.trades
+        from brain.reflection import trade_view_from_row
+        from tradebot.stages import RECENT_TRADES
+
+        rows = Trade.objects.filter(mode=Mode.REPLAY, run_id=self.run_id).order_by("-opened_at", "-id")
+        keys = {row[0]: row for row in rows.values_list("id", *_TRADE_KEY)[:RECENT_TRADES]}
+        changed = [pk for pk, key in keys.items() if self.trade_keys.get(pk) != key]
+        if changed:
+            for trade in Trade.objects.filter(pk__in=changed).select_related("instrument"):
+                self.trade_views[trade.pk] = trade_view_from_row(trade)
+        self.trade_keys = keys
+        self.trade_views = {pk: self.trade_views[pk] for pk in keys}
+        self.trades = [self.trade_views[pk] for pk in keys]
+        self.trades_stale = False
         return self.trades
 
 
@@ -336,7 +379,8 @@ class _BarWalker:
         self.exchange = exchange
         self.tf_ms = self.series.tf_ms
         self.next_i = int(self.series.closed_end(int(start.timestamp() * 1000)))
-        self.funding: tuple[Any, Any] | None = None  # (settlement time, rate) last given to the exchange
+        self.funding: Decimal | None = None  # the rate last given to the exchange
+        self.funding_set = False
 
     def advance(self, until: datetime, exposed: bool) -> None:
         end = self.series.closed_end(int(until.timestamp() * 1000))
@@ -350,11 +394,11 @@ class _BarWalker:
 
     def _funding_at(self, until: datetime) -> None:
         self.feed.set_clock(until)
-        funding = self.feed.funding_rate(self.inst_id)
-        key = (funding.ts, funding.rate)
-        if key != self.funding:
-            self.exchange.set_funding_rate(self.inst_id, funding.rate)
-            self.funding = key
+        rate = self.feed.funding_rate(self.inst_id).rate
+        # The exchange charges the rate it was last given at each settlement: only a new rate is news.
+        if not self.funding_set or rate != self.funding:
+            self.exchange.set_funding_rate(self.inst_id, rate)
+            self.funding, self.funding_set = rate, True
 
 
 def _compact_snapshot(snapshot: MarketSnapshot) -> dict[str, Any]:
@@ -404,10 +448,16 @@ def _new_day(as_of: datetime, env: StageEnv, run: _RunState) -> None:
 
 
 def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, walker: _BarWalker,
-               summary: ReplaySummary, run: _RunState, full_snapshots: str) -> None:
-    placeholders = Cycle.objects.bulk_create([
-        Cycle(instrument=instrument, mode=Mode.REPLAY, run_id=env.run_id, as_of=t, state=S.IDLE) for t in times
-    ])
+               summary: ReplaySummary, run: _RunState, full_snapshots: str, *, reserved_ids: bool) -> None:
+    fresh = [Cycle(instrument=instrument, mode=Mode.REPLAY, run_id=env.run_id, as_of=t, state=S.IDLE) for t in times]
+    if reserved_ids:
+        # In the batch's transaction: ids now, one INSERT of the finished rows at the end (journal/bulk.py).
+        for cycle, pk in zip(fresh, ids_reserve(model=Cycle, count=len(fresh)), strict=True):
+            cycle.pk = pk
+        placeholders = fresh
+    else:
+        # Without a transaction (a network brain) rows that point to a cycle need it to exist first.
+        placeholders = Cycle.objects.bulk_create(fresh)
     screener_logs: list[ScreenerLog] = []
     for cycle in placeholders:
         cycle.instrument = instrument
@@ -435,8 +485,15 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
         if cycle.decision:
             summary.decisions.append((cycle.as_of.isoformat(), cycle.decision["decision"]["action"]))
     env.exchange.flush()
-    Cycle.objects.bulk_create(placeholders, update_conflicts=True, unique_fields=["id"], update_fields=list(_PERSISTED))
-    ScreenerLog.objects.bulk_create(screener_logs)
+    if reserved_ids:
+        rows_insert(model=Cycle, objs=placeholders)
+        for row, pk in zip(screener_logs, ids_reserve(model=ScreenerLog, count=len(screener_logs)), strict=True):
+            row.pk = pk
+        rows_insert(model=ScreenerLog, objs=screener_logs)
+    else:
+        Cycle.objects.bulk_create(placeholders, update_conflicts=True, unique_fields=["id"],
+                                  update_fields=list(_PERSISTED))
+        ScreenerLog.objects.bulk_create(screener_logs)
 
 
 def _run_cycle(cycle: Cycle, env: StageEnv) -> CycleWork:

@@ -269,3 +269,48 @@ def test_the_snapshot_command_prints_text_and_json(capsys, settings) -> None:
     data = json.loads(capsys.readouterr().out)
     assert data["inst_id"] == INST and set(data["timeframes"]) == {"15m", "1H", "4H"}
     assert no_nan_anywhere(data)
+
+
+def test_the_replay_series_view_equals_timeframe_view_at_every_kind_of_point(real_frames) -> None:
+    # TimeframeSeries is the replay's numpy path: field for field what timeframe_view gives
+    # (the window-dependent columns included) at the start of history, inside the first window,
+    # right after it and deep into the data, for every timeframe.
+    from market.snapshot import TimeframeSeries, timeframe_view
+
+    for tf, frame in real_frames.items():
+        candles = frame.loc[:"2024-06-01"]
+        computed = indicators_compute(candles)
+        series = TimeframeSeries(timeframe=tf, candles=candles, computed=computed, window=1000, recent=5)
+        assert series.fast
+        duration = {"15m": timedelta(minutes=15), "1H": timedelta(hours=1), "4H": timedelta(hours=4)}[tf]
+        for end in (0, 1, 30, 999, 1000, 1001, 1777, len(candles) - 1, len(candles)):
+            as_of = (candles.index[end - 1].to_pydatetime() + duration + timedelta(minutes=1) if end
+                     else candles.index[0].to_pydatetime())
+            assert series.closed_count(as_of) == end
+            fast = series.view(end, as_of)
+            slow = timeframe_view(timeframe=tf, candles=candles, as_of=as_of, computed=computed, window=1000, recent=5)
+            assert fast == slow, (tf, end)
+            assert fast.model_dump_json() == slow.model_dump_json(), (tf, end)
+
+
+def test_the_replay_series_falls_back_when_its_shortcut_does_not_hold(real_frames) -> None:
+    # A window shorter than CONVERGED_AFTER_BARS: every view is the trailing-window computation itself.
+    from market.snapshot import TimeframeSeries, timeframe_view
+
+    candles = real_frames["4H"].loc[:"2024-06-01"]
+    computed = indicators_compute(candles)
+    series = TimeframeSeries(timeframe="4H", candles=candles, computed=computed, window=300, recent=5)
+    assert not series.fast
+    as_of = candles.index[-1].to_pydatetime() + timedelta(hours=4)
+    assert series.view(series.closed_count(as_of), as_of) == timeframe_view(
+        timeframe="4H", candles=candles, as_of=as_of, computed=computed, window=300, recent=5)
+
+
+def test_an_indicator_set_built_without_validation_equals_the_validated_one(real_frames) -> None:
+    from market.indicators import indicator_set_from_row
+    from market.schemas import IndicatorSet
+
+    row = indicators_compute(real_frames["1H"].loc[:"2024-06-01"]).iloc[-1].to_dict()
+    built = indicator_set_from_row(row)
+    assert built == IndicatorSet.model_validate(built.model_dump())
+    assert IndicatorSet.model_validate_json(built.model_dump_json()) == built
