@@ -5,7 +5,8 @@ Django's `bulk_create` compiles every value through the query compiler, which
 measured ~40% of a replay's time when each cycle was written twice (a
 placeholder for its id, then the finished row). Here a batch reserves its ids
 first (`ids_reserve`), the rows that point to a cycle use those ids while the
-batch runs, and the finished rows go out in one `executemany` (`rows_insert`).
+batch runs, and the finished rows go out in one statement (`rows_insert`:
+COPY on PostgreSQL, executemany on SQLite).
 
 Both need the caller's transaction: the rows that point to a reserved id are
 written before the cycle row exists, which the foreign keys allow because
@@ -101,5 +102,12 @@ def rows_insert(*, model: type[models.Model], objs: Sequence[models.Model]) -> i
         for obj in objs
     ]
     with connection.cursor() as cur:
-        cur.executemany(sql, params)
+        if connection.vendor == "postgresql":
+            # COPY: one stream for the whole batch (executemany measured ~15x slower here).
+            columns = ", ".join(quote(f.column) for f in fields)
+            with cur.cursor.copy(f"COPY {quote(model._meta.db_table)} ({columns}) FROM STDIN") as copy:
+                for row in params:
+                    copy.write_row(row)
+        else:
+            cur.executemany(sql, params)
     return len(objs)
