@@ -187,7 +187,9 @@ ACCOUNT_SYNC_SECONDS = env_int("ACCOUNT_SYNC_SECONDS", 15, minimum=1)
 INDICATOR_HISTORY_CANDLES = env_int("INDICATOR_HISTORY_CANDLES", 1000, minimum=50)
 SNAPSHOT_RECENT_CANDLES = env_int("SNAPSHOT_RECENT_CANDLES", 5, minimum=1)
 # auto: OKX public data when reachable, otherwise the synthetic market (said aloud).
-MARKET_DATA_SOURCE = env_choice("MARKET_DATA_SOURCE", "auto", ("auto", "okx", "synthetic"))
+# replay: the candles in MARKET_REPLAY_DIR on the cycle's virtual clock (the demo's workers on OKX data).
+MARKET_DATA_SOURCE = env_choice("MARKET_DATA_SOURCE", "auto", ("auto", "okx", "synthetic", "replay"))
+MARKET_REPLAY_DIR = Path(env_str("MARKET_REPLAY_DIR", str(VAR_DIR / "market-replay")))
 SYNTHETIC_SEED = env_int("SYNTHETIC_SEED", 7)
 # A cycle still unfinished this long after it started is marked INTERRUPTED by
 # the next beat tick, so a lost worker cannot block its instrument forever.

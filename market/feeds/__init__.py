@@ -1,7 +1,9 @@
 """Market feeds behind one interface (`market.feeds.base.MarketFeed`).
 
 `feed_from_settings()` picks the source from `settings.MARKET_DATA_SOURCE`:
-"okx" (public REST via python-okx), "synthetic" (the seeded SYN market) or
+"okx" (public REST via python-okx), "synthetic" (the seeded SYN market),
+"replay" (the replay directory in `settings.MARKET_REPLAY_DIR`: candles that
+`manage.py demo` fetched from OKX, replayed on the cycle's virtual clock) or
 "auto": OKX when a short probe answers, otherwise the synthetic market. It
 always logs which source is in use and why.
 """
@@ -15,7 +17,7 @@ from market.feeds.base import FeedError, MarketFeed
 from tradebot.logging import get_logger
 
 log = get_logger(__name__)
-SOURCES = ("auto", "okx", "synthetic")
+SOURCES = ("auto", "okx", "synthetic", "replay")
 
 
 def okx_feed_from_settings(*, timeout: float | None = None) -> MarketFeed:
@@ -31,6 +33,12 @@ def synthetic_feed_from_settings() -> MarketFeed:
     return SyntheticFeed(seed=settings.SYNTHETIC_SEED)
 
 
+def replay_feed_from_settings() -> MarketFeed:
+    from market.feeds.replay import ReplayFeed
+
+    return ReplayFeed.from_dir(settings.MARKET_REPLAY_DIR)
+
+
 def feed_from_settings(*, source: str | None = None) -> MarketFeed:
     """The market feed the settings ask for (see the module docstring)."""
     source = source or settings.MARKET_DATA_SOURCE
@@ -42,6 +50,9 @@ def feed_from_settings(*, source: str | None = None) -> MarketFeed:
     if source == "synthetic":
         log.info("market_data.source", source="synthetic", seed=settings.SYNTHETIC_SEED, reason="configured")
         return synthetic_feed_from_settings()
+    if source == "replay":
+        log.info("market_data.source", source="replay", path=str(settings.MARKET_REPLAY_DIR), reason="configured")
+        return replay_feed_from_settings()
     probe_timeout = settings.MARKET_PROBE_TIMEOUT_SECONDS
     probe = okx_feed_from_settings(timeout=probe_timeout)
     started = time.monotonic()
@@ -58,4 +69,5 @@ def feed_from_settings(*, source: str | None = None) -> MarketFeed:
     return okx_feed_from_settings()
 
 
-__all__ = ["feed_from_settings", "okx_feed_from_settings", "synthetic_feed_from_settings", "SOURCES"]
+__all__ = ["feed_from_settings", "okx_feed_from_settings", "replay_feed_from_settings", "synthetic_feed_from_settings",
+           "SOURCES"]

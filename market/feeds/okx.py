@@ -57,6 +57,7 @@ OKX_BARS = {"1m": "1m", "5m": "5m", "15m": "15m", "1H": "1H", "4H": "4H", "1D": 
 TEMPORARY_CODES = frozenset({"50001", "50004", "50011", "50013", "50026"})
 CANDLES_PAGE = 300  # /market/candles maximum per request
 HISTORY_PAGE = 100  # /market/history-candles maximum per request
+FUNDING_HISTORY_PAGE = 100  # /public/funding-rate-history allows 400; 100 is plenty per request
 # Public rate limits (per IP): requests per window in seconds.
 RATE_LIMITS: dict[str, tuple[int, float]] = {
     "candles": (40, 2.0),
@@ -359,6 +360,37 @@ class OkxFeed:
             next_funding_time=parse_ms(row, "nextFundingTime") or parse_ms(row, "fundingTime"),
             next_rate=parse_decimal(row, "nextFundingRate"),
         )
+
+    def funding_rate_history(self, inst_id: str, *, limit: int = 100,
+                             before: datetime | None = None) -> list[FundingRate]:
+        """Settled funding rates (newest `limit` settling before `before`), oldest first.
+
+        /public/funding-rate-history pages with `after` (settlements earlier
+        than the cursor), newest first; OKX keeps about three months of it.
+        The rate is `realizedRate` (what was actually charged) when OKX sends
+        it, else `fundingRate`.
+        """
+        found: dict[datetime, FundingRate] = {}
+        cursor = to_ms(before) if before is not None else None
+        while len(found) < limit:
+            rows = self._call("funding-rate-history", self._public.funding_rate_history, inst_id,
+                              after="" if cursor is None else str(cursor),
+                              limit=str(max(1, min(limit - len(found), FUNDING_HISTORY_PAGE))))
+            page = []
+            for row in rows:
+                if not isinstance(row, dict):
+                    raise FeedDataError("OKX funding-rate-history: a row is not an object")
+                ts = _required(parse_ms(row, "fundingTime"), "fundingTime")
+                if cursor is None or to_ms(ts) < cursor:  # guard against a venue ignoring the cursor
+                    rate = parse_decimal(row, "realizedRate")
+                    rate = parse_decimal(row, "fundingRate") if rate is None else rate
+                    page.append(FundingRate(inst_id=inst_id, ts=ts, rate=rate, next_funding_time=None))
+            if not page:
+                break
+            for rate in page:
+                found[rate.ts] = rate
+            cursor = min(to_ms(r.ts) for r in page)
+        return sorted(found.values(), key=lambda r: r.ts)[-limit:] if limit > 0 else []
 
     def open_interest(self, inst_id: str) -> OpenInterest:
         data = self._call("open-interest", self._public.get_open_interest, "SWAP", instId=inst_id)

@@ -21,11 +21,16 @@ The rule that matters: a ReplayFeed never returns a bar whose close time
 - Clock: `set_clock(dt)`. With no clock set, `now()` is wall time (a live bot
   on a generated market); the default for a file replay is the close of its
   last bar.
+- A replay directory (`replay_dir_write` / `ReplayFeed.from_dir`): candle and
+  funding CSVs plus a `manifest.json` naming the feed, the instruments' specs
+  and the files. `manage.py demo` writes one from OKX public data so its
+  worker processes (MARKET_DATA_SOURCE=replay) replay exactly what it fetched.
 """
 from __future__ import annotations
 
 import csv
 import gzip
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -237,6 +242,38 @@ class ReplayFeed:
         return feed
 
     @classmethod
+    def from_dir(cls, path: str | Path, *, clock: datetime | None = None) -> ReplayFeed:
+        """The replay directory `replay_dir_write` wrote; the clock starts at the close of its last bar unless given."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise FeedPermanentError(f"no replay in {path}: {MANIFEST} is missing "
+                                     "(`manage.py demo` writes one from OKX public data)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            specs = [InstrumentSpec(**{k: Decimal(v) if k in _SPEC_DECIMALS else v for k, v in row.items()})
+                     for row in manifest["instruments"]]
+            candles: dict[str, dict[str, str]] = manifest["candles"]
+            funding: dict[str, str] = manifest.get("funding", {})
+        except (ValueError, KeyError, TypeError) as e:
+            raise FeedPermanentError(f"{manifest_path}: unreadable replay manifest: {e}") from e
+        feed = cls(instruments=specs, name=str(manifest.get("name") or "replay"))
+        last_close = 0
+        for inst_id, files in candles.items():
+            for timeframe, file in files.items():
+                feed.add_csv(inst_id, path / file, timeframe)
+                series = feed._native[(inst_id, timeframe)]
+                if len(series):
+                    last_close = max(last_close, int(series.ts[-1]) + series.tf_ms)
+        for inst_id, file in funding.items():
+            feed.add_funding_csv(inst_id, path / file)
+        if clock is not None:
+            feed.set_clock(clock)
+        elif last_close:
+            feed.set_clock(ms_to_dt(last_close))
+        return feed
+
+    @classmethod
     def from_db(cls, *, inst_ids: list[str], timeframes: list[str], since: datetime | None = None,
                 until: datetime | None = None, clock: datetime | None = None) -> ReplayFeed:
         """Confirmed candles from the database (one query per instrument and timeframe)."""
@@ -381,3 +418,55 @@ class ReplayFeed:
             return None
         i = int(np.searchsorted(data[0], min(dt_to_ms(when), self._now_ms()), side="right")) - 1
         return None if i < 0 else _dec(data[1][i])
+
+
+MANIFEST = "manifest.json"
+_SPEC_DECIMALS = ("ct_val", "lot_sz", "min_sz", "tick_sz", "max_lever")
+
+
+def replay_dir_write(path: str | Path, *, name: str, instruments: list[InstrumentSpec],
+                     candles: dict[str, dict[str, list[Bar]]],
+                     funding: dict[str, list[FundingRate]] | None = None) -> Path:
+    """Write candles (confirmed bars only) and funding as CSVs plus the manifest `ReplayFeed.from_dir` reads.
+
+    Prices are written as the Decimal strings the feed returned, so a replay
+    reads back the venue's numbers. The manifest is written last: a directory
+    whose manifest names the files is complete.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict[str, str]] = {}
+    for inst_id, by_tf in candles.items():
+        for timeframe, bars in by_tf.items():
+            tf_ms(timeframe)  # an unknown timeframe fails here, not when the replay is read
+            closed = sorted((b for b in bars if b.confirmed), key=lambda b: b.ts)
+            if len(closed) < 2:
+                raise FeedPermanentError(f"{inst_id} {timeframe}: need at least two closed candles to replay")
+            file = f"{inst_id}_{timeframe}.csv"
+            with open(path / file, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["ts", "open", "high", "low", "close", "volume"])
+                writer.writerows([dt_to_ms(b.ts), b.open, b.high, b.low, b.close, b.volume] for b in closed)
+            files.setdefault(inst_id, {})[timeframe] = file
+    funding_files: dict[str, str] = {}
+    for inst_id, rates in (funding or {}).items():
+        known = sorted((r for r in rates if r.rate is not None), key=lambda r: r.ts)
+        if not known:
+            continue
+        file = f"{inst_id}_funding_rate.csv"
+        with open(path / file, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["ts", "funding_rate"])
+            writer.writerows([dt_to_ms(r.ts), r.rate] for r in known)
+        funding_files[inst_id] = file
+    manifest = {
+        "name": name,
+        "instruments": [{k: str(getattr(s, k)) if k in _SPEC_DECIMALS else getattr(s, k)
+                         for k in InstrumentSpec.__dataclass_fields__} for s in instruments],
+        "candles": files,
+        "funding": funding_files,
+    }
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(path / MANIFEST)
+    return path

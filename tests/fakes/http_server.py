@@ -43,7 +43,7 @@ Handler = Callable[[Received], Reply]
 class FakeHttpServer:
     """Routes are (METHOD, path) -> a queue of replies (the last one repeats) or a function."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.requests: list[Received] = []
         self._routes: dict[tuple[str, str], deque[Reply] | Handler] = {}
         self._lock = threading.Lock()
@@ -93,7 +93,8 @@ class FakeHttpServer:
 
             do_GET = do_POST = do_PUT = do_DELETE = _serve
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        # port 0: any free port; a given port lets a test start the server where a client already looks.
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 

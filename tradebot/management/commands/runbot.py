@@ -8,8 +8,13 @@ that dies is restarted. Ctrl-C stops cleanly: the worker gets a warm shutdown
 unfinished is recorded INTERRUPTED.
 
 Market data: with MARKET_DATA_SOURCE=auto the bot needs OKX public data; when
-OKX is unreachable it says so and retries, it does not switch to synthetic
-data silently (set MARKET_DATA_SOURCE=synthetic to trade the synthetic market).
+OKX is unreachable it says so and retries (after `--retry-seconds`, doubling up
+to a minute), it does not switch to synthetic data silently (set
+MARKET_DATA_SOURCE=synthetic to trade the synthetic market). Nothing starts
+before OKX answered; Ctrl-C while it waits just stops. Once running, a cycle
+whose feed call fails on a temporary error is retried by its stage task
+(`tradebot.tasks.stage_run`) and ends FAILED, journaled, when it keeps failing;
+the next beat tick tries again.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import time
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from tradebot.celery import QUEUES
 
@@ -33,15 +38,37 @@ class Command(BaseCommand):
         parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
         parser.add_argument("--no-web", action="store_true", help="do not start the admin")
         parser.add_argument("--enable", default=",".join(settings.INSTRUMENTS), help="instruments to trade")
+        parser.add_argument("--retry-seconds", type=float, default=5.0,
+                            help="first wait before asking an unreachable OKX again (doubles, up to 60 s)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
         from tradebot.beat import beat_sync
         from tradebot.controls import broker_dirs_ensure
 
+        if opts["retry_seconds"] <= 0:
+            raise CommandError("--retry-seconds must be positive")
         broker_dirs_ensure()
+        enable = [i for i in opts["enable"].split(",") if i]
 
-        source = self._market_source()
-        self._instruments(source, [i for i in opts["enable"].split(",") if i])
+        def interrupt(*_: Any) -> None:
+            raise KeyboardInterrupt
+
+        # Until the children start, a stop request (Ctrl-C, SIGTERM) just ends the wait for OKX.
+        signal.signal(signal.SIGTERM, interrupt)
+        try:
+            source = self._market_source(enable=enable, retry_seconds=opts["retry_seconds"])
+        except KeyboardInterrupt:
+            self.stdout.write("stopped while waiting for OKX; nothing was started")
+            return
+        stopping = False
+
+        def stop(*_: Any) -> None:
+            nonlocal stopping
+            stopping = True
+
+        # From here a stop request only sets the flag: children started so far are then stopped in order.
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
         entries = beat_sync()
         self.stdout.write(f"beat: {len(entries)} entries ({', '.join(e.name for e in entries)})")
         env = {**os.environ, "MARKET_DATA_SOURCE": source}
@@ -55,16 +82,10 @@ class Command(BaseCommand):
         if not opts["no_web"]:
             commands["web"] = manage + ["runserver", "127.0.0.1:8000", "--noreload"]
         self.stdout.write(f"broker: {settings.BROKER_KIND}   market data: {source}   admin: http://127.0.0.1:8000/admin/")
-        procs = {name: subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR) for name, cmd in commands.items()}
-        stopping = False
-
-        def stop(*_: Any) -> None:
-            nonlocal stopping
-            stopping = True
-
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
+        procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
+            for name, cmd in commands.items():
+                procs[name] = subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR)
             while not stopping:
                 for name, proc in list(procs.items()):
                     if proc.poll() is not None and not stopping:
@@ -86,25 +107,33 @@ class Command(BaseCommand):
                     proc.wait(timeout=settings.CELERY_TASK_TIME_LIMIT if name == "worker" else 10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                    proc.wait()
         interrupted = cycle_interrupt_running(reason="runbot stopped (Ctrl-C) while the cycle ran")
         self.stdout.write(f"stopped; {len(interrupted)} unfinished cycle(s) recorded INTERRUPTED")
 
-    def _market_source(self) -> str:
-        """OKX public data (retrying while unreachable) unless synthetic is asked for explicitly."""
+    def _market_source(self, *, enable: list[str], retry_seconds: float) -> str:
+        """OKX public data (waiting while unreachable) unless synthetic is asked for; syncs the instruments from it."""
         from market.feeds import okx_feed_from_settings
         from market.feeds.base import FeedError
 
-        if settings.MARKET_DATA_SOURCE == "synthetic":
+        source = settings.MARKET_DATA_SOURCE
+        if source == "replay":
+            raise CommandError("MARKET_DATA_SOURCE=replay replays stored candles on a virtual clock (`manage.py demo`); "
+                               "runbot trades the live market: use auto, okx or synthetic")
+        if source == "synthetic":
             self.stdout.write("market data: the synthetic market (MARKET_DATA_SOURCE=synthetic)")
+            self._instruments("synthetic", enable)
             return "synthetic"
-        delay = 5.0
+        delay = retry_seconds
         while True:
             feed = okx_feed_from_settings(timeout=settings.MARKET_PROBE_TIMEOUT_SECONDS)
             try:
                 feed.system_time()  # type: ignore[attr-defined]
+                self._instruments("okx", enable)
+                self.stdout.write(f"market data: OKX public data at {settings.OKX_BASE_URL}")
                 return "okx"
             except FeedError as exc:
-                self.stderr.write(f"OKX at {settings.OKX_BASE_URL} is unreachable ({exc}); retrying in {delay:.0f}s "
+                self.stderr.write(f"OKX at {settings.OKX_BASE_URL} is unreachable ({exc}); retrying in {delay:g}s "
                                   "(set MARKET_DATA_SOURCE=synthetic to run on the synthetic market)")
             finally:
                 feed.close()  # type: ignore[attr-defined]
@@ -115,5 +144,8 @@ class Command(BaseCommand):
         from market.feeds import feed_from_settings
         from market.services import instruments_sync
 
-        synced = instruments_sync(feed=feed_from_settings(source=source), enable=enable)
+        try:
+            synced = instruments_sync(feed=feed_from_settings(source=source), enable=enable)
+        except ValueError as exc:  # an instrument the venue does not offer: retrying will not help
+            raise CommandError(str(exc)) from exc
         self.stdout.write(f"instruments: {len(synced)} synced, trading {', '.join(enable)}")
