@@ -25,11 +25,36 @@ def bot_state(*, scope: str = LIVE_SCOPE) -> BotStateView:
     )
 
 
-def account_state(*, exchange: Exchange, scope: str = LIVE_SCOPE) -> AccountState:
-    """The exchange's balances plus the day-start and peak equity the bot tracks."""
-    account = exchange.account()
-    row = bot_state_row(scope)
-    return replace(account, day_start_equity=row.day_start_equity, peak_equity=row.peak_equity)
+def account_state(*, exchange: Exchange, scope: str = LIVE_SCOPE, bot: BotStateView | None = None) -> AccountState:
+    """The exchange's balances plus the day-start and peak equity the bot tracks.
+
+    `bot`: the bot state the caller has just read (it carries the same two
+    figures), which saves reading the row again.
+    """
+    return _with_bot_figures(exchange.account(), scope=scope, bot=bot)
+
+
+def account_and_positions(
+    *, exchange: Exchange, scope: str = LIVE_SCOPE, bot: BotStateView | None = None
+) -> tuple[AccountState, list[Position]]:
+    """`account_state` and `positions_open` together: from one read of the positions when the exchange can.
+
+    The paper exchange computes the account from its positions, so one read serves
+    both (and both describe the same moment); another exchange is asked twice.
+    """
+    both = getattr(exchange, "account_and_positions", None)
+    if both is not None:
+        account, positions = both()
+    else:
+        account, positions = exchange.account(), exchange.positions()
+    return _with_bot_figures(account, scope=scope, bot=bot), positions
+
+
+def _with_bot_figures(account: AccountState, *, scope: str, bot: BotStateView | None) -> AccountState:
+    if bot is None:
+        row = bot_state_row(scope)
+        return replace(account, day_start_equity=row.day_start_equity, peak_equity=row.peak_equity)
+    return replace(account, day_start_equity=bot.day_start_equity, peak_equity=bot.peak_equity)
 
 
 def positions_open(*, exchange: Exchange) -> list[Position]:

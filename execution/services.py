@@ -14,7 +14,8 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from brain.schemas import Decision
@@ -58,8 +59,11 @@ EXCHANGE_STATES = {
 
 # --- Bot state ----------------------------------------------------------------------
 def _locked_bot(scope: str) -> BotState:
-    BotState.objects.get_or_create(scope=scope)
-    return BotState.objects.select_for_update().get(scope=scope)
+    row = BotState.objects.select_for_update().filter(scope=scope).first()
+    if row is None:  # the first use of this scope: create the row, then lock it
+        BotState.objects.get_or_create(scope=scope)
+        row = BotState.objects.select_for_update().get(scope=scope)
+    return row
 
 
 def _set_state(row: BotState, to: str, *, reason: str, by: str, now: datetime, until: datetime | None = None) -> None:
@@ -104,9 +108,21 @@ def bot_resume(*, by: str, now: datetime | None = None, scope: str = LIVE_SCOPE)
     return bot_state(scope=scope)
 
 
-def bot_state_refresh(*, now: datetime | None = None, scope: str = LIVE_SCOPE) -> BotStateView:
-    """Lift HALTED/COOLDOWN whose time is up; EMERGENCY_HALT stays until a person resumes."""
+def _refresh_due(view: BotStateView, now: datetime) -> bool:
+    return view.state in (BotStatus.HALTED, BotStatus.COOLDOWN) and view.until is not None and view.until <= now
+
+
+def bot_state_refresh(*, now: datetime | None = None, scope: str = LIVE_SCOPE, current: BotStateView | None = None) -> BotStateView:
+    """Lift HALTED/COOLDOWN whose time is up; EMERGENCY_HALT stays until a person resumes.
+
+    `current`: the state the caller has just read. The row is locked and
+    changed only when a lift is due (re-checked under the lock); otherwise
+    the state read is the answer, without a transaction.
+    """
     now = now or timezone.now()
+    view = current if current is not None else bot_state(scope=scope)
+    if not _refresh_due(view, now):
+        return view
     with transaction.atomic():
         row = _locked_bot(scope)
         if row.state in (BotStatus.HALTED, BotStatus.COOLDOWN) and row.until is not None and row.until <= now:
@@ -163,11 +179,15 @@ def risk_gate_run(
     mode: str = Mode.LIVE,
     run_id: str = "",
     now: datetime | None = None,
+    bot: BotStateView | None = None,
 ) -> RiskVerdict:
-    """Run the gate against the stored bot state; halt on daily loss / drawdown; record a rejection."""
+    """Run the gate against the stored bot state; halt on daily loss / drawdown; record a rejection.
+
+    `bot`: the bot state the caller has just read for this gate (saves a read).
+    """
     now = now or market.ts or timezone.now()
     scope = bot_scope(mode=mode, run_id=run_id)
-    view = bot_state_refresh(now=now, scope=scope)
+    view = bot_state_refresh(now=now, scope=scope, current=bot)
     verdict = risk_check(decision=decision, market=market, account=account, positions=positions, bot=view,
                          returns_1h=returns_1h, instrument=instrument, cycle_id=cycle_id, now=now)
     failed = dict(verdict.failures)
@@ -217,17 +237,7 @@ def order_place(
 
         exchange = exchange_from_settings()
     context = dict(trade_context or {})
-    now = timezone.now()
-    order, created = Order.objects.get_or_create(
-        client_order_id=approved.client_order_id,
-        defaults=dict(
-            exchange=exchange.name, cycle_id=cycle_id, mode=context.get("mode", Mode.LIVE), run_id=context.get("run_id", ""),
-            inst_id=approved.inst_id, action=approved.action, side=approved.side, pos_side=approved.pos_side,
-            order_type=approved.order_type, size=approved.size, price=approved.price, stop_loss=approved.stop_loss,
-            take_profit=approved.take_profit, leverage=approved.leverage, reduce_only=approved.reduce_only,
-            approved=approved.as_json(), trade_context=_jsonable(context),
-        ),
-    )
+    order, created = _order_intent(approved=approved, exchange=exchange, cycle_id=cycle_id, context=context)
     if not created:
         if order.state in TERMINAL_ORDER_STATES:
             return order
@@ -271,6 +281,33 @@ def order_place(
     return order
 
 
+def _order_intent(*, approved: ApprovedOrder, exchange: Exchange, cycle_id: int | None, context: dict[str, Any]) -> tuple[Order, bool]:
+    """The Order row (the intent), committed before any exchange call; (row, created).
+
+    What `get_or_create` does, INSERT first: a new order (the usual case) costs
+    one statement, and an existing client order id is found by the unique
+    constraint and then read.
+    """
+    fields = dict(
+        exchange=exchange.name, cycle_id=cycle_id, mode=context.get("mode", Mode.LIVE), run_id=context.get("run_id", ""),
+        inst_id=approved.inst_id, action=approved.action, side=approved.side, pos_side=approved.pos_side,
+        order_type=approved.order_type, size=approved.size, price=approved.price, stop_loss=approved.stop_loss,
+        take_profit=approved.take_profit, leverage=approved.leverage, reduce_only=approved.reduce_only,
+        approved=approved.as_json(), trade_context=_jsonable(context),
+    )
+    try:
+        if connection.in_atomic_block:  # a caller's transaction: a savepoint keeps it usable after a duplicate
+            with transaction.atomic():
+                return Order.objects.create(client_order_id=approved.client_order_id, **fields), True
+        # Autocommit: the INSERT is its own transaction, committed when it returns (no BEGIN/COMMIT round trips).
+        return Order.objects.create(client_order_id=approved.client_order_id, **fields), True
+    except IntegrityError:
+        existing = Order.objects.filter(client_order_id=approved.client_order_id).first()
+        if existing is None:  # another constraint failed: not ours to hide
+            raise
+        return existing, False
+
+
 def _settle(order: Order, ex: ExchangeOrder, approved: Any, context: dict[str, Any]) -> Order:
     """Record what the exchange reports (a short transaction after the call); returns the fresh row."""
     with transaction.atomic():
@@ -311,14 +348,20 @@ def trade_open_record(*, order: Order, fill: ExchangeOrder, context: dict[str, A
     if instrument is None:
         event_record(kind="trade_not_journaled", message=f"{order.inst_id} is not an instrument row; trade not journaled", level=EventLevel.ERROR)
         return None
-    if Trade.objects.filter(client_order_id=order.client_order_id).exists():
-        return Trade.objects.get(client_order_id=order.client_order_id)
     direction = Direction.LONG if order.pos_side == "long" else Direction.SHORT
     price = fill.avg_px or order.price or Decimal(order.approved.get("entry_reference", "0"))
     mode = context.get("mode", Mode.LIVE)
-    # The open trade this fill adds to: same run too, so two replays in one database never mix.
-    existing = Trade.objects.filter(instrument=instrument, direction=direction, status=TradeStatus.OPEN, mode=mode,
-                                    run_id=context.get("run_id", "")).first()
+    # One read for both questions: is this fill journaled already (its client order id), and which
+    # open trade does it add to (same instrument, direction and run, so two replays never mix)?
+    # Trade's ordering (newest first) makes `existing` what `.first()` gave.
+    candidates = list(Trade.objects.filter(
+        Q(client_order_id=order.client_order_id)
+        | Q(instrument=instrument, direction=direction, status=TradeStatus.OPEN, mode=mode, run_id=context.get("run_id", ""))
+    ))
+    mine = next((t for t in candidates if t.client_order_id == order.client_order_id), None)
+    if mine is not None:
+        return mine
+    existing = candidates[0] if candidates else None
     if existing is not None:
         total = existing.size + fill.filled_size
         existing.entry_price = (existing.entry_price * existing.size + price * fill.filled_size) / total

@@ -48,5 +48,11 @@ app.conf.update(
     timezone="UTC",
     enable_utc=True,
     broker_connection_retry_on_startup=True,
+    # Celery's Django fixup closes the database connection before and after EVERY task unless this
+    # is set, so each stage paid a new PostgreSQL session (and its set-up) on top of its queries.
+    # With it, the fixup closes only every this-many tasks; between tasks tradebot.tasks applies
+    # Django's own request-boundary rule (drop a broken, too old or mid-transaction connection,
+    # CONN_MAX_AGE) and drops the session outright if a cycle's advisory lock leaked.
+    CELERY_DB_REUSE_MAX=1000,
 )
 app.autodiscover_tasks()

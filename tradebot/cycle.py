@@ -17,8 +17,10 @@ instrument forever.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
+import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,9 +97,10 @@ def cycle_open(
     now = now or timezone.now()
     stale_after = timedelta(seconds=settings.CYCLE_STALE_SECONDS)
     with transaction.atomic():
-        Instrument.objects.select_for_update().filter(pk=instrument.pk).first()
+        list(Instrument.objects.select_for_update().filter(pk=instrument.pk).values_list("pk", flat=True))  # the lock only
         running = list(
-            Cycle.objects.filter(instrument=instrument, mode=mode, run_id=run_id, state__in=ACTIVE_STATES).order_by("id")
+            Cycle.objects.filter(instrument=instrument, mode=mode, run_id=run_id, state__in=ACTIVE_STATES)
+            .only("id", "state", "started_at").order_by("id")
         )
         blocking: Cycle | None = None
         for cycle in running:
@@ -135,6 +138,41 @@ def cycle_open(
 _LOCK_NAMESPACE = 0x7B07  # keeps our advisory keys apart from anyone else's on the server
 
 
+class _Held(threading.local):
+    """Cycle ids whose PostgreSQL advisory lock this thread's connection holds right now.
+
+    A lock still listed when a task ends leaked (its release failed): the worker then closes its
+    database session, which frees it, instead of keeping it into the next task on a reused
+    connection (tradebot.tasks.db_task_boundary). Per thread, as Django's connections are.
+    """
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+
+
+_HELD = _Held()
+
+
+def _lock_key(cycle_id: int) -> int:
+    return int(cycle_id) & 0x7FFFFFFF
+
+
+def cycle_locks_held() -> frozenset[int]:
+    """The cycles whose advisory lock this process holds (PostgreSQL)."""
+    return frozenset(_HELD.ids)
+
+
+def cycle_locks_forget() -> None:
+    """After the session that held them was closed: the server released them."""
+    _HELD.ids.clear()
+
+
+def _pg_unlock(cycle_id: int) -> None:
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_advisory_unlock(%s, %s)", [_LOCK_NAMESPACE, _lock_key(cycle_id)])
+    _HELD.ids.discard(cycle_id)
+
+
 @contextmanager
 def cycle_lock(cycle_id: int) -> Iterator[bool]:
     """Try to take the cycle's lock without waiting; yields whether we hold it.
@@ -145,14 +183,15 @@ def cycle_lock(cycle_id: int) -> Iterator[bool]:
     """
     if connection.vendor == "postgresql":
         with connection.cursor() as cur:
-            cur.execute("SELECT pg_try_advisory_lock(%s, %s)", [_LOCK_NAMESPACE, int(cycle_id) & 0x7FFFFFFF])
+            cur.execute("SELECT pg_try_advisory_lock(%s, %s)", [_LOCK_NAMESPACE, _lock_key(cycle_id)])
             got = bool(cur.fetchone()[0])
+        if got:
+            _HELD.ids.add(cycle_id)
         try:
             yield got
         finally:
             if got:
-                with connection.cursor() as cur:
-                    cur.execute("SELECT pg_advisory_unlock(%s, %s)", [_LOCK_NAMESPACE, int(cycle_id) & 0x7FFFFFFF])
+                _pg_unlock(cycle_id)
         return
     lock_dir = Path(settings.VAR_DIR) / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +220,30 @@ class Claim:
 
     RUN = "run"  # we own the stage now (claimed, or resuming after a dead worker)
     CONTINUE = "continue"  # the stage already finished; let the chain go on
-    STOP = "stop"  # someone else has it, or the cycle moved on or ended
+    STOP = "stop"  # the cycle moved on or ended
+    BUSY = "busy"  # another worker holds the cycle's lock: this delivery is a duplicate
+
+
+def _cycle_read(cycle_id: int) -> Cycle | None:
+    return Cycle.objects.filter(pk=cycle_id).select_related("instrument").first()
+
+
+def _claim_not_won(*, cycle_id: int, stage: str, resume_states: frozenset[str] | None, now: datetime) -> tuple[str, Cycle | None]:
+    """The conditional UPDATE did not move the cycle: resume a stage whose worker died, continue, or stop."""
+    cycle = _cycle_read(cycle_id)
+    if cycle is None:
+        return Claim.STOP, None
+    if cycle.state in (resume_states or frozenset({stage})):
+        if (cycle.stage_times.get(stage) or {}).get("done"):
+            return Claim.CONTINUE, cycle
+        entry = dict(cycle.stage_times.get(stage) or {})
+        entry.update({"resumed": now.isoformat(), "worker": worker_name(), "attempts": int(entry.get("attempts", 1)) + 1})
+        entry.setdefault("started", now.isoformat())
+        cycle.stage_times[stage] = entry
+        Cycle.objects.filter(pk=cycle_id).update(stage_times=cycle.stage_times)
+        log.warning("stage_resumed", cycle_id=cycle_id, stage=stage, state=cycle.state)
+        return Claim.RUN, cycle
+    return Claim.STOP, cycle
 
 
 def stage_claim(*, cycle_id: int, stage: str, resume_states: frozenset[str] | None = None) -> tuple[str, Cycle | None]:
@@ -194,24 +256,148 @@ def stage_claim(*, cycle_id: int, stage: str, resume_states: frozenset[str] | No
     """
     now = timezone.now()
     claimed = Cycle.objects.filter(pk=cycle_id, state__in=previous_states(stage)).update(state=stage)
-    cycle = Cycle.objects.filter(pk=cycle_id).select_related("instrument").first()
+    if not claimed:
+        return _claim_not_won(cycle_id=cycle_id, stage=stage, resume_states=resume_states, now=now)
+    cycle = _cycle_read(cycle_id)
     if cycle is None:
         return Claim.STOP, None
-    if claimed:
-        cycle.stage_times[stage] = {"started": now.isoformat(), "worker": worker_name()}
-        Cycle.objects.filter(pk=cycle_id).update(stage_times=cycle.stage_times)
-        return Claim.RUN, cycle
-    if cycle.state in (resume_states or frozenset({stage})):
-        if (cycle.stage_times.get(stage) or {}).get("done"):
-            return Claim.CONTINUE, cycle
-        entry = dict(cycle.stage_times.get(stage) or {})
-        entry.update({"resumed": now.isoformat(), "worker": worker_name(), "attempts": int(entry.get("attempts", 1)) + 1})
-        entry.setdefault("started", now.isoformat())
-        cycle.stage_times[stage] = entry
-        Cycle.objects.filter(pk=cycle_id).update(stage_times=cycle.stage_times)
-        log.warning("stage_resumed", cycle_id=cycle_id, stage=stage, state=cycle.state)
-        return Claim.RUN, cycle
-    return Claim.STOP, cycle
+    cycle.stage_times[stage] = {"started": now.isoformat(), "worker": worker_name()}
+    Cycle.objects.filter(pk=cycle_id).update(stage_times=cycle.stage_times)
+    return Claim.RUN, cycle
+
+
+# PostgreSQL: the lock, the conditional UPDATE (with the stage's start mark) and the claimed row with
+# its instrument, in ONE round trip. The lock CTE is MATERIALIZED, so pg_try_advisory_lock runs
+# exactly once; a data-modifying CTE always runs to completion; the outer SELECT always returns one
+# row: whether we now hold the lock, then the cycle as the UPDATE left it (NULLs when it did not
+# move it). The UPDATE runs only when the lock was won and (READ COMMITTED) re-checks `state` on the
+# newest committed row version before writing: it claims exactly when lock-then-UPDATE would.
+_PG_CLAIM_SQL = """
+WITH lk AS MATERIALIZED (SELECT pg_try_advisory_lock(%s, %s) AS held),
+upd AS (
+    UPDATE {cycle} SET state = %s, stage_times = {cycle}.stage_times || jsonb_build_object(%s::text, %s::jsonb)
+    FROM lk
+    WHERE lk.held AND {cycle}.id = %s AND {cycle}.state = ANY(%s) AND {async_commit}
+    RETURNING {cycle}.*
+)
+SELECT lk.held, {cycle_cols}, {instrument_cols}
+FROM lk LEFT JOIN upd ON true LEFT JOIN {instrument} inst ON inst.id = upd.instrument_id
+"""
+
+
+# The claim and the write-back are the cycle's own bookkeeping: their commits need not wait for the
+# WAL flush (an fsync: 0.07 to 0.7 ms each measured on this machine, 14 per 7-stage cycle). `set_config(..., true)` sets
+# synchronous_commit=off for the statement's own transaction only, whenever it writes the row.
+# Safe because every write that matters for money (the Order intent before the exchange call, the
+# fills, the trade) stays synchronous, and a synchronous commit flushes all WAL before it: a
+# bookkeeping write can only be lost in a PostgreSQL crash if nothing durable followed it, and then
+# the redelivered stage runs again (stages are idempotent; an order is found by its cycle and its
+# client order id). Visibility to other sessions is immediate either way.
+_ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true) IS NOT NULL"
+
+
+def _pg_claim_sql() -> str:
+    qn = connection.ops.quote_name
+    return _PG_CLAIM_SQL.format(
+        async_commit=_ASYNC_COMMIT,
+        cycle=qn(Cycle._meta.db_table), instrument=qn(Instrument._meta.db_table),
+        cycle_cols=", ".join(f"upd.{qn(f.column)}" for f in Cycle._meta.concrete_fields),
+        instrument_cols=", ".join(f"inst.{qn(f.column)}" for f in Instrument._meta.concrete_fields),
+    )
+
+
+def _from_db_values(model: type, values: list[object]) -> object:
+    """A model instance from its concrete columns as the database gave them (the ORM's converters applied)."""
+    fields = model._meta.concrete_fields
+    converted = []
+    for f, value in zip(fields, values, strict=True):
+        for convert in f.get_db_converters(connection):  # e.g. JSONField decodes its text
+            value = convert(value, f.get_col(model._meta.db_table), connection)
+        converted.append(value)
+    return model.from_db(connection.alias, [f.attname for f in fields], converted)
+
+
+def _pg_lock_and_claim(*, cycle_id: int, stage: str, now: datetime) -> tuple[bool, Cycle | None]:
+    """(lock won, the claimed cycle with its instrument or None when the UPDATE did not move it)."""
+    entry = json.dumps({"started": now.isoformat(), "worker": worker_name()})
+    # Counted as held until the answer says otherwise: session locks survive a failed statement, so if
+    # this one fails after taking the lock, the task's end drops the session (db_task_boundary).
+    _HELD.ids.add(cycle_id)
+    with connection.cursor() as cur:
+        cur.execute(_pg_claim_sql(), [
+            _LOCK_NAMESPACE, _lock_key(cycle_id), stage, stage, entry, int(cycle_id), sorted(previous_states(stage)),
+        ])
+        row = list(cur.fetchone())
+    held = bool(row[0])
+    if not held:
+        _HELD.ids.discard(cycle_id)
+    n_cycle = len(Cycle._meta.concrete_fields)
+    cycle_values, instrument_values = row[1:1 + n_cycle], row[1 + n_cycle:]
+    if cycle_values[0] is None:  # no row came back: not claimed
+        return held, None
+    cycle = _from_db_values(Cycle, cycle_values)
+    cycle.instrument = _from_db_values(Instrument, instrument_values)  # type: ignore[attr-defined]
+    return held, cycle  # type: ignore[return-value]
+
+
+@contextmanager
+def stage_claim_locked(
+    *, cycle_id: int, stage: str, resume_states: frozenset[str] | None = None
+) -> Iterator[tuple[str, Cycle | None]]:
+    """Take the cycle's lock and claim `stage`; the lock is held until the block ends.
+
+    Yields (Claim.BUSY, None) when another worker holds the lock, else what
+    `stage_claim` gives. On PostgreSQL the lock, the claim and the claimed row
+    (with its instrument) are one statement; SQLite takes the file lock, then
+    claims as `stage_claim` does.
+    """
+    if connection.vendor != "postgresql":
+        with cycle_lock(cycle_id) as held:
+            if not held:
+                yield Claim.BUSY, None
+                return
+            yield stage_claim(cycle_id=cycle_id, stage=stage, resume_states=resume_states)
+        return
+    now = timezone.now()
+    held, claimed = _pg_lock_and_claim(cycle_id=cycle_id, stage=stage, now=now)
+    if not held:
+        yield Claim.BUSY, None
+        return
+    try:
+        if claimed is not None:
+            result: tuple[str, Cycle | None] = (Claim.RUN, claimed)
+        else:
+            result = _claim_not_won(cycle_id=cycle_id, stage=stage, resume_states=resume_states, now=now)
+        yield result
+    finally:
+        _pg_unlock(cycle_id)
+
+
+def cycle_write_back(*, cycle: Cycle, claimed_state: str, fields: list[str]) -> bool:
+    """UPDATE the named fields of a claimed cycle, only if it is still in `claimed_state`.
+
+    What `Cycle.objects.filter(pk=..., state=claimed_state).update(...)` does,
+    with the statement built here from the fields' own database preparation
+    (`get_db_prep_save`, as Django's UPDATE compiler does): it runs once per
+    stage, and the ORM's compilation was most of its cost. False when the cycle
+    left `claimed_state` meanwhile (a stale sweep or an interrupt ended it).
+    """
+    qn = connection.ops.quote_name
+    sets, params = [], []
+    for name in fields:
+        f = Cycle._meta.get_field(name)
+        value = f.get_db_prep_save(getattr(cycle, f.attname), connection)
+        if value is None:
+            sets.append(f"{qn(f.column)} = NULL")
+        else:
+            sets.append(f"{qn(f.column)} = %s")
+            params.append(value)
+    sql = f"UPDATE {qn(Cycle._meta.db_table)} SET {', '.join(sets)} WHERE {qn('id')} = %s AND {qn('state')} = %s"
+    if connection.vendor == "postgresql":
+        sql += f" AND {_ASYNC_COMMIT}"  # bookkeeping: see _ASYNC_COMMIT
+    with connection.cursor() as cur:
+        cur.execute(sql, [*params, cycle.pk, claimed_state])
+        return cur.rowcount > 0
 
 
 def stage_started(cycle: Cycle, stage: str, *, now: datetime | None = None) -> None:

@@ -146,17 +146,21 @@ def recent_trades(*, mode: str, run_id: str, limit: int = RECENT_TRADES) -> list
 
 def brain_context(work: CycleWork, env: StageEnv) -> BrainContext:
     """Positions, account and recent trades as frozen views (brain never sees execution's objects)."""
-    from execution.selectors import account_state, positions_open
+    from execution.selectors import account_and_positions, positions_open
 
     if work.context is not None:
         return work.context
     trades = env.recent_trades_provider() if env.recent_trades_provider else recent_trades(mode=env.mode, run_id=env.run_id)
     strategies = {t.inst_id: t.strategy_used for t in trades if t.status == TradeStatus.OPEN}
-    positions = [position_view(p, strategies.get(p.inst_id, "")) for p in positions_open(exchange=env.exchange)]
+    if env.account_provider is not None:
+        account, open_positions = env.account_provider(), positions_open(exchange=env.exchange)
+    else:
+        # Live: the account is computed from the positions; one read gives both.
+        account, open_positions = account_and_positions(exchange=env.exchange, scope=env.scope)
+    positions = [position_view(p, strategies.get(p.inst_id, "")) for p in open_positions]
     work.context = BrainContext(
         positions=positions,
-        account=account_view(env.account_provider() if env.account_provider
-                             else account_state(exchange=env.exchange, scope=env.scope)),
+        account=account_view(account),
         recent_trades=trades,
         manual_trigger=env.manual_trigger or (work.cycle.stage_times or {}).get("trigger") == "manual",
         now=work.cycle.as_of,
@@ -268,24 +272,26 @@ def analyze(work: CycleWork, env: StageEnv) -> bool:
     return True
 
 
-def _gate(work: CycleWork, env: StageEnv) -> Any:
+def _gate(work: CycleWork, env: StageEnv, *, bot: Any = None) -> Any:
     """Run the risk gate on the cycle's decision against fresh account state.
 
     execution's `risk_gate_run` wraps `risk_check` with its consequences: it
     refreshes the bot state, halts on daily loss / drawdown and records a
-    rejection with every failed rule.
+    rejection with every failed rule. `bot`: the bot state this stage has just
+    read (for its halt check), used for the account's day-start/peak figures
+    and the gate's refresh instead of reading the row twice more.
     """
-    from execution.selectors import account_state, positions_open
+    from execution.selectors import account_and_positions
     from execution.services import risk_gate_run
     from market.selectors import returns_1h
 
-    positions = positions_open(exchange=env.exchange)
+    account, positions = account_and_positions(exchange=env.exchange, scope=env.scope, bot=bot)
     others = sorted({p.inst_id for p in positions} | {work.inst_id})
     returns = returns_1h(inst_ids=others, until=work.cycle.as_of, hours=settings.CORRELATION_LOOKBACK_HOURS) if len(others) > 1 else None
     return risk_gate_run(
         decision=work.decision,
         market=market_ref(work.snapshot),
-        account=account_state(exchange=env.exchange, scope=env.scope),
+        account=account,
         positions=positions,
         returns_1h=returns,
         instrument=work.cycle.instrument,
@@ -293,6 +299,7 @@ def _gate(work: CycleWork, env: StageEnv) -> Any:
         mode=env.mode,
         run_id=env.run_id,
         now=work.cycle.as_of,
+        bot=bot,
     )
 
 
@@ -303,12 +310,16 @@ def market_ref(snapshot: MarketSnapshot) -> Any:
     return MarketRef(last=snapshot.price, mark=snapshot.ticker.mark, inst_id=snapshot.inst_id, ts=snapshot.ts)
 
 
-def halted_reason(scope: str | None = None) -> str | None:
-    """HALTED / EMERGENCY_HALT / COOLDOWN of `scope` (default: the live bot): why no order may go out, else None."""
+def halted_reason(scope: str | None = None, *, bot: Any = None) -> str | None:
+    """HALTED / EMERGENCY_HALT / COOLDOWN of `scope` (default: the live bot): why no order may go out, else None.
+
+    `bot`: a bot state just read (`execution.selectors.bot_state`); else it is read here.
+    """
     from execution.models import LIVE_SCOPE
     from execution.selectors import bot_state
 
-    bot = bot_state(scope=scope or LIVE_SCOPE)
+    if bot is None:
+        bot = bot_state(scope=scope or LIVE_SCOPE)
     if str(bot.state) in HALT_STATES:
         return f"bot {bot.state}: {bot.reason or 'no reason given'}"
     return None
@@ -324,10 +335,13 @@ def _verdict_json(verdict: Any) -> dict[str, Any]:
 
 def risk(work: CycleWork, env: StageEnv) -> bool:
     """RISK_CHECK: bot-wide halt first, then the gate; a rejection is journaled with every failed rule."""
-    reason = halted_reason(env.scope)
+    from execution.selectors import bot_state
+
+    bot = bot_state(scope=env.scope)  # read once: the halt check, the account figures and the gate's refresh
+    reason = halted_reason(env.scope, bot=bot)
     if reason:
         return _end(work, CycleOutcome.HALTED, reason)
-    verdict = _gate(work, env)
+    verdict = _gate(work, env, bot=bot)
     work.cycle.risk_verdict = _verdict_json(verdict)
     if not verdict.approved:
         rules = ", ".join(rule for rule, _ in verdict.failures)
@@ -361,6 +375,7 @@ def execute(work: CycleWork, env: StageEnv) -> bool:
     a halt or a fill between the stages must stop the order.
     """
     from execution.models import TERMINAL_ORDER_STATES, Order
+    from execution.selectors import bot_state
     from execution.services import order_place
 
     existing = Order.objects.filter(cycle_id=work.cycle.pk).order_by("id").first() if work.cycle.pk else None
@@ -370,24 +385,28 @@ def execute(work: CycleWork, env: StageEnv) -> bool:
         return True
     # An unfinished order of ours (the worker died mid-call) is completed below through
     # order_place, which looks it up by client order id before it would send anything.
-    reason = None if existing is not None else halted_reason(env.scope)
+    bot = bot_state(scope=env.scope)  # read once, here, at the start of this stage: a halt since RISK_CHECK stops it
+    reason = None if existing is not None else halted_reason(env.scope, bot=bot)
     if reason:
         return _end(work, CycleOutcome.HALTED, reason)
     approved = work.extra.pop("approved", None)
     if approved is None:
-        verdict = _gate(work, env)
+        verdict = _gate(work, env, bot=bot)
         work.cycle.risk_verdict = _verdict_json(verdict)
         if not verdict.approved:
             rules = ", ".join(rule for rule, _ in verdict.failures)
             return _end(work, CycleOutcome.REJECTED, f"risk gate rejected at execution ({rules})")
         approved = verdict.approved_order
     order = order_place(approved=approved, cycle_id=work.cycle.pk, trade_context=trade_context(work, env), exchange=env.exchange)
-    _order_record(work, order)
+    # order_place returns the row as it left it; only a close can change it again afterwards
+    # (its account sync settles orders), so only then is it read again.
+    _order_record(work, order, fresh=approved.kind == "open")
     return True
 
 
-def _order_record(work: CycleWork, order: Any) -> None:
-    order.refresh_from_db()  # execution settles the fill on its own copy of the row
+def _order_record(work: CycleWork, order: Any, *, fresh: bool = False) -> None:
+    if not fresh:
+        order.refresh_from_db()  # execution settles the fill on its own copy of the row
     work.cycle.client_order_id = order.client_order_id
     work.cycle.order = {
         "id": order.pk,

@@ -7,19 +7,29 @@ errors) and time limits; anything else ends the cycle with the error.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
+from django.db import DatabaseError
 from django.utils import timezone
 
 from journal.models import Cycle, CycleOutcome, CycleState, EventLevel
 from journal.services import event_record
 from market.models import Instrument
 from tradebot.celery import app
-from tradebot.cycle import Claim, cycle_end, cycle_lock, stage_claim
+from tradebot.cycle import (
+    Claim,
+    cycle_end,
+    cycle_locks_forget,
+    cycle_locks_held,
+    cycle_write_back,
+    stage_claim_locked,
+)
 from tradebot.logging import get_logger, redact
 from tradebot.stages import CycleWork, StageEnv, stage_timed
 
@@ -30,29 +40,74 @@ MAX_RETRIES = 3
 _REFLECTION_LIMITS: dict[str, Any] = {"soft_time_limit": 900, "time_limit": 960}
 
 _ENV: StageEnv | None = None
+_PAPER_VENUE: bool | None = None  # whether exchange_from_settings() picked the paper exchange in this process
 
 
 def live_env() -> StageEnv:
     """The feed (built once per worker process) and a fresh exchange handle for this task.
 
-    The exchange handle is cheap and is re-made per task so a reset paper
-    account (admin, tests) is picked up instead of a stale row id.
+    The exchange handle is re-made per task so a reset paper account (admin,
+    tests) is picked up instead of a stale row id, and OKX's live-trading guard
+    runs for every task. `exchange_from_settings()` picks the venue once per
+    process; a paper handle is then made directly, lazily (its account row is
+    read on first use, not for a task that never touches the book).
     """
-    global _ENV
+    global _ENV, _PAPER_VENUE
     from execution.exchanges import exchange_from_settings
+    from execution.exchanges.paper import PaperExchange
 
     if _ENV is None:
         from market.feeds import feed_from_settings
 
         _ENV = StageEnv(feed=feed_from_settings(), exchange=None)
-    _ENV.exchange = exchange_from_settings()
+    if _PAPER_VENUE is None:
+        _ENV.exchange = exchange_from_settings()
+        _PAPER_VENUE = isinstance(_ENV.exchange, PaperExchange)
+    elif _PAPER_VENUE:
+        _ENV.exchange = PaperExchange(lazy=True)
+    else:
+        _ENV.exchange = exchange_from_settings()
     return _ENV
 
 
 def env_reset() -> None:
     """Forget the cached feed and exchange (tests, and after a settings change)."""
-    global _ENV
+    global _ENV, _PAPER_VENUE
     _ENV = None
+    _PAPER_VENUE = None
+
+
+# The brain's context (positions, account, recent trades) as SCREENING built it, for ANALYZING in the
+# same process: the replay runs both stages on one CycleWork, so it builds the context once per
+# cycle, and live now does too when the same worker runs both (the usual case: both are on `llm`,
+# with RESEARCHING between). Keyed by the cycle and SCREENING's start mark, so a re-run screening or
+# a reused id (a flushed test database) never hands over another run's context; used only while
+# younger than CONTEXT_REUSE_SECONDS, so a slow path (an LLM screen, research, retries) reads afresh.
+# Another process simply builds its own. The risk gate never uses it: it reads the account itself.
+CONTEXT_REUSE_SECONDS = 10.0
+_CONTEXTS: OrderedDict[tuple[int, str], tuple[float, Any]] = OrderedDict()
+_CONTEXTS_MAX = 256
+
+
+def _context_key(cycle: Cycle) -> tuple[int, str] | None:
+    started = ((cycle.stage_times or {}).get(S.SCREENING) or {}).get("started")
+    return (cycle.pk, str(started)) if started else None
+
+
+def _context_keep(work: CycleWork) -> None:
+    key = _context_key(work.cycle)
+    if key is None or work.context is None:
+        return
+    _CONTEXTS[key] = (time.monotonic(), work.context)
+    while len(_CONTEXTS) > _CONTEXTS_MAX:
+        _CONTEXTS.popitem(last=False)
+
+
+def _context_take(work: CycleWork) -> None:
+    key = _context_key(work.cycle)
+    kept = _CONTEXTS.pop(key, None) if key is not None else None
+    if kept is not None and time.monotonic() - kept[0] <= CONTEXT_REUSE_SECONDS:
+        work.context = kept[1]
 
 
 _PERSISTED = (
@@ -61,41 +116,50 @@ _PERSISTED = (
 )
 
 
-def _persist(cycle: Cycle, claimed_state: str) -> bool:
-    """Write the cycle back only if nobody ended it meanwhile (a stale-sweep or an interrupt)."""
-    values = {name: getattr(cycle, name) for name in _PERSISTED}
-    written = Cycle.objects.filter(pk=cycle.pk, state=claimed_state).update(**values)
+def _persist(cycle: Cycle, claimed_state: str, *, snapshot_read: Any = None) -> bool:
+    """Write the cycle back only if nobody ended it meanwhile (a stale-sweep or an interrupt).
+
+    The snapshot JSON (the one large field) is written only when the stage
+    assigned a new one (COLLECTING): `snapshot_read` is the object the claim
+    read; every other field is written every time.
+    """
+    names = [n for n in _PERSISTED if n != "snapshot" or cycle.snapshot is not snapshot_read]
+    written = cycle_write_back(cycle=cycle, claimed_state=claimed_state, fields=names)
     if not written:
         log.warning("cycle_changed_under_stage", cycle_id=cycle.pk, expected=claimed_state)
     return bool(written)
 
 
 def stage_run(task: Task, cycle_id: int, stage: str, *, resume_states: frozenset[str] | None = None) -> int | None:
-    """Claim, run, persist. Returns the cycle id when the chain should go on."""
-    with cycle_lock(cycle_id) as held:
-        if not held:
+    """Lock and claim, run, persist. Returns the cycle id when the chain should go on."""
+    with stage_claim_locked(cycle_id=cycle_id, stage=stage, resume_states=resume_states) as (claim, cycle):
+        if claim == Claim.BUSY:
             # Another worker runs a stage of this cycle right now: this delivery is a duplicate.
             log.info("stage_duplicate", cycle_id=cycle_id, stage=stage)
             task.request.chain = None
             return None
-        claim, cycle = stage_claim(cycle_id=cycle_id, stage=stage, resume_states=resume_states)
         if claim == Claim.STOP or cycle is None:
             task.request.chain = None
             return None
         if claim == Claim.CONTINUE:
             return cycle_id
         claimed_state = cycle.state
+        snapshot_read = cycle.snapshot
         work = CycleWork(cycle=cycle)
+        if stage == S.ANALYZING:
+            _context_take(work)
         started = time.perf_counter()
         try:
             go_on = stage_timed(work, live_env(), stage)
+            if stage == S.SCREENING and go_on:
+                _context_keep(work)
         except Retry:
             raise
         except SoftTimeLimitExceeded:
             go_on = _fail(work, stage, "time limit exceeded", outcome=CycleOutcome.ERROR)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a journaled cycle end
             if getattr(exc, "retryable", False) and task.request.retries < MAX_RETRIES:
-                _persist(cycle, claimed_state)
+                _persist(cycle, claimed_state, snapshot_read=snapshot_read)
                 log.warning("stage_retry", cycle_id=cycle_id, stage=stage, error=redact(str(exc)))
                 raise task.retry(exc=exc, countdown=min(2 ** task.request.retries, 10)) from exc
             go_on = _fail(work, stage, f"{type(exc).__name__}: {exc}", outcome=CycleOutcome.ERROR)
@@ -103,7 +167,7 @@ def stage_run(task: Task, cycle_id: int, stage: str, *, resume_states: frozenset
         entry.setdefault("duration_ms", round((time.perf_counter() - started) * 1000, 3))
         entry["done"] = True
         entry["queue"] = (task.request.delivery_info or {}).get("routing_key", "")
-        _persist(cycle, claimed_state)
+        _persist(cycle, claimed_state, snapshot_read=snapshot_read)
         if not go_on:
             task.request.chain = None
             return None
@@ -240,7 +304,7 @@ def risk_daily_reset(self: Task) -> None:
 
 
 
-# --- worker warm-up -----------------------------------------------------------------
+# --- worker warm-up and the connection between tasks -----------------------------------------------------------------
 
 
 def _warm_up(**_: Any) -> None:
@@ -257,11 +321,39 @@ def _warm_up(**_: Any) -> None:
         log.warning("worker_warm_up_failed", error=redact(str(exc)))
 
 
-def _connect_warm_up() -> None:
-    from celery.signals import worker_process_init, worker_ready
+def db_task_boundary(task: Task | None = None, **_: Any) -> None:
+    """Before and after every task: Django's request-boundary rule for the database connection.
+
+    A healthy connection is kept for the next task (CONN_MAX_AGE); a broken one,
+    one past its age or one left inside a transaction is closed. A cycle lock
+    still held here leaked (its release failed): closing the session is what
+    frees an advisory lock for sure, so the connection is dropped then.
+    Eager tasks (tests, `CELERY_TASK_ALWAYS_EAGER`) run inside the caller's
+    transaction and are left alone.
+    """
+    from django.db import connections
+
+    if task is not None and getattr(task.request, "is_eager", False):
+        return
+    leaked = cycle_locks_held()
+    if leaked:
+        log.error("cycle_lock_leaked", cycle_ids=sorted(leaked))
+        for conn in connections.all(initialized_only=True):
+            with contextlib.suppress(DatabaseError):  # a broken session is gone either way (close() drops it)
+                conn.close()
+        cycle_locks_forget()
+        return
+    for conn in connections.all(initialized_only=True):
+        conn.close_if_unusable_or_obsolete()
+
+
+def _connect_worker_signals() -> None:
+    from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready
 
     worker_process_init.connect(_warm_up, weak=False)  # prefork children
     worker_ready.connect(_warm_up, weak=False)  # solo / threads pools run tasks in the main process
+    task_prerun.connect(db_task_boundary, weak=False)
+    task_postrun.connect(db_task_boundary, weak=False)
 
 
-_connect_warm_up()
+_connect_worker_signals()

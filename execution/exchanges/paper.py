@@ -36,6 +36,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Exists, FilteredRelation, Q
 from django.utils import timezone
 
 from execution.exchanges.base import (
@@ -90,19 +91,34 @@ class PaperExchange(Exchange):
         maker_fee: Decimal | None = None,
         maint_margin_rate: Decimal | None = None,
         exclusive: bool = False,
+        lazy: bool = False,
     ) -> None:
         self.slippage = settings.PAPER_SLIPPAGE if slippage is None else slippage
         self.taker_fee = settings.PAPER_TAKER_FEE if taker_fee is None else taker_fee
         self.maker_fee = settings.PAPER_MAKER_FEE if maker_fee is None else maker_fee
         self.mmr = settings.PAPER_MAINT_MARGIN_RATE if maint_margin_rate is None else maint_margin_rate
-        balance = settings.PAPER_START_BALANCE if start_balance is None else start_balance
-        self.account_id = PaperAccount.objects.get_or_create(name=account_name, defaults={"cash": q(balance)})[0].pk
+        self._account_name = account_name
+        self._start_balance = settings.PAPER_START_BALANCE if start_balance is None else start_balance
+        self._account_id: int | None = None
+        if not lazy or exclusive:  # the account row exists once the exchange does (callers rely on it)
+            self._account_id = self._account_resolve()
         self.exclusive = exclusive
         self.closes = 0  # positions this instance closed (SL/TP, liquidation, close orders): tells a replay to sync
         self._specs: dict[str, Instrument] = {}
         self._book: _Book | None = None
         self._prices: dict[str, tuple[Decimal, datetime]] = {}  # exclusive: the last price and clock per instrument
         self._dirty: set[str] = set()  # prices not written to PaperPrice yet
+
+    def _account_resolve(self) -> int:
+        return PaperAccount.objects.get_or_create(name=self._account_name, defaults={"cash": q(self._start_balance)})[0].pk
+
+    @property
+    def account_id(self) -> int:
+        """The account row's id. `lazy=True` (a worker's handle, made per task) looks it up on first
+        use, so a task that never touches the book (research, journaling) reads nothing."""
+        if self._account_id is None:
+            self._account_id = self._account_resolve()
+        return self._account_id
 
     # --- the exclusive instance's memory ----------------------------------------------
     def _book_get(self) -> _Book:
@@ -149,14 +165,14 @@ class PaperExchange(Exchange):
 
     # --- helpers ---------------------------------------------------------------
     def _spec(self, inst_id: str) -> Instrument:
+        """The instrument's contract spec, read once per instance (live: one per task; replay: one per run)."""
         spec = self._specs.get(inst_id)
         if spec is not None:
             return spec
         spec = Instrument.objects.filter(inst_id=inst_id).first()
         if spec is None:
             raise ExchangeRejected(f"Instrument ID {inst_id} doesn't exist", code="51001")
-        if self.exclusive:
-            self._specs[inst_id] = spec
+        self._specs[inst_id] = spec
         return spec
 
     def _locked_account(self) -> PaperAccount:
@@ -188,11 +204,22 @@ class PaperExchange(Exchange):
         return sign * (price - pos.avg_px) * pos.size * ct_val
 
     def _reserved(self) -> Decimal:
-        return sum((o.reserved_margin for o in PaperOrder.objects.filter(account_id=self.account_id, state="live")), ZERO)
+        """Margin held by resting orders (summed here, not in SQL: SQLite would add the decimals as floats)."""
+        live = PaperOrder.objects.filter(account_id=self.account_id, state="live").values_list("reserved_margin", flat=True)
+        return sum(live, ZERO)
+
+    def _cash_and_reserved(self) -> tuple[Decimal, Decimal]:
+        """The account's cash and the margin its resting orders hold, in one query (a row per live order)."""
+        rows = PaperAccount.objects.filter(pk=self.account_id).annotate(
+            live=FilteredRelation("orders", condition=Q(orders__state="live"))).values_list("cash", "live__reserved_margin")
+        rows = list(rows)
+        if not rows:
+            raise PaperAccount.DoesNotExist(f"paper account {self.account_id} does not exist")
+        return rows[0][0], sum((r for _, r in rows if r is not None), ZERO)
 
     def _available(self, account: PaperAccount) -> Decimal:
-        margins = sum((p.margin for p in PaperPosition.objects.filter(account=account, status="open")), ZERO)
-        return account.cash - margins - self._reserved()
+        margins = PaperPosition.objects.filter(account=account, status="open").values_list("margin", flat=True)
+        return account.cash - sum(margins, ZERO) - self._reserved()
 
     @staticmethod
     def _as_exchange_order(o: PaperOrder) -> ExchangeOrder:
@@ -230,8 +257,12 @@ class PaperExchange(Exchange):
         spec = self._spec(order.inst_id)
         with transaction.atomic():
             account = self._locked_account()
-            if PaperOrder.objects.filter(account=account, client_order_id=order.client_order_id).exists():
+            # One read of the account's orders answers the duplicate check and the margin resting orders hold.
+            orders = list(PaperOrder.objects.filter(account=account).filter(
+                Q(client_order_id=order.client_order_id) | Q(state="live")).values_list("client_order_id", "state", "reserved_margin"))
+            if any(cid == order.client_order_id for cid, _, _ in orders):
                 raise ExchangeRejected(f"Duplicated clOrdId {order.client_order_id}", code="51016")
+            reserved = sum((r for _, state, r in orders if state == "live"), ZERO)
             price_row = self._last(order.inst_id)
             now = price_row.ts
             size = round_down_to_lot(order.size, spec.lot_sz) if order.size else order.size
@@ -246,7 +277,6 @@ class PaperExchange(Exchange):
                 if pos is None:
                     raise self._reject(row, "no position in this direction to reduce or close", "51169")
                 row.size = min(size or pos.size, pos.size)
-                row.save()
                 self._fill(account, row, pos, spec, self._slipped(price_row.last, order.side, spec), self.taker_fee, now, kind="close")
                 return self._as_exchange_order(row)
             if size < spec.min_sz or size <= 0:
@@ -255,16 +285,18 @@ class PaperExchange(Exchange):
             marketable = order.order_type == "market" or (
                 (order.side == "buy" and order.price >= last) or (order.side == "sell" and order.price <= last)
             )
+            # The open positions, read once: their margins for the check, and the one a fill adds to.
+            open_positions = list(PaperPosition.objects.filter(account=account, status="open"))
+            available = account.cash - sum((p.margin for p in open_positions), ZERO) - reserved
             if marketable:
                 px = self._slipped(last, order.side, spec)
                 if order.order_type == "limit":  # never worse than the limit
                     px = min(px, order.price) if order.side == "buy" else max(px, order.price)
-                self._require_margin(account, px * size * spec.ct_val, order.leverage, self.taker_fee, row)
-                row.save()
-                self._fill(account, row, None, spec, px, self.taker_fee, now, kind="open")
+                self._require_margin(account, px * size * spec.ct_val, order.leverage, self.taker_fee, row, available=available)
+                self._fill(account, row, None, spec, px, self.taker_fee, now, kind="open", open_positions=open_positions)
             else:
                 need = order.price * size * spec.ct_val
-                self._require_margin(account, need, order.leverage, self.maker_fee, row)
+                self._require_margin(account, need, order.leverage, self.maker_fee, row, available=available)
                 row.reserved_margin = q(need / order.leverage + need * self.maker_fee)
                 row.save()
             return self._as_exchange_order(row)
@@ -273,23 +305,35 @@ class PaperExchange(Exchange):
         factor = 1 + self.slippage if side == "buy" else 1 - self.slippage
         return round_to_tick(last * factor, spec.tick_sz)
 
-    def _require_margin(self, account: PaperAccount, notional: Decimal, leverage: Decimal, fee_rate: Decimal, row: PaperOrder) -> None:
+    def _require_margin(
+        self, account: PaperAccount, notional: Decimal, leverage: Decimal, fee_rate: Decimal, row: PaperOrder,
+        *, available: Decimal | None = None,
+    ) -> None:
+        """`available`: the caller's figure from reads made under this same account lock (else read here)."""
         need = notional / leverage + notional * fee_rate
-        available = self._available(account)
+        available = self._available(account) if available is None else available
         if need > available:
             raise self._reject(row, f"Order failed. Insufficient USDT margin in account (needs {q(need)}, available {q(available)})", "51008")
 
     def _fill(
         self, account: PaperAccount, row: PaperOrder | None, pos: PaperPosition | None, spec: Instrument,
         px: Decimal, fee_rate: Decimal, ts: datetime, *, kind: str, size: Decimal | None = None,
+        open_positions: list[PaperPosition] | None = None,
     ) -> PaperPosition:
-        """Apply one fill to the book: cash, position, fill row, order row."""
+        """Apply one fill to the book: cash, position, fill row, order row.
+
+        `open_positions`: the account's open positions as the caller read them under the same lock
+        (an opening fill adds to the matching one, else it is looked up here).
+        """
         ct_val = spec.ct_val
         size = size if size is not None else row.size  # type: ignore[union-attr]
         fee = q(px * size * ct_val * fee_rate)
         pnl = ZERO
         if kind == "open":
-            pos = PaperPosition.objects.filter(account=account, inst_id=row.inst_id, pos_side=row.pos_side, status="open").first()  # type: ignore[union-attr]
+            if open_positions is not None:  # in the model's ordering, as .first() below would pick
+                pos = next((p for p in open_positions if p.inst_id == row.inst_id and p.pos_side == row.pos_side), None)  # type: ignore[union-attr]
+            else:
+                pos = PaperPosition.objects.filter(account=account, inst_id=row.inst_id, pos_side=row.pos_side, status="open").first()  # type: ignore[union-attr]
             margin = q(px * size * ct_val / row.leverage)  # type: ignore[union-attr]
             if pos is None:
                 pos = PaperPosition(
@@ -323,10 +367,6 @@ class PaperExchange(Exchange):
         pos.save()
         account.cash = q(account.cash + pnl - fee)
         account.save(update_fields=["cash", "updated_at"])
-        PaperFill.objects.create(
-            account=account, order=row, position=pos, inst_id=pos.inst_id, kind=kind, size=size, price=px, fee=fee, pnl=pnl, ts=ts,
-            side=row.side if row is not None else ("sell" if pos.pos_side == "long" else "buy"),
-        )
         if row is not None:
             row.avg_px = q(((row.avg_px or ZERO) * row.filled_size + px * size) / (row.filled_size + size))
             row.filled_size += size
@@ -334,7 +374,12 @@ class PaperExchange(Exchange):
             row.state = "filled" if row.filled_size >= row.size else "partially_filled"
             row.reserved_margin = ZERO
             row.updated_at = ts
+            # A market order that fills at once reaches here unsaved: one INSERT with its final state.
             row.save()
+        PaperFill.objects.create(
+            account=account, order=row, position=pos, inst_id=pos.inst_id, kind=kind, size=size, price=px, fee=fee, pnl=pnl, ts=ts,
+            side=row.side if row is not None else ("sell" if pos.pos_side == "long" else "buy"),
+        )
         return pos
 
     def close_position(self, *, inst_id: str, pos_side: str, client_order_id: str = "") -> ExchangeOrder | None:
@@ -397,24 +442,40 @@ class PaperExchange(Exchange):
     def positions(self) -> list[Position]:
         if self.exclusive:
             return [self._position(pos, self._mark(pos.inst_id)) for pos in self._book_get().positions]
-        return [self._position(pos, self._last(pos.inst_id).last)  # type: ignore[arg-type]
-                for pos in PaperPosition.objects.filter(account_id=self.account_id, status="open")]
+        self.flush()
+        rows = list(PaperPosition.objects.filter(account_id=self.account_id, status="open"))
+        if not rows:
+            return []
+        # The last prices of the positions' instruments in one query (a query per position before).
+        marks = {p.inst_id: p for p in PaperPrice.objects.filter(account_id=self.account_id, inst_id__in={r.inst_id for r in rows})}
+        out = []
+        for pos in rows:
+            mark = marks.get(pos.inst_id)
+            if mark is None or mark.last is None or mark.ts is None:  # what _last says about a missing price
+                raise ExchangeRejected(f"no price known for {pos.inst_id} yet: call set_price or process_bar first", code="51000")
+            out.append(self._position(pos, mark.last))
+        return out
 
     def account(self) -> AccountState:
+        return self.account_and_positions()[0]
+
+    def account_and_positions(self) -> tuple[AccountState, list[Position]]:
+        """The account and its open positions from ONE read of the positions (account() needs them anyway)."""
         positions = self.positions()
         if self.exclusive:
             book = self._book_get()
             cash = book.cash
             available = cash - sum((p.margin for p in book.positions), ZERO) - sum((o.reserved_margin for o in book.orders), ZERO)
         else:
-            account = PaperAccount.objects.get(pk=self.account_id)
-            cash, available = account.cash, self._available(account)
+            cash, reserved = self._cash_and_reserved()
+            # The same positions' margins as the equity below (one read, so both describe one moment).
+            available = cash - sum((p.margin for p in positions), ZERO) - reserved
         upl = sum((p.unrealized_pnl for p in positions), ZERO)
         margin = sum((p.margin for p in positions), ZERO)
         return AccountState(
             equity=cash + upl, available_balance=available, margin_used=margin,
             unrealized_pnl=upl, cash=cash,
-        )
+        ), positions
 
     def closed_positions(self, *, since: datetime | None = None) -> list[ClosedPosition]:
         rows = PaperPosition.objects.filter(account_id=self.account_id, status="closed")
@@ -449,22 +510,44 @@ class PaperExchange(Exchange):
             self._prices[inst_id] = (q(close), max(ts, self._prices[inst_id][1]))
             self._dirty.add(inst_id)
             return
-        spec = self._spec(inst_id)
+        spec = self._spec(inst_id)  # an unknown instrument is refused (51001) before anything is written
         self.flush()
         self._changed()
         with transaction.atomic():
             account = self._locked_account()
+            # The open positions are read once, under the account lock (funding and triggers use them).
+            positions = list(PaperPosition.objects.filter(account=account, inst_id=inst_id, status="open"))
+            if not positions and self._price_only(account, inst_id, ts=ts, close=close):
+                return
+            limits = list(PaperOrder.objects.filter(account=account, inst_id=inst_id, state="live", ord_type="limit"))
             price_row, _ = PaperPrice.objects.get_or_create(account=account, inst_id=inst_id)
-            self._apply_funding(account, inst_id, ts, open_, price_row.funding_rate)
-            for pos in list(PaperPosition.objects.filter(account=account, inst_id=inst_id, status="open")):
-                self._triggers(account, pos, spec, ts, open_, high, low)
-            for row in list(PaperOrder.objects.filter(account=account, inst_id=inst_id, state="live", ord_type="limit")):
+            if positions:
+                self._apply_funding(account, inst_id, ts, open_, price_row.funding_rate, positions)
+                for pos in positions:
+                    self._triggers(account, pos, spec, ts, open_, high, low)
+            for row in limits:
                 if self._crossed(row, high, low):
                     self._fill(account, row, None, spec, row.price, self.maker_fee, ts, kind="open")  # type: ignore[arg-type]
             price_row.last, price_row.ts = close, max(ts, price_row.ts) if price_row.ts else ts
-            price_row.save()
+            # Only the price and the clock: a funding rate set meanwhile (set_funding_rate) is not overwritten.
+            price_row.save(update_fields=["last", "ts"])
         if self.exclusive:
             self._prices[inst_id] = (q(close), price_row.ts)
+
+    def _price_only(self, account: PaperAccount, inst_id: str, *, ts: datetime, close: Decimal) -> bool:
+        """The usual live tick with no position on the instrument, in one UPDATE: only its price moves.
+
+        The caller holds the account lock (as every writer of the book does) and found no open
+        position, so none can appear before the write. False (nothing written) when a resting
+        limit order waits on the instrument, there is no price row yet or its clock is later: the
+        full path then runs in the same transaction.
+        """
+        live_limit = PaperOrder.objects.filter(account=account, inst_id=inst_id, state="live", ord_type="limit")
+        written = PaperPrice.objects.filter(account=account, inst_id=inst_id, ts__lte=ts).exclude(
+            Exists(live_limit)).update(last=close, ts=ts)
+        if written and self.exclusive:
+            self._prices[inst_id] = (q(close), ts)
+        return bool(written)
 
     @staticmethod
     def _crossed(row: PaperOrder, high: Decimal, low: Decimal) -> bool:
@@ -480,9 +563,12 @@ class PaperExchange(Exchange):
         tp_hit = tp is not None and ((long and high >= tp) or (not long and low <= tp))
         return liq, liq_hit, stop_hit, tp_hit
 
-    def _apply_funding(self, account: PaperAccount, inst_id: str, ts: datetime, price: Decimal, rate: Decimal | None) -> None:
+    def _apply_funding(
+        self, account: PaperAccount, inst_id: str, ts: datetime, price: Decimal, rate: Decimal | None, positions: list[PaperPosition],
+    ) -> None:
+        """Settle every funding time up to `ts` for `positions` (the instrument's open ones, locked account)."""
         ct_val = self._spec(inst_id).ct_val
-        for pos in PaperPosition.objects.filter(account=account, inst_id=inst_id, status="open"):
+        for pos in positions:
             boundary = next_funding_after(pos.last_funding_at)
             while boundary <= ts:
                 if rate is not None:

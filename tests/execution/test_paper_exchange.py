@@ -177,3 +177,60 @@ def test_equity_identity_holds_at_every_step_of_a_random_walk(paper: PaperExchan
         paper.process_bar(BTC, bar(T0 + timedelta(hours=i), o, max(o, c) + 20, min(o, c) - 20, c))
         price = c
         assert_equity_identity(paper)
+
+
+def test_a_tick_with_nothing_open_moves_the_price_but_never_the_clock_back_nor_the_funding_rate(paper: PaperExchange) -> None:
+    from execution.models import PaperPrice
+
+    paper.set_price(BTC, D("50000"), T0)
+    paper.set_funding_rate(BTC, D("0.0001"))
+    paper.set_price(BTC, D("50100"), T0 + timedelta(minutes=5))  # the one-UPDATE tick
+    row = PaperPrice.objects.get(inst_id=BTC)
+    assert (row.last, row.ts, row.funding_rate) == (D("50100"), T0 + timedelta(minutes=5), D("0.0001"))
+    paper.set_price(BTC, D("49900"), T0 + timedelta(minutes=1))  # a late tick: the price moves, the clock stays
+    row.refresh_from_db()
+    assert (row.last, row.ts) == (D("49900"), T0 + timedelta(minutes=5)) and paper.now() == T0 + timedelta(minutes=5)
+    with pytest.raises(ExchangeRejected) as info:  # an unknown instrument is still refused before anything is written
+        paper.set_price("NOPE-USDT-SWAP", D("1"), T0)
+    assert info.value.code == "51001" and not PaperPrice.objects.filter(inst_id="NOPE-USDT-SWAP").exists()
+
+
+def test_a_tick_fills_a_resting_limit_order_and_stops_an_open_position_through_the_full_path(paper: PaperExchange) -> None:
+    """The cheap tick is only for an instrument with nothing open: a resting order or a position gets every tick."""
+    paper.set_price(BTC, D("50000"), T0)
+    limit = approve(decision(order_type="limit", limit_price=49500.0, size_pct=0.05, stop_loss=48600.0, take_profit=51000.0),
+                    last="50000")
+    paper.place_order(limit)
+    paper.set_price(BTC, D("49400"), T0 + timedelta(minutes=5))  # crosses the resting buy
+    assert paper.get_order(inst_id=BTC, client_order_id=limit.client_order_id).state == "filled"
+    assert len(paper.positions()) == 1
+    paper.set_price(BTC, D("48500"), T0 + timedelta(minutes=10))  # through its stop at 48600
+    assert paper.positions() == [] and paper.closed_positions()[0].close_reason == "stop_loss"
+    assert_equity_identity(paper)
+
+
+def test_the_margin_check_counts_what_resting_orders_and_open_positions_hold(btc) -> None:
+    ex = PaperExchange(account_name="tight", start_balance=D("1000"), slippage=D("0"), taker_fee=D("0"), maker_fee=D("0"))
+    ex.set_price(BTC, D("50000"), T0)
+
+    def order(size_pct: float, cycle: int, **fields: float | str):  # sized by the gate on 100,000 of equity, at 1x
+        base: dict = {"stop_loss": 49000.0, "take_profit": 52000.0, **fields}
+        return approve(decision(size_pct=size_pct, leverage=1, **base), last="50000", equity="100000", cycle_id=cycle)
+
+    # A resting buy of 0.2 contracts at 40000 reserves 40000 * 0.2 * 0.01 = 80.
+    resting = order(0.0008, 1, order_type="limit", limit_price=40000.0, stop_loss=39000.0, take_profit=42000.0)
+    assert resting.size == D("0.2") and ex.place_order(resting).state == "live"
+    # A market long of 1.6 contracts holds 800 of margin: 1000 - 80 - 800 = 120 left.
+    first = order(0.008, 2)
+    assert first.size == D("1.6") and ex.place_order(first).state == "filled"
+    assert ex.account().available_balance == D("120")
+    # 0.3 contracts need 150 > 120: refused on what the resting order and the position hold.
+    over = order(0.0015, 3)
+    with pytest.raises(ExchangeRejected) as info:
+        ex.place_order(over)
+    assert info.value.code == "51008" and "available 120" in str(info.value)
+    # 0.2 contracts need 100 <= 120: it fills and adds to the open long (one position, the sizes summed).
+    fits = order(0.001, 4)
+    assert ex.place_order(fits).state == "filled"
+    assert [(p.pos_side, p.size) for p in ex.positions()] == [("long", D("1.8"))]
+    assert ex.account().available_balance == D("20")

@@ -231,3 +231,46 @@ def test_a_replay_has_its_own_bot_state_and_never_halts_the_live_bot(btc) -> Non
     for _ in range(3):
         risk_trade_closed(pnl=D("-1"), now=T0, scope=scope)
     assert bot_state().consecutive_losses == 0
+
+
+def test_outside_any_transaction_the_same_approved_order_is_still_sent_once(transactional_db) -> None:  # noqa: ANN001
+    """A worker writes the Order intent in autocommit (no savepoint): a second delivery still finds it, never re-sends."""
+    from django.db import connection
+
+    from market.models import Instrument
+
+    Instrument.objects.create(inst_id=BTC, ct_val=D("0.01"), lot_sz=D("0.01"), min_sz=D("0.01"), tick_sz=D("0.1"),
+                              max_lever=D("100"), trading_enabled=True)
+    paper = PaperExchange(start_balance=D("10000"), slippage=D("0.0005"), taker_fee=D("0.0005"), maker_fee=D("0.0002"))
+    paper.set_price(BTC, D("50000"), T0)
+    approved = approve(decision(size_pct=0.05, stop_loss=49000.0, take_profit=52000.0), last="50000")
+    assert not connection.in_atomic_block
+    first = order_place(approved=approved, cycle_id=None, trade_context=CONTEXT, exchange=paper)
+    second = order_place(approved=approved, cycle_id=None, trade_context=CONTEXT, exchange=paper)
+    assert first.pk == second.pk and second.state == OrderState.FILLED and Order.objects.count() == 1
+    assert PaperOrder.objects.count() == 1 and Trade.objects.count() == 1 and len(paper.positions()) == 1
+
+
+def test_an_add_fill_extends_the_open_trade_and_a_repeated_fill_is_not_journaled_twice(paper: PaperExchange) -> None:
+    from execution.exchanges.base import ExchangeOrder
+    from execution.services import trade_open_record
+
+    first = open_trade(paper)  # 1 contract at 50025
+    paper.set_price(BTC, D("51000"), T0 + timedelta(minutes=5))
+    more = approve(decision(size_pct=0.005, stop_loss=50000.0, take_profit=53000.0), last="51000", equity="100000",
+                   positions=paper.positions(), cycle_id=2)
+    added = order_place(approved=more, cycle_id=None, trade_context=CONTEXT, exchange=paper)
+    assert added.state == OrderState.FILLED and added.client_order_id != first.client_order_id
+    trade = Trade.objects.get()  # one trade: the fill added to it
+    total = D("1") + added.filled_size
+    assert trade.size == total and trade.client_order_id == first.client_order_id
+    weighted = (D("50025") * D("1") + added.avg_fill_price * added.filled_size) / total
+    assert abs(trade.entry_price - weighted) < D("1e-9")  # stored at the column's 10 places
+    assert trade.stop_loss == D("50000")
+    # The first fill reported again (a redelivery): found by its client order id, nothing changes.
+    again = trade_open_record(order=first, fill=ExchangeOrder(
+        client_order_id=first.client_order_id, order_id="x", inst_id=BTC, state="filled", size=D("1"), filled_size=D("1"),
+        avg_px=D("50025"), fee=D("0"), ts=T0), context=CONTEXT)
+    assert again.pk == trade.pk
+    trade.refresh_from_db()
+    assert trade.size == total and Trade.objects.count() == 1

@@ -119,3 +119,281 @@ def test_interrupting_marks_only_unfinished_cycles(btc: Instrument) -> None:
     running.refresh_from_db()
     done.refresh_from_db()
     assert running.state == S.INTERRUPTED and done.state == S.DONE
+
+
+def test_the_combined_lock_and_claim_is_busy_while_another_holder_has_the_lock(btc: Instrument) -> None:
+    from tradebot.cycle import stage_claim_locked
+
+    cycle = cycle_open(instrument=btc, as_of=AS_OF)
+    with cycle_lock(cycle.pk) as held:  # another worker, mid-stage
+        assert held
+        with stage_claim_locked(cycle_id=cycle.pk, stage=S.COLLECTING) as (claim, row):
+            assert claim == Claim.BUSY and row is None
+    cycle.refresh_from_db()
+    assert cycle.state == S.IDLE and S.COLLECTING not in cycle.stage_times
+    with stage_claim_locked(cycle_id=cycle.pk, stage=S.COLLECTING) as (claim, row):
+        assert claim == Claim.RUN and row.state == S.COLLECTING
+        with cycle_lock(cycle.pk) as second:  # held for the whole block
+            assert not second
+    with cycle_lock(cycle.pk) as again:  # and released after it
+        assert again
+
+
+def test_a_write_back_lands_only_while_the_cycle_is_still_in_the_claimed_state(btc: Instrument) -> None:
+    from tradebot.cycle import cycle_write_back
+
+    cycle = cycle_open(instrument=btc, as_of=AS_OF)
+    Cycle.objects.filter(pk=cycle.pk).update(state=S.ANALYZING)
+    cycle.state = S.ANALYZING
+    cycle.decision = {"action": "HOLD"}
+    cycle_end(cycle, outcome=CycleOutcome.HOLD, reason="HOLD: flat market")
+    # A stale sweep ended it meanwhile: nothing is written.
+    Cycle.objects.filter(pk=cycle.pk).update(state=S.INTERRUPTED, reason="stale")
+    assert not cycle_write_back(cycle=cycle, claimed_state=S.ANALYZING, fields=["state", "outcome", "reason", "decision"])
+    row = Cycle.objects.get(pk=cycle.pk)
+    assert row.state == S.INTERRUPTED and row.reason == "stale" and row.decision is None
+    # Still in the claimed state: every named field is written, None as NULL.
+    Cycle.objects.filter(pk=cycle.pk).update(state=S.ANALYZING)
+    cycle.error = ""
+    cycle.research = None
+    assert cycle_write_back(cycle=cycle, claimed_state=S.ANALYZING,
+                            fields=["state", "outcome", "reason", "decision", "ended_at", "research"])
+    row = Cycle.objects.get(pk=cycle.pk)
+    assert (row.state, row.outcome, row.decision, row.research) == (S.DONE, CycleOutcome.HOLD, {"action": "HOLD"}, None)
+    assert row.ended_at == cycle.ended_at and row.reason == "HOLD: flat market"
+
+
+def test_analyzing_reuses_the_context_screening_built_in_this_process_only_while_it_is_fresh(
+    db, settings, monkeypatch,  # noqa: ANN001
+) -> None:
+    """As the replay does (one CycleWork per cycle): one context per cycle, not one per brain stage."""
+    import tradebot.stages as stages
+    import tradebot.tasks as stage_tasks
+    from market.feeds.synthetic import SyntheticFeed
+    from market.services import instruments_sync
+    from tradebot.celery import app
+    from tradebot.pipeline import STAGE_TASK_NAMES
+    from tradebot.stages import STAGES, StageEnv
+
+    settings.BRAIN = "rules"
+    day = datetime(2025, 9, 5, tzinfo=UTC)  # seed 7: an OPEN_LONG at 00:30 and 00:40 (test_pipeline_workers.py)
+    feed = SyntheticFeed(seed=7)
+    instruments_sync(feed=feed, enable=["BTC-USDT-SWAP"])
+    btc = Instrument.objects.get(inst_id="BTC-USDT-SWAP")
+    reads: list[int] = []
+    real_recent_trades = stages.recent_trades
+    monkeypatch.setattr(stages, "recent_trades", lambda **kw: reads.append(1) or real_recent_trades(**kw))
+    stage_tasks._ENV = StageEnv(feed=feed, exchange=None)  # noqa: SLF001
+
+    def run_to_analyzing(as_of: datetime) -> Cycle:
+        cycle = cycle_open(instrument=btc, as_of=as_of, trigger="test")
+        for stage, _, _ in STAGES[:4]:
+            app.tasks[STAGE_TASK_NAMES[stage]].apply(args=(cycle.pk,)).get()
+        cycle.refresh_from_db()
+        Cycle.objects.filter(pk=cycle.pk).update(state=S.DONE)  # the next cycle may open
+        return cycle
+
+    try:
+        first = run_to_analyzing(day + timedelta(minutes=30))
+        assert first.decision["decision"]["action"] == "OPEN_LONG" and len(reads) == 1  # screening read; analyzing reused
+        key = stage_tasks._context_key(first)  # noqa: SLF001
+        assert key is not None and key not in stage_tasks._CONTEXTS  # taken, not left behind  # noqa: SLF001
+        # Past the reuse window the analyst's context is read afresh.
+        monkeypatch.setattr(stage_tasks, "CONTEXT_REUSE_SECONDS", -1.0)
+        run_to_analyzing(day + timedelta(minutes=40))
+        assert len(reads) == 3
+    finally:
+        stage_tasks.env_reset()
+        stage_tasks._CONTEXTS.clear()  # noqa: SLF001
+    # Another cycle's (or another screening run's) context is never taken: the key is (cycle, start mark).
+    other = Cycle(pk=first.pk, stage_times={S.SCREENING: {"started": "another run"}})
+    assert stage_tasks._context_key(other) != key  # noqa: SLF001
+
+
+# --- PostgreSQL: the one-statement lock and claim, the session between tasks, queries per stage ---------
+
+
+@pytest.fixture
+def btc_tx(transactional_db) -> Instrument:  # noqa: ANN001
+    return Instrument.objects.create(
+        inst_id="BTC-USDT-SWAP", ct_val=Decimal("0.01"), lot_sz=Decimal("0.01"), min_sz=Decimal("0.01"),
+        tick_sz=Decimal("0.1"), max_lever=Decimal("100"), trading_enabled=True,
+    )
+
+
+def _other_session():  # noqa: ANN202 - a psycopg connection to the test database, not Django's
+    import psycopg
+    from django.db import connection
+
+    s = connection.settings_dict
+    return psycopg.connect(host=s["HOST"] or "127.0.0.1", port=s["PORT"] or 5432, user=s["USER"] or "postgres",
+                           password=s["PASSWORD"] or None, dbname=s["NAME"], autocommit=True)
+
+
+def _other_takes_lock(other, cycle_id: int) -> bool:  # noqa: ANN001
+    from tradebot.cycle import _LOCK_NAMESPACE
+
+    return bool(other.execute("SELECT pg_try_advisory_lock(%s, %s)", [_LOCK_NAMESPACE, cycle_id]).fetchone()[0])
+
+
+@pytest.mark.postgres
+def test_on_postgresql_lock_claim_and_row_are_one_statement_and_the_lock_excludes_other_sessions(btc_tx: Instrument) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tradebot.cycle import stage_claim_locked
+
+    cycle = cycle_open(instrument=btc_tx, as_of=AS_OF)
+    with _other_session() as other:
+        with CaptureQueriesContext(connection) as queries:
+            with stage_claim_locked(cycle_id=cycle.pk, stage=S.COLLECTING) as (claim, row):
+                assert len(queries) == 1
+                assert claim == Claim.RUN
+                assert not _other_takes_lock(other, cycle.pk)
+                fresh = Cycle.objects.select_related("instrument").get(pk=cycle.pk)
+                for f in Cycle._meta.concrete_fields:  # the row the claim returned is the row as stored
+                    assert getattr(row, f.attname) == getattr(fresh, f.attname), f.name
+                for f in Instrument._meta.concrete_fields:
+                    assert getattr(row.instrument, f.attname) == getattr(fresh.instrument, f.attname), f.name
+                assert row.state == S.COLLECTING and "started" in row.stage_times[S.COLLECTING]
+                assert row.stage_times["trigger"] == "beat"  # the start mark is merged, not a replacement
+        assert _other_takes_lock(other, cycle.pk)  # released at the end of the block
+        # Another session holds it now: the claim is BUSY and the UPDATE never ran.
+        with stage_claim_locked(cycle_id=cycle.pk, stage=S.SCREENING) as (claim, row):
+            assert claim == Claim.BUSY and row is None
+        assert Cycle.objects.get(pk=cycle.pk).state == S.COLLECTING
+        other.execute("SELECT pg_advisory_unlock_all()")
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_duplicate_claim_resumes_a_dead_stage_continues_a_finished_one_and_stops_otherwise(
+    btc_tx: Instrument,
+) -> None:
+    from tradebot.cycle import stage_claim_locked
+
+    cycle = cycle_open(instrument=btc_tx, as_of=AS_OF)
+    with stage_claim_locked(cycle_id=cycle.pk, stage=S.COLLECTING) as (claim, _):
+        assert claim == Claim.RUN
+    # The same stage again with the lock free and no "done": its worker died, so it runs again.
+    with stage_claim_locked(cycle_id=cycle.pk, stage=S.COLLECTING) as (claim, row):
+        assert claim == Claim.RUN and row.stage_times[S.COLLECTING]["attempts"] == 2
+    Cycle.objects.filter(pk=cycle.pk).update(stage_times={S.COLLECTING: {"done": True}})
+    with stage_claim_locked(cycle_id=cycle.pk, stage=S.COLLECTING) as (claim, _):
+        assert claim == Claim.CONTINUE
+    with stage_claim_locked(cycle_id=cycle.pk, stage=S.ANALYZING) as (claim, _):  # not from COLLECTING
+        assert claim == Claim.STOP
+    assert Cycle.objects.get(pk=cycle.pk).state == S.COLLECTING
+    with stage_claim_locked(cycle_id=999_999_001, stage=S.COLLECTING) as (claim, row):  # no such cycle
+        assert claim == Claim.STOP and row is None
+
+
+@pytest.mark.postgres
+def test_on_postgresql_the_bookkeeping_commits_never_leave_the_session_asynchronous(btc_tx: Instrument) -> None:
+    """The claim and the write-back commit without waiting for the WAL flush; nothing after them may.
+
+    The Order intent is written on the same connection right after: it must be a synchronous commit.
+    """
+    from django.db import connection
+
+    from tradebot.cycle import cycle_write_back, stage_claim_locked
+
+    def synchronous_commit() -> str:
+        with connection.cursor() as cur:
+            cur.execute("SHOW synchronous_commit")
+            return cur.fetchone()[0]
+
+    cycle = cycle_open(instrument=btc_tx, as_of=AS_OF)
+    with stage_claim_locked(cycle_id=cycle.pk, stage=S.COLLECTING) as (claim, row):
+        assert claim == Claim.RUN
+        assert synchronous_commit() == "on"
+        row.snapshot = {"price": "1"}
+        assert cycle_write_back(cycle=row, claimed_state=S.COLLECTING, fields=["snapshot", "stage_times"])
+        assert synchronous_commit() == "on"
+    assert Cycle.objects.get(pk=cycle.pk).snapshot == {"price": "1"}
+
+
+@pytest.mark.postgres
+def test_between_tasks_a_healthy_connection_is_kept_and_a_leaked_cycle_lock_drops_the_session(btc_tx: Instrument) -> None:
+    from django.db import connection
+
+    from tradebot.cycle import _HELD, _LOCK_NAMESPACE, cycle_locks_held
+    from tradebot.tasks import db_task_boundary
+
+    def backend_pid() -> int:
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            return int(cur.fetchone()[0])
+
+    pid = backend_pid()
+    db_task_boundary(task=None)
+    assert backend_pid() == pid  # reused: no new session per task
+
+    cycle = cycle_open(instrument=btc_tx, as_of=AS_OF)
+    with connection.cursor() as cur:  # a lock whose release failed
+        cur.execute("SELECT pg_try_advisory_lock(%s, %s)", [_LOCK_NAMESPACE, cycle.pk])
+    _HELD.ids.add(cycle.pk)
+    with _other_session() as other:
+        assert not _other_takes_lock(other, cycle.pk)
+        db_task_boundary(task=None)
+        assert cycle_locks_held() == frozenset()
+        assert _other_takes_lock(other, cycle.pk)  # the closed session freed it
+        other.execute("SELECT pg_advisory_unlock_all()")
+    assert backend_pid() != pid
+
+
+# Round trips per stage of a traded cycle on PostgreSQL (rules brain, paper exchange, nothing open before),
+# BEGIN and COMMIT included (each is one). Every stage: the lock+claim+row statement, the write-back, the
+# unlock; the exchange handle's account row where the stage touches the book. On top:
+# COLLECTING: 3 candle upserts (each in its own transaction), the instrument spec, the tick (BEGIN, account
+#   lock, positions, price, COMMIT);
+# SCREENING: recent trades, positions, cash+resting orders, bot state, playbook, news, the screener log;
+# RESEARCHING: news; ANALYZING: playbook, the screener log's feedback (read, write) (the brain's context is
+#   SCREENING's, kept in this process); RISK_CHECK: bot state, positions, cash+orders;
+# EXECUTING: the cycle's order, bot state, positions, cash+orders, the Order intent, spec, the placement
+#   (BEGIN, account lock, orders, price, positions, position/account/order/fill writes, COMMIT), the settle
+#   (BEGIN, lock, write, COMMIT), instrument, trades, the trade; JOURNALING: the trade's cycle link.
+# Counted the same way before this work (at 74d1fff): 27/17/8/17/19/48/8 (144); now 78.
+STAGE_ROUND_TRIP_CEILING = {S.COLLECTING: 19, S.SCREENING: 11, S.RESEARCHING: 4, S.ANALYZING: 6, S.RISK_CHECK: 7,
+                            S.EXECUTING: 27, S.JOURNALING: 4}
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_traded_cycle_stays_within_its_round_trips_per_stage(transactional_db, settings) -> None:  # noqa: ANN001
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    import tradebot.tasks as stage_tasks
+    from market.feeds.synthetic import SyntheticFeed
+    from market.services import instruments_sync
+    from tradebot.celery import app
+    from tradebot.pipeline import STAGE_TASK_NAMES
+    from tradebot.stages import STAGES, StageEnv
+
+    settings.BRAIN = "rules"
+    day = datetime(2025, 9, 5, tzinfo=UTC)  # seed 7: an OPEN_LONG at 00:30 (tests/tradebot/test_pipeline_workers.py)
+    feed = SyntheticFeed(seed=7)  # what the workers' MARKET_DATA_SOURCE=synthetic builds
+    instruments_sync(feed=feed, enable=["BTC-USDT-SWAP"])
+    btc = Instrument.objects.get(inst_id="BTC-USDT-SWAP")
+    stage_tasks._ENV = StageEnv(feed=feed, exchange=None)  # noqa: SLF001 - what a worker builds once
+    def run(as_of: datetime) -> tuple[Cycle, dict[str, int]]:
+        cycle = cycle_open(instrument=btc, as_of=as_of, trigger="test")
+        counts = {}
+        for stage, _, _ in STAGES:
+            with CaptureQueriesContext(connection) as queries:
+                going_on = app.tasks[STAGE_TASK_NAMES[stage]].apply(args=(cycle.pk,)).get() is not None
+            counts[stage] = len(queries)
+            if not going_on:
+                break
+        cycle.refresh_from_db()
+        return cycle, counts
+
+    try:
+        # Once-only rows first (paper account and prices, bot state, the first playbook), as a running bot has them.
+        for minutes in (5, 10):
+            assert run(day - timedelta(minutes=minutes))[0].state == S.DONE
+        cycle, counts = run(day + timedelta(minutes=30))
+    finally:
+        stage_tasks.env_reset()
+    assert cycle.outcome == CycleOutcome.TRADED, cycle.reason
+    over = {s: (n, STAGE_ROUND_TRIP_CEILING[s]) for s, n in counts.items() if n > STAGE_ROUND_TRIP_CEILING[s]}
+    assert not over, f"round trips per stage above the ceiling (got, ceiling): {over}; all: {counts}"
