@@ -34,6 +34,8 @@ def _secret_values() -> list[str]:
 
 def redact(text: str) -> str:
     """Return `text` with every secret value replaced by [REDACTED]."""
+    if not text:
+        return text  # most cycles end with no error text: no environment to read
     for secret in _secret_values():
         if secret in text:
             text = text.replace(secret, REDACTED)

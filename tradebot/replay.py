@@ -327,6 +327,9 @@ class _RunState:
     closes_synced: int = 0  # the paper exchange's close count at the last account sync
     peak_synced: Decimal | None = None  # the highest equity an account sync has seen
     last_day: Any = None  # the UTC date of the last cycle (a new one starts the risk gate's day)
+    # The exchange account at this cycle's prices until an order changes it: the sync check and
+    # the brain's context read it, and both run before the cycle's own order (reset per cycle).
+    balances: Any = None
 
     def account(self) -> Any:
         """`execution.selectors.account_state` of this run, without re-reading an unchanged bot state."""
@@ -337,7 +340,13 @@ class _RunState:
         if self.bot is None:
             row = bot_state_row(self.scope)
             self.bot = (row.day_start_equity, row.peak_equity)
-        return replace(self.exchange.account(), day_start_equity=self.bot[0], peak_equity=self.bot[1])
+        return replace(self.balances_now(), day_start_equity=self.bot[0], peak_equity=self.bot[1])
+
+    def balances_now(self) -> Any:
+        """The exchange's account at this cycle's prices, computed once per cycle (see _run_batch)."""
+        if self.balances is None:
+            self.balances = self.exchange.account()
+        return self.balances
 
     def recent_trades(self) -> list[Any]:
         """`tradebot.stages.recent_trades` of this run, re-reading only the trades that changed.
@@ -424,7 +433,7 @@ def _sync_if_needed(env: StageEnv, run: _RunState) -> None:
     from execution.services import account_sync
 
     exchange = env.exchange
-    equity = exchange.account().equity
+    equity = run.balances_now().equity
     if run.synced and exchange.closes == run.closes_synced and run.peak_synced is not None and equity <= run.peak_synced:
         return
     result = account_sync(exchange=exchange, mode=Mode.REPLAY, run_id=env.run_id)
@@ -444,7 +453,7 @@ def _new_day(as_of: datetime, env: StageEnv, run: _RunState) -> None:
     run.last_day = as_of.date()
     midnight = as_of.replace(hour=0, minute=0, second=0, microsecond=0)
     run.bot = None
-    risk_daily_reset(now=midnight, equity=env.exchange.account().equity, scope=env.scope)
+    risk_daily_reset(now=midnight, equity=run.balances_now().equity, scope=env.scope)
 
 
 def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, walker: _BarWalker,
@@ -463,6 +472,7 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
         cycle.instrument = instrument
         exposed = env.exchange.exposed()
         walker.advance(cycle.as_of, exposed)
+        run.balances = None  # new prices
         if exposed:
             _sync_if_needed(env, run)
         _new_day(cycle.as_of, env, run)
