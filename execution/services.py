@@ -133,6 +133,16 @@ def bot_state_refresh(*, now: datetime | None = None, scope: str = LIVE_SCOPE, c
     return bot_state(scope=scope)
 
 
+def bot_peak_raise(*, equity: Decimal, scope: str = LIVE_SCOPE) -> bool:
+    """Raise the bot state's peak equity to `equity` if it is higher: one conditional UPDATE.
+
+    What `account_sync` does to the peak, for a caller that knows nothing else changed
+    (the replay between closes: its orders settle inside `order_place`).
+    """
+    return bool(BotState.objects.filter(scope=scope).filter(Q(peak_equity__isnull=True) | Q(peak_equity__lt=equity))
+                .update(peak_equity=equity))
+
+
 def risk_daily_reset(*, now: datetime, equity: Decimal, scope: str = LIVE_SCOPE) -> BotStateView:
     """00:00 UTC: the day's starting equity; a daily-loss halt ends. Idempotent per UTC date."""
     with transaction.atomic():

@@ -425,16 +425,21 @@ def _compact_snapshot(snapshot: MarketSnapshot) -> dict[str, Any]:
 
 
 def _sync_if_needed(env: StageEnv, run: _RunState) -> None:
-    """`account_sync` when it can change something: a position closed, a new equity peak, the first time.
+    """`account_sync` when it can change something (a position closed, the first time); a new
+    equity peak alone only raises the bot state's peak.
 
     Between those, a sync of this run would only re-read the same numbers (no order is in
     flight in a replay: the paper exchange settles each order within `order_place`).
     """
-    from execution.services import account_sync
+    from execution.services import account_sync, bot_peak_raise
 
     exchange = env.exchange
     equity = run.balances_now().equity
-    if run.synced and exchange.closes == run.closes_synced and run.peak_synced is not None and equity <= run.peak_synced:
+    if run.synced and exchange.closes == run.closes_synced and run.peak_synced is not None:
+        if equity > run.peak_synced:
+            # Only a new peak: all a sync would change is the bot state's peak equity.
+            bot_peak_raise(equity=equity, scope=env.scope)
+            run.bot, run.peak_synced = None, equity
         return
     result = account_sync(exchange=exchange, mode=Mode.REPLAY, run_id=env.run_id)
     run.bot = None

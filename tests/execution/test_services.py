@@ -15,6 +15,7 @@ from execution.selectors import account_state, bot_state
 from execution.services import (
     account_sync,
     bot_halt,
+    bot_peak_raise,
     bot_resume,
     bot_state_refresh,
     order_place,
@@ -172,6 +173,14 @@ def test_account_state_carries_day_start_and_peak(paper: PaperExchange) -> None:
     account_sync(exchange=paper)
     state = account_state(exchange=paper)
     assert state.peak_equity == state.equity == state.day_start_equity
+
+
+def test_the_peak_only_ever_rises(db: None) -> None:
+    risk_daily_reset(now=T0, equity=Decimal("1000"))
+    assert bot_peak_raise(equity=Decimal("1100")) is True
+    assert bot_peak_raise(equity=Decimal("1050")) is False  # lower: the peak stays
+    assert bot_peak_raise(equity=Decimal("1100")) is False  # equal: nothing to write
+    assert bot_state().peak_equity == Decimal("1100")
 
 
 def test_order_states_only_move_along_the_transitions_table() -> None:
