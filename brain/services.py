@@ -12,10 +12,11 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from django.conf import settings
+from django.db.models import BooleanField, Case, Q, Value, When
 
 from brain.base import Brain, brain_for_settings, brain_name_for_settings
 from brain.budget import budget_check
-from brain.news import news_event_near
+from brain.news import news_event_near, news_for_cycle
 from brain.schemas import OPENING_ACTIONS, BrainContext, Decision, ResearchResult, ScreenResult
 from journal.models import EventLevel, ScreenerLog
 from journal.services import event_record
@@ -41,17 +42,23 @@ def _wall_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def brain_in_use(*, name: str | None = None, now: datetime | None = None) -> Brain | None:
+def brain_in_use(*, name: str | None = None, now: datetime | None = None, reuse: Brain | None = None) -> Brain | None:
     """The brain for this call: the configured one, or the degrade-mode fallback.
 
     Returns None when degrade mode is HOLD. The budget is real money, so it is
-    checked on the wall clock even in a replay.
+    checked on the wall clock even in a replay, and on every call, `reuse` or not.
+    `reuse`: a brain an earlier stage of the same cycle got here; returned when
+    it is still the kind of brain to use, so the cycle's stages share one
+    playbook version and the active playbook is read once per cycle, not once
+    per stage (building a brain reads it).
     """
     chosen = brain_name_for_settings(name)
     if chosen == "claude" and budget_check(now=now or _wall_now()).degraded:
         if settings.LLM_DEGRADE_MODE == "hold":
             return None
-        return brain_for_settings("rules")
+        chosen = "rules"
+    if reuse is not None and getattr(reuse, "name", None) == chosen:
+        return reuse
     return brain_for_settings(chosen)
 
 
@@ -92,7 +99,8 @@ def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: 
     and decides how much of the snapshot to keep.
     """
     instrument = instrument if instrument is not None and instrument.inst_id == snapshot.inst_id else _instrument(snapshot.inst_id)
-    bypass = screener_bypass_reason(snapshot=snapshot, context=context)
+    with news_for_cycle(cycle_id):  # RESEARCHING asks the calendar the same question: one read per cycle
+        bypass = screener_bypass_reason(snapshot=snapshot, context=context)
     screen: ScreenResult | None = None
     tokens = latency = 0
     cost, model = Decimal(0), ""
@@ -143,8 +151,24 @@ def screener_feedback_apply(*, row: ScreenerLog, action: str) -> None:
     row.analyst_agreed = None if row.bypassed or not row.signal else str(action) != "HOLD"
 
 
-def screener_feedback_record(*, cycle_id: int, action: str) -> None:
-    """Write the analyst's action back on the cycle's screener log (agreement tracking)."""
+def screener_feedback_record(*, action: str, log_id: int | None = None, cycle_id: int | None = None) -> None:
+    """Write the analyst's action back on a screener log row (agreement tracking).
+
+    `log_id` (SCREENING keeps it on the cycle): one UPDATE, the agreement
+    decided in SQL from the row's own columns exactly as
+    `screener_feedback_apply` decides it. Without it, the cycle's newest row is
+    read, then written.
+    """
+    if log_id is not None:
+        ScreenerLog.objects.filter(pk=log_id).update(
+            analyst_action=str(action)[:20],
+            # Agreement only means something when the screener itself said "go".
+            analyst_agreed=Case(When(Q(bypassed=True) | Q(signal=False), then=Value(None)),
+                                default=Value(str(action) != "HOLD"), output_field=BooleanField()),
+        )
+        return
+    if cycle_id is None:
+        raise ValueError("screener_feedback_record needs log_id or cycle_id")
     row = ScreenerLog.objects.filter(cycle_id=cycle_id).order_by("-id").first()
     if row is None:
         return
@@ -160,7 +184,8 @@ def research_run(*, snapshot: MarketSnapshot, cycle_id: int | None = None, mode:
 
     now = now or snapshot.ts
     try:
-        triggers = research_triggers(snapshot=snapshot, now=now)
+        with news_for_cycle(cycle_id):  # SCREENING's bypass rule asked the calendar this already
+            triggers = research_triggers(snapshot=snapshot, now=now)
         if not triggers:
             return None
         if instrument is None or instrument.inst_id != snapshot.inst_id:

@@ -2,8 +2,9 @@
 
 All candle writes are bulk upserts on the unique (instrument, timeframe, ts)
 constraint, so running anything twice stores nothing twice. A confirmed
-(closed) bar is never overwritten by an unconfirmed one. No database
-transaction is held across a feed call: each page is fetched, then written.
+(closed) bar is never overwritten by an unconfirmed one (the upsert's own
+condition). No database transaction is held across a feed call: each page is
+fetched, then written.
 """
 from __future__ import annotations
 
@@ -53,33 +54,76 @@ def candles_upsert(*, instrument: Instrument, timeframe: str, bars: list[Bar]) -
     unconfirmed one; an unconfirmed bar whose ts is already stored confirmed
     is dropped, so a closed bar is never reopened.
     """
-    if timeframe not in TIMEFRAME_SECONDS:
-        raise ValueError(f"unknown timeframe {timeframe!r}")
-    by_ts: dict[datetime, Bar] = {}
-    for bar in bars:
-        if bar.ts.tzinfo is None:
-            raise ValueError("candle times must be timezone-aware (UTC)")
-        current = by_ts.get(bar.ts)
-        if current is None or bar.confirmed or not current.confirmed:
-            by_ts[bar.ts] = bar
-    unconfirmed = [ts for ts, bar in by_ts.items() if not bar.confirmed]
-    if unconfirmed:
-        closed = set(
-            Candle.objects.filter(instrument=instrument, timeframe=timeframe, confirmed=True,
-                                  ts__in=unconfirmed).values_list("ts", flat=True)
-        )
-        for ts in closed:
-            by_ts.pop(ts, None)
-    if not by_ts:
-        return 0
-    rows = [
-        Candle(instrument=instrument, timeframe=timeframe, ts=b.ts, open=b.open, high=b.high, low=b.low,
-               close=b.close, volume=b.volume, confirmed=b.confirmed)
-        for b in sorted(by_ts.values(), key=lambda b: b.ts)
-    ]
-    Candle.objects.bulk_create(rows, batch_size=500, update_conflicts=True,
-                               unique_fields=["instrument", "timeframe", "ts"], update_fields=_CANDLE_FIELDS)
-    return len(rows)
+    return candles_upsert_many(instrument=instrument, bars_by_timeframe={timeframe: bars})
+
+
+def candles_upsert_many(*, instrument: Instrument, bars_by_timeframe: dict[str, list[Bar]]) -> int:
+    """`candles_upsert` for several timeframes at once: one INSERT statement per UPSERT_BATCH rows.
+
+    The rule "a closed bar is never reopened" is the statement's own
+    `ON CONFLICT ... DO UPDATE ... WHERE`: a stored confirmed row is updated
+    only by a confirmed bar, so no read comes first and two writers cannot
+    race between a read and a write. A statement in autocommit is its own
+    transaction (no BEGIN/COMMIT round trips); both PostgreSQL (TimescaleDB
+    too) and SQLite >= 3.24 speak this upsert. Returns the rows written (a
+    bar dropped by the rule is not counted).
+    """
+    rows: list[tuple[object, ...]] = []
+    for timeframe, bars in bars_by_timeframe.items():
+        if timeframe not in TIMEFRAME_SECONDS:
+            raise ValueError(f"unknown timeframe {timeframe!r}")
+        by_ts: dict[datetime, Bar] = {}
+        for bar in bars:
+            if bar.ts.tzinfo is None:
+                raise ValueError("candle times must be timezone-aware (UTC)")
+            current = by_ts.get(bar.ts)
+            if current is None or bar.confirmed or not current.confirmed:
+                by_ts[bar.ts] = bar
+        # One row per (timeframe, ts) in a statement: ON CONFLICT may not touch a row twice. Values in
+        # _CANDLE_INSERT_FIELDS order (no model instances: building them cost more than the statement).
+        rows.extend((instrument.pk, timeframe, b.ts, b.open, b.high, b.low, b.close, b.volume, b.confirmed)
+                    for b in sorted(by_ts.values(), key=lambda b: b.ts))
+    written = 0
+    for i in range(0, len(rows), UPSERT_BATCH):
+        written += _candles_upsert_statement(rows[i:i + UPSERT_BATCH])
+    return written
+
+
+UPSERT_BATCH = 500
+_CANDLE_INSERT_FIELDS = ["instrument", "timeframe", "ts", *_CANDLE_FIELDS]
+
+
+def _candles_upsert_statement(rows: list[tuple[object, ...]]) -> int:
+    """One INSERT ... ON CONFLICT DO UPDATE ... WHERE for `rows`; the values prepared as the ORM prepares them.
+
+    PostgreSQL gets one typed array per column (`SELECT * FROM UNNEST(...)`, as Django's own bulk
+    insert does there): nine parameters instead of nine per row, about half the statement's cost for
+    a sync's 30 bars. SQLite gets a VALUES list.
+    """
+    from django.db import DEFAULT_DB_ALIAS, connections
+
+    connection = connections[DEFAULT_DB_ALIAS]  # the wrapper itself: the `connection` proxy costs per value prepared
+    fields = [Candle._meta.get_field(name) for name in _CANDLE_INSERT_FIELDS]
+    if connection.vendor == "postgresql":
+        params: list[object] = [[f.get_db_prep_save(row[i], connection) for row in rows] for i, f in enumerate(fields)]
+        source = "SELECT * FROM UNNEST(" + ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields) + ")"
+    else:
+        params = [f.get_db_prep_save(value, connection) for row in rows for f, value in zip(fields, row, strict=True)]
+        source = "VALUES " + ", ".join(["(" + ", ".join(["%s"] * len(fields)) + ")"] * len(rows))
+    qn = connection.ops.quote_name
+    table = qn(Candle._meta.db_table)
+    confirmed = qn(Candle._meta.get_field("confirmed").column)
+    unique = ", ".join(qn(Candle._meta.get_field(n).column) for n in ("instrument", "timeframe", "ts"))
+    updates = ", ".join(f"{qn(Candle._meta.get_field(n).column)} = EXCLUDED.{qn(Candle._meta.get_field(n).column)}"
+                        for n in _CANDLE_FIELDS)
+    sql = (
+        f"INSERT INTO {table} ({', '.join(qn(f.column) for f in fields)}) {source} "
+        f"ON CONFLICT ({unique}) DO UPDATE SET {updates} "
+        f"WHERE NOT {table}.{confirmed} OR EXCLUDED.{confirmed}"
+    )
+    with connection.cursor() as cur:
+        cur.execute(sql, params)
+        return max(cur.rowcount, 0)
 
 
 def _stored_bounds(instrument: Instrument, timeframe: str) -> tuple[datetime | None, datetime | None]:
@@ -181,16 +225,16 @@ def candles_sync(*, feed: MarketFeed, instrument: Instrument, timeframes: list[s
     Returns the rows written. A temporary error on one timeframe is retried;
     if it persists it is raised after the other timeframes were written.
     """
-    written = 0
+    fetched: dict[str, list[Bar]] = {}
     failure: FeedError | None = None
     for tf in timeframes:
         try:
-            bars = _fetch(feed, instrument.inst_id, tf, limit=limit, before=None)
+            fetched[tf] = _fetch(feed, instrument.inst_id, tf, limit=limit, before=None)
         except FeedTemporaryError as e:
             log.warning("candles.sync_failed", inst_id=instrument.inst_id, timeframe=tf, error=str(e))
             failure = e
-            continue
-        written += candles_upsert(instrument=instrument, timeframe=tf, bars=bars)
+    # Every timeframe fetched first (no transaction spans a feed call), then one statement writes them all.
+    written = candles_upsert_many(instrument=instrument, bars_by_timeframe=fetched)
     if failure is not None:
         raise failure
     return written

@@ -27,8 +27,11 @@ def bot_halt_and_flatten(*, reason: str, by: str, flatten: bool, exchange: Any |
     if flatten:
         from execution.exchanges import exchange_from_settings
         from execution.services import positions_flatten
+        from tradebot.reflection import trade_reviews_request
 
         result["flatten"] = positions_flatten(exchange=exchange or exchange_from_settings(), reason=reason)
+        # The flatten's account sync closed the trades; execution cannot queue their reviews, this layer does.
+        result["reviews_queued"] = trade_reviews_request(mode=Mode.LIVE, requested_by="flatten")
     return result
 
 

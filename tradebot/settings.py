@@ -132,6 +132,9 @@ def database_from_url(url: str | None) -> tuple[dict[str, object], bool]:
         "HOST": parsed.hostname or "",
         "PORT": str(parsed.port or ""),
         "CONN_MAX_AGE": 60,
+        # Kept on: a web request, beat or a command must not fail on a session PostgreSQL ended (a restart).
+        # Django checks with a SELECT 1 before each request's (task's) first query; Celery workers check
+        # the socket instead, without a round trip (tradebot.tasks.db_task_boundary), and skip that SELECT.
         "CONN_HEALTH_CHECKS": True,
     }
     return config, scheme in {"timescale", "timescaledb"}

@@ -168,13 +168,21 @@ def brain_context(work: CycleWork, env: StageEnv) -> BrainContext:
     return work.context
 
 
-def chosen_brain(env: StageEnv) -> Any:
-    """The brain this environment asks for (degrade mode included); None lets the service choose."""
+def chosen_brain(env: StageEnv, work: CycleWork | None = None) -> Any:
+    """The brain this environment asks for (degrade mode included); None lets the service choose.
+
+    Live: every cycle reads the active playbook (a reflection may have saved a new one), once:
+    the brain SCREENING built is kept on `work` (and handed to ANALYZING with the context, see
+    tradebot.tasks) and reused while it is still the brain to use (the budget is checked anew).
+    """
     from brain.services import brain_in_use
 
     if env.mode != Mode.REPLAY:
-        # Live: every cycle reads the active playbook (a reflection may have saved a new one).
-        return brain_in_use(name=env.brain_name)
+        kept = work.extra.get("brain") if work is not None else None
+        brain = brain_in_use(name=env.brain_name, reuse=kept)
+        if work is not None and brain is not None:
+            work.extra["brain"] = brain
+        return brain
     if env.brain is None:
         env.brain = brain_in_use(name=env.brain_name)
     return env.brain
@@ -221,7 +229,7 @@ def screen(work: CycleWork, env: StageEnv) -> bool:
     from brain.services import screening_run
 
     outcome = screening_run(snapshot=work.snapshot, context=brain_context(work, env), cycle_id=work.cycle.pk,
-                            mode=env.mode, brain=chosen_brain(env), instrument=work.cycle.instrument,
+                            mode=env.mode, brain=chosen_brain(env, work), instrument=work.cycle.instrument,
                             defer_log=env.defer_journal)
     work.screen_proceed = outcome.proceed
     if outcome.pending_log is not None:
@@ -254,7 +262,7 @@ def analyze(work: CycleWork, env: StageEnv) -> bool:
     """ANALYZING: the analyst (or the rules brain) returns a validated decision; HOLD ends the cycle."""
     from brain.services import decision_make, screener_feedback_apply, screener_feedback_record
 
-    brain = chosen_brain(env)
+    brain = chosen_brain(env, work)
     decision = decision_make(
         snapshot=work.snapshot, context=brain_context(work, env), research=work.research,
         cycle_id=work.cycle.pk, mode=env.mode, brain=brain,
@@ -263,10 +271,12 @@ def analyze(work: CycleWork, env: StageEnv) -> bool:
     work.cycle.brain = getattr(brain, "name", "") or ""
     work.cycle.playbook_version = getattr(brain, "playbook_version", None)
     work.cycle.decision = decision.model_dump(mode="json")
+    log_id = (work.cycle.screener_result or {}).get("screener_log_id")
     if work.extra.get("screener_log") is not None:
         screener_feedback_apply(row=work.extra["screener_log"], action=str(decision.action))
-    elif work.cycle.pk is not None and (work.cycle.screener_result or {}).get("screener_log_id"):
-        screener_feedback_record(cycle_id=work.cycle.pk, action=str(decision.action))
+    elif log_id:
+        # SCREENING stored the row's id on the cycle: one UPDATE, no read.
+        screener_feedback_record(log_id=int(log_id), action=str(decision.action))
     if decision.action == Action.HOLD:
         return _end(work, CycleOutcome.HOLD, f"HOLD: {decision.reasoning or 'no reason given'}"[:2000])
     return True

@@ -8,17 +8,19 @@ errors) and time limits; anything else ends the cycle with the error.
 from __future__ import annotations
 
 import contextlib
+import select
 import time
 from collections import OrderedDict
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
-from django.db import DatabaseError
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
-from journal.models import Cycle, CycleOutcome, CycleState, EventLevel
+from journal.models import Cycle, CycleOutcome, CycleState, EventLevel, Mode
 from journal.services import event_record
 from market.models import Instrument
 from tradebot.celery import app
@@ -84,8 +86,9 @@ def env_reset() -> None:
 # a reused id (a flushed test database) never hands over another run's context; used only while
 # younger than CONTEXT_REUSE_SECONDS, so a slow path (an LLM screen, research, retries) reads afresh.
 # Another process simply builds its own. The risk gate never uses it: it reads the account itself.
+# The brain SCREENING built goes along (its playbook read once per cycle; see stages.chosen_brain).
 CONTEXT_REUSE_SECONDS = 10.0
-_CONTEXTS: OrderedDict[tuple[int, str], tuple[float, Any]] = OrderedDict()
+_CONTEXTS: OrderedDict[tuple[int, str], tuple[float, Any, Any]] = OrderedDict()
 _CONTEXTS_MAX = 256
 
 
@@ -98,7 +101,7 @@ def _context_keep(work: CycleWork) -> None:
     key = _context_key(work.cycle)
     if key is None or work.context is None:
         return
-    _CONTEXTS[key] = (time.monotonic(), work.context)
+    _CONTEXTS[key] = (time.monotonic(), work.context, work.extra.get("brain"))
     while len(_CONTEXTS) > _CONTEXTS_MAX:
         _CONTEXTS.popitem(last=False)
 
@@ -108,6 +111,8 @@ def _context_take(work: CycleWork) -> None:
     kept = _CONTEXTS.pop(key, None) if key is not None else None
     if kept is not None and time.monotonic() - kept[0] <= CONTEXT_REUSE_SECONDS:
         work.context = kept[1]
+        if kept[2] is not None:
+            work.extra["brain"] = kept[2]
 
 
 _PERSISTED = (
@@ -131,7 +136,44 @@ def _persist(cycle: Cycle, claimed_state: str, *, snapshot_read: Any = None) -> 
 
 
 def stage_run(task: Task, cycle_id: int, stage: str, *, resume_states: frozenset[str] | None = None) -> int | None:
-    """Lock and claim, run, persist. Returns the cycle id when the chain should go on."""
+    """Lock and claim, run, persist, then what follows the stage. Returns the cycle id when the chain should go on."""
+    after: list[Cycle] = []
+    result = _stage_run_locked(task, cycle_id, stage, resume_states=resume_states, after=after)
+    for cycle in after:  # with the cycle's lock released: nothing here needs it
+        _after_execution(cycle)
+    return result
+
+
+def _after_execution(cycle: Cycle) -> None:
+    """A close or reduce order closes trades (execution's account sync right after it): ask for their reviews.
+
+    Execution cannot queue work on this layer, so this task asks for the
+    reviews of every live trade closed while EXECUTING ran (its first start),
+    not only this instrument's: the sync after the order may also have closed
+    another position (its stop hit). The asking (a claim per trade) runs in its
+    own task on the reflection queue, off the cycle's path: here it is one send,
+    after the cycle's write-back committed. Never raises: the order is placed
+    and journaled, and the beat's account sync sweeps for unreviewed closes too.
+    """
+    from brain.schemas import OPENING_ACTIONS
+
+    action = str((cycle.order or {}).get("action") or "")
+    if not action or action in OPENING_ACTIONS or cycle.mode != Mode.LIVE:
+        return
+    started = ((cycle.stage_times or {}).get(S.EXECUTING) or {}).get("started")
+    transaction.on_commit(partial(_reviews_sweep_send, requested_by=f"cycle {cycle.pk} {action}", since=started))
+
+
+def _reviews_sweep_send(*, requested_by: str, since: str | None) -> None:
+    try:
+        app.signature(REVIEWS_SWEEP_TASK, kwargs={"requested_by": requested_by, "since": since}).set(
+            queue="reflection").apply_async()
+    except Exception as exc:  # noqa: BLE001 - the beat's account sync sweeps for it again
+        log.error("trade_reviews_not_requested", requested_by=requested_by, error=redact(str(exc)))
+
+
+def _stage_run_locked(task: Task, cycle_id: int, stage: str, *, resume_states: frozenset[str] | None,
+                      after: list[Cycle]) -> int | None:
     with stage_claim_locked(cycle_id=cycle_id, stage=stage, resume_states=resume_states) as (claim, cycle):
         if claim == Claim.BUSY:
             # Another worker runs a stage of this cycle right now: this delivery is a duplicate.
@@ -168,6 +210,8 @@ def stage_run(task: Task, cycle_id: int, stage: str, *, resume_states: frozenset
         entry["done"] = True
         entry["queue"] = (task.request.delivery_info or {}).get("routing_key", "")
         _persist(cycle, claimed_state, snapshot_read=snapshot_read)
+        if stage == S.EXECUTING and cycle.order:
+            after.append(cycle)
         if not go_on:
             task.request.chain = None
             return None
@@ -244,14 +288,31 @@ def cycle_start(self: Task, inst_id: str, as_of: str | None = None, trigger: str
 
 @app.task(name="tradebot.tasks.account_sync", bind=True, acks_late=True, max_retries=0)
 def account_sync(self: Task) -> list[int]:
-    """Reconcile with the exchange; every trade it closed gets a post-trade review."""
+    """Reconcile with the exchange; every trade it closed gets a post-trade review.
+
+    It also sweeps the trades closed lately by any other path (a brain's CLOSE,
+    a flatten) whose review was never queued (a send the broker refused, a
+    worker that died between the close and the request): each is queued once.
+    """
     from execution.services import account_sync as sync
+    from tradebot.reflection import trade_reviews_request
 
     result = sync(exchange=live_env().exchange)
     closed = list(getattr(result, "closed_trade_ids", []) or [])
-    for trade_id in closed:
-        app.signature("tradebot.tasks.reflection_trade_review", args=(trade_id,)).set(queue="reflection").apply_async()
+    trade_reviews_request(trade_ids=closed, mode=Mode.LIVE, requested_by="account_sync")
     return closed
+
+
+REVIEWS_SWEEP_TASK = "tradebot.tasks.reflection_reviews_sweep"
+
+
+@app.task(name=REVIEWS_SWEEP_TASK, bind=True, acks_late=True)
+def reflection_reviews_sweep(self: Task, requested_by: str = "", since: str | None = None) -> list[int]:
+    """Queue a review for each live trade closed since `since` (ISO time) without one: after a CLOSE/REDUCE order."""
+    from tradebot.reflection import trade_reviews_request
+
+    return trade_reviews_request(mode=Mode.LIVE, since=datetime.fromisoformat(since) if since else None,
+                                 requested_by=requested_by)
 
 
 @app.task(name="tradebot.tasks.reflection_trade_review", bind=True, acks_late=True, **_REFLECTION_LIMITS)
@@ -330,6 +391,14 @@ def db_task_boundary(task: Task | None = None, **_: Any) -> None:
     frees an advisory lock for sure, so the connection is dropped then.
     Eager tasks (tests, `CELERY_TASK_ALWAYS_EAGER`) run inside the caller's
     transaction and are left alone.
+
+    The health check (CONN_HEALTH_CHECKS) is done here without a round trip:
+    Django's own is a `SELECT 1` before each task's first query (7 per cycle).
+    A PostgreSQL session that the server ended while the worker was idle
+    (a restart, `pg_terminate_backend`, an idle timeout) has the server's
+    goodbye or the end of the stream waiting on its socket; an idle healthy
+    one has nothing to read. So a readable socket closes the connection (the
+    task then opens a new one), and an idle one counts as checked.
     """
     from django.db import connections
 
@@ -345,6 +414,31 @@ def db_task_boundary(task: Task | None = None, **_: Any) -> None:
         return
     for conn in connections.all(initialized_only=True):
         conn.close_if_unusable_or_obsolete()
+        if conn.vendor != "postgresql" or conn.connection is None:
+            continue
+        if _session_ended_by_server(conn.connection):
+            log.warning("db_session_ended_by_server", alias=conn.alias)
+            with contextlib.suppress(DatabaseError):
+                conn.close()
+        else:
+            conn.health_check_done = True  # checked above: no SELECT 1 before this task's first query
+
+
+def _session_ended_by_server(raw: Any) -> bool:
+    """True when a psycopg connection is closed, broken, or has input waiting while idle between tasks.
+
+    Between tasks we sent nothing, so anything to read (the server's FATAL
+    message, EOF, an error) means the session is over. A false alarm (an
+    unasked notice) costs only a reconnection.
+    """
+    try:
+        if raw.closed or getattr(raw, "broken", False):  # psycopg 3 knows `broken`
+            return True
+        poller = select.poll()
+        poller.register(raw.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no socket to look at: do not trust it
+        return True
 
 
 def _connect_worker_signals() -> None:

@@ -74,6 +74,66 @@ def test_the_analysts_action_is_written_back_for_agreement(instrument, settings)
     assert row.analyst_agreed is True
 
 
+@pytest.mark.parametrize("bypassed, signal", [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize("action", ["HOLD", "OPEN_LONG"])
+def test_the_feedback_by_log_id_is_one_update_that_agrees_with_the_rule(instrument, django_assert_num_queries,
+                                                                         bypassed, signal, action):
+    from brain.services import screener_feedback_apply
+
+    row = ScreenerLog.objects.create(instrument=instrument, signal=signal, bypassed=bypassed, reason="r")
+    expected = ScreenerLog(signal=signal, bypassed=bypassed)
+    screener_feedback_apply(row=expected, action=action)
+    with django_assert_num_queries(1):  # the UPDATE: no read of the row first
+        screener_feedback_record(log_id=row.pk, action=action)
+    row.refresh_from_db()
+    assert (row.analyst_action, row.analyst_agreed) == (expected.analyst_action, expected.analyst_agreed)
+
+
+def test_a_brain_from_an_earlier_stage_is_reused_only_while_it_is_still_the_one_to_use(anthropic_server, settings):
+    from brain.claude import ClaudeBrain
+    from brain.services import brain_in_use
+
+    settings.BRAIN = "rules"
+    first = brain_in_use()
+    assert isinstance(first, RulesBrain) and brain_in_use(reuse=first) is first
+    settings.BRAIN = "claude"  # the configuration changed between the stages: a new brain, not the kept one
+    claude = brain_in_use(reuse=first)
+    assert isinstance(claude, ClaudeBrain) and brain_in_use(reuse=claude) is claude
+    # The budget is checked on every call: exhausted after the screen, the analyst falls back (or holds).
+    settings.LLM_DAILY_BUDGET_USD = Decimal("1")
+    settings.LLM_DEGRADE_MODE = "rules"
+    _spend("1.00")
+    assert isinstance(brain_in_use(reuse=claude), RulesBrain)
+    settings.LLM_DEGRADE_MODE = "hold"
+    assert brain_in_use(reuse=claude) is None
+
+
+def test_a_cycle_asks_the_news_calendar_once_for_its_stages(instrument, django_assert_num_queries):
+    from brain.models import NewsEvent
+    from brain.news import news_answers_forget, news_event_near, news_for_cycle
+
+    fomc = datetime(2026, 3, 18, 18, 0, tzinfo=timezone.utc)
+    now = fomc - timedelta(minutes=15)
+    news_answers_forget()
+    try:
+        with django_assert_num_queries(1):
+            with news_for_cycle(41):  # SCREENING's bypass rule
+                first = news_event_near(now=now)
+            with news_for_cycle(41):  # RESEARCHING's trigger, later, another task: the same answer, no read
+                assert news_event_near(now=now) == first
+        assert first is not None and first.scheduled_at == fomc
+        # Another cycle reads the table, so an edit counts from the next cycle; outside a cycle nothing is kept.
+        NewsEvent.objects.filter(pk=first.pk).update(enabled=False)
+        with news_for_cycle(42):
+            assert news_event_near(now=now) is None
+        assert news_event_near(now=now) is None
+        with django_assert_num_queries(2):
+            news_event_near(now=now)
+            news_event_near(now=now)
+    finally:
+        news_answers_forget()
+
+
 # --- untrusted research -------------------------------------------------------------
 
 

@@ -180,6 +180,48 @@ def test_candles_sync_stores_the_forming_bar_flagged(okx: OkxMarketFake) -> None
     assert len(frame) == 9  # the forming bar is stored but never part of a frame
 
 
+def _sync_writes_every_timeframe_in_one_statement_and_never_reopens_a_closed_bar(okx: OkxMarketFake) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    start_ms = 1_740_787_200_000
+    steps = {"15m": 900_000, "1H": 3_600_000, "4H": 14_400_000}
+    okx.candles_by_bar({tf: candle_rows(start_ms=start_ms, count=12, step_ms=step) for tf, step in steps.items()})
+    feed = OkxFeed(base_url=okx.url, timeout=2.0)
+    inst = {i.inst_id: i for i in instruments_sync(feed=feed)}[BTC]
+    # Another writer already stored the 1H bar OKX still calls forming as closed: the sync must not reopen it.
+    forming_1h = datetime.fromtimestamp((start_ms + 11 * steps["1H"]) / 1000, tz=UTC)
+    closed = Bar(ts=forming_1h, open=Decimal("42"), high=Decimal("42"), low=Decimal("42"), close=Decimal("42"),
+                 volume=Decimal("1"), confirmed=True)
+    candles_upsert(instrument=inst, timeframe="1H", bars=[closed])
+    with CaptureQueriesContext(connection) as queries:
+        written = candles_sync(feed=feed, instrument=inst, timeframes=list(steps), limit=10)
+    # One INSERT ... ON CONFLICT for the three timeframes: no read first, no BEGIN/COMMIT around it.
+    assert [q["sql"].split()[0] for q in queries] == ["INSERT"], [q["sql"][:80] for q in queries]
+    assert written == 29  # 3 x 10 bars, less the 1H bar kept closed
+    row = Candle.objects.get(instrument=inst, timeframe="1H", ts=forming_1h)
+    assert row.confirmed and row.close == Decimal("42")
+    forming = Candle.objects.filter(instrument=inst, confirmed=False).order_by("timeframe")
+    assert [c.timeframe for c in forming] == ["15m", "4H"]
+    counts = {tf: Candle.objects.filter(instrument=inst, timeframe=tf).count() for tf in steps}
+    assert counts == {"15m": 10, "1H": 10, "4H": 10}
+    # Run again: every bar is written again (prices may move), the closed one still is not reopened.
+    assert candles_sync(feed=feed, instrument=inst, timeframes=list(steps), limit=10) == 29
+    row.refresh_from_db()
+    assert row.confirmed and row.close == Decimal("42")
+
+
+@pytest.mark.django_db
+def test_candles_sync_writes_every_timeframe_in_one_statement_on_sqlite(okx: OkxMarketFake) -> None:
+    _sync_writes_every_timeframe_in_one_statement_and_never_reopens_a_closed_bar(okx)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_candles_sync_writes_every_timeframe_in_one_statement_on_postgresql(okx: OkxMarketFake) -> None:
+    _sync_writes_every_timeframe_in_one_statement_and_never_reopens_a_closed_bar(okx)
+
+
 # --- reads ------------------------------------------------------------------
 @pytest.mark.django_db
 def test_candles_frame_only_holds_bars_closed_by_until(btc: Instrument) -> None:

@@ -210,6 +210,49 @@ def test_analyzing_reuses_the_context_screening_built_in_this_process_only_while
     assert stage_tasks._context_key(other) != key  # noqa: SLF001
 
 
+def test_a_cycle_reads_the_playbook_and_the_news_calendar_once_and_writes_the_screener_feedback_blind(
+    db, settings,  # noqa: ANN001
+) -> None:
+    """SCREENING builds the brain (the playbook read) and asks the calendar; ANALYZING and RESEARCHING reuse that."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    import tradebot.tasks as stage_tasks
+    from brain.news import news_answers_forget
+    from brain.playbook import playbook_current
+    from journal.models import ScreenerLog
+    from market.feeds.synthetic import SyntheticFeed
+    from market.services import instruments_sync
+    from tradebot.celery import app
+    from tradebot.pipeline import STAGE_TASK_NAMES
+    from tradebot.stages import STAGES, StageEnv
+
+    settings.BRAIN = "rules"
+    feed = SyntheticFeed(seed=7)
+    instruments_sync(feed=feed, enable=["BTC-USDT-SWAP"])
+    btc = Instrument.objects.get(inst_id="BTC-USDT-SWAP")
+    stage_tasks._ENV = StageEnv(feed=feed, exchange=None)  # noqa: SLF001
+    playbook_current()  # v1, as a running bot has it (creating it reads the table more than once)
+    news_answers_forget()
+    cycle = cycle_open(instrument=btc, as_of=datetime(2025, 9, 5, 0, 30, tzinfo=UTC), trigger="test")  # an OPEN_LONG
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            for stage, _, _ in STAGES[:4]:  # COLLECTING .. ANALYZING
+                app.tasks[STAGE_TASK_NAMES[stage]].apply(args=(cycle.pk,)).get()
+    finally:
+        stage_tasks.env_reset()
+        stage_tasks._CONTEXTS.clear()  # noqa: SLF001
+        news_answers_forget()
+    cycle.refresh_from_db()
+    assert cycle.decision["decision"]["action"] == "OPEN_LONG" and cycle.playbook_version == 1
+    reads = [q["sql"] for q in queries if q["sql"].lstrip().upper().startswith("SELECT")]
+    assert sum("brain_playbookversion" in q for q in reads) == 1
+    assert sum("brain_newsevent" in q for q in reads) == 1
+    assert not any("journal_screenerlog" in q for q in reads)
+    row = ScreenerLog.objects.get(cycle=cycle)
+    assert (row.analyst_action, row.analyst_agreed) == ("OPEN_LONG", True)
+
+
 # --- PostgreSQL: the one-statement lock and claim, the session between tasks, queries per stage ---------
 
 
@@ -341,19 +384,54 @@ def test_between_tasks_a_healthy_connection_is_kept_and_a_leaked_cycle_lock_drop
     assert backend_pid() != pid
 
 
+@pytest.mark.postgres
+def test_between_tasks_the_health_check_needs_no_select_1_and_a_session_the_server_ended_is_replaced(
+    btc_tx: Instrument, monkeypatch,  # noqa: ANN001
+) -> None:
+    import time
+
+    from django.db import connection
+
+    from tradebot.tasks import _session_ended_by_server, db_task_boundary
+
+    def backend_pid() -> int:
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            return int(cur.fetchone()[0])
+
+    assert connection.settings_dict["CONN_HEALTH_CHECKS"]  # the web and commands keep Django's own check
+    pid = backend_pid()
+    checks: list[int] = []
+    real_is_usable = connection.is_usable
+    monkeypatch.setattr(connection, "is_usable", lambda: checks.append(1) or real_is_usable())
+    db_task_boundary(task=None)
+    assert backend_pid() == pid and checks == []  # kept, checked without Django's SELECT 1
+    # The server ends the session while the worker is idle (a PostgreSQL restart looks the same to the client).
+    with _other_session() as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+    deadline = time.monotonic() + 5
+    while not _session_ended_by_server(connection.connection):
+        assert time.monotonic() < deadline, "the server's goodbye never arrived"
+        time.sleep(0.01)
+    db_task_boundary(task=None)
+    assert backend_pid() != pid  # the next task's first query runs on a new session instead of failing
+
+
 # Round trips per stage of a traded cycle on PostgreSQL (rules brain, paper exchange, nothing open before),
 # BEGIN and COMMIT included (each is one). Every stage: the lock+claim+row statement, the write-back, the
 # unlock; the exchange handle's account row where the stage touches the book. On top:
-# COLLECTING: 3 candle upserts (each in its own transaction), the instrument spec, the tick (BEGIN, account
-#   lock, positions, price, COMMIT);
+# COLLECTING: the candle upsert (one statement for the three timeframes), the instrument spec, the tick
+#   (BEGIN, account lock, positions, price, COMMIT);
 # SCREENING: recent trades, positions, cash+resting orders, bot state, playbook, news, the screener log;
-# RESEARCHING: news; ANALYZING: playbook, the screener log's feedback (read, write) (the brain's context is
-#   SCREENING's, kept in this process); RISK_CHECK: bot state, positions, cash+orders;
+# RESEARCHING: nothing (SCREENING's news answer, kept in this process); ANALYZING: the screener log's
+#   feedback (one UPDATE by its id) (the brain and its context are SCREENING's, kept in this process);
+# RISK_CHECK: bot state, positions, cash+orders;
 # EXECUTING: the cycle's order, bot state, positions, cash+orders, the Order intent, spec, the placement
 #   (BEGIN, account lock, orders, price, positions, position/account/order/fill writes, COMMIT), the settle
 #   (BEGIN, lock, write, COMMIT), instrument, trades, the trade; JOURNALING: the trade's cycle link.
-# Counted the same way before this work (at 74d1fff): 27/17/8/17/19/48/8 (144); now 78.
-STAGE_ROUND_TRIP_CEILING = {S.COLLECTING: 19, S.SCREENING: 11, S.RESEARCHING: 4, S.ANALYZING: 6, S.RISK_CHECK: 7,
+# Counted the same way at 74d1fff: 27/17/8/17/19/48/8 (144); at 60a57a9: 19/11/4/6/7/27/4 (78); now 67.
+# A worker adds no health-check SELECT 1 per task (tradebot.tasks.db_task_boundary checks the socket).
+STAGE_ROUND_TRIP_CEILING = {S.COLLECTING: 11, S.SCREENING: 11, S.RESEARCHING: 3, S.ANALYZING: 4, S.RISK_CHECK: 7,
                             S.EXECUTING: 27, S.JOURNALING: 4}
 
 

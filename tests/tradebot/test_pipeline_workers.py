@@ -2,7 +2,8 @@
 
 Rules brain, paper exchange, synthetic market (seeded, so the times below are
 known to give: a screener "no signal" at 00:05, an OPEN_LONG at 00:30 and
-00:40 on 2025-09-05).
+00:40 on 2025-09-05, and the rules brain's exit (CLOSE) of the 00:30 long at
+05:00, as a replay of that day finds).
 """
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ import pytest
 from django.core.management import call_command
 from django.db import connection, transaction
 
-from journal.models import Cycle, CycleOutcome, CycleState, RiskRejection, Trade
+from journal.models import (
+    Cycle,
+    CycleOutcome,
+    CycleState,
+    ReflectionLog,
+    ReflectionType,
+    RiskRejection,
+    Trade,
+)
 from market.models import Instrument
 from tests.conftest import missing_service, redis_url
 from tests.tradebot.workers import Workers, redis_reachable
@@ -30,6 +39,7 @@ DAY = datetime(2025, 9, 5, tzinfo=UTC)
 NO_SIGNAL_AT = DAY + timedelta(minutes=5)
 OPEN_AT = DAY + timedelta(minutes=30)
 OPEN_AT_2 = DAY + timedelta(minutes=40)
+CLOSE_AT = DAY + timedelta(hours=5)
 S = CycleState
 
 
@@ -228,3 +238,75 @@ def test_replay_gives_the_same_decisions_as_the_pipeline(workers: Workers, btc: 
         t += timedelta(minutes=5)
     assert replayed == live
     assert live[-1][2] == "OPEN_LONG" and live[0][1] == CycleOutcome.NO_SIGNAL
+
+
+def post_trade_rows(trade_id: int) -> list[ReflectionLog]:
+    rows = ReflectionLog.objects.filter(reflection_type=ReflectionType.POST_TRADE, trade_ids=[trade_id])
+    return list(rows.order_by("id"))
+
+
+def wait_reviewed(trade_id: int, workers: Workers, timeout: float = 30.0) -> ReflectionLog:
+    """The trade's post-trade review as the reflection worker finished it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = [r for r in post_trade_rows(trade_id) if r.status == "done"]
+        if rows:
+            return rows[0]
+        time.sleep(0.05)
+    rows = [(r.status, r.output_json) for r in post_trade_rows(trade_id)]
+    raise AssertionError(f"trade {trade_id} not reviewed: {rows}\n{workers.worker_logs()}")
+
+
+def assert_reviewed_once(trade_id: int, workers: Workers) -> None:
+    review = wait_reviewed(trade_id, workers)
+    time.sleep(1.0)  # a second review (or request) would have been queued by now
+    rows = post_trade_rows(trade_id)
+    assert [(r.pk, r.status) for r in rows] == [(review.pk, "done")], [(r.status, r.output_json) for r in rows]
+    trade = Trade.objects.get(pk=trade_id)
+    assert trade.self_review["reflection_log_id"] == review.pk and trade.self_review["brain"] == "rules"
+
+
+def test_a_trade_the_brain_closes_gets_exactly_one_post_trade_review(workers: Workers, btc: Instrument) -> None:
+    opened = wait_done(cycle_launch(instrument=btc, as_of=OPEN_AT).pk, workers)
+    assert opened.outcome == CycleOutcome.TRADED, opened.reason
+    trade = Trade.objects.get()
+    # The brain's own exit: a CLOSE order in EXECUTING; no account-sync task runs in this test until below.
+    closing = wait_done(cycle_launch(instrument=btc, as_of=CLOSE_AT).pk, workers)
+    assert closing.outcome == CycleOutcome.TRADED and closing.decision["decision"]["action"] == "CLOSE", closing.reason
+    trade.refresh_from_db()
+    assert trade.status == "closed" and trade.exit_reason == "signal" and trade.pnl_usd is not None
+    assert_reviewed_once(trade.pk, workers)
+    # The beat's account sync afterwards (it sweeps recent closes) finds it reviewed: nothing queued twice.
+    from tradebot.celery import app
+
+    app.signature("tradebot.tasks.account_sync").set(queue="okx").apply_async()
+    time.sleep(1.5)
+    assert_reviewed_once(trade.pk, workers)
+
+
+def test_a_trade_closed_by_halt_flatten_gets_exactly_one_post_trade_review(workers: Workers, btc: Instrument) -> None:
+    opened = wait_done(cycle_launch(instrument=btc, as_of=OPEN_AT).pk, workers)
+    assert opened.outcome == CycleOutcome.TRADED, opened.reason
+    trade = Trade.objects.get()
+    call_command("bot", "halt", "--reason", "test", "--flatten", "--by", "tester")
+    try:
+        trade.refresh_from_db()
+        assert trade.status == "closed" and trade.exit_reason == "test"
+        assert_reviewed_once(trade.pk, workers)
+    finally:
+        call_command("bot", "resume", "--by", "tester")
+
+
+def test_sessions_the_server_ends_while_the_workers_idle_do_not_fail_the_next_cycle(
+        workers: Workers, btc: Instrument) -> None:
+    """What a PostgreSQL restart does to the workers' kept connections (one per worker process)."""
+    first = wait_done(cycle_launch(instrument=btc, as_of=NO_SIGNAL_AT).pk, workers)
+    assert first.outcome == CycleOutcome.NO_SIGNAL
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert cur.fetchone()[0] >= 2  # at least the okx and llm workers' sessions
+    time.sleep(0.2)
+    cycle = wait_done(cycle_launch(instrument=btc, as_of=OPEN_AT).pk, workers)
+    assert cycle.outcome == CycleOutcome.TRADED, (cycle.reason, workers.worker_logs())
+    assert "db_session_ended_by_server" in workers.worker_logs()
