@@ -24,11 +24,22 @@ SYNTH_END = datetime(2025, 9, 1, tzinfo=UTC)
 FREQTRADE_US_PER_CANDLE = 41.0
 
 
+def first_playbook_version() -> int | None:
+    """The first stored playbook (the embedded default): the earlier sections' workers may have
+    reflected and promoted another one in this database, and the figures must not depend on that."""
+    from brain.models import PlaybookVersion
+    from brain.playbook import playbook_current
+
+    playbook_current()  # stores the embedded default (v1) when the database has none yet
+    return PlaybookVersion.objects.order_by("version").values_list("version", flat=True).first()
+
+
 def replay_call(*, feed: Any, start: datetime, end: datetime, label: str) -> tuple[Any, float]:
     from tradebot import replay
 
     offered = {"inst_id": INST, "start": start, "end": end, "feed": feed, "brain": "rules",
-               "cycle": timedelta(minutes=5), "run_id": f"bench-{label}-{uuid.uuid4().hex[:8]}"}
+               "cycle": timedelta(minutes=5), "run_id": f"bench-{label}-{uuid.uuid4().hex[:8]}",
+               "playbook_version": first_playbook_version()}
     params = inspect.signature(replay.replay_run).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in offered.items() if takes_any or k in params}
