@@ -63,11 +63,9 @@ def _converter(field: models.Field) -> Callable[[Any], Any] | None:
     through `get_db_prep_save`.
     """
     ops = connection.ops
-    if isinstance(field, models.AutoField):
-        return None
     if isinstance(field, (models.CharField, models.TextField, models.IntegerField, models.BooleanField,
                           models.ForeignKey)):
-        return None
+        return None  # the id (a BigAutoField is an IntegerField) included
     if isinstance(field, models.JSONField):
         encoder = field.encoder
         return lambda value: None if value is None else ops.adapt_json_value(value, encoder)
