@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -59,8 +56,8 @@ _PRELOADED: ContextVar[tuple[list[datetime], list[Any]] | None] = ContextVar("ne
 def calendar_preloaded() -> Iterator[None]:
     """Within the block, `news_event_near` answers from the enabled high/medium events read once.
 
-    For a replay (a past market; the calendar does not change under it). A live cycle
-    reads the table once (`news_for_cycle`), so an edit in the admin counts from the next cycle.
+    For a replay (a past market; the calendar does not change under it). Live cycles
+    read the table each time, so an edit in the admin counts at once.
     """
     rows = list(_events().filter(impact__in=("high", "medium")).order_by("scheduled_at", "id"))
     token = _PRELOADED.set(([row.scheduled_at for row in rows], rows))
@@ -68,37 +65,6 @@ def calendar_preloaded() -> Iterator[None]:
         yield
     finally:
         _PRELOADED.reset(token)
-
-
-# A live cycle asks "is there news at my as_of?" twice: SCREENING (the bypass rule) and RESEARCHING (the
-# research trigger), in separate tasks, as a rule in the same `llm` worker process. Within `news_for_cycle`
-# the answer is kept per (cycle, question) for a short while, so the second ask costs no read. Another
-# cycle is another key and reads the table (an edit in the admin counts from the next cycle); the time
-# bound keeps a reused id (a flushed test database) or a slow cycle from using an old answer.
-_CYCLE: ContextVar[int | None] = ContextVar("news_cycle", default=None)
-ANSWER_KEEP_SECONDS = 60.0
-_ANSWERS_MAX = 256
-_ANSWERS: OrderedDict[tuple[int, datetime, int, int], tuple[float, Any]] = OrderedDict()
-_ANSWERS_LOCK = threading.Lock()  # a threads pool shares the dict
-
-
-@contextmanager
-def news_for_cycle(cycle_id: int | None) -> Iterator[None]:
-    """Within the block, `news_event_near` shares its answers with the other stages of cycle `cycle_id`.
-
-    None (a cycle not saved: the replay) keeps nothing.
-    """
-    token = _CYCLE.set(cycle_id)
-    try:
-        yield
-    finally:
-        _CYCLE.reset(token)
-
-
-def news_answers_forget() -> None:
-    """Drop the answers kept for cycles (tests; after an edit that must count within a cycle)."""
-    with _ANSWERS_LOCK:
-        _ANSWERS.clear()
 
 
 def news_event_near(*, now: datetime, minutes_before: int | None = None, minutes_after: int = 15):
@@ -113,14 +79,7 @@ def news_event_near(*, now: datetime, minutes_before: int | None = None, minutes
         times, rows = preloaded
         i = bisect.bisect_left(times, now - timedelta(minutes=minutes_after))
         return rows[i] if i < len(rows) and times[i] <= now + timedelta(minutes=before) else None
-    cycle_id = _CYCLE.get()
-    key = None if cycle_id is None else (cycle_id, now, before, minutes_after)
-    if key is not None:
-        with _ANSWERS_LOCK:
-            kept = _ANSWERS.get(key)
-        if kept is not None and time.monotonic() - kept[0] <= ANSWER_KEEP_SECONDS:
-            return kept[1]
-    event = (
+    return (
         _events()
         .filter(
             impact__in=("high", "medium"),
@@ -130,13 +89,6 @@ def news_event_near(*, now: datetime, minutes_before: int | None = None, minutes
         .order_by("scheduled_at")
         .first()
     )
-    if key is not None:
-        with _ANSWERS_LOCK:
-            _ANSWERS[key] = (time.monotonic(), event)
-            _ANSWERS.move_to_end(key)
-            while len(_ANSWERS) > _ANSWERS_MAX:
-                _ANSWERS.popitem(last=False)
-    return event
 
 
 def is_news_window(*, now: datetime, minutes_before: int = 30, minutes_after: int = 15) -> bool:

@@ -16,7 +16,7 @@ from django.db.models import BooleanField, Case, Q, Value, When
 
 from brain.base import Brain, brain_for_settings, brain_name_for_settings
 from brain.budget import budget_check
-from brain.news import news_event_near, news_for_cycle
+from brain.news import news_event_near
 from brain.schemas import OPENING_ACTIONS, BrainContext, Decision, ResearchResult, ScreenResult
 from journal.models import EventLevel, ScreenerLog
 from journal.services import event_record
@@ -99,8 +99,7 @@ def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: 
     and decides how much of the snapshot to keep.
     """
     instrument = instrument if instrument is not None and instrument.inst_id == snapshot.inst_id else _instrument(snapshot.inst_id)
-    with news_for_cycle(cycle_id):  # RESEARCHING asks the calendar the same question: one read per cycle
-        bypass = screener_bypass_reason(snapshot=snapshot, context=context)
+    bypass = screener_bypass_reason(snapshot=snapshot, context=context)
     screen: ScreenResult | None = None
     tokens = latency = 0
     cost, model = Decimal(0), ""
@@ -184,8 +183,7 @@ def research_run(*, snapshot: MarketSnapshot, cycle_id: int | None = None, mode:
 
     now = now or snapshot.ts
     try:
-        with news_for_cycle(cycle_id):  # SCREENING's bypass rule asked the calendar this already
-            triggers = research_triggers(snapshot=snapshot, now=now)
+        triggers = research_triggers(snapshot=snapshot, now=now)
         if not triggers:
             return None
         if instrument is None or instrument.inst_id != snapshot.inst_id:

@@ -407,12 +407,6 @@ def stage_started(cycle: Cycle, stage: str, *, now: datetime | None = None) -> N
     cycle.stage_times[stage] = {"started": (now or timezone.now()).isoformat()}
 
 
-def stage_finished(cycle: Cycle, stage: str, *, started_monotonic: float, finished_monotonic: float) -> None:
-    entry = cycle.stage_times.setdefault(stage, {})
-    entry["duration_ms"] = round((finished_monotonic - started_monotonic) * 1000, 3)
-    entry["done"] = True
-
-
 def cycle_end(
     cycle: Cycle, *, outcome: str, reason: str, error: str = "", state: str = S.DONE, now: datetime | None = None
 ) -> None:

@@ -55,15 +55,11 @@ from market.models import TIMEFRAME_SECONDS, Instrument
 from market.schemas import MarketSnapshot
 from tradebot.cycle import cycle_end, stage_started
 from tradebot.logging import get_logger, redact
-from tradebot.stages import STAGES, CycleWork, StageEnv
+from tradebot.stages import CYCLE_FIELDS, RECENT_TRADES, STAGES, CycleWork, StageEnv
 
 log = get_logger(__name__)
 S = CycleState
 BATCH = 500
-_PERSISTED = (
-    "state", "outcome", "reason", "error", "ended_at", "stage_times", "snapshot", "screener_result", "research",
-    "decision", "risk_verdict", "client_order_id", "order", "brain", "playbook_version",
-)
 
 
 # The scalar Trade columns a TradeView shows: when none changed, neither did the view (see _RunState).
@@ -358,7 +354,6 @@ class _RunState:
         if not self.trades_stale:
             return self.trades
         from brain.reflection import trade_view_from_row
-        from tradebot.stages import RECENT_TRADES
 
         rows = Trade.objects.filter(mode=Mode.REPLAY, run_id=self.run_id).order_by("-opened_at", "-id")
         keys = {row[0]: row for row in rows.values_list("id", *_TRADE_KEY)[:RECENT_TRADES]}
@@ -507,7 +502,7 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
         rows_insert(model=ScreenerLog, objs=screener_logs)
     else:
         Cycle.objects.bulk_create(placeholders, update_conflicts=True, unique_fields=["id"],
-                                  update_fields=list(_PERSISTED))
+                                  update_fields=list(CYCLE_FIELDS))
         ScreenerLog.objects.bulk_create(screener_logs)
 
 

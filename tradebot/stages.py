@@ -39,6 +39,12 @@ S = CycleState
 RECENT_TRADES = 20
 SYNC_CANDLES = 10
 HALT_STATES = frozenset({"HALTED", "EMERGENCY_HALT", "COOLDOWN"})
+# The Cycle fields the stages set (and cycle_end): what the task writes back after a stage and the
+# replay writes per batch.
+CYCLE_FIELDS = (
+    "state", "outcome", "reason", "error", "ended_at", "stage_times", "snapshot", "screener_result", "research",
+    "decision", "risk_verdict", "client_order_id", "order", "brain", "playbook_version",
+)
 
 
 @dataclass

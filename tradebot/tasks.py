@@ -33,7 +33,7 @@ from tradebot.cycle import (
     stage_claim_locked,
 )
 from tradebot.logging import get_logger, redact
-from tradebot.stages import CycleWork, StageEnv, stage_timed
+from tradebot.stages import CYCLE_FIELDS, CycleWork, StageEnv, stage_timed
 
 log = get_logger(__name__)
 S = CycleState
@@ -115,10 +115,6 @@ def _context_take(work: CycleWork) -> None:
             work.extra["brain"] = kept[2]
 
 
-_PERSISTED = (
-    "state", "outcome", "reason", "error", "ended_at", "stage_times", "snapshot", "screener_result", "research",
-    "decision", "risk_verdict", "client_order_id", "order", "brain", "playbook_version",
-)
 
 
 def _persist(cycle: Cycle, claimed_state: str, *, snapshot_read: Any = None) -> bool:
@@ -128,7 +124,7 @@ def _persist(cycle: Cycle, claimed_state: str, *, snapshot_read: Any = None) -> 
     assigned a new one (COLLECTING): `snapshot_read` is the object the claim
     read; every other field is written every time.
     """
-    names = [n for n in _PERSISTED if n != "snapshot" or cycle.snapshot is not snapshot_read]
+    names = [n for n in CYCLE_FIELDS if n != "snapshot" or cycle.snapshot is not snapshot_read]
     written = cycle_write_back(cycle=cycle, claimed_state=claimed_state, fields=names)
     if not written:
         log.warning("cycle_changed_under_stage", cycle_id=cycle.pk, expected=claimed_state)

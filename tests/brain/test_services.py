@@ -108,32 +108,6 @@ def test_a_brain_from_an_earlier_stage_is_reused_only_while_it_is_still_the_one_
     assert brain_in_use(reuse=claude) is None
 
 
-def test_a_cycle_asks_the_news_calendar_once_for_its_stages(instrument, django_assert_num_queries):
-    from brain.models import NewsEvent
-    from brain.news import news_answers_forget, news_event_near, news_for_cycle
-
-    fomc = datetime(2026, 3, 18, 18, 0, tzinfo=timezone.utc)
-    now = fomc - timedelta(minutes=15)
-    news_answers_forget()
-    try:
-        with django_assert_num_queries(1):
-            with news_for_cycle(41):  # SCREENING's bypass rule
-                first = news_event_near(now=now)
-            with news_for_cycle(41):  # RESEARCHING's trigger, later, another task: the same answer, no read
-                assert news_event_near(now=now) == first
-        assert first is not None and first.scheduled_at == fomc
-        # Another cycle reads the table, so an edit counts from the next cycle; outside a cycle nothing is kept.
-        NewsEvent.objects.filter(pk=first.pk).update(enabled=False)
-        with news_for_cycle(42):
-            assert news_event_near(now=now) is None
-        assert news_event_near(now=now) is None
-        with django_assert_num_queries(2):
-            news_event_near(now=now)
-            news_event_near(now=now)
-    finally:
-        news_answers_forget()
-
-
 # --- untrusted research -------------------------------------------------------------
 
 
