@@ -177,10 +177,17 @@ def screener_feedback_record(*, action: str, log_id: int | None = None, cycle_id
 
 def research_run(*, snapshot: MarketSnapshot, cycle_id: int | None = None, mode: str = "live",
                  now: datetime | None = None, instrument: Instrument | None = None) -> ResearchResult | None:
-    """Perplexity research when triggered; cached 1 h; a skip is recorded with its reason."""
+    """Perplexity research when triggered; cached 1 h; a skip is recorded with its reason.
+
+    A replay never researches (today's news says nothing about a past market) and
+    records nothing: its cycle says so (tradebot.stages.research), instead of a
+    journal event on every triggered cycle of a year.
+    """
     from brain.prompts import research_query
     from brain.research import ResearchUnavailable, cache_lookup, cache_store, perplexity_ask, research_triggers, trigger_key
 
+    if mode != "live":
+        return None
     now = now or snapshot.ts
     try:
         triggers = research_triggers(snapshot=snapshot, now=now)
@@ -193,9 +200,6 @@ def research_run(*, snapshot: MarketSnapshot, cycle_id: int | None = None, mode:
             event_record(kind="research_skipped", message=f"research skipped: {reason}", level=level, cycle_id=cycle_id,
                          instrument_id=instrument.pk if instrument else None, mode=mode, data={"triggers": list(triggers.values())})
 
-        if mode != "live":
-            skipped("a replay does not ask for today's news about a past market")
-            return None
         key = trigger_key(snapshot.inst_id, list(triggers))
         query = research_query(snapshot, list(triggers.values()), now)
         cached = cache_lookup(key=key, now=now)

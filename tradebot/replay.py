@@ -271,7 +271,7 @@ def replay_run(
     run = _RunState(run_id=run_id, exchange=exchange)
     env = StageEnv(feed=feed, exchange=exchange, mode=Mode.REPLAY, run_id=run_id, brain_name=brain,
                    snapshot_provider=snapshots, sync_candles=False, recent_trades_provider=run.recent_trades,
-                   account_provider=run.account, defer_journal=True)
+                   account_provider=run.account, bot_provider=run.bot_view, defer_journal=True)
     run.scope = env.scope
     if playbook_version is not None:
         from brain.base import brain_for_settings
@@ -314,7 +314,7 @@ class _RunState:
     run_id: str
     exchange: Any = None
     scope: str = ""
-    bot: tuple[Any, Any] | None = None  # (day-start equity, peak equity) of the run's bot state, None = re-read
+    bot: Any = None  # the run's bot state (execution.risk.BotStateView); None = read it again
     trades: list[Any] = field(default_factory=list)
     trades_stale: bool = True  # a trade opened or closed since `trades` was read
     trade_keys: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # id -> its scalar columns when read
@@ -327,16 +327,20 @@ class _RunState:
     # the brain's context read it, and both run before the cycle's own order (reset per cycle).
     balances: Any = None
 
+    def bot_view(self) -> Any:
+        """`execution.selectors.bot_state` of this run, read again only after something changed it."""
+        from execution.selectors import bot_state
+
+        if self.bot is None:
+            self.bot = bot_state(scope=self.scope)
+        return self.bot
+
     def account(self) -> Any:
         """`execution.selectors.account_state` of this run, without re-reading an unchanged bot state."""
         from dataclasses import replace
 
-        from execution.selectors import bot_state_row
-
-        if self.bot is None:
-            row = bot_state_row(self.scope)
-            self.bot = (row.day_start_equity, row.peak_equity)
-        return replace(self.balances_now(), day_start_equity=self.bot[0], peak_equity=self.bot[1])
+        bot = self.bot_view()
+        return replace(self.balances_now(), day_start_equity=bot.day_start_equity, peak_equity=bot.peak_equity)
 
     def balances_now(self) -> Any:
         """The exchange's account at this cycle's prices, computed once per cycle (see _run_batch)."""
@@ -479,8 +483,10 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
         work = _run_cycle(cycle, env)
         if cycle.client_order_id:
             run.trades_stale = True
-        if cycle.decision and cycle.outcome != CycleOutcome.HOLD:
-            run.bot = None  # the risk gate ran: it may have halted the run or refreshed its state
+        if cycle.decision and cycle.outcome not in (CycleOutcome.HOLD, CycleOutcome.HALTED):
+            # The risk gate ran: it may have halted the run or refreshed its state. (A HALTED cycle
+            # changed nothing: a due lift would have let it through to the gate.)
+            run.bot = None
         snapshot = work._snapshot
         if snapshot is not None:
             compact = _compact_snapshot(snapshot)

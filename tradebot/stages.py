@@ -64,6 +64,9 @@ class StageEnv:
     # Replay: the account as the brain sees it (balances plus the run's day-start/peak equity),
     # kept between the events that change it instead of reading the bot state every cycle.
     account_provider: Callable[[], Any] | None = None
+    # Replay: the run's bot state (execution.risk.BotStateView), kept between the events that change
+    # it; live reads the row at each stage that needs it.
+    bot_provider: Callable[[], Any] | None = None
     manual_trigger: bool = False
     brain: Any = None  # cached brain instance (replay: one per run)
     # Replay: the snapshot JSON and the screener log row are left to the caller, which saves them
@@ -260,7 +263,8 @@ def research(work: CycleWork, env: StageEnv) -> bool:
     work._research = result
     work.cycle.research = None if result is None else result.model_dump(mode="json")
     if result is None:
-        work.cycle.stage_times.setdefault(S.RESEARCHING, {})["skipped"] = "not triggered or unavailable"
+        why = "a replay does not research a past market" if env.mode == Mode.REPLAY else "not triggered or unavailable"
+        work.cycle.stage_times.setdefault(S.RESEARCHING, {})["skipped"] = why
     return True
 
 
@@ -326,6 +330,20 @@ def market_ref(snapshot: MarketSnapshot) -> Any:
     return MarketRef(last=snapshot.price, mark=snapshot.ticker.mark, inst_id=snapshot.inst_id, ts=snapshot.ts)
 
 
+def bot_now(work: CycleWork, env: StageEnv) -> Any:
+    """The bot state as this stage starts, with a HALTED/COOLDOWN whose time is up lifted first.
+
+    Without the lift a cooldown (COOLDOWN_AFTER_LOSS_STREAK, 30 minutes) would hold
+    until something else refreshed the row: the risk gate never runs while halted,
+    so that was the 00:00 UTC reset. The lift writes only when it is due.
+    """
+    from execution.selectors import bot_state
+    from execution.services import bot_state_refresh
+
+    current = env.bot_provider() if env.bot_provider is not None else bot_state(scope=env.scope)
+    return bot_state_refresh(now=work.cycle.as_of, scope=env.scope, current=current)
+
+
 def halted_reason(scope: str | None = None, *, bot: Any = None) -> str | None:
     """HALTED / EMERGENCY_HALT / COOLDOWN of `scope` (default: the live bot): why no order may go out, else None.
 
@@ -351,9 +369,7 @@ def _verdict_json(verdict: Any) -> dict[str, Any]:
 
 def risk(work: CycleWork, env: StageEnv) -> bool:
     """RISK_CHECK: bot-wide halt first, then the gate; a rejection is journaled with every failed rule."""
-    from execution.selectors import bot_state
-
-    bot = bot_state(scope=env.scope)  # read once: the halt check, the account figures and the gate's refresh
+    bot = bot_now(work, env)  # read once: the halt check, the account figures and the gate's refresh
     reason = halted_reason(env.scope, bot=bot)
     if reason:
         return _end(work, CycleOutcome.HALTED, reason)
@@ -391,7 +407,6 @@ def execute(work: CycleWork, env: StageEnv) -> bool:
     a halt or a fill between the stages must stop the order.
     """
     from execution.models import TERMINAL_ORDER_STATES, Order
-    from execution.selectors import bot_state
     from execution.services import order_place
 
     existing = Order.objects.filter(cycle_id=work.cycle.pk).order_by("id").first() if work.cycle.pk else None
@@ -401,7 +416,7 @@ def execute(work: CycleWork, env: StageEnv) -> bool:
         return True
     # An unfinished order of ours (the worker died mid-call) is completed below through
     # order_place, which looks it up by client order id before it would send anything.
-    bot = bot_state(scope=env.scope)  # read once, here, at the start of this stage: a halt since RISK_CHECK stops it
+    bot = bot_now(work, env)  # read once, here, at the start of this stage: a halt since RISK_CHECK stops it
     reason = None if existing is not None else halted_reason(env.scope, bot=bot)
     if reason:
         return _end(work, CycleOutcome.HALTED, reason)
