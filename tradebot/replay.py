@@ -34,10 +34,12 @@ held across 00/08/16 UTC pay or receive it. The risk gate's day starts at
 """
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -293,7 +295,7 @@ def replay_run(
     # Network brains must not run inside a database transaction (house rule); the rules brain may.
     atomic = brain == "rules"
     began = time.perf_counter()
-    with calendar_preloaded():
+    with calendar_preloaded(), _collector_between_batches() as collect_garbage:
         for offset in range(0, len(times), BATCH):
             batch = times[offset:offset + BATCH]
             if atomic:
@@ -301,10 +303,40 @@ def replay_run(
                     _run_batch(batch, instrument, env, walker, summary, run, full_snapshots, reserved_ids=True)
             else:
                 _run_batch(batch, instrument, env, walker, summary, run, full_snapshots, reserved_ids=False)
+            collect_garbage()
             if progress:
                 progress(min(offset + BATCH, len(times)), len(times))
     summary.elapsed_seconds = time.perf_counter() - began
     return summary
+
+
+@contextmanager
+def _collector_between_batches() -> Iterator[Callable[[], None]]:
+    """Python's cyclic garbage collector runs when the loop calls the yielded function (after each
+    batch), not inside a batch.
+
+    A replay allocates millions of short-lived objects (model rows, pydantic views,
+    Decimals), which triggered ~1,000 automatic collections a month of cycles, each full
+    one scanning everything held in memory (the history's frames, indicators, views):
+    ~10% of a replay's time. What exists when the loop starts, and what survives each
+    batch's collection, is frozen (not scanned again); a batch's collection then only
+    looks at what that batch left behind. Restored on the way out, error or not: the
+    frozen objects go back to the collector.
+    """
+    enabled = gc.isenabled()
+
+    def collect() -> None:
+        gc.collect()
+        gc.freeze()
+
+    gc.freeze()
+    gc.disable()
+    try:
+        yield collect
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 @dataclass
