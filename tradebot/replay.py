@@ -321,7 +321,7 @@ def _collector_between_batches() -> Iterator[Callable[[], None]]:
     ~10% of a replay's time. What exists when the loop starts, and what survives each
     batch's collection, is frozen (not scanned again); a batch's collection then only
     looks at what that batch left behind. Restored on the way out, error or not: the
-    frozen objects go back to the collector.
+    collector is enabled again if it was, and every frozen object goes back to it.
     """
     enabled = gc.isenabled()
 

@@ -143,3 +143,27 @@ def test_the_exclusive_paper_exchange_gives_the_same_book_as_the_database_one() 
     closed = plain.closed_positions()
     assert len(closed) == 1 and closed[0].funding != 0 and closed[0].close_reason == "stop_loss"
     assert fast.closes == 1 and not fast.exposed()
+
+
+@pytest.mark.django_db
+def test_a_replay_gives_the_garbage_collector_back_as_it_found_it_even_when_it_fails(
+        feed: SyntheticFeed, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    import tradebot.replay as replay_module
+
+    assert gc.isenabled()
+    seen = []
+    real = replay_module._run_batch
+
+    def batch_then_fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0))  # inside the loop: paused, history frozen
+        real(*args, **kwargs)
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(replay_module, "_run_batch", batch_then_fail)
+    with pytest.raises(RuntimeError, match="went away"):
+        replay_run(inst_id=INST, start=FROM, end=FROM + timedelta(hours=2), feed=feed, run_id="run-gc")
+    assert seen == [(False, True)]
+    # Collecting again, nothing left frozen (what was frozen goes back to the collector).
+    assert gc.isenabled() and gc.get_freeze_count() == 0
