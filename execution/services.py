@@ -238,8 +238,12 @@ def _apply_outcome(order: Order, ex: ExchangeOrder, *, now: datetime) -> None:
 
 def order_place(
     *, approved: ApprovedOrder, cycle_id: int | None, trade_context: dict[str, Any] | None = None, exchange: Exchange | None = None,
+    instrument: Instrument | None = None,
 ) -> Order:
-    """Send an approved order once. Idempotent by client order id; opening fills start a journal Trade."""
+    """Send an approved order once. Idempotent by client order id; opening fills start a journal Trade.
+
+    `instrument`: the order's Instrument row when the caller has it (saves the journal trade a read).
+    """
     if not approval_is_genuine(approved):
         raise TypeError("order_place accepts only an ApprovedOrder from the risk gate")
     if exchange is None:
@@ -258,7 +262,7 @@ def order_place(
             _note(order, f"lookup before re-sending failed: {exc}")
             return order
         if found is not None:
-            return _settle(order, found, approved, context)
+            return _settle(order, found, approved, context, instrument)
         if order.state != OrderState.PENDING:
             return order
     try:
@@ -284,7 +288,7 @@ def order_place(
         transition(order, OrderState.CANCELED, table=ORDER_TRANSITIONS, now=timezone.now(), note="no position to close")
         order.save()
         return order
-    order = _settle(order, result, approved, context)
+    order = _settle(order, result, approved, context, instrument)
     if approved.kind != "open":
         mode = context.get("mode", Mode.LIVE)
         account_sync(exchange=exchange, mode=mode, run_id=None if mode == Mode.LIVE else context.get("run_id", ""))
@@ -318,14 +322,15 @@ def _order_intent(*, approved: ApprovedOrder, exchange: Exchange, cycle_id: int 
         return existing, False
 
 
-def _settle(order: Order, ex: ExchangeOrder, approved: Any, context: dict[str, Any]) -> Order:
+def _settle(order: Order, ex: ExchangeOrder, approved: Any, context: dict[str, Any],
+            instrument: Instrument | None = None) -> Order:
     """Record what the exchange reports (a short transaction after the call); returns the fresh row."""
     with transaction.atomic():
         order = Order.objects.select_for_update().get(pk=order.pk)
         _apply_outcome(order, ex, now=timezone.now())
         order.save()
     if approved.kind == "open" and ex.filled_size > 0:
-        trade_open_record(order=order, fill=ex, context=context)
+        trade_open_record(order=order, fill=ex, context=context, instrument=instrument)
     return order
 
 
@@ -352,9 +357,11 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=str))
 
 
-def trade_open_record(*, order: Order, fill: ExchangeOrder, context: dict[str, Any]) -> Trade | None:
+def trade_open_record(*, order: Order, fill: ExchangeOrder, context: dict[str, Any],
+                      instrument: Instrument | None = None) -> Trade | None:
     """The journal Trade for an opening fill (an ADD updates the open trade it adds to)."""
-    instrument = Instrument.objects.filter(inst_id=order.inst_id).first()
+    if instrument is None or instrument.inst_id != order.inst_id:
+        instrument = Instrument.objects.filter(inst_id=order.inst_id).first()
     if instrument is None:
         event_record(kind="trade_not_journaled", message=f"{order.inst_id} is not an instrument row; trade not journaled", level=EventLevel.ERROR)
         return None

@@ -515,6 +515,10 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
         work = _run_cycle(cycle, env)
         if cycle.client_order_id:
             run.trades_stale = True
+            if (cycle.order or {}).get("action") in ("CLOSE", "REDUCE"):
+                # order_place synced the account after its reducing order (execution.services.account_sync):
+                # the next cycle need not sync again for what that order closed.
+                run.closes_synced = env.exchange.closes
         if cycle.decision and cycle.outcome not in (CycleOutcome.HOLD, CycleOutcome.HALTED):
             # The risk gate ran: it may have halted the run or refreshed its state. (A HALTED cycle
             # changed nothing: a due lift would have let it through to the gate.)

@@ -409,7 +409,9 @@ def execute(work: CycleWork, env: StageEnv) -> bool:
     from execution.models import TERMINAL_ORDER_STATES, Order
     from execution.services import order_place
 
-    existing = Order.objects.filter(cycle_id=work.cycle.pk).order_by("id").first() if work.cycle.pk else None
+    # A task may be delivered again after its worker died; a replay's cycle runs once, in this loop.
+    redelivery_possible = work.cycle.pk is not None and env.mode != Mode.REPLAY
+    existing = Order.objects.filter(cycle_id=work.cycle.pk).order_by("id").first() if redelivery_possible else None
     if existing is not None and existing.state in TERMINAL_ORDER_STATES:
         # A previous delivery of this task finished the order before its worker died: never a second.
         _order_record(work, existing)
@@ -428,7 +430,8 @@ def execute(work: CycleWork, env: StageEnv) -> bool:
             rules = ", ".join(rule for rule, _ in verdict.failures)
             return _end(work, CycleOutcome.REJECTED, f"risk gate rejected at execution ({rules})")
         approved = verdict.approved_order
-    order = order_place(approved=approved, cycle_id=work.cycle.pk, trade_context=trade_context(work, env), exchange=env.exchange)
+    order = order_place(approved=approved, cycle_id=work.cycle.pk, trade_context=trade_context(work, env), exchange=env.exchange,
+                        instrument=work.cycle.instrument)
     # order_place returns the row as it left it; only a close can change it again afterwards
     # (its account sync settles orders), so only then is it read again.
     _order_record(work, order, fresh=approved.kind == "open")

@@ -185,6 +185,15 @@ class PaperExchange(Exchange):
             raise ExchangeRejected(f"no price known for {inst_id} yet: call set_price or process_bar first", code="51000")
         return row
 
+    def _last_price(self, inst_id: str) -> tuple[Decimal, datetime]:
+        """(last price, its time) for an order: from memory in exclusive mode (nothing else writes the
+        book, so memory is the latest; `_last` would first write it out and read it back), else `_last`."""
+        known = self._prices.get(inst_id) if self.exclusive else None
+        if known is not None:
+            return known
+        row = self._last(inst_id)
+        return row.last, row.ts  # type: ignore[return-value]
+
     def now(self) -> datetime:
         self.flush()
         latest = PaperPrice.objects.filter(account_id=self.account_id, ts__isnull=False).order_by("-ts").values_list("ts", flat=True).first()
@@ -263,8 +272,7 @@ class PaperExchange(Exchange):
             if any(cid == order.client_order_id for cid, _, _ in orders):
                 raise ExchangeRejected(f"Duplicated clOrdId {order.client_order_id}", code="51016")
             reserved = sum((r for _, state, r in orders if state == "live"), ZERO)
-            price_row = self._last(order.inst_id)
-            now = price_row.ts
+            last, now = self._last_price(order.inst_id)
             size = round_down_to_lot(order.size, spec.lot_sz) if order.size else order.size
             row = PaperOrder(
                 account=account, client_order_id=order.client_order_id, inst_id=order.inst_id, side=order.side,
@@ -277,11 +285,10 @@ class PaperExchange(Exchange):
                 if pos is None:
                     raise self._reject(row, "no position in this direction to reduce or close", "51169")
                 row.size = min(size or pos.size, pos.size)
-                self._fill(account, row, pos, spec, self._slipped(price_row.last, order.side, spec), self.taker_fee, now, kind="close")
+                self._fill(account, row, pos, spec, self._slipped(last, order.side, spec), self.taker_fee, now, kind="close")
                 return self._as_exchange_order(row)
             if size < spec.min_sz or size <= 0:
                 raise self._reject(row, f"size {size} below minimum {spec.min_sz}", "51020")
-            last = price_row.last
             marketable = order.order_type == "market" or (
                 (order.side == "buy" and order.price >= last) or (order.side == "sell" and order.price <= last)
             )
@@ -390,17 +397,17 @@ class PaperExchange(Exchange):
             pos = PaperPosition.objects.filter(account=account, inst_id=inst_id, pos_side=pos_side, status="open").first()
             if pos is None:
                 return None
-            price_row = self._last(inst_id)
+            last, now = self._last_price(inst_id)
             side = "sell" if pos_side == "long" else "buy"
-            cl_ord_id = client_order_id or f"close{pos.pk}x{int(price_row.ts.timestamp())}"
+            cl_ord_id = client_order_id or f"close{pos.pk}x{int(now.timestamp())}"
             existing = PaperOrder.objects.filter(account=account, client_order_id=cl_ord_id).first()
             if existing is not None:
                 return self._as_exchange_order(existing)
             row = PaperOrder.objects.create(
                 account=account, client_order_id=cl_ord_id, inst_id=inst_id, side=side, pos_side=pos_side, ord_type="market",
-                size=pos.size, reduce_only=True, leverage=pos.leverage, created_at=price_row.ts, updated_at=price_row.ts,
+                size=pos.size, reduce_only=True, leverage=pos.leverage, created_at=now, updated_at=now,
             )
-            self._fill(account, row, pos, spec, self._slipped(price_row.last, side, spec), self.taker_fee, price_row.ts, kind="close")
+            self._fill(account, row, pos, spec, self._slipped(last, side, spec), self.taker_fee, now, kind="close")
             return self._as_exchange_order(row)
 
     def cancel_order(self, *, inst_id: str, client_order_id: str) -> ExchangeOrder | None:
