@@ -181,6 +181,8 @@ class TimeframeSeries:
                  window: int, recent: int) -> None:
         self.timeframe, self.candles, self.computed = timeframe, candles, computed
         self.window, self.recent = window, recent
+        # Recent-candle views by row: consecutive views share all but one of them (frozen models).
+        self._candle_views: dict[int, CandleView] = {}
         self.open_ns = candles.index.asi8 if candles is not None else np.zeros(0, dtype=np.int64)
         self.duration_ns = tf_duration(timeframe) // _MICROSECOND * 1000
         self.fast = (candles is not None and computed is not None and window >= CONVERGED_AFTER_BARS
@@ -203,6 +205,16 @@ class TimeframeSeries:
             block[later, col("ema_20")], block[later, col("ema_50")], e200[later])
         self.rows = block
 
+    def _candle_view(self, i: int) -> CandleView:
+        view = self._candle_views.get(i)
+        if view is None:
+            o, h, lo, c, v = self.ohlcv[i].tolist()
+            # model_construct: the values are exactly the types the fields hold (aware datetime, Decimal).
+            view = CandleView.model_construct(ts=_utc_from_ns(self.open_ns[i]), open=_dec(o), high=_dec(h), low=_dec(lo),
+                                              close=_dec(c), volume=_dec(v))
+            self._candle_views[i] = view
+        return view
+
     def closed_count(self, as_of: datetime) -> int:
         """How many candles had closed by `as_of` (open time + timeframe <= as_of)."""
         return int(self.open_ns.searchsorted(_ns(as_of) - self.duration_ns, side="right"))
@@ -217,13 +229,10 @@ class TimeframeSeries:
                                  indicators=IndicatorSet(), regime="unknown")
         start = max(0, end - self.window)
         indicators = indicator_set_from_row(dict(zip(self.columns, self.rows[end - 1].tolist(), strict=True)))
-        # model_construct: the values are exactly the types the fields hold (aware datetime, Decimal).
-        views = tuple(
-            CandleView.model_construct(ts=_utc_from_ns(self.open_ns[i]), open=_dec(o), high=_dec(h), low=_dec(lo),
-                                       close=_dec(c), volume=_dec(v))
-            for i, (o, h, lo, c, v) in enumerate(self.ohlcv[max(start, end - self.recent):end].tolist(),
-                                                  start=max(start, end - self.recent))
-        )
+        first = max(start, end - self.recent)
+        views = tuple(self._candle_view(i) for i in range(first, end))
+        if len(self._candle_views) > 4 * self.recent:  # views move forward: keep only the recent rows
+            self._candle_views = {i: v for i, v in self._candle_views.items() if first <= i < end}
         return TimeframeView(timeframe=self.timeframe, candles_used=end - start,
                              last_closed_ts=_utc_from_ns(self.open_ns[end - 1]), indicators=indicators,
                              regime=regime_detect(indicators), recent_candles=views)

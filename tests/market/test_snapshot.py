@@ -283,7 +283,8 @@ def test_the_replay_series_view_equals_timeframe_view_at_every_kind_of_point(rea
         series = TimeframeSeries(timeframe=tf, candles=candles, computed=computed, window=1000, recent=5)
         assert series.fast
         duration = {"15m": timedelta(minutes=15), "1H": timedelta(hours=1), "4H": timedelta(hours=4)}[tf]
-        for end in (0, 1, 30, 999, 1000, 1001, 1777, len(candles) - 1, len(candles)):
+        # A run of consecutive points (the views share recent candles) and a step back after it.
+        for end in (0, 1, 30, 999, 1000, 1001, *range(1777, 1807), 1001, len(candles) - 1, len(candles)):
             as_of = (candles.index[end - 1].to_pydatetime() + duration + timedelta(minutes=1) if end
                      else candles.index[0].to_pydatetime())
             assert series.closed_count(as_of) == end
