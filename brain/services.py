@@ -18,6 +18,7 @@ from brain.base import Brain, brain_for_settings, brain_name_for_settings
 from brain.budget import budget_check
 from brain.news import news_event_near
 from brain.schemas import OPENING_ACTIONS, BrainContext, Decision, ResearchResult, ScreenResult
+from journal.bulk import row_new
 from journal.models import EventLevel, ScreenerLog
 from journal.services import event_record
 from market.models import Instrument
@@ -126,12 +127,14 @@ def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: 
     log_id = None
     pending = None
     if instrument is not None:
-        row = ScreenerLog(
+        fields = dict(
             instrument=instrument, cycle_id=cycle_id, mode=mode, signal=proceed if bypass else bool(screen and screen.signal),
             bypassed=bool(bypass), bypass_reason=bypass[:200], reason=reason,
             snapshot_json=None if defer_log else snapshot.as_jsonable(),
             model=model[:60], tokens_used=tokens, latency_ms=latency, cost_usd=cost,
         )
+        # A deferred row goes to journal.bulk.rows_insert: built without Model.__init__'s overhead.
+        row = row_new(ScreenerLog, **fields) if defer_log else ScreenerLog(**fields)
         if defer_log:
             pending = row
         else:

@@ -50,7 +50,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Sum
 
-from journal.bulk import ids_reserve, rows_insert
+from journal.bulk import ids_reserve, row_new, rows_insert
 from journal.models import Cycle, CycleOutcome, CycleState, LlmCall, Mode, RiskRejection, ScreenerLog, Trade, TradeStatus
 from market.feeds.base import MarketFeed
 from market.models import TIMEFRAME_SECONDS, Instrument
@@ -494,7 +494,7 @@ def _new_day(as_of: datetime, env: StageEnv, run: _RunState) -> None:
 
 def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, walker: _BarWalker,
                summary: ReplaySummary, run: _RunState, full_snapshots: str, *, reserved_ids: bool) -> None:
-    fresh = [Cycle(instrument=instrument, mode=Mode.REPLAY, run_id=env.run_id, as_of=t, state=S.IDLE) for t in times]
+    fresh = [row_new(Cycle, instrument=instrument, mode=Mode.REPLAY, run_id=env.run_id, as_of=t, state=S.IDLE) for t in times]
     if reserved_ids:
         # In the batch's transaction: ids now, one INSERT of the finished rows at the end (journal/bulk.py).
         for cycle, pk in zip(fresh, ids_reserve(model=Cycle, count=len(fresh)), strict=True):

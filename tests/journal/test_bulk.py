@@ -91,3 +91,34 @@ def test_ids_are_only_reserved_inside_a_transaction(btc: Instrument) -> None:
 def test_a_row_without_a_primary_key_is_refused(btc: Instrument) -> None:
     with pytest.raises(BulkWriteError, match="primary key"):
         rows_insert(model=Cycle, objs=[_cycle(btc, 1)])
+
+
+def test_a_row_built_for_bulk_insert_equals_the_model_built_one_and_shares_no_default() -> None:
+    from journal.bulk import row_new
+
+    instrument = Instrument(pk=3, inst_id="BTC-USDT-SWAP")
+    as_of = datetime(2025, 1, 1, tzinfo=UTC)
+    made = Cycle(instrument=instrument, mode="replay", run_id="r", as_of=as_of, state="IDLE")
+    built = row_new(Cycle, instrument=instrument, mode="replay", run_id="r", as_of=as_of, state="IDLE")
+    fields = [f.attname for f in Cycle._meta.concrete_fields]
+    assert [getattr(built, f) for f in fields] == [getattr(made, f) for f in fields]
+    assert built.instrument is instrument and built.instrument_id == 3 and built._state.adding
+    # A callable default (stage_times=dict) is called per row: rows never share it.
+    assert built.stage_times == {} and built.stage_times is not row_new(Cycle).stage_times
+    assert row_new(Cycle, instrument_id=5).instrument_id == 5
+    with pytest.raises(TypeError, match="no field 'stages'"):
+        row_new(Cycle, stages={})
+
+
+def test_rows_built_for_bulk_insert_also_go_through_bulk_create_and_its_upsert(btc: Instrument) -> None:
+    # The replay with a network brain writes placeholders first and upserts them at the end.
+    from journal.bulk import row_new
+    from tradebot.stages import CYCLE_FIELDS
+
+    rows = Cycle.objects.bulk_create([row_new(Cycle, instrument=btc, mode=Mode.REPLAY, run_id="bulk-upsert",
+                                              as_of=AS_OF.replace(minute=m), state=CycleState.IDLE) for m in (0, 5)])
+    for row in rows:
+        row.state, row.outcome, row.reason = CycleState.DONE, CycleOutcome.HOLD, f"held at {row.as_of:%M}"
+    Cycle.objects.bulk_create(rows, update_conflicts=True, unique_fields=["id"], update_fields=list(CYCLE_FIELDS))
+    stored = list(Cycle.objects.filter(run_id="bulk-upsert").order_by("as_of").values_list("state", "reason", "instrument_id"))
+    assert stored == [(CycleState.DONE, "held at 00", btc.pk), (CycleState.DONE, "held at 05", btc.pk)]
