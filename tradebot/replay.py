@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -469,8 +470,10 @@ def _sync_if_needed(env: StageEnv, run: _RunState) -> None:
     if run.synced and exchange.closes == run.closes_synced and run.peak_synced is not None:
         if equity > run.peak_synced:
             # Only a new peak: all a sync would change is the bot state's peak equity.
-            bot_peak_raise(equity=equity, scope=env.scope)
-            run.bot, run.peak_synced = None, equity
+            raised = bot_peak_raise(equity=equity, scope=env.scope)
+            # Raised: memory takes what the UPDATE wrote, without reading the row again.
+            run.bot = dataclass_replace(run.bot, peak_equity=equity) if raised and run.bot is not None else None
+            run.peak_synced = equity
         return
     result = account_sync(exchange=exchange, mode=Mode.REPLAY, run_id=env.run_id)
     run.bot = None
@@ -488,8 +491,7 @@ def _new_day(as_of: datetime, env: StageEnv, run: _RunState) -> None:
         return
     run.last_day = as_of.date()
     midnight = as_of.replace(hour=0, minute=0, second=0, microsecond=0)
-    run.bot = None
-    risk_daily_reset(now=midnight, equity=run.balances_now().equity, scope=env.scope)
+    run.bot = risk_daily_reset(now=midnight, equity=run.balances_now().equity, scope=env.scope)
 
 
 def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, walker: _BarWalker,
