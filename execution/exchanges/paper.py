@@ -519,6 +519,7 @@ class PaperExchange(Exchange):
             return
         spec = self._spec(inst_id)  # an unknown instrument is refused (51001) before anything is written
         self.flush()
+        before = self._book
         self._changed()
         with transaction.atomic():
             account = self._locked_account()
@@ -540,6 +541,13 @@ class PaperExchange(Exchange):
             price_row.save(update_fields=["last", "ts"])
         if self.exclusive:
             self._prices[inst_id] = (q(close), price_row.ts)
+            if before is not None and not limits:
+                # The rows this bar wrote are the ones in hand (read under the lock, saved): the
+                # book follows them instead of being read again (funding and SL/TP are most of the
+                # bars that get here). With a limit order a fill may have opened a position: read.
+                kept = [p for p in before.positions if p.inst_id != inst_id]
+                self._book = _Book(cash=account.cash, orders=before.orders, positions=sorted(
+                    kept + [p for p in positions if p.status == "open"], key=lambda p: (p.opened_at, p.pk)))
 
     def _price_only(self, account: PaperAccount, inst_id: str, *, ts: datetime, close: Decimal) -> bool:
         """The usual live tick with no position on the instrument, in one UPDATE: only its price moves.
