@@ -148,6 +148,41 @@ def time_split(launches: list[tuple[float, float, Any]]) -> str:
             f"(of which open and send to first claim {ms(statistics.median(first))}) (medians per cycle)")
 
 
+def stage_breakdown(cycles: list[Any], floor_per_hop: float) -> list[str]:
+    """Per stage, medians over the cycles: the claim, the stage function, and from its end to the next claim.
+
+    From the worker's own stamps (tradebot.tasks): `started` (before the lock and claim statement),
+    `claim_ms` (that statement with the row's decoding) and `duration_ms` (the stage function). What
+    is left between the end of a stage function and the next stage's `started` is its write-back
+    (which also releases the lock), the task's end in Celery, the send of the next link, the broker
+    hop and the next task's start: compare it with the floor's hop (a trivial task's whole hop).
+    """
+    from tradebot.stages import STAGES
+
+    rows = []
+    for i, (stage, _, queue) in enumerate(STAGES):
+        claims, fns, gaps = [], [], []
+        for c in cycles:
+            times = c.stage_times or {}
+            entry = times.get(stage) or {}
+            if "started" not in entry or "duration_ms" not in entry:
+                continue
+            claim = float(entry.get("claim_ms", "nan"))
+            claims.append(claim)
+            fns.append(float(entry["duration_ms"]))
+            nxt = times.get(STAGES[i + 1][0]) if i + 1 < len(STAGES) else None
+            if nxt and "started" in nxt and claim == claim:
+                end = datetime.fromisoformat(entry["started"]).timestamp() + (claim + float(entry["duration_ms"])) / 1000
+                gaps.append((datetime.fromisoformat(nxt["started"]).timestamp() - end) * 1000)
+        if not fns:
+            continue
+        gap = f"{statistics.median(gaps):5.1f}" if gaps else "    -"
+        rows.append(f"      {stage.lower():12s} @{queue:8s} claim {statistics.median(claims):4.1f}  stage {statistics.median(fns):5.1f}"
+                    f"  write-back + hop to the next claim {gap}")
+    rows.append(f"      (ms, medians; the floor's whole hop is {floor_per_hop * 1000:.1f} ms: a 7-hop chain's p50 / 7)")
+    return rows
+
+
 def snapshot_build_time(runs: int = 20) -> float:
     """Median snapshot_build on the synthetic feed the workers use (feed reads included), in this process."""
     from django.conf import settings
@@ -188,6 +223,11 @@ def bench_pipeline() -> None:
     t = time.perf_counter()
     workers = infra.workers_start(feed="settings")
     print(f"  workers ready in {time.perf_counter() - t:.1f} s (each builds the synthetic feed and one snapshot)")
+    # How this differs from production: docker-compose.yml starts `celery -A tradebot worker -Q <queue> -c N` with
+    # Celery's default prefork pool (okx -c 2, llm -c 4, default -c 2). Prefork adds a pipe hop to a child per task,
+    # and consecutive llm stages may land in different children, which then do not share SCREENING's context.
+    print("  (production differs: docker-compose runs the prefork pool, -c 2 okx/default, -c 4 llm; prefork adds a "
+          "parent-to-child hop per task and splits the llm stages' in-process context over children)")
     try:
         for i in range(3):  # warm-up, untimed
             cycle_run(btc, DAY - timedelta(minutes=5 * (i + 1)), workers)
@@ -226,6 +266,9 @@ def bench_pipeline() -> None:
           f"ratio p50/floor p50 = {p50 / statistics.median(f7):.1f}x")
     print(f"    stages: {stage_medians([c for _, c in full])}")
     print(f"    time split: {time_split(sends)}")
+    print("    per stage:")
+    for line in stage_breakdown([c for _, c in full], statistics.median(f7) / 7):
+        print(line)
     target = 2 * statistics.median(f7) + snap
     print(f"    target p50 <= 2 x floor + snapshot = {ms(target)}: "
           f"{'MET' if p50 <= target else 'NOT MET'} (p50 {ms(p50)}; {len(seven)} of {len(full)} ran all 7 stages)")

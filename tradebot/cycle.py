@@ -17,6 +17,7 @@ instrument forever.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -224,26 +225,37 @@ class Claim:
     BUSY = "busy"  # another worker holds the cycle's lock: this delivery is a duplicate
 
 
-def _cycle_read(cycle_id: int) -> Cycle | None:
-    return Cycle.objects.filter(pk=cycle_id).select_related("instrument").first()
+def _cycle_read(cycle_id: int, *, lock: bool = False) -> Cycle | None:
+    rows = Cycle.objects.filter(pk=cycle_id).select_related("instrument")
+    if lock:
+        rows = rows.select_for_update(of=("self",))
+    return rows.first()
 
 
 def _claim_not_won(*, cycle_id: int, stage: str, resume_states: frozenset[str] | None, now: datetime) -> tuple[str, Cycle | None]:
-    """The conditional UPDATE did not move the cycle: resume a stage whose worker died, continue, or stop."""
-    cycle = _cycle_read(cycle_id)
-    if cycle is None:
-        return Claim.STOP, None
-    if cycle.state in (resume_states or frozenset({stage})):
-        if (cycle.stage_times.get(stage) or {}).get("done"):
-            return Claim.CONTINUE, cycle
-        entry = dict(cycle.stage_times.get(stage) or {})
-        entry.update({"resumed": now.isoformat(), "worker": worker_name(), "attempts": int(entry.get("attempts", 1)) + 1})
-        entry.setdefault("started", now.isoformat())
-        cycle.stage_times[stage] = entry
-        Cycle.objects.filter(pk=cycle_id).update(stage_times=cycle.stage_times)
-        log.warning("stage_resumed", cycle_id=cycle_id, stage=stage, state=cycle.state)
-        return Claim.RUN, cycle
-    return Claim.STOP, cycle
+    """The conditional UPDATE did not move the cycle: resume a stage whose worker died, continue, or stop.
+
+    The row is read under its row lock. On PostgreSQL the previous holder releases the cycle's lock
+    inside its write-back statement, a moment before that statement commits (`cycle_write_back`):
+    a duplicate delivery that takes the lock in that moment must not read the row as it was before
+    the write-back (its stage not "done": it would run the stage again). `FOR UPDATE` waits for the
+    write-back's commit and then returns the row it wrote. A rare path (duplicates, dead workers).
+    """
+    with transaction.atomic():
+        cycle = _cycle_read(cycle_id, lock=connection.vendor == "postgresql")
+        if cycle is None:
+            return Claim.STOP, None
+        if cycle.state in (resume_states or frozenset({stage})):
+            if (cycle.stage_times.get(stage) or {}).get("done"):
+                return Claim.CONTINUE, cycle
+            entry = dict(cycle.stage_times.get(stage) or {})
+            entry.update({"resumed": now.isoformat(), "worker": worker_name(), "attempts": int(entry.get("attempts", 1)) + 1})
+            entry.setdefault("started", now.isoformat())
+            cycle.stage_times[stage] = entry
+            Cycle.objects.filter(pk=cycle_id).update(stage_times=cycle.stage_times)
+            log.warning("stage_resumed", cycle_id=cycle_id, stage=stage, state=cycle.state)
+            return Claim.RUN, cycle
+        return Claim.STOP, cycle
 
 
 def stage_claim(*, cycle_id: int, stage: str, resume_states: frozenset[str] | None = None) -> tuple[str, Cycle | None]:
@@ -296,6 +308,7 @@ FROM lk LEFT JOIN upd ON true LEFT JOIN {instrument} inst ON inst.id = upd.instr
 _ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true) IS NOT NULL"
 
 
+@functools.cache
 def _pg_claim_sql() -> str:
     qn = connection.ops.quote_name
     return _PG_CLAIM_SQL.format(
@@ -370,10 +383,24 @@ def stage_claim_locked(
             result = _claim_not_won(cycle_id=cycle_id, stage=stage, resume_states=resume_states, now=now)
         yield result
     finally:
-        _pg_unlock(cycle_id)
+        if cycle_id in _HELD.ids:  # not already released by the block's write-back (cycle_write_back)
+            _pg_unlock(cycle_id)
 
 
-def cycle_write_back(*, cycle: Cycle, claimed_state: str, fields: list[str]) -> bool:
+# The write-back and the release of the cycle's lock in one round trip (PostgreSQL). The unlock is
+# evaluated on the one row the aggregate over `upd` yields, so it runs after the UPDATE has written
+# (and row-locked) its new version, whether or not the UPDATE matched; a data-modifying CTE always
+# runs to completion. The lock is then free a moment before the statement commits: a duplicate
+# that takes it then finds the claim's UPDATE blocked by the row lock until the commit, and a
+# not-won claim reads the row FOR UPDATE (`_claim_not_won`), so nobody acts on the row as it was
+# before the write-back.
+_PG_WRITE_BACK_UNLOCK_SQL = """
+WITH upd AS ({update} RETURNING 1)
+SELECT w.n, pg_advisory_unlock(%s, %s) FROM (SELECT count(*) AS n FROM upd) AS w
+"""
+
+
+def cycle_write_back(*, cycle: Cycle, claimed_state: str, fields: list[str], release_lock: bool = False) -> bool:
     """UPDATE the named fields of a claimed cycle, only if it is still in `claimed_state`.
 
     What `Cycle.objects.filter(pk=..., state=claimed_state).update(...)` does,
@@ -381,6 +408,11 @@ def cycle_write_back(*, cycle: Cycle, claimed_state: str, fields: list[str]) -> 
     (`get_db_prep_save`, as Django's UPDATE compiler does): it runs once per
     stage, and the ORM's compilation was most of its cost. False when the cycle
     left `claimed_state` meanwhile (a stale sweep or an interrupt ended it).
+
+    `release_lock`: on PostgreSQL, the same statement releases the cycle's
+    advisory lock when this session holds it (the stage is over; saves the
+    unlock's round trip; `stage_claim_locked` then has nothing left to
+    release). Elsewhere the lock is released when the claim's block ends.
     """
     qn = connection.ops.quote_name
     sets, params = [], []
@@ -393,11 +425,23 @@ def cycle_write_back(*, cycle: Cycle, claimed_state: str, fields: list[str]) -> 
             sets.append(f"{qn(f.column)} = %s")
             params.append(value)
     sql = f"UPDATE {qn(Cycle._meta.db_table)} SET {', '.join(sets)} WHERE {qn('id')} = %s AND {qn('state')} = %s"
-    if connection.vendor == "postgresql":
-        sql += f" AND {_ASYNC_COMMIT}"  # bookkeeping: see _ASYNC_COMMIT
+    params += [cycle.pk, claimed_state]
+    if connection.vendor != "postgresql":
+        with connection.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.rowcount > 0
+    sql += f" AND {_ASYNC_COMMIT}"  # bookkeeping: see _ASYNC_COMMIT
+    if not (release_lock and cycle.pk in _HELD.ids):
+        with connection.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.rowcount > 0
     with connection.cursor() as cur:
-        cur.execute(sql, [*params, cycle.pk, claimed_state])
-        return cur.rowcount > 0
+        cur.execute(_PG_WRITE_BACK_UNLOCK_SQL.format(update=sql), [*params, _LOCK_NAMESPACE, _lock_key(cycle.pk)])
+        written = int(cur.fetchone()[0])
+    # Only once the statement succeeded: a failed one may have left the lock held, and a lock still
+    # listed at the task's end makes db_task_boundary drop the session, which frees it for sure.
+    _HELD.ids.discard(cycle.pk)
+    return written > 0
 
 
 def stage_started(cycle: Cycle, stage: str, *, now: datetime | None = None) -> None:

@@ -354,6 +354,69 @@ def test_on_postgresql_the_bookkeeping_commits_never_leave_the_session_asynchron
 
 
 @pytest.mark.postgres
+def test_on_postgresql_the_write_back_releases_the_lock_in_the_same_statement_written_or_not(btc_tx: Instrument) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tradebot.cycle import cycle_locks_held, cycle_write_back, stage_claim_locked
+
+    cycle = cycle_open(instrument=btc_tx, as_of=AS_OF)
+    with _other_session() as other:
+        with CaptureQueriesContext(connection) as queries:
+            with stage_claim_locked(cycle_id=cycle.pk, stage=S.COLLECTING) as (claim, row):
+                assert claim == Claim.RUN and not _other_takes_lock(other, cycle.pk)
+                row.snapshot = {"price": "1"}
+                assert cycle_write_back(cycle=row, claimed_state=S.COLLECTING, fields=["snapshot"], release_lock=True)
+                assert cycle_locks_held() == frozenset()
+                assert _other_takes_lock(other, cycle.pk)  # free right after the write-back, inside the block
+                other.execute("SELECT pg_advisory_unlock_all()")
+        assert len(queries) == 2  # the claim, the write-back with the unlock: no separate unlock at the block's end
+        assert Cycle.objects.get(pk=cycle.pk).snapshot == {"price": "1"}
+        # Not written (the cycle left the claimed state meanwhile): the lock is released all the same.
+        with stage_claim_locked(cycle_id=cycle.pk, stage=S.SCREENING) as (claim, row):
+            assert claim == Claim.RUN
+            Cycle.objects.filter(pk=cycle.pk).update(state=S.INTERRUPTED)
+            assert not cycle_write_back(cycle=row, claimed_state=S.SCREENING, fields=["state"], release_lock=True)
+            assert cycle_locks_held() == frozenset() and _other_takes_lock(other, cycle.pk)
+        other.execute("SELECT pg_advisory_unlock_all()")
+    assert Cycle.objects.get(pk=cycle.pk).state == S.INTERRUPTED
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_duplicate_arriving_while_a_write_back_commits_continues_instead_of_running_again(
+    btc_tx: Instrument,
+) -> None:
+    """The lock is released a moment before the write-back commits: a duplicate in that moment must see the commit.
+
+    Another session plays the first delivery's write-back, its stage marked done, not yet committed
+    (and the lock already free). The duplicate's claim must wait for it and CONTINUE; reading the
+    row as it was before (stage not done) would RUN the stage a second time.
+    """
+    import threading
+
+    from tradebot.cycle import stage_claim_locked
+
+    cycle = cycle_open(instrument=btc_tx, as_of=AS_OF)
+    with stage_claim_locked(cycle_id=cycle.pk, stage=S.COLLECTING) as (claim, _):
+        assert claim == Claim.RUN
+    with _other_session() as other:
+        other.autocommit = False
+        other.execute(
+            "UPDATE journal_cycle SET stage_times = jsonb_set(stage_times, '{COLLECTING,done}', 'true') WHERE id = %s",
+            [cycle.pk],
+        )
+        committer = threading.Timer(0.3, other.commit)
+        committer.start()
+        try:
+            with stage_claim_locked(cycle_id=cycle.pk, stage=S.COLLECTING) as (claim, row):
+                assert claim == Claim.CONTINUE, row.stage_times
+        finally:
+            committer.join()
+    stored = Cycle.objects.get(pk=cycle.pk).stage_times[S.COLLECTING]
+    assert stored.get("done") is True and "attempts" not in stored
+
+
+@pytest.mark.postgres
 def test_between_tasks_a_healthy_connection_is_kept_and_a_leaked_cycle_lock_drops_the_session(btc_tx: Instrument) -> None:
     from django.db import connection
 
@@ -416,8 +479,8 @@ def test_between_tasks_the_health_check_needs_no_select_1_and_a_session_the_serv
 
 
 # Round trips per stage of a traded cycle on PostgreSQL (rules brain, paper exchange, nothing open before),
-# BEGIN and COMMIT included (each is one). Every stage: the lock+claim+row statement, the write-back, the
-# unlock; the exchange handle's account row where the stage touches the book. On top:
+# BEGIN and COMMIT included (each is one). Every stage: the lock+claim+row statement, the write-back (which
+# releases the lock in the same statement); the exchange handle's account row where the stage touches the book. On top:
 # COLLECTING: the candle upsert (one statement for the three timeframes), the instrument spec, the tick
 #   (BEGIN, account lock, positions, price, COMMIT);
 # SCREENING: recent trades, positions, cash+resting orders, bot state, playbook, news, the screener log;
@@ -427,10 +490,11 @@ def test_between_tasks_the_health_check_needs_no_select_1_and_a_session_the_serv
 # EXECUTING: the cycle's order, bot state, positions, cash+orders, the Order intent, spec, the placement
 #   (BEGIN, account lock, orders, price, positions, position/account/order/fill writes, COMMIT), the settle
 #   (BEGIN, lock, write, COMMIT), instrument, trades, the trade; JOURNALING: the trade's cycle link.
-# Counted the same way at 74d1fff: 27/17/8/17/19/48/8 (144); at 60a57a9: 19/11/4/6/7/27/4 (78); now 67.
+# Counted the same way at 74d1fff: 27/17/8/17/19/48/8 (144); at 60a57a9: 19/11/4/6/7/27/4 (78); at aa3168f 67;
+# now 10/10/3/3/6/25/3 (60: the unlock folded into the write-back).
 # A worker adds no health-check SELECT 1 per task (tradebot.tasks.db_task_boundary checks the socket).
-STAGE_ROUND_TRIP_CEILING = {S.COLLECTING: 11, S.SCREENING: 11, S.RESEARCHING: 4, S.ANALYZING: 4, S.RISK_CHECK: 7,
-                            S.EXECUTING: 27, S.JOURNALING: 4}
+STAGE_ROUND_TRIP_CEILING = {S.COLLECTING: 10, S.SCREENING: 10, S.RESEARCHING: 3, S.ANALYZING: 3, S.RISK_CHECK: 6,
+                            S.EXECUTING: 25, S.JOURNALING: 3}
 
 
 @pytest.mark.postgres
