@@ -370,10 +370,8 @@ class _RunState:
 
     def account(self) -> Any:
         """`execution.selectors.account_state` of this run, without re-reading an unchanged bot state."""
-        from dataclasses import replace
-
         bot = self.bot_view()
-        return replace(self.balances_now(), day_start_equity=bot.day_start_equity, peak_equity=bot.peak_equity)
+        return dataclass_replace(self.balances_now(), day_start_equity=bot.day_start_equity, peak_equity=bot.peak_equity)
 
     def balances_now(self) -> Any:
         """The exchange's account at this cycle's prices, computed once per cycle (see _run_batch)."""
