@@ -443,8 +443,7 @@ class PaperExchange(Exchange):
         )
 
     def _mark(self, inst_id: str) -> Decimal:
-        known = self._prices.get(inst_id)
-        return known[0] if known is not None else self._last(inst_id).last  # type: ignore[return-value]
+        return self._last_price(inst_id)[0]
 
     def positions(self) -> list[Position]:
         if self.exclusive:
