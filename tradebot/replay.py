@@ -58,19 +58,11 @@ from market.models import TIMEFRAME_SECONDS, Instrument
 from market.schemas import MarketSnapshot
 from tradebot.cycle import cycle_end, stage_started
 from tradebot.logging import get_logger, redact
-from tradebot.stages import CYCLE_FIELDS, RECENT_TRADES, STAGES, CycleWork, StageEnv
+from tradebot.stages import CYCLE_FIELDS, STAGES, CycleWork, StageEnv, TradeViews
 
 log = get_logger(__name__)
 S = CycleState
 BATCH = 500
-
-
-# The scalar Trade columns a TradeView shows: when none changed, neither did the view (see _RunState).
-_TRADE_KEY = (
-    "status", "opened_at", "closed_at", "direction", "entry_price", "exit_price", "stop_loss", "take_profit",
-    "size_pct", "leverage", "pnl_usd", "pnl_pct", "fees_usd", "strategy_used", "confidence_at_entry",
-    "market_regime", "exit_reason", "playbook_version", "reasoning", "instrument_id",
-)
 
 
 class ReplayError(Exception):
@@ -350,8 +342,7 @@ class _RunState:
     bot: Any = None  # the run's bot state (execution.risk.BotStateView); None = read it again
     trades: list[Any] = field(default_factory=list)
     trades_stale: bool = True  # a trade opened or closed since `trades` was read
-    trade_keys: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # id -> its scalar columns when read
-    trade_views: dict[int, Any] = field(default_factory=dict)  # id -> its TradeView
+    trade_views: Any = None  # tradebot.stages.TradeViews of this run (made on first use)
     synced: bool = False
     closes_synced: int = 0  # the paper exchange's close count at the last account sync
     peak_synced: Decimal | None = None  # the highest equity an account sync has seen
@@ -380,26 +371,12 @@ class _RunState:
         return self.balances
 
     def recent_trades(self) -> list[Any]:
-        """`tradebot.stages.recent_trades` of this run, re-reading only the trades that changed.
-
-        A trade's JSON columns (indicators, research) make a full read costly; a
-        light read of the scalar columns says which of the last trades are new or
-        changed (a close changes status, exit, PnL and the exit indicators with them).
-        """
-        if not self.trades_stale:
-            return self.trades
-        from brain.reflection import trade_view_from_row
-
-        rows = Trade.objects.filter(mode=Mode.REPLAY, run_id=self.run_id).order_by("-opened_at", "-id")
-        keys = {row[0]: row for row in rows.values_list("id", *_TRADE_KEY)[:RECENT_TRADES]}
-        changed = [pk for pk, key in keys.items() if self.trade_keys.get(pk) != key]
-        if changed:
-            for trade in Trade.objects.filter(pk__in=changed).select_related("instrument"):
-                self.trade_views[trade.pk] = trade_view_from_row(trade)
-        self.trade_keys = keys
-        self.trade_views = {pk: self.trade_views[pk] for pk in keys}
-        self.trades = [self.trade_views[pk] for pk in keys]
-        self.trades_stale = False
+        """`tradebot.stages.recent_trades` of this run, read again only after a trade opened or closed."""
+        if self.trades_stale:
+            if self.trade_views is None:
+                self.trade_views = TradeViews(mode=Mode.REPLAY, run_id=self.run_id)
+            self.trades = self.trade_views.read()
+            self.trades_stale = False
         return self.trades
 
 

@@ -148,9 +148,54 @@ def account_view(account: Any) -> AccountView:
     )
 
 
+# The Trade columns a TradeView shows besides its JSON ones, and `updated_at` (every save bumps it):
+# when none changed, neither did the view.
+_TRADE_KEY = (
+    "updated_at", "status", "opened_at", "closed_at", "direction", "entry_price", "exit_price", "stop_loss",
+    "take_profit", "size_pct", "leverage", "pnl_usd", "pnl_pct", "fees_usd", "strategy_used", "confidence_at_entry",
+    "market_regime", "exit_reason", "playbook_version", "reasoning", "instrument_id",
+)
+
+
+class TradeViews:
+    """The last trades of one (mode, run) as TradeViews, converting only the rows that changed.
+
+    A full read of 20 trades with their JSON columns (indicators, research) and
+    their conversion to views was most of SCREENING's own time (~9 ms here); a
+    light read of the scalar columns says which of the last trades are new or
+    changed (a close changes status, exit and PnL with them), and only those are
+    read in full. Each read asks the database, so another worker's trade counts
+    at once.
+    """
+
+    def __init__(self, *, mode: str, run_id: str, limit: int = RECENT_TRADES) -> None:
+        self.mode, self.run_id, self.limit = mode, run_id, limit
+        self._keys: dict[int, tuple[Any, ...]] = {}  # id -> its key columns when converted
+        self._views: dict[int, TradeView] = {}
+
+    def read(self) -> list[TradeView]:
+        rows = Trade.objects.filter(mode=self.mode, run_id=self.run_id).order_by("-opened_at", "-id")
+        keys = {row[0]: row for row in rows.values_list("id", *_TRADE_KEY)[: self.limit]}
+        changed = [pk for pk, key in keys.items() if self._keys.get(pk) != key]
+        if changed:
+            for trade in Trade.objects.filter(pk__in=changed).select_related("instrument"):
+                self._views[trade.pk] = trade_view_from_row(trade)
+        # A row read light but gone before the full read (deleted in between) is left out.
+        self._keys = {pk: key for pk, key in keys.items() if pk in self._views}
+        self._views = {pk: self._views[pk] for pk in self._keys}
+        return [self._views[pk] for pk in self._keys]
+
+
+# Live: one per (mode, run) in each worker process (a few KB of views each).
+_TRADE_VIEWS: dict[tuple[str, str], TradeViews] = {}
+
+
 def recent_trades(*, mode: str, run_id: str, limit: int = RECENT_TRADES) -> list[TradeView]:
-    rows = Trade.objects.filter(mode=mode, run_id=run_id).select_related("instrument").order_by("-opened_at", "-id")[:limit]
-    return [trade_view_from_row(t) for t in rows]
+    """The last `limit` trades of the run, newest first, as the brain sees them."""
+    views = _TRADE_VIEWS.get((mode, run_id))
+    if views is None or views.limit != limit:
+        views = _TRADE_VIEWS[(mode, run_id)] = TradeViews(mode=mode, run_id=run_id, limit=limit)
+    return views.read()
 
 
 def brain_context(work: CycleWork, env: StageEnv) -> BrainContext:

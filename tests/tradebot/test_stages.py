@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -68,3 +69,65 @@ def test_a_replay_asks_its_own_bot_state_provider_and_the_lift_still_happens(btc
     assert risk(work, env) is True
     assert calls == [1]
     assert BotState.objects.get(scope=env.scope).state == BotStatus.RUNNING
+
+
+# --- the brain's recent trades --------------------------------------------------------
+
+
+def _trade(btc: Instrument, i: int, *, run_id: str = "", status: str = "open") -> Any:
+    from journal.models import Trade
+
+    return Trade.objects.create(
+        instrument=btc, mode=Mode.LIVE, run_id=run_id, opened_at=NOW - timedelta(hours=50 - i), direction="LONG",
+        entry_price=Decimal("70000") + i, stop_loss=Decimal("69000"), take_profit=Decimal("72000"), size=Decimal("1"),
+        strategy_used="trend_pullback", market_regime="trending_up", confidence_at_entry=Decimal("0.6"),
+        status=status, reasoning=f"trade {i}", indicators_entry={"1H": {"rsi_14": 40 + i}},
+    )
+
+
+def _full_read(limit: int = 20) -> list[Any]:
+    from brain.reflection import trade_view_from_row
+    from journal.models import Trade
+
+    rows = Trade.objects.filter(mode=Mode.LIVE, run_id="").select_related("instrument").order_by("-opened_at", "-id")
+    return [trade_view_from_row(t) for t in rows[:limit]]
+
+
+def test_recent_trades_equal_a_full_read_after_opens_closes_and_edits(btc: Instrument, django_assert_num_queries: Any) -> None:
+    from tradebot.stages import TradeViews
+
+    views = TradeViews(mode=Mode.LIVE, run_id="")
+    trades = [_trade(btc, i) for i in range(23)]
+    _trade(btc, 30, run_id="replay-x")  # another run's trade is never among them
+    assert views.read() == _full_read()
+    assert [v.id for v in views.read()] == [t.pk for t in reversed(trades[-20:])]
+
+    # Nothing changed: one light read, no row read in full.
+    with django_assert_num_queries(1):
+        again = views.read()
+    assert again == _full_read()
+
+    # A close (status, exit, PnL), an edit of a JSON column through save(), a new trade.
+    closing = trades[-1]
+    closing.status, closing.exit_price, closing.pnl_usd = "closed", Decimal("70100"), Decimal("1.5")
+    closing.closed_at = NOW
+    closing.save()
+    edited = trades[-5]
+    edited.indicators_entry = {"1H": {"rsi_14": 99}}
+    edited.save()
+    newest = _trade(btc, 40)
+    with django_assert_num_queries(2):  # the light read, then the three changed rows in full
+        got = views.read()
+    assert got == _full_read()
+    assert got[0].id == newest.pk and got[1].status == "closed" and got[5].indicators_entry == {"1H": {"rsi_14": 99}}
+    assert len(got) == 20
+
+
+def test_recent_trades_forget_a_deleted_trade(btc: Instrument) -> None:
+    from tradebot.stages import TradeViews
+
+    views = TradeViews(mode=Mode.LIVE, run_id="", limit=5)
+    trades = [_trade(btc, i) for i in range(6)]
+    assert [v.id for v in views.read()] == [t.pk for t in reversed(trades[1:])]
+    trades[-1].delete()
+    assert [v.id for v in views.read()] == [t.pk for t in reversed(trades[:5])]
