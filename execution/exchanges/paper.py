@@ -36,7 +36,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, FilteredRelation, Q
+from django.db.models import Exists, FilteredRelation, OuterRef, Q
 from django.utils import timezone
 
 from execution.exchanges.base import (
@@ -504,7 +504,28 @@ class PaperExchange(Exchange):
         row.save(update_fields=["funding_rate"])
 
     def set_price(self, inst_id: str, price: Decimal, ts: datetime) -> None:
+        if not self.exclusive and self._price_tick(inst_id, price=price, ts=ts):
+            return
         self._advance(inst_id, ts=ts, open_=price, high=price, low=price, close=price)
+
+    def _price_tick(self, inst_id: str, *, price: Decimal, ts: datetime) -> bool:
+        """A live cycle's tick on an instrument with nothing on it, in ONE statement: only its price moves.
+
+        Most COLLECTING stages mark an instrument with no position and no resting order;
+        the full path (spec, account lock, positions, then the same UPDATE) took six
+        statements and a transaction for that. No account lock is needed: the only writer
+        that can put a position or a limit order on this instrument is its own EXECUTING,
+        which never runs beside its COLLECTING (one cycle per instrument at a time), and a
+        close elsewhere only sends the next tick down the full path. False (nothing
+        written): something is open on it, no price row yet, or the row's clock is later;
+        the full path decides (and refuses an unknown instrument).
+        """
+        mine = Q(account_id=self._account_id) if self._account_id is not None else Q(account__name=self._account_name)
+        open_position = PaperPosition.objects.filter(account_id=OuterRef("account_id"), inst_id=inst_id, status="open")
+        live_limit = PaperOrder.objects.filter(account_id=OuterRef("account_id"), inst_id=inst_id, state="live", ord_type="limit")
+        written = PaperPrice.objects.filter(mine, inst_id=inst_id, ts__lte=ts).exclude(Exists(open_position)).exclude(
+            Exists(live_limit)).update(last=price, ts=ts)
+        return bool(written)
 
     def process_bar(self, inst_id: str, bar: Any) -> None:
         """Advance the book through one candle: funding, SL/TP, liquidation, limit fills."""

@@ -209,6 +209,29 @@ def test_a_tick_fills_a_resting_limit_order_and_stops_an_open_position_through_t
     assert_equity_identity(paper)
 
 
+def test_a_workers_tick_with_nothing_open_is_one_statement_and_sees_only_its_own_account(
+        paper: PaperExchange, django_assert_num_queries) -> None:
+    """A worker's handle (lazy: its account not read yet) marks a flat instrument in one UPDATE; another
+    account's position on the same instrument does not send it down the full path, its own does."""
+    from execution.models import PaperPrice
+
+    other = PaperExchange(account_name="other", start_balance=D("10000"))
+    other.set_price(BTC, D("50000"), T0)
+    other.place_order(approve(decision(size_pct=0.05, leverage=2, stop_loss=49000.0, take_profit=52000.0), last="50000",
+                              cycle_id=7))
+    paper.set_price(BTC, D("50000"), T0)
+    worker = PaperExchange(lazy=True)  # the default account, as live_env() makes it per task
+    with django_assert_num_queries(1):
+        worker.set_price(BTC, D("50100"), T0 + timedelta(minutes=5))
+    assert PaperPrice.objects.get(account_id=paper.account_id, inst_id=BTC).last == D("50100")
+    assert PaperPrice.objects.get(account_id=other.account_id, inst_id=BTC).last == D("50000")
+    open_long(paper, cycle=2)
+    worker = PaperExchange(lazy=True)
+    worker.set_price(BTC, D("48900"), T0 + timedelta(minutes=10))  # through the stop at 49000: the full path
+    assert paper.positions() == [] and paper.closed_positions()[0].close_reason == "stop_loss"
+    assert len(other.positions()) == 1
+
+
 def test_the_margin_check_counts_what_resting_orders_and_open_positions_hold(btc) -> None:
     ex = PaperExchange(account_name="tight", start_balance=D("1000"), slippage=D("0"), taker_fee=D("0"), maker_fee=D("0"))
     ex.set_price(BTC, D("50000"), T0)
