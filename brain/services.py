@@ -186,11 +186,11 @@ def research_run(*, snapshot: MarketSnapshot, cycle_id: int | None = None, mode:
     records nothing: its cycle says so (tradebot.stages.research), instead of a
     journal event on every triggered cycle of a year.
     """
+    if mode != "live":
+        return None  # before the imports below: they load the LLM SDKs, seconds a replay would spend for nothing
     from brain.prompts import research_query
     from brain.research import ResearchUnavailable, cache_lookup, cache_store, perplexity_ask, research_triggers, trigger_key
 
-    if mode != "live":
-        return None
     now = now or snapshot.ts
     try:
         triggers = research_triggers(snapshot=snapshot, now=now)
