@@ -559,9 +559,14 @@ def trade_close_record(*, trade: Trade, closed: ClosedPosition) -> Trade:
 
 
 def _exit_reason(trade: Trade, closed: ClosedPosition) -> str:
-    """The exchange did not say why: our own close order says, else the nearest of SL/TP."""
-    order = Order.objects.filter(inst_id=trade.instrument.inst_id, reduce_only=True, pos_side=closed.pos_side,
-                                 created_at__gte=trade.created_at).order_by("-created_at").first()
+    """The exchange did not say why: our own close order says, else the nearest of SL/TP.
+
+    "Our own": the trade's mode and run. A replay and the live bot share the orders
+    table, and a replay's close on the same instrument and side must not become the
+    reason a live position closed (nor another run's).
+    """
+    order = Order.objects.filter(mode=trade.mode, run_id=trade.run_id, inst_id=trade.instrument.inst_id, reduce_only=True,
+                                 pos_side=closed.pos_side, created_at__gte=trade.created_at).order_by("-created_at").first()
     if order is not None:
         return str(order.trade_context.get("exit_reason") or "signal")
     px = closed.close_avg_px

@@ -112,6 +112,18 @@ def test_a_close_decision_closes_the_trade_as_a_signal(paper: PaperExchange) -> 
     assert trade.pnl_usd > 0 and bot_state().consecutive_losses == 0
 
 
+def test_another_runs_close_order_is_never_the_reason_a_live_position_closed(paper: PaperExchange) -> None:
+    """A replay shares the orders table: its close on the same instrument and side says nothing about ours."""
+    open_trade(paper)
+    Order.objects.create(client_order_id="replayclose1", exchange="paper", mode="replay", run_id="replay-abc", inst_id=BTC,
+                         action="CLOSE", side="sell", pos_side="long", order_type="market", size=D("1"), reduce_only=True,
+                         state=OrderState.FILLED, trade_context={"exit_reason": "flatten"})
+    paper.set_price(BTC, D("50500"), T0 + timedelta(minutes=30))
+    paper.close_position(inst_id=BTC, pos_side="long")  # closed on the venue by hand: no reason given, no order of ours
+    trade = Trade.objects.get(pk=account_sync(exchange=paper).closed_trade_ids[0])
+    assert trade.exit_reason == "signal"
+
+
 def test_flatten_closes_everything_and_cancels_the_tp_sl(paper: PaperExchange) -> None:
     open_trade(paper)
     result = positions_flatten(exchange=paper, reason="flatten")
