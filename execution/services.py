@@ -44,7 +44,7 @@ from execution.models import (
 from execution.risk import ApprovedOrder, BotStateView, MarketRef, RiskVerdict, approval_is_genuine, risk_check
 from execution.selectors import bot_scope, bot_state
 from execution.validation import to_decimal
-from journal.models import Direction, EventLevel, Mode, RiskRejection, Trade, TradeStatus
+from journal.models import Cycle, Direction, EventLevel, Mode, RiskRejection, Trade, TradeStatus
 from journal.services import event_record
 from market.models import Instrument
 from tradebot.logging import get_logger, redact
@@ -542,8 +542,10 @@ def _match_closed(trade: Trade, closed: list[ClosedPosition], used: set[str]) ->
 def trade_close_record(*, trade: Trade, closed: ClosedPosition) -> Trade:
     """Close the journal Trade with the exchange's numbers (net PnL, fees, funding)."""
     reason = closed.close_reason
+    own_close = _own_close_order(trade, closed)
     if reason in ("", "close"):
-        reason = _exit_reason(trade, closed)
+        reason = _exit_reason(trade, closed, own_close)
+    trade.indicators_exit = _exit_indicators(trade, closed, own_close)
     margin = trade.entry_price * trade.size * trade.instrument.ct_val / (trade.leverage or 1)
     trade.exit_price = closed.close_avg_px
     trade.closed_at = closed.closed_at
@@ -558,19 +560,51 @@ def trade_close_record(*, trade: Trade, closed: ClosedPosition) -> Trade:
     return trade
 
 
-def _exit_reason(trade: Trade, closed: ClosedPosition) -> str:
-    """The exchange did not say why: our own close order says, else the nearest of SL/TP.
+def _own_close_order(trade: Trade, closed: ClosedPosition) -> Order | None:
+    """Our latest reducing order on the trade's instrument and side since it opened, in the trade's mode and run.
 
-    "Our own": the trade's mode and run. A replay and the live bot share the orders
-    table, and a replay's close on the same instrument and side must not become the
-    reason a live position closed (nor another run's).
+    Mode and run: a replay and the live bot share the orders table, and a replay's
+    close on the same instrument and side says nothing about why a live position
+    closed (nor another run's).
     """
-    order = Order.objects.filter(mode=trade.mode, run_id=trade.run_id, inst_id=trade.instrument.inst_id, reduce_only=True,
-                                 pos_side=closed.pos_side, created_at__gte=trade.created_at).order_by("-created_at").first()
-    if order is not None:
-        return str(order.trade_context.get("exit_reason") or "signal")
+    return Order.objects.filter(mode=trade.mode, run_id=trade.run_id, inst_id=trade.instrument.inst_id, reduce_only=True,
+                                pos_side=closed.pos_side, created_at__gte=trade.created_at).order_by("-created_at").first()
+
+
+def _exit_reason(trade: Trade, closed: ClosedPosition, own_close: Order | None) -> str:
+    """The exchange did not say why: our own close order says, else the nearest of SL/TP."""
+    if own_close is not None:
+        return str(own_close.trade_context.get("exit_reason") or "signal")
     px = closed.close_avg_px
     for name, level in (("stop_loss", trade.stop_loss), ("take_profit", trade.take_profit)):
         if level and px and abs(px - level) / level <= Decimal("0.005"):
             return name
     return "signal"
+
+
+# How old the last full snapshot may be to stand for the market at a close the exchange made (SL/TP,
+# liquidation): three 5-minute cycles. Older, the trade says "unknown" (None) rather than something stale.
+EXIT_SNAPSHOT_MAX_AGE = timedelta(minutes=15)
+
+
+def _exit_indicators(trade: Trade, closed: ClosedPosition, own_close: Order | None) -> dict[str, Any] | None:
+    """The indicators when the position closed, per timeframe, for the post-trade review.
+
+    A close we ordered carries the snapshot its decision saw (the order's trade
+    context). A close the exchange made (stop, take-profit, liquidation) takes the
+    instrument's last cycle with a full snapshot at or before the close, if recent
+    enough. A replay journals its cycles per batch and keeps most of them compact,
+    so there it is often None.
+    """
+    if own_close is not None and own_close.trade_context.get("indicators_entry"):
+        return dict(own_close.trade_context["indicators_entry"])
+    snapshot = (
+        Cycle.objects.filter(instrument_id=trade.instrument_id, mode=trade.mode, run_id=trade.run_id,
+                             as_of__lte=closed.closed_at, as_of__gte=closed.closed_at - EXIT_SNAPSHOT_MAX_AGE)
+        .order_by("-as_of").values_list("snapshot", flat=True)[:3]
+    )
+    for doc in snapshot:  # the newest full one (a cycle that ended at screening may keep a compact one)
+        frames = (doc or {}).get("timeframes") if isinstance(doc, dict) else None
+        if frames:
+            return {tf: (view or {}).get("indicators") for tf, view in frames.items()}
+    return None

@@ -124,6 +124,50 @@ def test_another_runs_close_order_is_never_the_reason_a_live_position_closed(pap
     assert trade.exit_reason == "signal"
 
 
+def test_a_closed_trade_keeps_the_indicators_its_close_decision_saw(paper: PaperExchange) -> None:
+    open_trade(paper)
+    paper.set_price(BTC, D("51000"), T0 + timedelta(minutes=30))
+    close = approve(decision("CLOSE"), last="51000", positions=paper.positions(), cycle_id=2)
+    at_close = {"1H": {"rsi_14": 71.5, "close": 51000.0}, "4H": {"rsi_14": 66.0}}
+    order_place(approved=close, cycle_id=None, exchange=paper, trade_context={**CONTEXT, "indicators_entry": at_close})
+    trade = Trade.objects.get()
+    assert trade.indicators_entry == {"rsi": 55} and trade.indicators_exit == at_close
+
+
+def test_a_stop_out_takes_the_indicators_of_the_last_full_snapshot_if_recent(paper: PaperExchange) -> None:
+    from journal.models import Cycle
+    from market.models import Instrument
+    from tests.brain.factories import snapshot
+
+    btc = Instrument.objects.get(inst_id=BTC)
+    stop_at = T0 + timedelta(hours=1)
+    # Newest first: a compact one (ended at screening) is passed over for the full one before it.
+    full = snapshot(price=49200.0, ts=stop_at - timedelta(minutes=10), inst_id=BTC).as_jsonable()
+    Cycle.objects.create(instrument=btc, as_of=stop_at - timedelta(minutes=10), snapshot=full)
+    Cycle.objects.create(instrument=btc, as_of=stop_at - timedelta(minutes=5), snapshot={"compact": True, "price": "49150"})
+    Cycle.objects.create(instrument=btc, as_of=stop_at - timedelta(minutes=5), snapshot=full, mode="replay", run_id="r1")
+    open_trade(paper)
+    paper.process_bar(BTC, bar(stop_at, 50000, 50100, 48900, 49100))
+    trade = Trade.objects.get(pk=account_sync(exchange=paper).closed_trade_ids[0])
+    assert trade.exit_reason == "stop_loss"
+    assert trade.indicators_exit == {tf: view["indicators"] for tf, view in full["timeframes"].items()}
+    assert trade.indicators_exit["1H"]["close"] == 49200.0
+
+
+def test_a_stop_out_with_no_recent_snapshot_leaves_the_exit_indicators_unknown(paper: PaperExchange) -> None:
+    from journal.models import Cycle
+    from market.models import Instrument
+    from tests.brain.factories import snapshot
+
+    btc = Instrument.objects.get(inst_id=BTC)
+    stale = T0 + timedelta(minutes=20)  # 40 minutes before the stop
+    Cycle.objects.create(instrument=btc, as_of=stale, snapshot=snapshot(price=49800.0, ts=stale, inst_id=BTC).as_jsonable())
+    open_trade(paper)
+    paper.process_bar(BTC, bar(T0 + timedelta(hours=1), 50000, 50100, 48900, 49100))
+    trade = Trade.objects.get(pk=account_sync(exchange=paper).closed_trade_ids[0])
+    assert trade.exit_reason == "stop_loss" and trade.indicators_exit is None
+
+
 def test_flatten_closes_everything_and_cancels_the_tp_sl(paper: PaperExchange) -> None:
     open_trade(paper)
     result = positions_flatten(exchange=paper, reason="flatten")
