@@ -4,6 +4,8 @@ Post-trade review (`trade_review_run`): one closed trade -> the brain in use
 (Claude through the gateway, or the rules brain) -> a `TradeReview` stored on
 `Trade.self_review` and as a post_trade `ReflectionLog` (prompt, output). Its
 `should_update_playbook` suggestion is passed to the next deep reflection.
+A brain that raises finishes the row as FAILED (journaled, then re-raised);
+FAILED is not a review, so the next request for the trade tries again.
 
 Deep reflection (`deep_reflection_run`): every REFLECTION_INTERVAL_TRADES
 closed trades or REFLECTION_INTERVAL_HOURS, whichever comes first, or on
@@ -42,7 +44,7 @@ from brain.playbook import playbook_current, playbook_save
 from brain.playbook_schema import playbook_validate
 from brain.prompts import DEEP_REFLECTION_SYSTEM, POST_TRADE_SYSTEM, deep_reflection_prompt, post_trade_prompt
 from brain.schemas import DeepReflection, DeepReflectionAnswer, TradeReview, TradeView
-from journal.models import Mode, ReflectionLog, ReflectionType, Trade, TradeStatus
+from journal.models import EventLevel, Mode, ReflectionLog, ReflectionType, Trade, TradeStatus
 from journal.services import event_record
 from tradebot.logging import get_logger, redact
 
@@ -146,7 +148,12 @@ def _review_payload(log_row: ReflectionLog) -> TradeReview | None:
 
 
 def trade_review_run(*, trade_id: int, brain_name: str | None = None) -> ReflectionLog:
-    """Review one closed trade once; returns its post_trade ReflectionLog (done, or running elsewhere)."""
+    """Review one closed trade once; returns its post_trade ReflectionLog (done, or running elsewhere).
+
+    When the brain raises, the row is finished as FAILED (error in output_json, a `trade_review_failed`
+    journal event) and the exception goes on to the caller. A FAILED row does not count as a review: the
+    next call starts a new one.
+    """
     with transaction.atomic():
         trade = Trade.objects.select_for_update().select_related("instrument").filter(pk=trade_id).first()
         if trade is None:
@@ -172,8 +179,13 @@ def trade_review_run(*, trade_id: int, brain_name: str | None = None) -> Reflect
     brain = brain_for_settings(brain_name)
     prompt = f"{POST_TRADE_SYSTEM}\n{post_trade_prompt(view)}"
     ReflectionLog.objects.filter(pk=running.pk).update(input_prompt=redact(prompt))
-    # No transaction is open across the brain call (it may be an LLM call).
-    review = brain.review_trade(trade=view, mode=trade.mode)
+    try:
+        # No transaction is open across the brain call (it may be an LLM call).
+        review = brain.review_trade(trade=view, mode=trade.mode)
+    except Exception as exc:
+        # Left `running`, the row would block every retry until its lease expired and nobody would see why.
+        _trade_review_failed(row=running, trade=trade, brain_name=brain.name, exc=exc)
+        raise
     llm = getattr(brain, "last_result", None)
     output = {"review": review.model_dump(mode="json"), "brain": brain.name,
               "llm_status": getattr(llm, "status", None), "llm_call_ids": getattr(llm, "call_ids", [])}
@@ -187,6 +199,24 @@ def trade_review_run(*, trade_id: int, brain_name: str | None = None) -> Reflect
         log.info("trade_review_suggests_playbook_change", trade_id=trade_id, suggestion=review.playbook_suggestion)
     running.refresh_from_db()
     return running
+
+
+def _trade_review_failed(*, row: ReflectionLog, trade: Trade, brain_name: str, exc: Exception) -> None:
+    """Finish a post-trade review whose brain raised as FAILED (journaled); a later request reviews the trade again."""
+    error = redact(f"the {brain_name} brain failed: {type(exc).__name__}: {exc}")[:4000]
+    now = timezone.now()
+    # `failed_at`: when it failed (created_at is when it started); the review sweep waits from here before a retry.
+    output = {"error": error, "brain": brain_name, "failed_at": now.isoformat()}
+    with transaction.atomic():
+        # Conditional like the success path: a reviewer that took over a dead lease and finished keeps its result.
+        marked = ReflectionLog.objects.filter(pk=row.pk, status=ReflectionStatus.RUNNING).update(
+            status=ReflectionStatus.FAILED, output_json=output)
+        message = f"post-trade review of trade {trade.pk} failed (reflection log {row.pk}): {error}"
+        if not marked:
+            message += "; the review had already been finished elsewhere, that result stands"
+        event_record(kind="trade_review_failed", message=message, level=EventLevel.ERROR, mode=trade.mode,
+                     instrument_id=trade.instrument_id,
+                     data={"trade_id": trade.pk, "reflection_log_id": row.pk, "brain": brain_name, "marked_failed": bool(marked)})
 
 
 # --- deep reflection: what is due ----------------------------------------------------

@@ -13,11 +13,18 @@ REVIEW_SWEEP_HOURS, whatever closed them.
 `trade_reviews_request` queues a review at most once per trade: under the
 trade's row lock it records a `requested` post-trade ReflectionLog (the
 claim), and sends `tradebot.tasks.reflection_trade_review` only after that
-commits; a trade that has any post-trade row is never queued again.
+commits; a trade with a post-trade row (requested, running, done) is never
+queued again. A `failed` row (the brain raised) is no review: the sweep queues
+the trade again REVIEW_RETRY_AFTER after its last failure, up to
+REVIEW_MAX_ATTEMPTS failures; after that only `manage.py reflect` (or a
+direct request) tries it, so a broken brain is not asked every account sync.
 
 `trade_review_request` (the task's body) runs the brain's review
 (`brain.reflection.trade_review_run`, itself idempotent) and then drops the
-request row; run twice, the second finds the review done and returns it.
+request row; run twice, the second finds the review done and returns it. A
+review that raised drops the request too (its failed row replaces it) and the
+error goes on to the Celery task: the task is acked (acks_late acks a failure),
+so it is not redelivered; the sweep's retry above is the retry.
 """
 from __future__ import annotations
 
@@ -42,6 +49,12 @@ REQUESTED = "requested"  # a post-trade ReflectionLog that only says "a review i
 # review. Bounds the sweep's read; a trade left unreviewed longer (the broker was down a whole day) is reviewed
 # by `manage.py reflect` (every closed live trade without a finished review).
 REVIEW_SWEEP_HOURS = 24
+FAILED = "failed"  # brain.reflection.ReflectionStatus.FAILED: the review raised; not a review
+# A failed review is queued again by the sweep after this wait (the account sync runs every few seconds: without
+# it a brain that keeps failing would be asked, and billed, every sync) ...
+REVIEW_RETRY_AFTER = timedelta(minutes=15)
+# ... until it has failed this often; then it waits for `manage.py reflect` or a direct request.
+REVIEW_MAX_ATTEMPTS = 3
 
 
 def _service(module: str, name: str) -> Any | None:
@@ -53,6 +66,19 @@ def _service(module: str, name: str) -> Any | None:
 
 def _post_trade_logs(trade_id: int):  # -> QuerySet[ReflectionLog]
     return ReflectionLog.objects.filter(reflection_type=ReflectionType.POST_TRADE, trade_ids=[trade_id])
+
+
+def _failed_at(output: dict[str, Any] | None, created_at: datetime) -> datetime:
+    """When a failed review failed (brain.reflection writes `failed_at`; else when it started)."""
+    try:
+        return datetime.fromisoformat(str((output or {})["failed_at"]))
+    except (KeyError, ValueError):
+        return created_at
+
+
+def _retry_due(failed: list[datetime], now: datetime) -> bool:
+    """Whether a trade whose only post-trade rows failed at `failed` may be queued again now."""
+    return len(failed) < REVIEW_MAX_ATTEMPTS and now - max(failed) >= REVIEW_RETRY_AFTER
 
 
 def trade_review_request(*, trade_id: int) -> int | None:
@@ -75,8 +101,12 @@ def trade_review_request(*, trade_id: int) -> int | None:
         return done.pk
     review = _service("brain.reflection", "trade_review_run")
     if review is not None:
-        result = review(trade_id=trade_id)
-        logs.filter(status=REQUESTED).delete()  # the request placeholder: the review row replaces it
+        try:
+            result = review(trade_id=trade_id)
+        finally:
+            # The request placeholder: the review row (done, or failed and journaled) replaces it. A request
+            # left behind would keep the sweep from ever queueing a failed review again.
+            logs.filter(status=REQUESTED).delete()
         deep_reflection_if_due(mode=trade.mode)
         return getattr(result, "pk", None) or getattr(result, "id", None)
     requested = logs.filter(status=REQUESTED).order_by("id").first()
@@ -97,15 +127,17 @@ def trade_reviews_due(*, trade_ids: Iterable[int] = (), sweep: bool = True, sinc
 
     `trade_ids`: trades a caller knows it has just closed. `sweep`: also every
     closed trade written (closed) since `since`, by default in the last
-    REVIEW_SWEEP_HOURS, whatever closed it. A hint only:
+    REVIEW_SWEEP_HOURS, whatever closed it. A trade whose only rows are failed
+    reviews is due again once its retry is (`_retry_due`). A hint only:
     `trade_reviews_request` checks again under the trade's lock.
     """
+    now = now or timezone.now()
     ids = sorted({int(i) for i in trade_ids})
     if not ids and not sweep:
         return []
     which = Q(pk__in=ids)
     if sweep:
-        which |= Q(updated_at__gte=since or (now or timezone.now()) - timedelta(hours=REVIEW_SWEEP_HOURS))
+        which |= Q(updated_at__gte=since or now - timedelta(hours=REVIEW_SWEEP_HOURS))
     # A finished review sets self_review, so reviewed trades drop out here without looking at the logs.
     candidates = list(
         Trade.objects.filter(which, mode=mode, run_id=run_id, status=TradeStatus.CLOSED, pnl_usd__isnull=False,
@@ -118,9 +150,13 @@ def trade_reviews_due(*, trade_ids: Iterable[int] = (), sweep: bool = True, sinc
     oldest = min(updated for _, updated in candidates) - timedelta(minutes=1)
     logs = ReflectionLog.objects.filter(reflection_type=ReflectionType.POST_TRADE, created_at__gte=oldest)
     seen: set[int] = set()
-    for row_ids in logs.values_list("trade_ids", flat=True):
+    for row_ids in logs.exclude(status=FAILED).values_list("trade_ids", flat=True):
         seen.update(int(i) for i in (row_ids or []))
-    return [pk for pk, _ in candidates if pk not in seen]
+    failed: dict[int, list[datetime]] = {}
+    for row_ids, output, created_at in logs.filter(status=FAILED).values_list("trade_ids", "output_json", "created_at"):
+        for i in row_ids or []:
+            failed.setdefault(int(i), []).append(_failed_at(output, created_at))
+    return [pk for pk, _ in candidates if pk not in seen and (pk not in failed or _retry_due(failed[pk], now))]
 
 
 def trade_reviews_request(*, trade_ids: Iterable[int] = (), sweep: bool = True, since: datetime | None = None,
@@ -132,19 +168,21 @@ def trade_reviews_request(*, trade_ids: Iterable[int] = (), sweep: bool = True, 
     REVIEW_SWEEP_HOURS), see `trade_reviews_due`.
 
     Each trade is claimed in its own short transaction: lock the Trade row,
-    check that no post-trade ReflectionLog exists for it, insert the
+    check that no post-trade ReflectionLog exists for it (failed reviews aside,
+    once their retry is due), insert the
     `requested` row. The task is sent on commit (never from inside the
     transaction); if the broker refuses it, the request row is removed again
     so that a later sweep (the beat's account sync) queues it.
     """
     queued: list[int] = []
+    now = now or timezone.now()
     due = trade_reviews_due(trade_ids=trade_ids, sweep=sweep, since=since, mode=mode, run_id=run_id, now=now)
     for trade_id in due:
         with transaction.atomic():
             # The row lock serialises claimers (and trade_review_run) on PostgreSQL; SQLite's IMMEDIATE
             # transactions already admit one writer at a time.
             locked = Trade.objects.select_for_update().filter(pk=trade_id, status=TradeStatus.CLOSED)
-            if not list(locked.values_list("pk", flat=True)) or _post_trade_logs(trade_id).exists():
+            if not list(locked.values_list("pk", flat=True)) or _review_blocked(trade_id, now):
                 continue
             row = ReflectionLog.objects.create(
                 reflection_type=ReflectionType.POST_TRADE, mode=mode, status=REQUESTED, trade_ids=[trade_id],
@@ -155,6 +193,15 @@ def trade_reviews_request(*, trade_ids: Iterable[int] = (), sweep: bool = True, 
     if queued:
         log.info("trade_reviews_queued", trade_ids=queued, requested_by=requested_by)
     return queued
+
+
+def _review_blocked(trade_id: int, now: datetime) -> bool:
+    """Whether the trade's post-trade rows keep it from being queued (checked under the trade's lock)."""
+    logs = _post_trade_logs(trade_id)
+    if logs.exclude(status=FAILED).exists():
+        return True  # requested, running or done: queued or reviewed already
+    failed = [_failed_at(output, created_at) for output, created_at in logs.values_list("output_json", "created_at")]
+    return bool(failed) and not _retry_due(failed, now)
 
 
 def _review_send(*, trade_id: int, request_id: int) -> None:

@@ -12,8 +12,10 @@ import pytest
 from brain.models import PlaybookStatus, PlaybookVersion
 from brain.playbook import playbook_current
 from brain.reflection import ReflectionError, deep_reflection_due, deep_reflection_run, trade_review_run
-from journal.models import ReflectionLog, ReflectionType, Trade, TradeStatus
+from journal.models import JournalEvent, ReflectionLog, ReflectionType, Trade, TradeStatus
 from market.models import Instrument
+from tests.fakes.anthropic_server import ok
+from tests.fakes.http_server import Reply
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc)
 
@@ -113,6 +115,40 @@ def test_post_trade_review_is_stored_once_on_the_trade_and_in_the_log(db, losing
     outcome = deep_reflection_run(force=True)
     prompt = ReflectionLog.objects.get(pk=outcome.log_id).input_prompt
     assert f'"trade_id": {trade.pk}' in prompt and "pending_playbook_suggestions" in prompt
+
+
+def test_a_review_whose_brain_raises_is_marked_failed_and_journaled_and_the_next_request_reviews_it(
+        db, instrument, anthropic_server) -> None:
+    trade = make_trade(instrument, 0, "-25")
+    # A proxy in front of the API answers 200 with an HTML page: the LLM gateway raises on it (not an API
+    # error it knows); then the API answers properly.
+    review = {"outcome": "loss", "execution_quality": "good", "entry_timing": "late", "exit_timing": "good",
+              "what_went_right": ["stop respected"], "what_went_wrong": ["chased the breakout"],
+              "lesson": "wait for the retest", "should_update_playbook": False}
+    anthropic_server.script(Reply(200, "<html><body>gateway says hello</body></html>", headers={"content-type": "text/html"}),
+                            ok(data=review))
+    with pytest.raises(Exception) as raised:  # re-raised for the caller (the Celery task)
+        trade_review_run(trade_id=trade.pk)
+    failed = ReflectionLog.objects.get(reflection_type=ReflectionType.POST_TRADE, trade_ids=[trade.pk])
+    assert failed.status == "failed"
+    assert failed.output_json["brain"] == "claude" and "lease" not in failed.output_json
+    assert "claude brain failed" in failed.output_json["error"] and type(raised.value).__name__ in failed.output_json["error"]
+    event = JournalEvent.objects.get(kind="trade_review_failed")
+    assert event.level == "error" and event.instrument_id == instrument.pk
+    assert event.data["trade_id"] == trade.pk and event.data["reflection_log_id"] == failed.pk
+    assert f"trade {trade.pk}" in event.message and type(raised.value).__name__ in event.message
+    trade.refresh_from_db()
+    assert trade.self_review is None  # no review was made
+
+    # A failed review does not count as one: the next request reviews the trade.
+    done = trade_review_run(trade_id=trade.pk)
+    assert done.pk != failed.pk and done.status == "done"
+    assert done.output_json["review"]["lesson"] == "wait for the retest"
+    trade.refresh_from_db()
+    assert trade.self_review["reflection_log_id"] == done.pk
+    failed.refresh_from_db()
+    assert failed.status == "failed"  # kept as the record of the failed attempt
+    assert trade_review_run(trade_id=trade.pk).pk == done.pk  # and now it is reviewed once
 
 
 def test_an_open_or_missing_trade_is_not_reviewed(db, instrument, rules) -> None:

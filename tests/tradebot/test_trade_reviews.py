@@ -20,9 +20,17 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
-from journal.models import Cycle, Mode, ReflectionLog, ReflectionType, Trade, TradeStatus
+from journal.models import Cycle, JournalEvent, Mode, ReflectionLog, ReflectionType, Trade, TradeStatus
 from market.models import Instrument
-from tradebot.reflection import REQUESTED, trade_review_request, trade_reviews_request
+from tests.fakes.anthropic_server import FakeAnthropic, ok
+from tests.fakes.http_server import Reply
+from tradebot.reflection import (
+    REQUESTED,
+    REVIEW_MAX_ATTEMPTS,
+    REVIEW_RETRY_AFTER,
+    trade_review_request,
+    trade_reviews_request,
+)
 
 BTC = "BTC-USDT-SWAP"
 
@@ -186,6 +194,71 @@ def test_a_review_left_running_by_a_dead_worker_is_finished_when_the_task_comes_
     assert trade_review_request(trade_id=t.pk) == running.pk
     running.refresh_from_db()
     assert running.status == "done" and running.output_json["review"]["outcome"] == "win"
+
+
+@pytest.fixture
+def anthropic(settings: Any) -> Iterator[FakeAnthropic]:
+    """The Claude brain, talking to the local Messages API server."""
+    with FakeAnthropic() as server:
+        settings.BRAIN = "claude"
+        settings.ANTHROPIC_API_KEY = "sk-ant-test-key-0123456789"
+        settings.ANTHROPIC_BASE_URL = server.url
+        yield server
+
+
+# A proxy in front of the API answering 200 with a page of its own: the LLM gateway raises on it.
+PROXY_PAGE = Reply(200, "<html><body>gateway says hello</body></html>", headers={"content-type": "text/html"})
+REVIEW = {"outcome": "win", "execution_quality": "good", "entry_timing": "good", "exit_timing": "early",
+          "what_went_right": ["trend followed"], "what_went_wrong": [], "lesson": "let winners run", "should_update_playbook": False}
+
+
+def test_a_review_that_raised_is_failed_visibly_and_the_sweep_queues_it_again_after_a_wait(
+        instrument: Instrument, anthropic: FakeAnthropic, django_capture_on_commit_callbacks: Callable) -> None:
+    t = trade(instrument)
+    with django_capture_on_commit_callbacks():
+        assert trade_reviews_request(trade_ids=[t.pk]) == [t.pk]
+    anthropic.script(PROXY_PAGE, ok(data=REVIEW))
+    with pytest.raises(Exception):  # the task body re-raises: the Celery task fails (acked, not redelivered)
+        trade_review_request(trade_id=t.pk)
+    # The request is gone; the failed review stays, with its error, and is journaled.
+    rows = post_trade_rows(t.pk)
+    assert [s for s, _ in rows] == ["failed"] and "claude brain failed" in rows[0][1]["error"]
+    assert JournalEvent.objects.get(kind="trade_review_failed").data["trade_id"] == t.pk
+    with django_capture_on_commit_callbacks() as sent:
+        assert trade_reviews_request() == []  # the next account sync: too soon to ask the brain again
+        later = timezone.now() + REVIEW_RETRY_AFTER
+        assert trade_reviews_request(now=later) == [t.pk]  # a failed review is no review: queued again
+        assert trade_reviews_request(now=later) == []  # once
+    assert sent_trade_ids(sent) == [t.pk]
+    done = trade_review_request(trade_id=t.pk)
+    assert [s for s, _ in post_trade_rows(t.pk)] == ["failed", "done"]
+    t.refresh_from_db()
+    assert t.self_review["reflection_log_id"] == done and t.self_review["lesson"] == "let winners run"
+    with django_capture_on_commit_callbacks() as sent:
+        assert trade_reviews_request(now=later + REVIEW_RETRY_AFTER) == []  # reviewed: never queued again
+    assert sent == []
+
+
+def test_a_review_that_keeps_failing_is_left_to_manage_py_reflect_after_the_last_attempt(
+        instrument: Instrument, anthropic: FakeAnthropic, django_capture_on_commit_callbacks: Callable) -> None:
+    from brain.reflection import trade_review_run
+
+    t = trade(instrument)
+    anthropic.script(PROXY_PAGE)  # every answer
+    now = timezone.now()
+    for attempt in range(REVIEW_MAX_ATTEMPTS):
+        now += REVIEW_RETRY_AFTER
+        with django_capture_on_commit_callbacks():
+            assert trade_reviews_request(now=now) == [t.pk], f"attempt {attempt + 1}"
+        with pytest.raises(Exception):
+            trade_review_request(trade_id=t.pk)
+    assert [s for s, _ in post_trade_rows(t.pk)] == ["failed"] * REVIEW_MAX_ATTEMPTS
+    assert JournalEvent.objects.filter(kind="trade_review_failed").count() == REVIEW_MAX_ATTEMPTS
+    with django_capture_on_commit_callbacks() as sent:
+        assert trade_reviews_request(now=now + 10 * REVIEW_RETRY_AFTER) == []  # the sweep gives up on it ...
+    assert sent == []
+    anthropic.script(ok(data=REVIEW))
+    assert trade_review_run(trade_id=t.pk).status == "done"  # ... `manage.py reflect` still reviews it
 
 
 def test_a_close_order_in_executing_asks_for_the_review_and_an_open_order_does_not(
