@@ -11,6 +11,8 @@
 - A placement whose outcome is unknown (timeout, 50004, any temporary error) is followed by a lookup
   by clOrdId BEFORE anything else; it is re-sent only when OKX says the order does not exist, so an
   order is never placed twice.
+- Closed positions come from positions-history, paged (100 rows a page, `after` = the oldest uTime seen)
+  back to the time asked for, with a page cap and a stop on a page that does not move back in time.
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ TEMPORARY_CODES = frozenset({"50001", "50004", "50011", "50013", "50026", "50040
 ORDER_NOT_FOUND = frozenset({"51603"})
 NO_POSITION = frozenset({"51023", "51169"})
 DUPLICATE_CL_ORD_ID = "51016"
+# GET /api/v5/account/positions-history: at most 100 rows a page (OKX's maximum and default), 10 requests per 2 s.
+HISTORY_PAGE_LIMIT = 100
+HISTORY_PAGE_INTERVAL = 0.2  # seconds between pages: stays inside the rate limit
+HISTORY_MAX_PAGES = 20  # 2,000 closes back; an account sync needs one page (it asks back to its oldest open trade)
 LIVE_REFUSAL = (
     "Live trading with real money is refused. To allow it: set OKX_LIVE_TRADING=true and OKX_DEMO=false, "
     "then have a person run `python manage.py bot confirm-live`. Until then only OKX demo trading (OKX_DEMO=true) is used."
@@ -74,6 +80,13 @@ def opt(value: Any) -> Decimal | None:
 def ms_to_dt(value: Any) -> datetime | None:
     try:
         return datetime.fromtimestamp(int(value) / 1000, tz=dt_timezone.utc)
+    except (TypeError, ValueError):
+        return None
+
+
+def _ms(value: Any) -> int | None:
+    try:
+        return int(value)
     except (TypeError, ValueError):
         return None
 
@@ -334,8 +347,42 @@ class OkxExchange(Exchange):
             margin_used=num(usdt.get("frozenBal")), unrealized_pnl=num(usdt.get("upl")), cash=opt(usdt.get("cashBal")),
         )
 
+    def _positions_history(self, *, since: datetime | None) -> list[dict[str, Any]]:
+        """GET /api/v5/account/positions-history, every page back to `since` (or to the end of OKX's 3 months).
+
+        OKX answers newest first (by uTime), at most `limit` (<= 100) rows a page plus any more rows sharing the
+        last row's uTime; `after=<uTime ms>` asks for the rows strictly older. Paging stops at a short page, at
+        rows older than `since`, at a page that does not move back in time (a cursor the server did not honour:
+        never loop on it) or after HISTORY_MAX_PAGES pages (warned: the oldest closes are then missing).
+        """
+        since_ms = int(since.timestamp() * 1000) if since is not None else None
+        rows: list[dict[str, Any]] = []
+        after: int | None = None
+        for page_no in range(1, HISTORY_MAX_PAGES + 1):
+            params: dict[str, Any] = {"instType": "SWAP", "limit": str(HISTORY_PAGE_LIMIT)}
+            if after is not None:
+                params["after"] = str(after)
+                self._sleep(HISTORY_PAGE_INTERVAL)  # OKX allows 10 positions-history requests per 2 s
+            page = self._retrying("positions_history", self.account_api.get_positions_history, **params)
+            timed = [(_ms(row.get("uTime")), row) for row in page]
+            # Only rows older than the cursor are new; rows a server sends again (it ignored `after`) are dropped.
+            fresh = [(t, row) for t, row in timed if after is None or (t is not None and t < after)]
+            rows.extend(row for _, row in fresh)
+            if len(page) < HISTORY_PAGE_LIMIT:
+                return rows  # the last page
+            oldest = min((t for t, _ in fresh if t is not None), default=None)
+            if oldest is None:
+                log.warning("okx_positions_history_not_advancing", page=page_no, after=after, rows=len(page))
+                return rows
+            if since_ms is not None and oldest < since_ms:
+                return rows  # everything further back closed before `since`
+            after = oldest
+        log.warning("okx_positions_history_page_cap", pages=HISTORY_MAX_PAGES, rows=len(rows), oldest_utime=after,
+                    since=since.isoformat() if since is not None else None)
+        return rows
+
     def closed_positions(self, *, since: datetime | None = None) -> list[ClosedPosition]:
-        rows = self._retrying("positions_history", self.account_api.get_positions_history, instType="SWAP")
+        rows = self._positions_history(since=since)
         result = []
         for row in rows:
             closed_at = ms_to_dt(row.get("uTime"))

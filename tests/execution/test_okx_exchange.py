@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -12,7 +14,17 @@ from execution.exchanges.base import ExchangeRejected, ExchangeTemporaryError, E
 from execution.exchanges.okx import OkxExchange
 from tests.execution.helpers import BTC, approve, decision
 from tests.fakes.http_server import FakeHttpServer, Reply
-from tests.fakes.okx_trade_server import BALANCE, CLOSE_POSITION, ORDER, POSITIONS, SET_LEVERAGE, OkxTradeFake, order_failure
+from tests.fakes.okx_trade_server import (
+    BALANCE,
+    CLOSE_POSITION,
+    ORDER,
+    POSITIONS,
+    POSITIONS_HISTORY,
+    SET_LEVERAGE,
+    OkxTradeFake,
+    history_row,
+    order_failure,
+)
 
 D = Decimal
 
@@ -160,6 +172,68 @@ def test_close_position_is_reduce_only_for_the_side_and_none_when_flat(okx: OkxT
     assert (body["instId"], body["mgnMode"], body["posSide"], body["clOrdId"]) == (BTC, "isolated", "long", "tbclose1")
     assert closed.state == "filled"
     assert ex.close_position(inst_id=BTC, pos_side="long") is None
+
+
+T0_MS = 1_746_947_317_000  # the newest close in the histories below (2025-05-11)
+
+
+def closes(n: int, *, tie_at: int | None = None) -> list[dict]:
+    """`n` closed positions a minute apart, newest first; with `tie_at`, that row shares the uTime of the one before."""
+    rows = [history_row(pos_id=f"pos{i:04d}", u_time_ms=T0_MS - i * 60_000) for i in range(n)]
+    if tie_at is not None:
+        rows[tie_at]["uTime"] = rows[tie_at - 1]["uTime"]
+    return rows
+
+
+def history_queries(fake: OkxTradeFake) -> list[dict[str, str]]:
+    return [r.query for r in fake.server.calls("GET", POSITIONS_HISTORY)]
+
+
+def test_closed_positions_are_read_page_by_page_and_each_close_comes_once(okx: OkxTradeFake) -> None:
+    # 230 closes; rows 99 and 100 share a uTime, so OKX's first page has 101 rows (it never splits a uTime).
+    okx.history = closes(230, tie_at=100)
+    sleeps: list[float] = []
+    closed = exchange(okx, sleep=sleeps.append).closed_positions()
+    assert sorted(c.pos_id for c in closed) == sorted(r["posId"] for r in okx.history)  # all 230, none twice
+    assert [c.closed_at for c in closed] == sorted(c.closed_at for c in closed)
+    queries = history_queries(okx)
+    assert [q.get("limit") for q in queries] == ["100", "100", "100"]
+    # Each page asks for the closes older than the oldest one it has: 101 rows, then 100, then the last 29.
+    assert [q.get("after") for q in queries] == [None, okx.history[100]["uTime"], okx.history[200]["uTime"]]
+    assert sleeps == [0.2, 0.2]  # paced inside OKX's 10 requests per 2 s
+    first = next(c for c in closed if c.pos_id == "pos0000")
+    assert first.closed_at == datetime.fromtimestamp(T0_MS / 1000, tz=timezone.utc)
+    assert (first.inst_id, first.pos_side, first.pnl, first.fee) == (BTC, "long", D("1.5"), D("0.0651"))
+
+
+def test_paging_stops_once_the_closes_are_older_than_since(okx: OkxTradeFake) -> None:
+    okx.history = closes(230)
+    since = datetime.fromtimestamp(int(okx.history[40]["uTime"]) / 1000, tz=timezone.utc)
+    closed = exchange(okx).closed_positions(since=since)
+    assert sorted(c.pos_id for c in closed) == sorted(r["posId"] for r in okx.history[:41])
+    assert len(history_queries(okx)) == 1  # the first page already reached back past `since`
+
+
+def test_a_server_that_ignores_the_cursor_is_not_asked_again_and_again(
+        okx: OkxTradeFake, caplog: pytest.LogCaptureFixture) -> None:
+    okx.history = closes(150)
+    okx.history_honours_after = False  # the same first page, whatever `after` says
+    with caplog.at_level(logging.WARNING):
+        closed = exchange(okx).closed_positions()
+    assert len(history_queries(okx)) == 2  # the second page did not move back in time: stop
+    assert sorted(c.pos_id for c in closed) == sorted(r["posId"] for r in okx.history[:100])  # each once
+    assert "okx_positions_history_not_advancing" in caplog.text
+
+
+def test_paging_stops_at_the_page_cap_with_a_warning(okx: OkxTradeFake, caplog: pytest.LogCaptureFixture) -> None:
+    from execution.exchanges.okx import HISTORY_MAX_PAGES
+
+    okx.history = closes(HISTORY_MAX_PAGES * 100 + 50)
+    with caplog.at_level(logging.WARNING):
+        closed = exchange(okx).closed_positions()
+    assert len(history_queries(okx)) == HISTORY_MAX_PAGES
+    assert len(closed) == len({c.pos_id for c in closed}) == HISTORY_MAX_PAGES * 100  # the newest ones
+    assert "okx_positions_history_page_cap" in caplog.text
 
 
 def test_real_money_is_refused_without_the_setting_and_a_persons_confirmation(okx: OkxTradeFake, db: None) -> None:

@@ -5,11 +5,19 @@ positions history, and answers in OKX's v5 shapes (numbers as strings, top-level
 `code`, per-row `sCode`/`sMsg`). Placement can be scripted per call:
 `"ok"`, `("slow", seconds)` (the order is ACCEPTED, the answer comes late: a client
 timeout whose order exists) or `("fail", Reply)` (not accepted; this reply is sent).
+
+Positions history pages like OKX's GET /api/v5/account/positions-history: newest
+first by uTime, `limit` rows (OKX's default and maximum: 100; this fake refuses
+any other value with 51000, so a client asking for more fails loudly) plus the
+rows sharing the last row's uTime, `after=<ms>` for the rows strictly older
+(`before` is not modelled and is refused the same way). `history_honours_after = False` makes it ignore the cursor (the
+same first page every time), for clients that must not loop on it.
 """
 from __future__ import annotations
 
 import itertools
 from collections import deque
+from decimal import Decimal
 from typing import Any
 
 from tests.fakes.http_server import FakeHttpServer, Received, Reply
@@ -56,7 +64,8 @@ class OkxTradeFake:
         server.route("POST", CANCEL_ORDER, self._cancel)
         server.route("GET", POSITIONS, lambda r: ok(self.positions))
         server.route("GET", BALANCE, lambda r: Reply(200, self.balance))
-        server.route("GET", POSITIONS_HISTORY, lambda r: ok(self.history))
+        self.history_honours_after = True
+        server.route("GET", POSITIONS_HISTORY, self._history)
         server.route("GET", ALGO_PENDING, lambda r: ok([a for a in self.algos if a.get("ordType") == r.query.get("ordType")]))
         server.route("POST", CANCEL_ALGOS, self._cancel_algos)
 
@@ -81,6 +90,24 @@ class OkxTradeFake:
         if isinstance(step, tuple) and step[0] == "slow":
             ack.delay = step[1]
         return ack
+
+    def _history(self, req: Received) -> Reply:
+        try:
+            limit = int(req.query.get("limit", "100"))
+            after = int(req.query["after"]) if "after" in req.query and self.history_honours_after else None
+        except ValueError:
+            return Reply(200, {"code": "51000", "msg": "Parameter limit or after error", "data": []})
+        if not 1 <= limit <= 100:
+            return Reply(200, {"code": "51000", "msg": "Parameter limit error", "data": []})
+        if "before" in req.query:  # not modelled here: refuse rather than answer as if it were honoured
+            return Reply(200, {"code": "51000", "msg": "Parameter before error (not supported by this fake)", "data": []})
+        rows = sorted(self.history, key=lambda r: int(r["uTime"]), reverse=True)
+        if after is not None:
+            rows = [r for r in rows if int(r["uTime"]) < after]
+        page = rows[:limit]
+        # OKX: "All records that have the same uTime will be returned at the current request".
+        page += [r for r in rows[limit:] if page and r["uTime"] == page[-1]["uTime"]]
+        return ok(page)
 
     def _get(self, req: Received) -> Reply:
         row = self.orders.get(req.query.get("clOrdId", ""))
@@ -117,3 +144,16 @@ class OkxTradeFake:
         ids = {item["algoId"] for item in req.json()}
         self.algos = [a for a in self.algos if a["algoId"] not in ids]
         return ok([{"algoId": i, "sCode": "0", "sMsg": ""} for i in sorted(ids)])
+
+
+def history_row(*, pos_id: str, u_time_ms: int, c_time_ms: int | None = None, inst_id: str = "BTC-USDT-SWAP",
+                pos_side: str = "long", close_type: str = "2", pnl: str = "1.5") -> dict[str, Any]:
+    """One positions-history row with the fields and string formats of OKX's answer (a closed isolated swap)."""
+    return {
+        "cTime": str(c_time_ms if c_time_ms is not None else u_time_ms - 3_600_000), "ccy": "USDT", "closeAvgPx": "65150",
+        "closeTotalPos": "1", "direction": pos_side, "fee": "-0.0651", "fundingFee": "0", "instId": inst_id, "instType": "SWAP",
+        "lever": "3.0", "liqPenalty": "0", "mgnMode": "isolated", "openAvgPx": "65000", "openMaxPos": "1", "pnl": pnl,
+        "pnlRatio": "0.0069", "posId": pos_id, "posSide": pos_side, "triggerPx": "", "type": close_type,
+        "realizedPnl": str(Decimal(pnl) - Decimal("0.0651")),  # pnl + fee + fundingFee + liqPenalty, as OKX sums it
+        "uTime": str(u_time_ms), "uly": inst_id.removesuffix("-SWAP"),
+    }
