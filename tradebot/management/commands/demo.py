@@ -296,7 +296,7 @@ class Command(BaseCommand):
             app.signature("tradebot.tasks.account_sync").set(queue="okx").apply_async()
             n += 1
             closed = Trade.objects.filter(mode=Mode.LIVE, status="closed").count()
-            reviews = ReflectionLog.objects.filter(reflection_type="post_trade").exclude(status="requested").count()
+            reviews = ReflectionLog.objects.filter(reflection_type="post_trade").exclude(status__in=("requested", "failed")).count()
             if n % 10 == 0:
                 last = Cycle.objects.filter(mode=Mode.LIVE).order_by("-as_of").first()
                 self.stdout.write(f"   {t:%Y-%m-%d %H:%M}  cycles {n}  trades closed {closed}  "
@@ -330,7 +330,7 @@ class Command(BaseCommand):
         pnl = closed.aggregate(v=Sum("pnl_usd"))["v"] or 0
         post_trade = ReflectionLog.objects.filter(reflection_type="post_trade")
         reviews = post_trade.count()
-        reviewed = post_trade.exclude(status="requested").count()  # as the trading loop counts them
+        reviewed = post_trade.exclude(status__in=("requested", "failed")).count()  # as the trading loop counts them
         days = walked.total_seconds() / 86400
         w = self.stdout.write
         w("")

@@ -15,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandError
 from brain.reflection import ReflectionError, trade_review_run
 from journal.models import Mode, ReflectionLog, ReflectionType, Trade, TradeStatus
 from tradebot.learning import ValidationError, learning_run
+from tradebot.logging import redact
 
 
 class Command(BaseCommand):
@@ -38,11 +39,17 @@ class Command(BaseCommand):
                 done.update(row or [])
             ids = [pk for pk in Trade.objects.filter(mode=Mode.LIVE, run_id="", status=TradeStatus.CLOSED, pnl_usd__isnull=False)
                    .order_by("closed_at", "id").values_list("pk", flat=True) if pk not in done]
+        failed: list[str] = []
         for trade_id in ids:
             try:
                 row = trade_review_run(trade_id=trade_id, brain_name=opts["brain"])
             except ReflectionError as exc:
                 raise CommandError(str(exc)) from exc
+            except Exception as exc:  # noqa: BLE001 - the brain failed: the row is FAILED and journaled; go on
+                failed.append(f"trade {trade_id}: {redact(f'{type(exc).__name__}: {exc}')}"[:300])
+                reviewed.append({"trade_id": trade_id, "log_id": None, "status": "failed", "outcome": None,
+                                 "lesson": failed[-1]})
+                continue
             review = (row.output_json or {}).get("review") or {}
             reviewed.append({"trade_id": trade_id, "log_id": row.pk, "status": row.status, "outcome": review.get("outcome"),
                              "lesson": review.get("lesson", "")})
@@ -54,7 +61,14 @@ class Command(BaseCommand):
         result["post_trade_reviews"] = reviewed
         if opts["json"]:
             self.stdout.write(json.dumps(result, default=str))
-            return
+        else:
+            self._print(result, reviewed)
+        if failed:
+            # After the others and the deep reflection: one brain error does not stop the rest, but the exit says so.
+            raise CommandError(f"{len(failed)} post-trade review(s) failed (journaled as trade_review_failed): "
+                               + "; ".join(failed))
+
+    def _print(self, result: dict[str, Any], reviewed: list[dict[str, Any]]) -> None:
         self.stdout.write(f"post-trade reviews: {len(reviewed)}")
         for r in reviewed:
             self.stdout.write(f"  trade {r['trade_id']}: {r['outcome']} - {r['lesson']}")
