@@ -207,6 +207,7 @@ def main(argv: list[str]) -> int:
         print(f"unknown section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     infra.prepare(names)
+    print(f"machine: {infra.cpu_reference()}; {infra.load()}", flush=True)
     try:
         for name in names:
             print(f"== {name} ==", flush=True)
