@@ -12,6 +12,9 @@
 - Prompt caching: the static system blocks end with `cache_control`.
 - Retries: 429 (honouring retry-after), 529, 5xx and connection errors are
   retried with backoff inside one deadline; a timeout ends the call.
+- A 200 whose body is not a Messages response (a proxy's HTML page, broken or
+  foreign JSON) is an error like a connection error, retried the same way: the
+  SDK would hand it back as a str, a half-built Message, or raise a JSON error.
 - One stricter retry when the answer does not validate; then the caller's
   safe default.
 - Every attempt is an `LlmCall` row written before the request and completed
@@ -107,6 +110,10 @@ class LlmUnavailable(Exception):
     """No key, or degrade mode: the call was not sent."""
 
 
+class NotAMessage(Exception):
+    """The API (or something in front of it) answered 2xx with a body that is not a Messages response."""
+
+
 def anthropic_client() -> anthropic.Anthropic:
     if not settings.ANTHROPIC_API_KEY:
         raise LlmUnavailable("ANTHROPIC_API_KEY is not set")
@@ -162,6 +169,53 @@ def answer_validate(text: str, model_type: type[T]) -> T:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:8])
         raise ValueError(f"schema: {problems}") from None
+
+
+NOT_A_MESSAGE = "the API answered with something that is not a Messages response"
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _message_problem(message: Any) -> str:
+    """What keeps a parsed body from being a Message we can read ("" when nothing does).
+
+    Without strict validation the SDK does not check the shape: a text/html page comes back as a str,
+    foreign JSON as a Message whose fields are all None, a block without text as a TextBlock(text=None).
+    Only what this module reads is checked, so a new block type or field from the API still passes.
+    """
+    if not isinstance(message, anthropic.types.Message):
+        return f"the SDK read it as a {type(message).__name__}"
+    if message.type != "message":
+        return f"its type is {message.type!r}, not 'message'"
+    usage = message.usage
+    if not isinstance(usage, anthropic.types.Usage):
+        return "it has no usage"
+    if any(not isinstance(getattr(usage, name, None), (int, type(None))) for name in _TOKEN_FIELDS):
+        return "its usage is not token counts"
+    if not isinstance(message.content, list):
+        return "its content is not a list of blocks"
+    for block in message.content:
+        kind = getattr(block, "type", None)
+        if not isinstance(kind, str) or (kind == "text" and not isinstance(getattr(block, "text", None), str)):
+            return "its content holds a block that is not a content block"
+    return ""
+
+
+def _message_read(raw: Any) -> anthropic.types.Message:
+    """The Message in a raw 2xx answer; NotAMessage (scrubbed) says what came instead."""
+    try:
+        message = raw.parse()
+    except Exception as exc:  # noqa: BLE001 - JSONDecodeError, APIResponseValidationError on a strict client, ...
+        problem = f"the SDK could not read it ({type(exc).__name__}: {exc})"
+    else:
+        problem = _message_problem(message)
+    if not problem:
+        return message
+    try:
+        body = raw.http_response.text
+    except Exception:  # noqa: BLE001 - an undecodable body: the problem above already says enough
+        body = ""
+    content_type = raw.headers.get("content-type") or "no content-type"
+    raise NotAMessage(scrub(f"{NOT_A_MESSAGE}: HTTP {raw.status_code} {content_type}, {problem}; body {body[:200]!r}"))
 
 
 def _answer_text(message: Any) -> str:
@@ -253,7 +307,8 @@ def llm_call_structured(
         if thinking:
             kwargs["thinking"] = thinking
         try:
-            message = client.messages.create(**kwargs)
+            # The raw response, parsed by `_message_read`: a 2xx body that is not a Message is caught here too.
+            message = _message_read(client.messages.with_raw_response.create(**kwargs))
         except anthropic.APITimeoutError:
             _complete(row, status=LlmCallStatus.TIMEOUT, error=f"timed out after {remaining:.1f}s", t0=t0)
             result.status, result.reason = "timeout", f"{spec.purpose} timed out ({spec.timeout:.0f}s limit)"
@@ -275,6 +330,19 @@ def llm_call_structured(
             _complete(row, status=LlmCallStatus.ERROR, error=error, t0=t0)
             wait = _retry_wait(None, attempt)
             if time.monotonic() + wait < deadline - 0.5:
+                time.sleep(wait)
+                continue
+            result.status, result.reason = "error", error
+            break
+        except (NotAMessage, anthropic.APIResponseValidationError) as exc:
+            # Usually a proxy or load balancer between us and the API having a moment (its own error or
+            # maintenance page, a cut body): retried like a connection error, within the same deadline.
+            # A base URL that always answers so ends at the deadline, each attempt an ERROR row.
+            error = str(exc) if isinstance(exc, NotAMessage) else scrub(f"{NOT_A_MESSAGE}: {exc}")
+            _complete(row, status=LlmCallStatus.ERROR, error=error, t0=t0)
+            wait = _retry_wait(None, attempt)
+            if time.monotonic() + wait < deadline - 0.5:
+                log.warning("llm_retry", purpose=spec.purpose, status="not_a_message", wait_s=wait, attempt=attempt)
                 time.sleep(wait)
                 continue
             result.status, result.reason = "error", error

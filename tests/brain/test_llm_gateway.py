@@ -8,11 +8,12 @@ from decimal import Decimal
 import pytest
 
 from brain.claude import ClaudeBrain
-from brain.schemas import Action
+from brain.llm import CallSpec, LlmResult, llm_call_structured
+from brain.schemas import Action, ScreenResult
 from brain.services import decision_make
 from journal.models import LlmCall
 from tests.brain import factories as f
-from tests.fakes.anthropic_server import error, ok, overloaded, rate_limited
+from tests.fakes.anthropic_server import Reply, error, message_body, ok, overloaded, proxy_page, rate_limited, raw_body
 
 pytestmark = pytest.mark.django_db
 
@@ -194,3 +195,65 @@ def test_the_brain_object_reports_usage_for_the_screener_log(anthropic_server):
     screen = brain.screen(snapshot=f.pullback_long(), context=f.context())
     assert screen.signal and brain.last_result.tokens == 505
     assert brain.last_result.cost_usd == (Decimal(480) * 1 + Decimal(25) * 5) / Decimal(1_000_000)
+
+
+NOT_A_MESSAGE = "the API answered with something that is not a Messages response"
+
+
+def screen_call(timeout: float = 2.0) -> LlmResult[ScreenResult]:
+    spec = CallSpec(purpose="screen", model="claude-haiku-4-5-20251001", max_tokens=200, timeout=timeout)
+    return llm_call_structured(spec=spec, system_static=["You screen markets."],
+                               user="BTC-USDT-SWAP pulls back to EMA20", output_type=ScreenResult)
+
+
+@pytest.mark.parametrize(("reply", "detail"), [
+    (proxy_page(), "text/html"),  # the SDK hands this back as a str
+    (raw_body(200, '{"id": "msg_01", "type": "message", "content": [{"type": "te'), "JSONDecodeError"),  # cut off
+    # Another vendor's API behind a misrouted base URL:
+    (Reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "choices": []}), "its type is None"),
+    (Reply(200, {**message_body("{}"), "usage": None}), "it has no usage"),
+], ids=["html_page", "invalid_json", "foreign_json", "message_without_usage"])
+def test_a_200_that_is_not_a_messages_response_is_a_recorded_error_not_an_exception(anthropic_server, reply, detail):
+    anthropic_server.script(reply)  # every attempt
+    result = screen_call()
+    assert result.status == "error" and result.value is None
+    assert result.reason.startswith(NOT_A_MESSAGE) and detail in result.reason and "HTTP 200" in result.reason
+    rows = list(LlmCall.objects.order_by("id"))
+    assert rows and [r.pk for r in rows] == result.call_ids
+    for row in rows:
+        assert row.status == "error" and row.completed_at is not None and not row.parsed
+        assert row.parse_error.startswith(NOT_A_MESSAGE) and detail in row.parse_error
+        assert row.cost_usd == Decimal("0") and row.input_tokens == 0
+
+
+def test_a_proxy_page_is_retried_like_a_connection_error_and_then_answered(anthropic_server):
+    answer = ok(data={"signal": True, "reason": "pullback"}, model="claude-haiku-4-5-20251001")
+    anthropic_server.script(proxy_page(), answer)
+    result = screen_call()
+    assert result.status == "ok" and result.value.signal
+    assert list(LlmCall.objects.order_by("id").values_list("status", "attempt")) == [("error", 1), ("ok", 2)]
+
+
+def test_a_page_that_is_not_a_messages_response_ends_within_the_time_limit(anthropic_server):
+    anthropic_server.script(proxy_page())
+    started = time.monotonic()
+    result = screen_call(timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    assert result.status == "error" and LlmCall.objects.count() == 1  # no time for a retry in 1 s
+
+
+def test_a_proxy_page_that_echoes_the_api_key_is_scrubbed(anthropic_server):
+    from tests.brain.conftest import TEST_KEY
+
+    anthropic_server.script(proxy_page(text=f"bad gateway for key {TEST_KEY}"))
+    result = screen_call(timeout=1.0)
+    row = LlmCall.objects.get()
+    assert TEST_KEY not in row.parse_error + result.reason
+    assert "[REDACTED]" in row.parse_error and "[REDACTED]" in result.reason
+
+
+def test_the_analyst_holds_with_the_reason_when_a_proxy_answers_instead_of_the_api(anthropic_server, settings):
+    settings.ANALYST_TIMEOUT_SECONDS = 1.0
+    anthropic_server.script(proxy_page())
+    decision = decide()
+    assert decision.action == Action.HOLD and NOT_A_MESSAGE in decision.reasoning

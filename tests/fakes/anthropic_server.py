@@ -3,6 +3,9 @@
 Replies have the real shape: id, type, role, model, content blocks (thinking
 blocks first when asked), stop_reason, usage with the cache fields. Errors use
 the API's body `{"type": "error", "error": {"type": ..., "message": ...}}`.
+`proxy_page` and `raw_body` are what something in front of the API (a proxy,
+a load balancer, a misrouted base URL) may answer instead: 200 with a body
+that is not a Messages response.
 """
 from __future__ import annotations
 
@@ -69,6 +72,17 @@ def rate_limited(retry_after: str = "1") -> Reply:
                  headers={"retry-after": retry_after})
 
 
+def proxy_page(status: int = 200, text: str = "Service temporarily unavailable") -> Reply:
+    """A proxy's own HTML page (the base headers say text/plain for a str: this overrides them)."""
+    return Reply(status, f"<html><head><title>{text}</title></head><body><h1>{text}</h1></body></html>",
+                 headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+def raw_body(status: int, body: str, content_type: str = "application/json") -> Reply:
+    """A body sent as is under the given content type (e.g. JSON cut off mid-way)."""
+    return Reply(status, body.encode(), headers={"Content-Type": content_type})
+
+
 class FakeAnthropic(FakeHttpServer):
     def script(self, *replies: Reply) -> None:
         self.route("POST", PATH, *replies)
@@ -80,4 +94,5 @@ class FakeAnthropic(FakeHttpServer):
         return [r.json() for r in self.calls("POST", PATH)]
 
 
-__all__ = ["FakeAnthropic", "Received", "Reply", "error", "message_body", "ok", "overloaded", "rate_limited"]
+__all__ = ["FakeAnthropic", "Received", "Reply", "error", "message_body", "ok", "overloaded", "proxy_page",
+           "rate_limited", "raw_body"]
