@@ -9,13 +9,14 @@ from decimal import Decimal
 
 import pytest
 
+from brain.claude import ClaudeBrain
 from brain.models import PlaybookStatus, PlaybookVersion
 from brain.playbook import playbook_current
 from brain.reflection import ReflectionError, deep_reflection_due, deep_reflection_run, trade_review_run
-from journal.models import JournalEvent, ReflectionLog, ReflectionType, Trade, TradeStatus
+from brain.schemas import TradeReview, TradeView
+from journal.models import JournalEvent, LlmCall, ReflectionLog, ReflectionType, Trade, TradeStatus
 from market.models import Instrument
-from tests.fakes.anthropic_server import ok
-from tests.fakes.http_server import Reply
+from tests.fakes.anthropic_server import ok, proxy_page
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc)
 
@@ -117,18 +118,28 @@ def test_post_trade_review_is_stored_once_on_the_trade_and_in_the_log(db, losing
     assert f'"trade_id": {trade.pk}' in prompt and "pending_playbook_suggestions" in prompt
 
 
+class BrainBug(RuntimeError):
+    """A defect in our own brain code: the one way left for a review to raise (the network boundary cannot)."""
+
+
 def test_a_review_whose_brain_raises_is_marked_failed_and_journaled_and_the_next_request_reviews_it(
-        db, instrument, anthropic_server) -> None:
+        db, instrument, anthropic_server, monkeypatch) -> None:
     trade = make_trade(instrument, 0, "-25")
-    # A proxy in front of the API answers 200 with an HTML page: the LLM gateway raises on it (not an API
-    # error it knows); then the API answers properly.
     review = {"outcome": "loss", "execution_quality": "good", "entry_timing": "late", "exit_timing": "good",
               "what_went_right": ["stop respected"], "what_went_wrong": ["chased the breakout"],
               "lesson": "wait for the retest", "should_update_playbook": False}
-    anthropic_server.script(Reply(200, "<html><body>gateway says hello</body></html>", headers={"content-type": "text/html"}),
-                            ok(data=review))
-    with pytest.raises(Exception) as raised:  # re-raised for the caller (the Celery task)
-        trade_review_run(trade_id=trade.pk)
+    anthropic_server.script(ok(data=review))
+
+    def review_with_a_bug(self: ClaudeBrain, *, trade: TradeView, cycle_id: int | None = None,
+                          mode: str = "live") -> TradeReview:
+        raise BrainBug(f"review of trade {trade.id} hit a bug")
+
+    # Stands for a bug in the brain: the LLM gateway turns API and proxy trouble into an "error" result
+    # (and the Claude brain into the rules review), so only our own code can make a review raise now.
+    with monkeypatch.context() as patch:
+        patch.setattr(ClaudeBrain, "review_trade", review_with_a_bug)
+        with pytest.raises(BrainBug) as raised:  # re-raised for the caller (the Celery task)
+            trade_review_run(trade_id=trade.pk)
     failed = ReflectionLog.objects.get(reflection_type=ReflectionType.POST_TRADE, trade_ids=[trade.pk])
     assert failed.status == "failed"
     assert failed.output_json["brain"] == "claude" and "lease" not in failed.output_json
@@ -149,6 +160,20 @@ def test_a_review_whose_brain_raises_is_marked_failed_and_journaled_and_the_next
     failed.refresh_from_db()
     assert failed.status == "failed"  # kept as the record of the failed attempt
     assert trade_review_run(trade_id=trade.pk).pk == done.pk  # and now it is reviewed once
+
+
+def test_a_proxy_page_instead_of_the_api_gives_the_rules_review_with_the_reason_not_a_failure(
+        db, instrument, anthropic_server, settings) -> None:
+    settings.REFLECTION_TIMEOUT_SECONDS = 1.0  # the page every time: no time for a retry
+    trade = make_trade(instrument, 0, "-25")
+    anthropic_server.script(proxy_page())
+    row = trade_review_run(trade_id=trade.pk)
+    assert row.status == "done" and row.output_json["brain"] == "claude" and row.output_json["llm_status"] == "error"
+    lesson = row.output_json["review"]["lesson"]
+    assert "LLM review error: the API answered with something that is not a Messages response" in lesson
+    call = LlmCall.objects.get(pk__in=row.output_json["llm_call_ids"])
+    assert call.status == "error" and call.completed_at is not None and "text/html" in call.parse_error
+    assert not JournalEvent.objects.filter(kind="trade_review_failed").exists()
 
 
 def test_an_open_or_missing_trade_is_not_reviewed(db, instrument, rules) -> None:

@@ -7,6 +7,7 @@ task's body (`trade_review_request`) are called directly here; the real-worker r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -14,16 +15,20 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from io import StringIO
 from typing import Any
 
 import pytest
+from django.core.management import CommandError, call_command
 from django.db import transaction
 from django.utils import timezone
 
+from brain.claude import ClaudeBrain
+from brain.rules import RulesBrain
+from brain.schemas import TradeReview, TradeView
 from journal.models import Cycle, JournalEvent, Mode, ReflectionLog, ReflectionType, Trade, TradeStatus
 from market.models import Instrument
 from tests.fakes.anthropic_server import FakeAnthropic, ok
-from tests.fakes.http_server import Reply
 from tradebot.reflection import (
     REQUESTED,
     REVIEW_MAX_ATTEMPTS,
@@ -206,23 +211,38 @@ def anthropic(settings: Any) -> Iterator[FakeAnthropic]:
         yield server
 
 
-# A proxy in front of the API answering 200 with a page of its own: the LLM gateway raises on it.
-PROXY_PAGE = Reply(200, "<html><body>gateway says hello</body></html>", headers={"content-type": "text/html"})
+class BrainBug(RuntimeError):
+    """A defect in our own brain code.
+
+    The network boundary can no longer make a review raise: the LLM gateway turns every API or proxy
+    trouble into an "error" result and the Claude brain then gives the rules review. A bug in the brain
+    is what is left, so these tests stand one in for it.
+    """
+
+
+def review_with_a_bug(self: Any, *, trade: TradeView, cycle_id: int | None = None, mode: str = "live") -> TradeReview:
+    """A brain's `review_trade` with a bug in it (monkeypatched onto the brain class in use)."""
+    raise BrainBug(f"review of trade {trade.id} hit a bug")
+
+
 REVIEW = {"outcome": "win", "execution_quality": "good", "entry_timing": "good", "exit_timing": "early",
           "what_went_right": ["trend followed"], "what_went_wrong": [], "lesson": "let winners run", "should_update_playbook": False}
 
 
 def test_a_review_that_raised_is_failed_visibly_and_the_sweep_queues_it_again_after_a_wait(
-        instrument: Instrument, anthropic: FakeAnthropic, django_capture_on_commit_callbacks: Callable) -> None:
+        instrument: Instrument, anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch,
+        django_capture_on_commit_callbacks: Callable) -> None:
     t = trade(instrument)
     with django_capture_on_commit_callbacks():
         assert trade_reviews_request(trade_ids=[t.pk]) == [t.pk]
-    anthropic.script(PROXY_PAGE, ok(data=REVIEW))
-    with pytest.raises(Exception):  # the task body re-raises: the Celery task fails (acked, not redelivered)
-        trade_review_request(trade_id=t.pk)
+    anthropic.script(ok(data=REVIEW))
+    with monkeypatch.context() as patch:
+        patch.setattr(ClaudeBrain, "review_trade", review_with_a_bug)  # stands for a bug in the brain
+        with pytest.raises(BrainBug):  # the task body re-raises: the Celery task fails (acked, not redelivered)
+            trade_review_request(trade_id=t.pk)
     # The request is gone; the failed review stays, with its error, and is journaled.
     rows = post_trade_rows(t.pk)
-    assert [s for s, _ in rows] == ["failed"] and "claude brain failed" in rows[0][1]["error"]
+    assert [s for s, _ in rows] == ["failed"] and "claude brain failed: BrainBug" in rows[0][1]["error"]
     assert JournalEvent.objects.get(kind="trade_review_failed").data["trade_id"] == t.pk
     with django_capture_on_commit_callbacks() as sent:
         assert trade_reviews_request() == []  # the next account sync: too soon to ask the brain again
@@ -230,7 +250,7 @@ def test_a_review_that_raised_is_failed_visibly_and_the_sweep_queues_it_again_af
         assert trade_reviews_request(now=later) == [t.pk]  # a failed review is no review: queued again
         assert trade_reviews_request(now=later) == []  # once
     assert sent_trade_ids(sent) == [t.pk]
-    done = trade_review_request(trade_id=t.pk)
+    done = trade_review_request(trade_id=t.pk)  # the bug is fixed: the review goes to the API
     assert [s for s, _ in post_trade_rows(t.pk)] == ["failed", "done"]
     t.refresh_from_db()
     assert t.self_review["reflection_log_id"] == done and t.self_review["lesson"] == "let winners run"
@@ -240,25 +260,60 @@ def test_a_review_that_raised_is_failed_visibly_and_the_sweep_queues_it_again_af
 
 
 def test_a_review_that_keeps_failing_is_left_to_manage_py_reflect_after_the_last_attempt(
-        instrument: Instrument, anthropic: FakeAnthropic, django_capture_on_commit_callbacks: Callable) -> None:
+        instrument: Instrument, anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch,
+        django_capture_on_commit_callbacks: Callable) -> None:
     from brain.reflection import trade_review_run
 
     t = trade(instrument)
-    anthropic.script(PROXY_PAGE)  # every answer
+    anthropic.script(ok(data=REVIEW))
     now = timezone.now()
-    for attempt in range(REVIEW_MAX_ATTEMPTS):
-        now += REVIEW_RETRY_AFTER
-        with django_capture_on_commit_callbacks():
-            assert trade_reviews_request(now=now) == [t.pk], f"attempt {attempt + 1}"
-        with pytest.raises(Exception):
-            trade_review_request(trade_id=t.pk)
+    with monkeypatch.context() as patch:
+        patch.setattr(ClaudeBrain, "review_trade", review_with_a_bug)  # stands for a bug in the brain: every attempt
+        for attempt in range(REVIEW_MAX_ATTEMPTS):
+            now += REVIEW_RETRY_AFTER
+            with django_capture_on_commit_callbacks():
+                assert trade_reviews_request(now=now) == [t.pk], f"attempt {attempt + 1}"
+            with pytest.raises(BrainBug):
+                trade_review_request(trade_id=t.pk)
     assert [s for s, _ in post_trade_rows(t.pk)] == ["failed"] * REVIEW_MAX_ATTEMPTS
     assert JournalEvent.objects.filter(kind="trade_review_failed").count() == REVIEW_MAX_ATTEMPTS
     with django_capture_on_commit_callbacks() as sent:
         assert trade_reviews_request(now=now + 10 * REVIEW_RETRY_AFTER) == []  # the sweep gives up on it ...
     assert sent == []
-    anthropic.script(ok(data=REVIEW))
-    assert trade_review_run(trade_id=t.pk).status == "done"  # ... `manage.py reflect` still reviews it
+    assert anthropic.calls("POST", "/v1/messages") == []  # the bug struck before any request
+    assert trade_review_run(trade_id=t.pk).status == "done"  # ... `manage.py reflect` still reviews it, once fixed
+
+
+def test_manage_py_reflect_reviews_the_other_trades_then_fails_naming_the_one_whose_review_raised(
+        instrument: Instrument, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings.BRAIN = "rules"
+    first, second = trade(instrument), trade(instrument)  # reviewed in close order: the failing one first
+    reviewed_ok = RulesBrain.review_trade
+
+    def review_trade(self: RulesBrain, *, trade: TradeView, cycle_id: int | None = None,
+                     mode: str = "live") -> TradeReview:
+        if trade.id == first.pk:
+            return review_with_a_bug(self, trade=trade, cycle_id=cycle_id, mode=mode)
+        return reviewed_ok(self, trade=trade, cycle_id=cycle_id, mode=mode)
+
+    monkeypatch.setattr(RulesBrain, "review_trade", review_trade)  # stands for a bug in the brain, for one trade
+    out = StringIO()
+    with pytest.raises(CommandError) as raised:
+        call_command("reflect", "--json", stdout=out)
+    message = str(raised.value)
+    assert message.startswith("1 post-trade review(s) failed")
+    assert f"trade {first.pk}: BrainBug: review of trade {first.pk} hit a bug" in message
+    assert f"trade {second.pk}" not in message
+    # The failed one is FAILED with its error; the other was reviewed after it.
+    rows = post_trade_rows(first.pk)
+    assert [s for s, _ in rows] == ["failed"] and "rules brain failed: BrainBug" in rows[0][1]["error"]
+    assert [s for s, _ in post_trade_rows(second.pk)] == ["done"]
+    second.refresh_from_db()
+    assert second.self_review["outcome"] == "win"
+    printed = json.loads(out.getvalue())
+    statuses = [(r["trade_id"], r["status"]) for r in printed["post_trade_reviews"]]
+    assert statuses == [(first.pk, "failed"), (second.pk, "done")]
+    assert printed["reflection"] == "not_due"  # the deep reflection ran after the reviews (not due yet)
 
 
 def test_a_close_order_in_executing_asks_for_the_review_and_an_open_order_does_not(
