@@ -542,7 +542,8 @@ def _match_closed(trade: Trade, closed: list[ClosedPosition], used: set[str]) ->
 def trade_close_record(*, trade: Trade, closed: ClosedPosition) -> Trade:
     """Close the journal Trade with the exchange's numbers (net PnL, fees, funding)."""
     reason = closed.close_reason
-    own_close = _own_close_order(trade, closed)
+    # Only a close the exchange does not explain (a close order's fill) can be ours: a stop is the stop.
+    own_close = _own_close_order(trade, closed) if reason in ("", "close") else None
     if reason in ("", "close"):
         reason = _exit_reason(trade, closed, own_close)
     trade.indicators_exit = _exit_indicators(trade, closed, own_close)

@@ -147,6 +147,10 @@ def test_a_stop_out_takes_the_indicators_of_the_last_full_snapshot_if_recent(pap
     Cycle.objects.create(instrument=btc, as_of=stop_at - timedelta(minutes=5), snapshot={"compact": True, "price": "49150"})
     Cycle.objects.create(instrument=btc, as_of=stop_at - timedelta(minutes=5), snapshot=full, mode="replay", run_id="r1")
     open_trade(paper)
+    # An earlier REDUCE of ours: its decision's indicators are not the market at the stop.
+    Order.objects.create(client_order_id="reduce1", exchange="paper", inst_id=BTC, action="REDUCE", side="sell",
+                         pos_side="long", order_type="market", size=D("0.5"), reduce_only=True, state=OrderState.FILLED,
+                         trade_context={"indicators_entry": {"1H": {"rsi_14": 1.0}}})
     paper.process_bar(BTC, bar(stop_at, 50000, 50100, 48900, 49100))
     trade = Trade.objects.get(pk=account_sync(exchange=paper).closed_trade_ids[0])
     assert trade.exit_reason == "stop_loss"
