@@ -212,6 +212,8 @@ def main(argv: list[str]) -> int:
         for name in names:
             print(f"== {name} ==", flush=True)
             SECTIONS[name]()
+        # Again at the end: the VM's speed can change during a long bench.
+        print(f"machine at the end: {infra.cpu_reference()}; {infra.load()}", flush=True)
     finally:
         infra.cleanup()
     return 0
