@@ -24,7 +24,7 @@ memory between its own writes: a bar that triggers nothing (no funding time, no 
 touched, no limit order crossed) only moves the in-memory price, written to PaperPrice before the
 next operation that reads it (and on `flush()`); positions and balances are computed from the
 in-memory copy of the rows, reloaded after every write. The figures are the same as without it
-(tests/tradebot/test_replay_speed.py runs one scenario through both and compares). Live workers share an account across
+(tests/tradebot/test_replay_runs.py runs one scenario through both and compares). Live workers share an account across
 processes, so they never use it.
 """
 from __future__ import annotations
@@ -521,6 +521,12 @@ class PaperExchange(Exchange):
         the full path decides (and refuses an unknown instrument).
         """
         mine = Q(account_id=self._account_id) if self._account_id is not None else Q(account__name=self._account_name)
+        return self._price_write(mine, inst_id, price=price, ts=ts)
+
+    @staticmethod
+    def _price_write(mine: Q, inst_id: str, *, price: Decimal, ts: datetime) -> bool:
+        """The one UPDATE both price-only paths use: the instrument's price and clock, only when no position
+        and no resting limit order is on it, a price row exists and its clock is not later. True: written."""
         open_position = PaperPosition.objects.filter(account_id=OuterRef("account_id"), inst_id=inst_id, status="open")
         live_limit = PaperOrder.objects.filter(account_id=OuterRef("account_id"), inst_id=inst_id, state="live", ord_type="limit")
         written = PaperPrice.objects.filter(mine, inst_id=inst_id, ts__lte=ts).exclude(Exists(open_position)).exclude(
@@ -577,9 +583,8 @@ class PaperExchange(Exchange):
         limit order waits on the instrument, there is no price row yet or its clock is later: the
         full path then runs in the same transaction.
         """
-        live_limit = PaperOrder.objects.filter(account=account, inst_id=inst_id, state="live", ord_type="limit")
-        written = PaperPrice.objects.filter(account=account, inst_id=inst_id, ts__lte=ts).exclude(
-            Exists(live_limit)).update(last=close, ts=ts)
+        # The statement's own no-position check is redundant under the lock, and costs nothing measurable.
+        written = self._price_write(Q(account_id=account.pk), inst_id, price=close, ts=ts)
         if written and self.exclusive:
             self._prices[inst_id] = (q(close), ts)
         return bool(written)
