@@ -18,7 +18,11 @@ def bot_state_row(scope: str = LIVE_SCOPE) -> BotState:
 
 
 def bot_state(*, scope: str = LIVE_SCOPE) -> BotStateView:
-    row = bot_state_row(scope)
+    return bot_state_view(bot_state_row(scope))
+
+
+def bot_state_view(row: BotState) -> BotStateView:
+    """The view of a BotState row in hand (`bot_state` reads it first)."""
     return BotStateView(
         state=row.state, consecutive_losses=row.consecutive_losses, until=row.until, reason=row.reason, since=row.since,
         by=row.by, day_start_equity=row.day_start_equity, peak_equity=row.peak_equity,

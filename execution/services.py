@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from brain.schemas import Decision
@@ -34,6 +35,7 @@ from execution.models import (
     ORDER_TRANSITIONS,
     TERMINAL_ORDER_STATES,
     BotState,
+    InvalidTransition,
     LIVE_SCOPE,
     BotStatus,
     LiveTradingConfirmation,
@@ -42,7 +44,7 @@ from execution.models import (
     transition,
 )
 from execution.risk import ApprovedOrder, BotStateView, MarketRef, RiskVerdict, approval_is_genuine, risk_check
-from execution.selectors import bot_scope, bot_state
+from execution.selectors import bot_scope, bot_state, bot_state_view
 from execution.validation import to_decimal
 from journal.models import Cycle, Direction, EventLevel, Mode, RiskRejection, Trade, TradeStatus
 from journal.services import event_record
@@ -160,11 +162,14 @@ def risk_trade_closed(*, pnl: Decimal, now: datetime, scope: str = LIVE_SCOPE) -
     with transaction.atomic():
         row = _locked_bot(scope)
         row.consecutive_losses = row.consecutive_losses + 1 if pnl < 0 else 0
-        row.save()
         if row.consecutive_losses >= settings.MAX_CONSECUTIVE_LOSSES and row.state in (BotStatus.RUNNING, BotStatus.COOLDOWN):
             until = now + timedelta(seconds=settings.COOLDOWN_AFTER_LOSS_STREAK)
+            # _set_state saves the row, the count with it (one UPDATE in the same transaction).
             _set_state(row, BotStatus.COOLDOWN, reason=f"{row.consecutive_losses} consecutive losses", by=SYSTEM, now=now, until=until)
-    return bot_state(scope=scope)
+        else:
+            row.save()
+    # The row as saved under the lock is the state now (nothing else changed it in between): no read again.
+    return bot_state_view(row)
 
 
 def live_trading_confirm(*, by: str, note: str = "") -> LiveTradingConfirmation:
@@ -288,7 +293,7 @@ def order_place(
         transition(order, OrderState.CANCELED, table=ORDER_TRANSITIONS, now=timezone.now(), note="no position to close")
         order.save()
         return order
-    order = _settle(order, result, approved, context, instrument)
+    order = _settle(order, result, approved, context, instrument, created=created)
     if approved.kind != "open":
         mode = context.get("mode", Mode.LIVE)
         account_sync(exchange=exchange, mode=mode, run_id=None if mode == Mode.LIVE else context.get("run_id", ""))
@@ -323,15 +328,48 @@ def _order_intent(*, approved: ApprovedOrder, exchange: Exchange, cycle_id: int 
 
 
 def _settle(order: Order, ex: ExchangeOrder, approved: Any, context: dict[str, Any],
-            instrument: Instrument | None = None) -> Order:
-    """Record what the exchange reports (a short transaction after the call); returns the fresh row."""
-    with transaction.atomic():
-        order = Order.objects.select_for_update().get(pk=order.pk)
-        _apply_outcome(order, ex, now=timezone.now())
-        order.save()
+            instrument: Instrument | None = None, *, created: bool = False) -> Order:
+    """Record what the exchange reports (a short transaction after the call); returns the fresh row.
+
+    `created`: `order` is the row as this call created it (`_order_intent`), see `_settle_unchanged`.
+    """
+    if created and _settle_unchanged(order, ex):
+        # What the locked path leaves in hand: the row as read (the database's decimals) with the outcome applied.
+        settled, order = order, Order.objects.get(pk=order.pk)
+        for name in _OUTCOME_FIELDS:
+            setattr(order, name, getattr(settled, name))
+    else:
+        with transaction.atomic():
+            order = Order.objects.select_for_update().get(pk=order.pk)
+            _apply_outcome(order, ex, now=timezone.now())
+            order.save()
     if approved.kind == "open" and ex.filled_size > 0:
         trade_open_record(order=order, fill=ex, context=context, instrument=instrument)
     return order
+
+
+def _settle_unchanged(order: Order, ex: ExchangeOrder) -> bool:
+    """The outcome written by ONE conditional UPDATE, when the row is still as this call created it.
+
+    The locked read-modify-write in `_settle` costs a savepoint, a locked read and a full-row
+    UPDATE. When nobody has touched the row since `_order_intent` created it (same state, same
+    `updated_at`: every writer of an Order saves it or sets `updated_at`), the locked read would
+    give the row in hand, so the transitions computed from it are the same, and the UPDATE writes
+    only what `_apply_outcome` changes. Otherwise (another worker's `account_sync` settled it
+    meanwhile, or the transition is refused from this state) nothing is written here: False, and
+    the locked path decides from the fresh row as before. `order` is changed in memory either way.
+    """
+    state, stamp = order.state, order.updated_at
+    try:
+        _apply_outcome(order, ex, now=timezone.now())
+    except InvalidTransition:
+        return False
+    return bool(Order.objects.filter(pk=order.pk, state=state, updated_at=stamp).update(
+        **{name: getattr(order, name) for name in _OUTCOME_FIELDS}, updated_at=timezone.now()))
+
+
+# What `_apply_outcome` changes on an Order (with `transition`: state and history).
+_OUTCOME_FIELDS = ("state", "history", "exchange_order_id", "filled_size", "avg_fill_price", "fee")
 
 
 def _reject(order: Order, exc: ExchangeError) -> None:
@@ -512,14 +550,33 @@ def account_sync(*, exchange: Exchange, mode: str = Mode.LIVE, run_id: str | Non
             trade_close_record(trade=trade, closed=match)
             result.closed_trade_ids.append(trade.pk)
             risk_trade_closed(pnl=match.realized_pnl, now=match.closed_at, scope=scope)
+    _bot_figures_sync(scope, equity=account.equity, day=now.date())
+    return result
+
+
+def _bot_figures_sync(scope: str, *, equity: Decimal, day: date) -> None:
+    """The sync's bookkeeping on the bot state: the day's starting equity when the day has none yet,
+    and the peak equity raised to `equity`.
+
+    One UPDATE whose conditions the database evaluates on the row as it is (the locked
+    read-modify-write did the same in a savepoint and three statements); a scope's first
+    use makes the row, under the lock, as before.
+    """
+    written = BotState.objects.filter(scope=scope).update(
+        day_start_equity=Case(When(day_start_date__isnull=True, then=Value(equity)), default=F("day_start_equity")),
+        day_start_date=Coalesce(F("day_start_date"), Value(day)),
+        peak_equity=Case(When(Q(peak_equity__isnull=True) | Q(peak_equity__lt=equity), then=Value(equity)), default=F("peak_equity")),
+        updated_at=timezone.now(),
+    )
+    if written:
+        return
     with transaction.atomic():
         row = _locked_bot(scope)
         if row.day_start_date is None:
-            row.day_start_equity, row.day_start_date = account.equity, now.date()
-        if row.peak_equity is None or account.equity > row.peak_equity:
-            row.peak_equity = account.equity
+            row.day_start_equity, row.day_start_date = equity, day
+        if row.peak_equity is None or equity > row.peak_equity:
+            row.peak_equity = equity
         row.save()
-    return result
 
 
 class _StoredApproval:

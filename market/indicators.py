@@ -46,7 +46,9 @@ a live computation exactly.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
 from datetime import timedelta
 
 import numpy as np
@@ -199,7 +201,7 @@ def indicators_compute(df: pd.DataFrame, *, profile_bars: int | None = None, tai
     return pd.DataFrame(block, index=frame.index, columns=[*OHLCV, *COLUMNS])
 
 
-def _num(row: dict[str, float], name: str) -> float | None:
+def _num(row: Mapping[str, float], name: str) -> float | None:
     value = row.get(name)
     if value is None:
         return None
@@ -212,14 +214,28 @@ _LEVEL_NAMES = ("pivot", "pivot_r1", "pivot_r2", "pivot_s1", "pivot_s2",
                 *(f"fractal_{side}_{n}" for side in ("high", "low") for n in range(1, FRACTAL_COUNT + 1)))
 
 
-def _levels(row: dict[str, float], close: float | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _levels(values: Mapping[str, float], close: float | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Support below the close and resistance above it, nearest first, at most 5 each."""
     if close is None:
         return (), ()
-    levels = {round(x, 10) for name in _LEVEL_NAMES if (x := _num(row, name)) is not None}
-    support = tuple(sorted((x for x in levels if x < close), reverse=True)[:5])
-    resistance = tuple(sorted(x for x in levels if x > close)[:5])
+    levels = _distinct_levels(tuple(x for name in _LEVEL_NAMES if (x := values.get(name)) is not None))
+    below = [x for x in levels if x < close]
+    support = tuple(below[::-1][:5])
+    resistance = tuple([x for x in levels if x > close][:5])
     return support, resistance
+
+
+def _distinct_levels(raw: tuple[float, ...]) -> tuple[float, ...]:
+    """The levels rounded to 10 digits, without repeats, ascending."""
+    # 0.0 and -0.0 are equal keys: the cache could answer one with the other's sign.
+    return _distinct_levels_cached(raw) if 0.0 not in raw else tuple(sorted({round(x, 10) for x in raw}))
+
+
+@functools.lru_cache(maxsize=1024)
+def _distinct_levels_cached(raw: tuple[float, ...]) -> tuple[float, ...]:
+    # Remembered: a row's pivots hold for a day or a week and its fractals for many bars, so
+    # consecutive rows mostly repeat them, and round() with digits is the dearest step here.
+    return tuple(sorted({round(x, 10) for x in raw}))
 
 
 def indicator_set_at(computed: pd.DataFrame, i: int = -1) -> IndicatorSet:
@@ -233,23 +249,37 @@ def indicator_set_at(computed: pd.DataFrame, i: int = -1) -> IndicatorSet:
 _PLAIN_FIELDS = tuple(
     name for name in COLUMNS if name in IndicatorSet.model_fields and name not in ("ema_alignment", "macd_signal")
 )
+# Every column an IndicatorSet reads.
+_USED_COLUMNS = tuple(dict.fromkeys(("close", *_LEVEL_NAMES, *_PLAIN_FIELDS, "ema_alignment", "macd_cross")))
+# Every field set (to None): the template `indicator_set_from_finite` copies with all its fields replaced.
+_ALL_UNSET = IndicatorSet.model_construct(**dict.fromkeys(IndicatorSet.model_fields))
 
 
-def indicator_set_from_row(row: dict[str, float]) -> IndicatorSet:
+def indicator_set_from_row(row: Mapping[str, float]) -> IndicatorSet:
     """The `IndicatorSet` of one `indicators_compute` row given as {column: value}."""
-    close = _num(row, "close")
-    support, resistance = _levels(row, close)
-    fields = {name: _num(row, name) for name in _PLAIN_FIELDS}
-    alignment = _num(row, "ema_alignment")
-    cross = _num(row, "macd_cross")
-    # model_construct: every value above is already what validation would make of it (a finite
-    # float or None via _num, tuples of floats, a Literal name or None), and this runs for every
-    # timeframe of every snapshot (a replay year: ~46,000 times). tests/market prove the equality.
-    return IndicatorSet.model_construct(
-        close=close,
-        support=support,
-        resistance=resistance,
-        ema_alignment=_ALIGNMENT.get(alignment) if alignment is not None else None,
-        macd_signal=_CROSS.get(cross) if cross is not None else None,
-        **fields,
-    )
+    return indicator_set_from_finite({name: x for name in _USED_COLUMNS if (x := _num(row, name)) is not None})
+
+
+def indicator_set_from_finite(values: Mapping[str, float]) -> IndicatorSet:
+    """`indicator_set_from_row` of a row given as its finite values only, as floats (a missing column is undefined).
+
+    The replay's `TimeframeSeries` makes that mapping with numpy (`np.isfinite` over the row).
+    """
+    get = values.get
+    close = get("close")
+    support, resistance = _levels(values, close)
+    alignment = get("ema_alignment")
+    cross = get("macd_cross")
+    # No validation: every value is already what validation would make of it (a finite float or
+    # None, tuples of floats, a Literal name or None), and this runs for every timeframe of every
+    # snapshot (a replay year: ~46,000 times). model_copy(update=) of a template whose fields are all
+    # set gives what model_construct with every field would (same field order, every field set) at
+    # a third of its cost. tests/market prove the equality with the validated model.
+    return _ALL_UNSET.model_copy(update={
+        "close": close,
+        **{name: get(name) for name in _PLAIN_FIELDS},
+        "support": support,
+        "resistance": resistance,
+        "ema_alignment": _ALIGNMENT.get(alignment) if alignment is not None else None,
+        "macd_signal": _CROSS.get(cross) if cross is not None else None,
+    })

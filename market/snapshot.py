@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import compress
 from typing import Any, TypeVar
 
 import numpy as np
@@ -47,7 +48,7 @@ from market.indicators import (
     OHLCV,
     ema_alignment_code,
     indicator_set_at,
-    indicator_set_from_row,
+    indicator_set_from_finite,
     indicators_compute,
 )
 from market.regime import regime_detect
@@ -157,7 +158,7 @@ def _utc_from_ns(ns: int) -> datetime:
     return _EPOCH + timedelta(microseconds=int(ns) // 1000)
 
 
-def _ns(when: datetime) -> int:
+def epoch_ns(when: datetime) -> int:
     """Nanoseconds since the epoch of an aware datetime (exact; `pd.Timestamp(when).value` at a tenth of the cost)."""
     return (when - _EPOCH) // _MICROSECOND * 1000
 
@@ -181,9 +182,11 @@ class TimeframeSeries:
                  window: int, recent: int) -> None:
         self.timeframe, self.candles, self.computed = timeframe, candles, computed
         self.window, self.recent = window, recent
-        # Recent-candle views by row: consecutive views share all but one of them (frozen models).
-        self._candle_views: dict[int, CandleView] = {}
+        # The recent-candle views last made, from row `first` on: consecutive views share all but
+        # one of them (frozen models, so sharing is safe).
+        self._recent_made: tuple[int, tuple[CandleView, ...]] = (0, ())
         self.open_ns = candles.index.asi8 if candles is not None else np.zeros(0, dtype=np.int64)
+        self.close = candles["close"].to_numpy() if candles is not None and len(candles) else np.zeros(0)
         self.duration_ns = tf_duration(timeframe) // _MICROSECOND * 1000
         self.fast = (candles is not None and computed is not None and window >= CONVERGED_AFTER_BARS
                      and computed.index.equals(candles.index))
@@ -204,20 +207,32 @@ class TimeframeSeries:
         block[later, col("ema_alignment")] = ema_alignment_code(
             block[later, col("ema_20")], block[later, col("ema_50")], e200[later])
         self.rows = block
+        self.finite = np.isfinite(block)
 
     def _candle_view(self, i: int) -> CandleView:
-        view = self._candle_views.get(i)
-        if view is None:
-            o, h, lo, c, v = self.ohlcv[i].tolist()
-            # model_construct: the values are exactly the types the fields hold (aware datetime, Decimal).
-            view = CandleView.model_construct(ts=_utc_from_ns(self.open_ns[i]), open=_dec(o), high=_dec(h), low=_dec(lo),
-                                              close=_dec(c), volume=_dec(v))
-            self._candle_views[i] = view
-        return view
+        o, h, lo, c, v = self.ohlcv[i].tolist()
+        return CandleView(ts=_utc_from_ns(self.open_ns[i]), open=_dec(o), high=_dec(h), low=_dec(lo), close=_dec(c),
+                          volume=_dec(v))
+
+    def _recent_views(self, first: int, end: int) -> tuple[CandleView, ...]:
+        """The views of rows [first, end), reusing those of the last call's rows."""
+        made_first, made = self._recent_made
+        made_end = made_first + len(made)
+        if made_first <= first <= made_end:
+            views = made[first - made_first:end - made_first] + tuple(
+                self._candle_view(i) for i in range(max(first, made_end), end))
+        else:
+            views = tuple(self._candle_view(i) for i in range(first, end))
+        self._recent_made = (first, views)
+        return views
 
     def closed_count(self, as_of: datetime) -> int:
         """How many candles had closed by `as_of` (open time + timeframe <= as_of)."""
-        return int(self.open_ns.searchsorted(_ns(as_of) - self.duration_ns, side="right"))
+        return self.closed_count_ns(epoch_ns(as_of))
+
+    def closed_count_ns(self, as_of_ns: int) -> int:
+        """`closed_count` of the time `as_of_ns` nanoseconds after the epoch (`epoch_ns`)."""
+        return int(self.open_ns.searchsorted(as_of_ns - self.duration_ns, side="right"))
 
     def view(self, end: int, as_of: datetime) -> TimeframeView:
         """The view when the first `end` candles had closed (`as_of` is any time in that state)."""
@@ -228,11 +243,11 @@ class TimeframeSeries:
             return TimeframeView(timeframe=self.timeframe, candles_used=0, last_closed_ts=None,
                                  indicators=IndicatorSet(), regime="unknown")
         start = max(0, end - self.window)
-        indicators = indicator_set_from_row(dict(zip(self.columns, self.rows[end - 1].tolist(), strict=True)))
+        # The row's finite values (what `indicator_set_from_row` keeps of it), picked out by numpy.
+        row = zip(self.columns, self.rows[end - 1].tolist(), strict=True)
+        indicators = indicator_set_from_finite(dict(compress(row, self.finite[end - 1].tolist())))
         first = max(start, end - self.recent)
-        views = tuple(self._candle_view(i) for i in range(first, end))
-        if len(self._candle_views) > 4 * self.recent:  # views move forward: keep only the recent rows
-            self._candle_views = {i: v for i, v in self._candle_views.items() if first <= i < end}
+        views = self._recent_views(first, end)
         return TimeframeView(timeframe=self.timeframe, candles_used=end - start,
                              last_closed_ts=_utc_from_ns(self.open_ns[end - 1]), indicators=indicators,
                              regime=regime_detect(indicators), recent_candles=views)
@@ -266,20 +281,36 @@ def _closed_end(frame: pd.DataFrame, timeframe: str, as_of: datetime) -> int:
     """The number of rows of `frame` whose candle closed by `as_of` (`len(closed_by(...))`, without the slice)."""
     if not len(frame):
         return 0
-    return int(np.searchsorted(frame.index.asi8, _ns(as_of - tf_duration(timeframe)), side="right"))
+    return int(frame.index.asi8.searchsorted(epoch_ns(as_of - tf_duration(timeframe)), side="right"))
 
 
-def price_change_1h(*, price: Decimal, candles: Mapping[str, pd.DataFrame | None], as_of: datetime) -> float | None:
+def price_change_1h(*, price: Decimal, candles: Mapping[str, pd.DataFrame | None], as_of: datetime,
+                    series: Mapping[str, TimeframeSeries] | None = None) -> float | None:
+    """`series[tf]`, when given, is the replay's `TimeframeSeries` of the very frame `candles[tf]`: read its arrays."""
     for timeframe in ("15m", "1H"):
-        frame = candles.get(timeframe)
-        if frame is None or frame.empty:
-            continue
-        end = _closed_end(frame, timeframe, as_of - timedelta(hours=1))
-        if end == 0:
-            return None
-        base = float(frame["close"].to_numpy()[end - 1])
+        known = series.get(timeframe) if series is not None else None
+        if known is not None:
+            if not len(known.open_ns):  # frame.empty (a non-empty candle frame has its columns)
+                continue
+            end = known.closed_count_ns(epoch_ns(as_of - _HOUR))
+            if end == 0:
+                return None
+            base = float(known.close[end - 1])
+        else:
+            frame = candles.get(timeframe)
+            if frame is None or 0 in frame.shape:  # frame.empty, without its walk over the axes
+                continue
+            end = _closed_end(frame, timeframe, as_of - _HOUR)
+            if end == 0:
+                return None
+            base = float(frame["close"].to_numpy()[end - 1])
         return float(price) / base - 1 if base > 0 else None
     return None
+
+
+_HOUR = timedelta(hours=1)
+# What nearly every cycle finds (built like anomalies_detect builds it: every field given).
+_NO_ANOMALIES = Anomalies(move_1h=False, funding_spike=False, oi_change_4h=False, reasons=())
 
 
 def anomalies_detect(*, price_change_1h_pct: float | None, funding_rate: Decimal | None,
@@ -299,6 +330,8 @@ def anomalies_detect(*, price_change_1h_pct: float | None, funding_rate: Decimal
     oi = oi_change_4h_pct is not None and abs(oi_change_4h_pct) > float(settings.OI_CHANGE_4H_PCT)
     if oi:
         reasons.append(f"open interest {oi_change_4h_pct:+.2%} in 4H beyond ±{float(settings.OI_CHANGE_4H_PCT):.2%}")
+    if not reasons:  # the frozen model with nothing found, shared: equal to a new one, at no cost
+        return _NO_ANOMALIES
     return Anomalies(move_1h=move, funding_spike=spike, oi_change_4h=oi, reasons=tuple(reasons))
 
 
@@ -309,7 +342,8 @@ def snapshot_from_frames(*, inst_id: str, as_of: datetime, source: str,
                          funding: FundingRate | None = None, open_interest: OpenInterest | None = None,
                          open_interest_4h_ago: Decimal | None = None,
                          window: int | None = None, recent: int | None = None,
-                         views: Mapping[str, TimeframeView] | None = None) -> MarketSnapshot:
+                         views: Mapping[str, TimeframeView] | None = None,
+                         series: Mapping[str, TimeframeSeries] | None = None) -> MarketSnapshot:
     """Build the snapshot from candle frames (any history; only bars closed by `as_of` are used).
 
     `computed[tf]`, when given, is `indicators_compute` over `candles[tf]` (see
@@ -317,6 +351,8 @@ def snapshot_from_frames(*, inst_id: str, as_of: datetime, source: str,
     `views[tf]`, when given, is `timeframe_view` of that timeframe at `as_of` (same candles,
     same arguments) made by the caller: the replay reuses a 1H view for the twelve 5-minute
     cycles in which no new 1H candle closes.
+    `series[tf]`, when given, is the replay's `TimeframeSeries` over `candles[tf]` (the same
+    frame): the 1H price change reads its arrays instead of asking pandas.
     Raises SnapshotUnavailable when there is neither a ticker nor a closed candle.
     """
     if as_of.tzinfo is None:
@@ -336,7 +372,7 @@ def snapshot_from_frames(*, inst_id: str, as_of: datetime, source: str,
             raise SnapshotUnavailable(f"no ticker and no closed candle for {inst_id} at {as_of.isoformat()}")
         tview = TickerView(last=last)
     price = tview.last
-    change_1h = price_change_1h(price=price, candles=candles, as_of=as_of)
+    change_1h = price_change_1h(price=price, candles=candles, as_of=as_of, series=series)
     rate = funding.rate if funding is not None else None
     oi_now = open_interest.oi_contracts if open_interest is not None else None
     oi_change = None

@@ -25,11 +25,37 @@ SECRET_VARIABLES = (
 REDACTED = "[REDACTED]"
 
 
-def _secret_values() -> list[str]:
-    # Read at call time: tests and `manage.py` may set variables after import.
-    values = [os.environ.get(name, "").strip() for name in SECRET_VARIABLES]
+def _secret_values() -> tuple[str, ...]:
+    """The secret values now set, longest first.
+
+    Read at call time: tests and `manage.py` may set variables after import. Reading
+    seven variables through `os.environ` (which encodes each name and decodes each
+    value) cost ~7 us, and every journaled text pays it (a replay: every cycle). The
+    environment's own mapping, asked with its own key encoding, says in well under a
+    microsecond whether the raw values are those of an earlier call.
+    """
+    raw_data = getattr(os.environ, "_data", None)
+    if raw_data is None or not _ENV_KEYS:  # not CPython's os.environ: read it the plain way every time
+        return _secret_values_read()
+    raw = tuple(raw_data.get(key) for key in _ENV_KEYS)
+    known = _SECRETS_SEEN.get(raw)
+    if known is None:
+        known = _secret_values_read()
+        if len(_SECRETS_SEEN) >= 16:  # a test suite sets many values: keep only a few
+            _SECRETS_SEEN.clear()
+        _SECRETS_SEEN[raw] = known
+    return known
+
+
+def _secret_values_read() -> tuple[str, ...]:
+    values = (os.environ.get(name, "").strip() for name in SECRET_VARIABLES)
     # Very short values would redact ordinary words; real keys are long.
-    return sorted({v for v in values if len(v) >= 6}, key=len, reverse=True)
+    return tuple(sorted({v for v in values if len(v) >= 6}, key=len, reverse=True))
+
+
+# The variables' names as os.environ keys them internally (bytes on POSIX, upper-case text on Windows).
+_ENV_KEYS = tuple(os.environ.encodekey(name) for name in SECRET_VARIABLES) if hasattr(os.environ, "encodekey") else ()
+_SECRETS_SEEN: dict[tuple[Any, ...], tuple[str, ...]] = {}
 
 
 def redact(text: str) -> str:

@@ -63,6 +63,7 @@ from tradebot.stages import CYCLE_FIELDS, STAGES, CycleWork, StageEnv, TradeView
 log = get_logger(__name__)
 S = CycleState
 BATCH = 500
+_FOUR_HOURS = timedelta(hours=4)
 
 
 class ReplayError(Exception):
@@ -169,9 +170,12 @@ class FrameSnapshots:
                                               window=self.window, recent=int(settings.SNAPSHOT_RECENT_CANDLES))
 
     def views_at(self, as_of: datetime) -> dict[str, Any]:
+        from market.snapshot import epoch_ns
+
+        now_ns = epoch_ns(as_of)  # once for every timeframe
         views = {}
         for tf, series in self.series.items():
-            end = series.closed_count(as_of)
+            end = series.closed_count_ns(now_ns)
             known = self._views.get(tf)
             if known is None or known[0] != end:
                 known = (end, series.view(end, as_of))
@@ -186,12 +190,14 @@ class FrameSnapshots:
         feed.set_clock(as_of)
         oi = feed.open_interest(inst_id)
         history = getattr(feed, "open_interest_at", None)
-        oi_ago = history(inst_id, as_of - timedelta(hours=4)) if oi is not None and callable(history) else None
+        oi_ago = history(inst_id, as_of - _FOUR_HOURS) if oi is not None and callable(history) else None
+        ours = inst_id == self.inst_id
         return snapshot_from_frames(
             inst_id=inst_id, as_of=as_of, source=getattr(feed, "name", "replay"), candles=self.frames,
             computed=self.computed, ticker=feed.ticker(inst_id), order_book=feed.order_book(inst_id, 5),
             funding=feed.funding_rate(inst_id), open_interest=oi, open_interest_4h_ago=oi_ago, window=self.window,
-            views=self.views_at(as_of) if inst_id == self.inst_id else None,
+            # The series wrap these very frames: their numpy arrays answer the 1H change without pandas.
+            views=self.views_at(as_of) if ours else None, series=self.series if ours else None,
         )
 
 
@@ -347,9 +353,11 @@ class _RunState:
     closes_synced: int = 0  # the paper exchange's close count at the last account sync
     peak_synced: Decimal | None = None  # the highest equity an account sync has seen
     last_day: Any = None  # the UTC date of the last cycle (a new one starts the risk gate's day)
-    # The exchange account at this cycle's prices until an order changes it: the sync check and
-    # the brain's context read it, and both run before the cycle's own order (reset per cycle).
+    # The exchange account and its open positions at this cycle's prices until an order changes
+    # them: the sync check and the brain's context read them, and both run before the cycle's own
+    # order (reset per cycle).
     balances: Any = None
+    positions: list[Any] = field(default_factory=list)
 
     def bot_view(self) -> Any:
         """`execution.selectors.bot_state` of this run, read again only after something changed it."""
@@ -359,15 +367,17 @@ class _RunState:
             self.bot = bot_state(scope=self.scope)
         return self.bot
 
-    def account(self) -> Any:
-        """`execution.selectors.account_state` of this run, without re-reading an unchanged bot state."""
+    def account(self) -> tuple[Any, list[Any]]:
+        """`execution.selectors.account_and_positions` of this run, without re-reading an unchanged bot state."""
         bot = self.bot_view()
-        return dataclass_replace(self.balances_now(), day_start_equity=bot.day_start_equity, peak_equity=bot.peak_equity)
+        balances = self.balances_now()
+        return (dataclass_replace(balances, day_start_equity=bot.day_start_equity, peak_equity=bot.peak_equity),
+                self.positions)
 
     def balances_now(self) -> Any:
-        """The exchange's account at this cycle's prices, computed once per cycle (see _run_batch)."""
+        """The exchange's account at this cycle's prices, computed once per cycle with its positions (see _run_batch)."""
         if self.balances is None:
-            self.balances = self.exchange.account()
+            self.balances, self.positions = self.exchange.account_and_positions()
         return self.balances
 
     def recent_trades(self) -> list[Any]:

@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.db import connections, router
 
 from brain.schemas import (
     AccountView,
@@ -61,9 +62,9 @@ class StageEnv:
     sync_candles: bool = True
     # Replay keeps the recent trades in memory between trades instead of reading them every cycle.
     recent_trades_provider: Callable[[], list[TradeView]] | None = None
-    # Replay: the account as the brain sees it (balances plus the run's day-start/peak equity),
-    # kept between the events that change it instead of reading the bot state every cycle.
-    account_provider: Callable[[], Any] | None = None
+    # Replay: (account, open positions) as the brain sees them (balances plus the run's day-start/peak
+    # equity), kept between the events that change them instead of reading the bot state every cycle.
+    account_provider: Callable[[], tuple[Any, list[Any]]] | None = None
     # Replay: the run's bot state (execution.risk.BotStateView), kept between the events that change
     # it; live reads the row at each stage that needs it.
     bot_provider: Callable[[], Any] | None = None
@@ -172,10 +173,27 @@ class TradeViews:
         self.mode, self.run_id, self.limit = mode, run_id, limit
         self._keys: dict[int, tuple[Any, ...]] = {}  # id -> its key columns when converted
         self._views: dict[int, TradeView] = {}
+        self._light: tuple[str, str, tuple[Any, ...]] | None = None  # (database alias, SQL, params)
+
+    def _light_rows(self) -> list[tuple[Any, ...]]:
+        """(id, *_TRADE_KEY) of the last `limit` trades, as the database driver returns them.
+
+        The SQL is compiled once per instance: compiling the queryset cost about as much
+        as running it, on every live SCREENING. The values skip Django's converters;
+        they are only compared with the same read's earlier values, never shown.
+        """
+        alias = router.db_for_read(Trade)
+        if self._light is None or self._light[0] != alias:
+            rows = Trade.objects.using(alias).filter(mode=self.mode, run_id=self.run_id).order_by("-opened_at", "-id")
+            sql, params = rows.values_list("id", *_TRADE_KEY)[: self.limit].query.sql_with_params()
+            self._light = (alias, sql, tuple(params))
+        _, sql, params = self._light
+        with connections[alias].cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
 
     def read(self) -> list[TradeView]:
-        rows = Trade.objects.filter(mode=self.mode, run_id=self.run_id).order_by("-opened_at", "-id")
-        keys = {row[0]: row for row in rows.values_list("id", *_TRADE_KEY)[: self.limit]}
+        keys = {row[0]: row for row in self._light_rows()}
         changed = [pk for pk, key in keys.items() if self._keys.get(pk) != key]
         if changed:
             for trade in Trade.objects.filter(pk__in=changed).select_related("instrument"):
@@ -200,14 +218,14 @@ def recent_trades(*, mode: str, run_id: str, limit: int = RECENT_TRADES) -> list
 
 def brain_context(work: CycleWork, env: StageEnv) -> BrainContext:
     """Positions, account and recent trades as frozen views (brain never sees execution's objects)."""
-    from execution.selectors import account_and_positions, positions_open
+    from execution.selectors import account_and_positions
 
     if work.context is not None:
         return work.context
     trades = env.recent_trades_provider() if env.recent_trades_provider else recent_trades(mode=env.mode, run_id=env.run_id)
     strategies = {t.inst_id: t.strategy_used for t in trades if t.status == TradeStatus.OPEN}
     if env.account_provider is not None:
-        account, open_positions = env.account_provider(), positions_open(exchange=env.exchange)
+        account, open_positions = env.account_provider()
     else:
         # Live: the account is computed from the positions; one read gives both.
         account, open_positions = account_and_positions(exchange=env.exchange, scope=env.scope)

@@ -23,19 +23,26 @@ Model (documented, tested by hand-computed cases in tests/execution/test_paper_e
 memory between its own writes: a bar that triggers nothing (no funding time, no SL/TP/liquidation
 touched, no limit order crossed) only moves the in-memory price, written to PaperPrice before the
 next operation that reads it (and on `flush()`); positions and balances are computed from the
-in-memory copy of the rows, reloaded after every write. The figures are the same as without it
+in-memory copy of the rows. Its own writes (orders, closes, funding, SL/TP) work on that copy
+without locking or reading the account (nothing else writes it) and the copy follows the rows
+they saved; it is read again only after a write that failed, a resting limit order's fill and a
+cancel. The funding rate and the clock are kept in memory the same way (PaperPrice is written on
+`flush()`), and so is the set of the account's client order ids (the duplicate check). The rows
+kept hold what a read would give (`_as_read`). The figures are the same as without it
 (tests/tradebot/test_replay_runs.py runs one scenario through both and compares). Live workers share an account across
 processes, so they never use it.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone as dt_timezone
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
+from functools import cache
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import models, transaction
 from django.db.models import Exists, FilteredRelation, OuterRef, Q
 from django.utils import timezone
 
@@ -67,6 +74,31 @@ def next_funding_after(ts: datetime) -> datetime:
     ts = ts.astimezone(dt_timezone.utc)
     base = ts.replace(minute=0, second=0, microsecond=0, hour=(ts.hour // 8) * 8)
     return base + timedelta(hours=8)
+
+
+@cache
+def _read_forms(model: type[models.Model]) -> tuple[list[tuple[str, Decimal]], list[str]]:
+    """The model's decimal fields with their column's quantum, and its datetime fields."""
+    fields = model._meta.concrete_fields
+    decimals = [(f.attname, Decimal(1).scaleb(-f.decimal_places)) for f in fields if isinstance(f, models.DecimalField)]
+    return decimals, [f.attname for f in fields if isinstance(f, models.DateTimeField)]
+
+
+def _as_read(row: models.Model) -> models.Model:
+    """Give a row the values a read of it would: decimals at the column's scale (the database rounds
+    half away from zero), datetimes in UTC. The exclusive book keeps rows it wrote instead of reading
+    them, and what is built from them (positions, approvals, journal rows) prints them: it must hold
+    exactly what the read it replaces would have given."""
+    decimals, datetimes = _read_forms(type(row))
+    for name, quantum in decimals:
+        value = getattr(row, name)
+        if value is not None:
+            setattr(row, name, value.quantize(quantum, rounding=ROUND_HALF_UP))
+    for name in datetimes:
+        value = getattr(row, name)
+        if value is not None:
+            setattr(row, name, value.astimezone(dt_timezone.utc))
+    return row
 
 
 @dataclass
@@ -108,6 +140,11 @@ class PaperExchange(Exchange):
         self._book: _Book | None = None
         self._prices: dict[str, tuple[Decimal, datetime]] = {}  # exclusive: the last price and clock per instrument
         self._dirty: set[str] = set()  # prices not written to PaperPrice yet
+        self._funding: dict[str, Decimal | None] = {}  # exclusive: the funding rate per instrument (PaperPrice's)
+        self._funding_dirty: set[str] = set()  # funding rates not written to PaperPrice yet
+        self._client_ids: set[str] | None = None  # exclusive: every client order id of the account (read once)
+        self._clock_floor: datetime | None = None  # exclusive: the latest PaperPrice clock when first asked
+        self._clock_read = False
 
     def _account_resolve(self) -> int:
         return PaperAccount.objects.get_or_create(name=self._account_name, defaults={"cash": q(self._start_balance)})[0].pk
@@ -134,12 +171,46 @@ class PaperExchange(Exchange):
         """The database book was written: the memory copy is reloaded on next use."""
         self._book = None
 
+    def _memory_account(self, book: _Book) -> PaperAccount:
+        """Exclusive: the account row as the book knows it, to write under without a lock (no other writer)."""
+        return PaperAccount(pk=self.account_id, name=self._account_name, cash=book.cash)
+
+    def _book_keep(self, book: _Book, account: PaperAccount, *, positions: Iterable[PaperPosition] = (),
+                   orders: Iterable[PaperOrder] = ()) -> None:
+        """Exclusive: after a write that succeeded, the book follows the rows it saved (the objects in
+        hand, as written, with the values a read would give) instead of being read again: the
+        account's cash, the positions still open (in the model's order, as a read gives them) and
+        the orders still live. Whatever the write returns is built before (from the rows as they were)."""
+        held = book.positions + [p for p in positions if all(p is not b for b in book.positions)]
+        live = book.orders + [o for o in orders if all(o is not b for b in book.orders)]
+        self._book = _Book(
+            cash=_as_read(account).cash,  # type: ignore[attr-defined]
+            positions=sorted((_as_read(p) for p in held if p.status == "open"), key=lambda p: (p.opened_at, p.pk)),
+            orders=sorted((_as_read(o) for o in live if o.state == "live"), key=lambda o: (o.created_at, o.pk)),
+        )
+
+    def _client_id_known(self, client_order_id: str) -> bool:
+        """Exclusive: whether the account has an order with this client order id, from the set read once
+        (every order this instance writes is added to it when its transaction part succeeds)."""
+        if self._client_ids is None:
+            self._client_ids = set(PaperOrder.objects.filter(account_id=self.account_id).values_list("client_order_id", flat=True))
+        return client_order_id in self._client_ids
+
+    def _client_id_add(self, client_order_id: str) -> None:
+        if self._client_ids is not None:
+            self._client_ids.add(client_order_id)
+
     def flush(self) -> None:
-        """Write the in-memory prices to PaperPrice (exclusive mode; a no-op otherwise)."""
-        for inst_id in self._dirty:
-            last, ts = self._prices[inst_id]
-            PaperPrice.objects.filter(account_id=self.account_id, inst_id=inst_id).update(last=last, ts=ts)
+        """Write the in-memory prices and funding rates to PaperPrice (exclusive mode; a no-op otherwise)."""
+        for inst_id in self._dirty | self._funding_dirty:
+            fields: dict[str, Any] = {}
+            if inst_id in self._dirty:
+                fields["last"], fields["ts"] = self._prices[inst_id]
+            if inst_id in self._funding_dirty:
+                fields["funding_rate"] = self._funding[inst_id]
+            PaperPrice.objects.filter(account_id=self.account_id, inst_id=inst_id).update(**fields)
         self._dirty.clear()
+        self._funding_dirty.clear()
 
     def exposed(self) -> bool:
         """An open position or a resting order: every bar matters."""
@@ -195,9 +266,28 @@ class PaperExchange(Exchange):
         return row.last, row.ts  # type: ignore[return-value]
 
     def now(self) -> datetime:
+        if self.exclusive:
+            return self._memory_now()
+        return self._stored_now()
+
+    def _stored_now(self) -> datetime:
         self.flush()
         latest = PaperPrice.objects.filter(account_id=self.account_id, ts__isnull=False).order_by("-ts").values_list("ts", flat=True).first()
         return latest or timezone.now()
+
+    def _memory_now(self) -> datetime:
+        """Exclusive: `now()` without a read after the first. Only this instance writes the account's
+        clocks, each only forward and each kept in `_prices`, so the latest clock stored is the later
+        of the latest when first read and the latest in memory (UTC, as a read gives it)."""
+        if not self._clock_read:
+            self.flush()
+            self._clock_floor = PaperPrice.objects.filter(account_id=self.account_id, ts__isnull=False).order_by(
+                "-ts").values_list("ts", flat=True).first()
+            self._clock_read = True
+        clocks = [ts for _, ts in self._prices.values()]
+        if self._clock_floor is not None:
+            clocks.append(self._clock_floor)
+        return max(clocks).astimezone(dt_timezone.utc) if clocks else timezone.now()
 
     def liquidation_price(self, pos: PaperPosition, ct_val: Decimal) -> Decimal:
         qty = pos.size * ct_val
@@ -247,14 +337,17 @@ class PaperExchange(Exchange):
         try:
             return self._place_atomically(order)
         except ExchangeRejected as exc:
+            self._changed()
             # The transaction rolled back; the rejected order is still a row (like OKX's order history).
             row = getattr(exc, "row", None)
             if row is not None:
                 row.pk = None
                 row.save()
+                self._client_id_add(row.client_order_id)
             raise
-        finally:
-            self._changed()
+        except BaseException:
+            self._changed()  # rolled back: the memory copy (whose rows may have been changed) is read again
+            raise
 
     def _reject(self, row: PaperOrder, reason: str, code: str) -> ExchangeRejected:
         row.state, row.reason = "rejected", reason
@@ -264,14 +357,21 @@ class PaperExchange(Exchange):
 
     def _place_atomically(self, order: Any) -> ExchangeOrder:
         spec = self._spec(order.inst_id)
+        book = self._book_get() if self.exclusive else None
         with transaction.atomic():
-            account = self._locked_account()
-            # One read of the account's orders answers the duplicate check and the margin resting orders hold.
-            orders = list(PaperOrder.objects.filter(account=account).filter(
-                Q(client_order_id=order.client_order_id) | Q(state="live")).values_list("client_order_id", "state", "reserved_margin"))
-            if any(cid == order.client_order_id for cid, _, _ in orders):
+            if book is None:
+                account = self._locked_account()
+                # One read of the account's orders answers the duplicate check and the margin resting orders hold.
+                orders = list(PaperOrder.objects.filter(account=account).filter(
+                    Q(client_order_id=order.client_order_id) | Q(state="live")).values_list("client_order_id", "state", "reserved_margin"))
+                duplicate = any(cid == order.client_order_id for cid, _, _ in orders)
+                reserved = sum((r for _, state, r in orders if state == "live"), ZERO)
+            else:  # the only writer: the book in memory is the account, no lock and no read
+                account = self._memory_account(book)
+                duplicate = self._client_id_known(order.client_order_id)
+                reserved = sum((o.reserved_margin for o in book.orders), ZERO)
+            if duplicate:
                 raise ExchangeRejected(f"Duplicated clOrdId {order.client_order_id}", code="51016")
-            reserved = sum((r for _, state, r in orders if state == "live"), ZERO)
             last, now = self._last_price(order.inst_id)
             size = round_down_to_lot(order.size, spec.lot_sz) if order.size else order.size
             row = PaperOrder(
@@ -281,32 +381,40 @@ class PaperExchange(Exchange):
                 reduce_only=order.reduce_only, created_at=now, updated_at=now,
             )
             if order.reduce_only:
-                pos = PaperPosition.objects.filter(account=account, inst_id=order.inst_id, pos_side=order.pos_side, status="open").first()
+                if book is None:
+                    pos = PaperPosition.objects.filter(account=account, inst_id=order.inst_id, pos_side=order.pos_side, status="open").first()
+                else:  # in the model's order, as .first() would pick
+                    pos = next((p for p in book.positions if p.inst_id == order.inst_id and p.pos_side == order.pos_side), None)
                 if pos is None:
                     raise self._reject(row, "no position in this direction to reduce or close", "51169")
                 row.size = min(size or pos.size, pos.size)
                 self._fill(account, row, pos, spec, self._slipped(last, order.side, spec), self.taker_fee, now, kind="close")
-                return self._as_exchange_order(row)
-            if size < spec.min_sz or size <= 0:
-                raise self._reject(row, f"size {size} below minimum {spec.min_sz}", "51020")
-            marketable = order.order_type == "market" or (
-                (order.side == "buy" and order.price >= last) or (order.side == "sell" and order.price <= last)
-            )
-            # The open positions, read once: their margins for the check, and the one a fill adds to.
-            open_positions = list(PaperPosition.objects.filter(account=account, status="open"))
-            available = account.cash - sum((p.margin for p in open_positions), ZERO) - reserved
-            if marketable:
-                px = self._slipped(last, order.side, spec)
-                if order.order_type == "limit":  # never worse than the limit
-                    px = min(px, order.price) if order.side == "buy" else max(px, order.price)
-                self._require_margin(account, px * size * spec.ct_val, order.leverage, self.taker_fee, row, available=available)
-                self._fill(account, row, None, spec, px, self.taker_fee, now, kind="open", open_positions=open_positions)
             else:
-                need = order.price * size * spec.ct_val
-                self._require_margin(account, need, order.leverage, self.maker_fee, row, available=available)
-                row.reserved_margin = q(need / order.leverage + need * self.maker_fee)
-                row.save()
-            return self._as_exchange_order(row)
+                if size < spec.min_sz or size <= 0:
+                    raise self._reject(row, f"size {size} below minimum {spec.min_sz}", "51020")
+                marketable = order.order_type == "market" or (
+                    (order.side == "buy" and order.price >= last) or (order.side == "sell" and order.price <= last)
+                )
+                # The open positions, read once: their margins for the check, and the one a fill adds to.
+                open_positions = list(PaperPosition.objects.filter(account=account, status="open")) if book is None else book.positions
+                available = account.cash - sum((p.margin for p in open_positions), ZERO) - reserved
+                if marketable:
+                    px = self._slipped(last, order.side, spec)
+                    if order.order_type == "limit":  # never worse than the limit
+                        px = min(px, order.price) if order.side == "buy" else max(px, order.price)
+                    self._require_margin(account, px * size * spec.ct_val, order.leverage, self.taker_fee, row, available=available)
+                    pos = self._fill(account, row, None, spec, px, self.taker_fee, now, kind="open", open_positions=open_positions)
+                else:
+                    need = order.price * size * spec.ct_val
+                    self._require_margin(account, need, order.leverage, self.maker_fee, row, available=available)
+                    row.reserved_margin = q(need / order.leverage + need * self.maker_fee)
+                    row.save()
+                    pos = None
+        placed = self._as_exchange_order(row)
+        if book is not None:
+            self._book_keep(book, account, positions=[pos] if pos is not None else [], orders=[row])
+            self._client_id_add(row.client_order_id)
+        return placed
 
     def _slipped(self, last: Decimal, side: str, spec: Instrument) -> Decimal:
         factor = 1 + self.slippage if side == "buy" else 1 - self.slippage
@@ -391,24 +499,38 @@ class PaperExchange(Exchange):
 
     def close_position(self, *, inst_id: str, pos_side: str, client_order_id: str = "") -> ExchangeOrder | None:
         spec = self._spec(inst_id)
-        self._changed()
-        with transaction.atomic():
-            account = self._locked_account()
-            pos = PaperPosition.objects.filter(account=account, inst_id=inst_id, pos_side=pos_side, status="open").first()
-            if pos is None:
-                return None
-            last, now = self._last_price(inst_id)
-            side = "sell" if pos_side == "long" else "buy"
-            cl_ord_id = client_order_id or f"close{pos.pk}x{int(now.timestamp())}"
-            existing = PaperOrder.objects.filter(account=account, client_order_id=cl_ord_id).first()
-            if existing is not None:
-                return self._as_exchange_order(existing)
-            row = PaperOrder.objects.create(
-                account=account, client_order_id=cl_ord_id, inst_id=inst_id, side=side, pos_side=pos_side, ord_type="market",
-                size=pos.size, reduce_only=True, leverage=pos.leverage, created_at=now, updated_at=now,
-            )
-            self._fill(account, row, pos, spec, self._slipped(last, side, spec), self.taker_fee, now, kind="close")
-            return self._as_exchange_order(row)
+        book = self._book_get() if self.exclusive else None
+        try:
+            with transaction.atomic():
+                if book is None:
+                    account = self._locked_account()
+                    pos = PaperPosition.objects.filter(account=account, inst_id=inst_id, pos_side=pos_side, status="open").first()
+                else:  # the only writer: the book in memory is the account (positions in the model's order)
+                    account = self._memory_account(book)
+                    pos = next((p for p in book.positions if p.inst_id == inst_id and p.pos_side == pos_side), None)
+                if pos is None:
+                    return None
+                last, now = self._last_price(inst_id)
+                side = "sell" if pos_side == "long" else "buy"
+                cl_ord_id = client_order_id or f"close{pos.pk}x{int(now.timestamp())}"
+                if book is None or self._client_id_known(cl_ord_id):
+                    existing = PaperOrder.objects.filter(account=account, client_order_id=cl_ord_id).first()
+                    if existing is not None:
+                        return self._as_exchange_order(existing)
+                # Unsaved: the fill writes it once, with its final state (one INSERT, not an INSERT and an UPDATE).
+                row = PaperOrder(
+                    account=account, client_order_id=cl_ord_id, inst_id=inst_id, side=side, pos_side=pos_side, ord_type="market",
+                    size=pos.size, reduce_only=True, leverage=pos.leverage, created_at=now, updated_at=now,
+                )
+                self._fill(account, row, pos, spec, self._slipped(last, side, spec), self.taker_fee, now, kind="close")
+        except BaseException:
+            self._changed()  # rolled back: the memory copy (whose rows may have been changed) is read again
+            raise
+        closed = self._as_exchange_order(row)
+        if book is not None:
+            self._book_keep(book, account, positions=[pos])
+            self._client_id_add(cl_ord_id)
+        return closed
 
     def cancel_order(self, *, inst_id: str, client_order_id: str) -> ExchangeOrder | None:
         self._changed()
@@ -499,6 +621,12 @@ class PaperExchange(Exchange):
     # --- prices in -----------------------------------------------------------------------
     def set_funding_rate(self, inst_id: str, rate: Decimal | None) -> None:
         """The funding rate charged at the next settlements (None: unknown, nothing is charged)."""
+        if self.exclusive and inst_id in self._prices:
+            # The price row exists (its price is in memory) and only this instance reads the rate back
+            # (`_advance`, after a flush): kept in memory, written with the price on `flush()`.
+            self._funding[inst_id] = rate
+            self._funding_dirty.add(inst_id)
+            return
         row, _ = PaperPrice.objects.get_or_create(account_id=self.account_id, inst_id=inst_id)
         row.funding_rate = rate
         row.save(update_fields=["funding_rate"])
@@ -544,6 +672,9 @@ class PaperExchange(Exchange):
             self._dirty.add(inst_id)
             return
         spec = self._spec(inst_id)  # an unknown instrument is refused (51001) before anything is written
+        if self.exclusive and inst_id in self._prices and inst_id in self._funding:
+            self._advance_in_memory(inst_id, spec, ts=ts, open_=open_, high=high, low=low, close=close)
+            return
         self.flush()
         before = self._book
         self._changed()
@@ -567,13 +698,49 @@ class PaperExchange(Exchange):
             price_row.save(update_fields=["last", "ts"])
         if self.exclusive:
             self._prices[inst_id] = (q(close), price_row.ts)
+            self._funding[inst_id] = price_row.funding_rate
             if before is not None and not limits:
                 # The rows this bar wrote are the ones in hand (read under the lock, saved): the
                 # book follows them instead of being read again (funding and SL/TP are most of the
                 # bars that get here). With a limit order a fill may have opened a position: read.
-                kept = [p for p in before.positions if p.inst_id != inst_id]
-                self._book = _Book(cash=account.cash, orders=before.orders, positions=sorted(
-                    kept + [p for p in positions if p.status == "open"], key=lambda p: (p.opened_at, p.pk)))
+                others = _Book(cash=before.cash, orders=before.orders, positions=[p for p in before.positions if p.inst_id != inst_id])
+                self._book_keep(others, account, positions=positions)
+
+    def _advance_in_memory(self, inst_id: str, spec: Instrument, *, ts: datetime, open_: Decimal, high: Decimal, low: Decimal,
+                           close: Decimal) -> None:
+        """`_advance` of the exclusive instance on its book in memory: the rows `_advance` would read
+        under the account lock (account, the instrument's open positions and resting limit orders,
+        the funding rate) are the ones in hand, since nothing else writes the account. The bar's
+        writes are the same; the price and clock move in memory (written on `flush()`).
+
+        No savepoint inside a caller's transaction: a bar that fails leaves that transaction to roll
+        back whole (Django refuses further queries in it), so none of its writes can be kept. The
+        replay's walker, the one caller, lets such an error end the replay and its batch anyway.
+        """
+        book = self._book_get()
+        positions = [p for p in book.positions if p.inst_id == inst_id]  # in the model's order, as the read gives them
+        limits = [o for o in book.orders if o.inst_id == inst_id and o.ord_type == "limit"]
+        filled = False
+        try:
+            with transaction.atomic(savepoint=False):
+                account = self._memory_account(book)
+                if positions:
+                    self._apply_funding(account, inst_id, ts, open_, self._funding[inst_id], positions)
+                    for pos in positions:
+                        self._triggers(account, pos, spec, ts, open_, high, low)
+                for row in limits:
+                    if self._crossed(row, high, low):
+                        self._fill(account, row, None, spec, row.price, self.maker_fee, ts, kind="open")  # type: ignore[arg-type]
+                        filled = True
+        except BaseException:
+            self._changed()  # rolled back: the memory copy (whose rows may have been changed) is read again
+            raise
+        self._prices[inst_id] = (q(close), max(ts, self._prices[inst_id][1]))
+        self._dirty.add(inst_id)
+        if filled:
+            self._changed()  # a limit fill may have opened a position: read the book again
+        else:
+            self._book_keep(book, account)
 
     def _price_only(self, account: PaperAccount, inst_id: str, *, ts: datetime, close: Decimal) -> bool:
         """The usual live tick with no position on the instrument, in one UPDATE: only its price moves.

@@ -77,6 +77,20 @@ def _dec(x: float) -> Decimal:
     return Decimal(repr(float(x)))
 
 
+@dataclass(slots=True)
+class _DayRange:
+    """The last 24 h high and low `Series.day_range` gave: its bars, where the extremes are, their Decimals."""
+
+    start: int
+    end: int
+    high: float
+    high_at: int
+    high_dec: Decimal
+    low: float
+    low_at: int
+    low_dec: Decimal
+
+
 @dataclass
 class Series:
     """One instrument's bars on one timeframe: sorted open times (ms) and float OHLCV."""
@@ -89,6 +103,8 @@ class Series:
     close: np.ndarray
     volume: np.ndarray
     _bars: list[Bar | None] = field(default_factory=list, repr=False)
+    _day_range: _DayRange | None = field(default=None, repr=False)
+    _positive_hl: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ts = np.asarray(self.ts, dtype=np.int64)
@@ -104,16 +120,47 @@ class Series:
             for name in ("open", "high", "low", "close", "volume"):
                 setattr(self, name, getattr(self, name)[keep])
         self._bars = [None] * len(self.ts)
+        # No NaN and no zeros (so no signed zeros): equal highs (lows) are the same float.
+        self._positive_hl = bool((self.high > 0).all() and (self.low > 0).all())
 
     def __len__(self) -> int:
         return len(self.ts)
 
     def closed_end(self, clock_ms: int, before_ms: int | None = None) -> int:
         """Index one past the last bar closed by `clock_ms` (and opening before `before_ms`)."""
-        end = int(np.searchsorted(self.ts, clock_ms - self.tf_ms, side="right"))
+        end = int(self.ts.searchsorted(clock_ms - self.tf_ms, side="right"))
         if before_ms is not None:
-            end = min(end, int(np.searchsorted(self.ts, before_ms, side="left")))
+            end = min(end, int(self.ts.searchsorted(before_ms, side="left")))
         return end
+
+    def day_range(self, start: int, end: int) -> tuple[Decimal, Decimal]:
+        """`_dec` of (high[start:end].max(), low[start:end].min()), start < end: the ticker's 24 h high and low.
+
+        The ticker's window slides forward a bar at a time, so while the last answer's extremes are
+        still inside it only the bars added since are compared, and an unchanged extreme keeps its
+        Decimal. Max and min are exact, so this is the slices' own answer.
+        """
+        if not self._positive_hl:  # NaN or zero prices: the slices' own max and min, nothing remembered
+            return _dec(self.high[start:end].max()), _dec(self.low[start:end].min())
+        last = self._day_range
+        # The window moved forward by a few bars and both extremes are still in it.
+        if (last is not None and last.start <= start <= min(last.high_at, last.low_at)
+                and last.end <= end <= last.end + 12):
+            high, high_at, low, low_at = last.high, last.high_at, last.low, last.low_at
+            for i in range(last.end, end):
+                h, lo = float(self.high[i]), float(self.low[i])
+                if h >= high:
+                    high, high_at = h, i
+                if lo <= low:
+                    low, low_at = lo, i
+        else:
+            high_at = start + int(self.high[start:end].argmax())
+            low_at = start + int(self.low[start:end].argmin())
+            high, low = float(self.high[high_at]), float(self.low[low_at])
+        high_dec = last.high_dec if last is not None and high == last.high else _dec(high)
+        low_dec = last.low_dec if last is not None and low == last.low else _dec(low)
+        self._day_range = _DayRange(start, end, high, high_at, high_dec, low, low_at, low_dec)
+        return high_dec, low_dec
 
     def bar(self, i: int) -> Bar:
         cached = self._bars[i]
@@ -193,6 +240,13 @@ class ReplayFeed:
         self._oi: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self._specs = {s.inst_id: s for s in instruments or []}
         self._clock_ms: int | None = None
+        self._finest_series: dict[str, Series] = {}
+        # The last answer of each per-instrument lookup, by the data row it came from: a replay asks
+        # every 5 minutes for values that change every hour (open interest) or 8 hours (funding).
+        # The values are frozen, so handing the same one out again is handing out an equal one.
+        self._funding_last: dict[str, tuple[tuple[int, int], FundingRate]] = {}
+        self._oi_last: dict[str, tuple[int, OpenInterest]] = {}
+        self._oi_at_last: dict[str, tuple[int, Decimal]] = {}
         if clock is not None:
             self.set_clock(clock)
         if name:
@@ -203,6 +257,7 @@ class ReplayFeed:
                    low: np.ndarray, close: np.ndarray, volume: np.ndarray) -> None:
         self._native[(inst_id, timeframe)] = Series(tf_ms(timeframe), ts, open, high, low, close, volume)
         self._derived = {k: v for k, v in self._derived.items() if k[0] != inst_id}
+        self._finest_series.pop(inst_id, None)
 
     def add_csv(self, inst_id: str, path: str | Path, timeframe: str | None = None) -> str:
         """Load a candle CSV; the timeframe is inferred from the spacing unless given. Returns it."""
@@ -221,12 +276,15 @@ class ReplayFeed:
     def add_funding(self, inst_id: str, *, ts: np.ndarray, rate: np.ndarray) -> None:
         order = np.argsort(ts)
         self._funding[inst_id] = (np.asarray(ts, np.int64)[order], np.asarray(rate, float)[order])
+        self._funding_last.pop(inst_id, None)
 
     def add_open_interest(self, inst_id: str, *, ts: np.ndarray, oi_contracts: np.ndarray,
                           oi_ccy: np.ndarray | None = None) -> None:
         order = np.argsort(ts)
         self._oi[inst_id] = (np.asarray(ts, np.int64)[order], np.asarray(oi_contracts, float)[order],
                              None if oi_ccy is None else np.asarray(oi_ccy, float)[order])
+        self._oi_last.pop(inst_id, None)
+        self._oi_at_last.pop(inst_id, None)
 
     @classmethod
     def from_csv(cls, path: str | Path, *, inst_id: str, timeframe: str | None = None,
@@ -337,10 +395,13 @@ class ReplayFeed:
         return self._derived[key]
 
     def _finest(self, inst_id: str) -> Series:
-        tfs = self.timeframes(inst_id)
-        if not tfs:
-            raise FeedPermanentError(f"replay has no candles for {inst_id}")
-        return self._native[(inst_id, tfs[0])]
+        finest = self._finest_series.get(inst_id)
+        if finest is None:
+            tfs = self.timeframes(inst_id)
+            if not tfs:
+                raise FeedPermanentError(f"replay has no candles for {inst_id}")
+            finest = self._finest_series[inst_id] = self._native[(inst_id, tfs[0])]
+        return finest
 
     def data_range(self, inst_id: str) -> tuple[datetime, datetime]:
         """(open of the first, close of the last) bar of the finest timeframe."""
@@ -374,7 +435,8 @@ class ReplayFeed:
         if end == 0:
             raise FeedPermanentError(f"replay has no closed {inst_id} bar at {ms_to_dt(now).isoformat()}")
         last_close_ms = int(s.ts[end - 1]) + s.tf_ms
-        day_start = int(np.searchsorted(s.ts, last_close_ms - DAY_MS, side="left"))
+        day_start = int(s.ts.searchsorted(last_close_ms - DAY_MS, side="left"))
+        high_24h, low_24h = s.day_range(day_start, end)
         return Ticker(
             inst_id=inst_id,
             ts=ms_to_dt(last_close_ms),
@@ -382,8 +444,8 @@ class ReplayFeed:
             bid=None,
             ask=None,
             open_24h=_dec(s.open[day_start]),
-            high_24h=_dec(s.high[day_start:end].max()),
-            low_24h=_dec(s.low[day_start:end].min()),
+            high_24h=high_24h,
+            low_24h=low_24h,
             volume_24h=_dec(round(float(s.volume[day_start:end].sum()), 8)),
         )
 
@@ -392,32 +454,46 @@ class ReplayFeed:
 
     def funding_rate(self, inst_id: str) -> FundingRate:
         now = self._now_ms()
-        next_time = ms_to_dt((now // FUNDING_INTERVAL_MS + 1) * FUNDING_INTERVAL_MS)
+        next_ms = (now // FUNDING_INTERVAL_MS + 1) * FUNDING_INTERVAL_MS
         data = self._funding.get(inst_id)
-        if data is None:
-            return FundingRate(inst_id=inst_id, ts=self.now(), rate=None, next_funding_time=next_time)
+        i = -1 if data is None else int(data[0].searchsorted(now, side="right")) - 1
+        if data is None or i < 0:
+            return FundingRate(inst_id=inst_id, ts=self.now(), rate=None, next_funding_time=ms_to_dt(next_ms))
+        last = self._funding_last.get(inst_id)
+        if last is not None and last[0] == (i, next_ms):
+            return last[1]
         ts, rate = data
-        i = int(np.searchsorted(ts, now, side="right")) - 1
-        if i < 0:
-            return FundingRate(inst_id=inst_id, ts=self.now(), rate=None, next_funding_time=next_time)
-        return FundingRate(inst_id=inst_id, ts=ms_to_dt(int(ts[i])), rate=_dec(rate[i]), next_funding_time=next_time)
+        funding = FundingRate(inst_id=inst_id, ts=ms_to_dt(int(ts[i])), rate=_dec(rate[i]),
+                              next_funding_time=ms_to_dt(next_ms))
+        self._funding_last[inst_id] = ((i, next_ms), funding)
+        return funding
 
     def open_interest(self, inst_id: str) -> OpenInterest:
         data = self._oi.get(inst_id)
-        i = -1 if data is None else int(np.searchsorted(data[0], self._now_ms(), side="right")) - 1
+        i = -1 if data is None else int(data[0].searchsorted(self._now_ms(), side="right")) - 1
         if data is None or i < 0:
             return OpenInterest(inst_id=inst_id, ts=self.now(), oi_contracts=None, oi_ccy=None)
+        last = self._oi_last.get(inst_id)
+        if last is not None and last[0] == i:
+            return last[1]
         ts, contracts, ccy = data
-        return OpenInterest(inst_id=inst_id, ts=ms_to_dt(int(ts[i])), oi_contracts=_dec(contracts[i]),
-                            oi_ccy=None if ccy is None else _dec(ccy[i]))
+        oi = OpenInterest(inst_id=inst_id, ts=ms_to_dt(int(ts[i])), oi_contracts=_dec(contracts[i]),
+                          oi_ccy=None if ccy is None else _dec(ccy[i]))
+        self._oi_last[inst_id] = (i, oi)
+        return oi
 
     def open_interest_at(self, inst_id: str, when: datetime) -> Decimal | None:
         """Open interest (contracts) at or before `when` (never after the clock): for the 4H change."""
         data = self._oi.get(inst_id)
         if data is None:
             return None
-        i = int(np.searchsorted(data[0], min(dt_to_ms(when), self._now_ms()), side="right")) - 1
-        return None if i < 0 else _dec(data[1][i])
+        i = int(data[0].searchsorted(min(dt_to_ms(when), self._now_ms()), side="right")) - 1
+        if i < 0:
+            return None
+        last = self._oi_at_last.get(inst_id)
+        if last is None or last[0] != i:
+            last = self._oi_at_last[inst_id] = (i, _dec(data[1][i]))
+        return last[1]
 
 
 MANIFEST = "manifest.json"

@@ -122,3 +122,36 @@ def test_rows_built_for_bulk_insert_also_go_through_bulk_create_and_its_upsert(b
     Cycle.objects.bulk_create(rows, update_conflicts=True, unique_fields=["id"], update_fields=list(CYCLE_FIELDS))
     stored = list(Cycle.objects.filter(run_id="bulk-upsert").order_by("as_of").values_list("state", "reason", "instrument_id"))
     assert stored == [(CycleState.DONE, "held at 00", btc.pk), (CycleState.DONE, "held at 05", btc.pk)]
+
+
+def _json_values_as_a_save_stores_them(btc: Instrument) -> None:
+    """The bulk path's JSON (orjson on PostgreSQL) stores what save() stores, and refuses what it refuses."""
+    odd = {"int_key": {1: "one"}, "big": 2**70, "float": 0.1 + 0.2, "tiny": 1e-12, "text": "ü\t\\\n\"", "list": [True, None]}
+    saved = _cycle(btc, 10)
+    saved.decision = odd
+    saved.save()
+    with transaction.atomic():
+        row = _cycle(btc, 11)
+        row.decision = odd
+        (row.pk,) = ids_reserve(model=Cycle, count=1)
+        rows_insert(model=Cycle, objs=[row])
+    stored = Cycle.objects.get(pk=row.pk).decision
+    assert stored == Cycle.objects.get(pk=saved.pk).decision
+    assert stored["int_key"] == {"1": "one"} and stored["big"] == 2**70 and stored["float"] == 0.1 + 0.2
+    with pytest.raises(TypeError):  # a datetime is not JSON to save() either
+        with transaction.atomic():
+            bad = _cycle(btc, 12)
+            bad.decision = {"at": AS_OF}
+            (bad.pk,) = ids_reserve(model=Cycle, count=1)
+            rows_insert(model=Cycle, objs=[bad])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_json_columns_go_in_as_a_save_stores_them_on_sqlite(btc: Instrument) -> None:
+    _json_values_as_a_save_stores_them(btc)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_json_columns_go_in_as_a_save_stores_them_on_postgresql(btc: Instrument) -> None:
+    _json_values_as_a_save_stores_them(btc)
