@@ -491,8 +491,7 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
         # Without a transaction (a network brain) rows that point to a cycle need it to exist first.
         placeholders = Cycle.objects.bulk_create(fresh)
     screener_logs: list[ScreenerLog] = []
-    for cycle in placeholders:
-        cycle.instrument = instrument
+    for cycle in placeholders:  # each holds `instrument` already (row_new caches it; bulk_create returns the same rows)
         exposed = env.exchange.exposed()
         walker.advance(cycle.as_of, exposed)
         run.balances = None  # new prices

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from market.feeds.base import FeedPermanentError
-from market.feeds.replay import ReplayFeed, read_candle_csv
+from market.feeds.replay import DAY_MS, ReplayFeed, Series, _dec, read_candle_csv
 
 BTC = "BTC-USDT-SWAP"
 TF_MS = {"5m": 300_000, "15m": 900_000, "1H": 3_600_000, "4H": 14_400_000}
@@ -155,3 +155,127 @@ def test_a_bucket_with_a_missing_base_bar_is_not_a_bar() -> None:
     hours = feed.candles(BTC, "1H", limit=10)
     assert [b.ts.hour for b in hours] == [1]
     assert hours[0].open == Decimal("112.0") and hours[0].high == Decimal("124.0") and hours[0].volume == Decimal("12.0")
+
+
+def _series_5m(high: np.ndarray, low: np.ndarray) -> Series:
+    ts = np.arange(len(high), dtype=np.int64) * 300_000
+    mid = (high + low) / 2
+    return Series(300_000, ts, mid, high, low, mid, np.ones(len(high)))
+
+
+def _slices_answer(s: Series, start: int, end: int) -> tuple[str, str]:
+    # Text, not Decimal equality: NaN equals nothing, and "0.0" and "-0.0" are equal Decimals.
+    return str(_dec(s.high[start:end].max())), str(_dec(s.low[start:end].min()))
+
+
+def _windows_of_every_move(n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(start, end) windows over n bars, in the order the ticker could ask for them: forward a bar
+    at a time, forward by up to 12 and by more, backwards, shrinking and growing, then at random."""
+    windows: list[tuple[int, int]] = []
+    width = 30  # narrower than a day, so extremes leave the window often
+
+    def add(new_start: int, new_end: int) -> None:
+        new_start = min(max(new_start, 0), n - 1)
+        windows.append((new_start, min(max(new_end, new_start + 1), n)))
+
+    for start in range(0, n // 3):  # sliding bar by bar: the replay's every cycle
+        add(start, start + width)
+    for _ in range(40):  # forward by 2..12 bars (still the incremental window), start moving its own way
+        start, end = windows[-1]
+        add(start + int(rng.integers(0, 13)), end + int(rng.integers(2, 13)))
+    for _ in range(40):  # forward by more than 12 bars
+        start, end = windows[-1]
+        step = int(rng.integers(13, 60))
+        add(start + step, end + step)
+        if end + step >= n:
+            add(n // 2, n // 2 + width)
+    for _ in range(40):  # backwards, a bar or many
+        start, end = windows[-1]
+        step = int(rng.integers(1, 40))
+        add(start - step, end - step)
+    for _ in range(80):  # shrinking and growing from either side (a gap entering or leaving the day)
+        start, end = windows[-1]
+        add(start + int(rng.integers(-8, 9)), end + int(rng.integers(-8, 9)))
+    for _ in range(200):  # anywhere at all
+        a, b = sorted(int(x) for x in rng.integers(0, n + 1, size=2))
+        add(a, b)
+    return windows
+
+
+def _highs_lows(kind: str, rng: np.random.Generator, n: int = 1500) -> tuple[np.ndarray, np.ndarray]:
+    close = 20_000 + np.cumsum(rng.normal(0, 15, n))
+    high = close + np.abs(rng.normal(0, 10, n))
+    low = close - np.abs(rng.normal(0, 10, n))
+    if kind == "coarse tick":  # moves of a few ticks: many equal highs and equal lows, new ones a tick beyond
+        close = 20_000 + np.cumsum(rng.normal(0, 1.5, n))
+        high = np.ceil(close + np.abs(rng.normal(0, 1, n)))
+        low = np.floor(close - np.abs(rng.normal(0, 1, n)))
+    elif kind == "flat runs":  # the same high (low) bar after bar, then a new one equal to an old one
+        high, low = np.repeat(np.round(high[::25], 1), 25)[:n], np.repeat(np.round(low[::25], 1), 25)[:n]
+    elif kind == "spikes":  # lone extremes that the window slides past
+        for i in rng.choice(n, size=30, replace=False):
+            high[i] += 3_000
+        for i in rng.choice(n, size=30, replace=False):
+            low[i] -= 3_000
+    return high, low
+
+
+@pytest.mark.parametrize("kind", ["random walk", "coarse tick", "flat runs", "spikes"])
+def test_day_range_equals_the_slices_max_and_min_for_windows_moving_every_way(kind: str) -> None:
+    rng = np.random.default_rng(20260521)
+    high, low = _highs_lows(kind, rng)
+    s = _series_5m(high, low)
+    assert s._positive_hl  # these prices take the remembering path
+    for start, end in _windows_of_every_move(len(s), rng):
+        got = s.day_range(start, end)
+        assert (str(got[0]), str(got[1])) == _slices_answer(s, start, end), (kind, start, end)
+
+
+@pytest.mark.parametrize("bad", ["nan high", "nan low", "zero low", "negative zero low"])
+def test_day_range_with_a_nan_or_zero_price_is_still_the_slices_own_answer(bad: str) -> None:
+    rng = np.random.default_rng(7)
+    high, low = _highs_lows("coarse tick", rng, n=600)
+    where = [100, 101, 350]
+    if bad == "nan high":
+        high[where] = np.nan
+    elif bad == "nan low":
+        low[where] = np.nan
+    else:
+        low[where] = 0.0 if bad == "zero low" else -0.0
+        low[where[0] + 3] = 0.0  # both signs of zero in one window
+    s = _series_5m(high, low)
+    assert not s._positive_hl  # the fallback path
+    for start, end in _windows_of_every_move(len(s), rng):
+        got = s.day_range(start, end)
+        assert (str(got[0]), str(got[1])) == _slices_answer(s, start, end), (bad, start, end)
+
+
+def test_the_ticker_24h_high_and_low_are_those_of_the_last_24h_bars_at_every_clock() -> None:
+    rng = np.random.default_rng(11)
+    n = 6 * 288  # six days of 5m bars
+    high, low = _highs_lows("coarse tick", rng, n=n)
+    base_ms = int(datetime(2024, 3, 1, tzinfo=UTC).timestamp() * 1000)
+    ts = base_ms + np.arange(n, dtype=np.int64) * 300_000
+    keep = np.ones(n, dtype=bool)
+    keep[400:460] = False  # a five-hour outage: the day shrinks as it enters, grows as it leaves
+    keep[rng.choice(n, size=40, replace=False)] = False  # and single missing bars
+    ts, high, low = ts[keep], high[keep], low[keep]
+    mid = (high + low) / 2
+    feed = ReplayFeed()
+    feed.add_series(BTC, "5m", ts=ts, open=mid, high=high, low=low, close=mid, volume=np.ones(len(ts)))
+
+    first = datetime(2024, 3, 1, 0, 5, tzinfo=UTC)
+    clocks = [first + timedelta(minutes=5 * i) for i in range(1, 900)]  # the replay: a bar per cycle
+    clocks += [clocks[-1] + timedelta(seconds=int(s)) for s in np.cumsum(rng.integers(1, 3 * 3600, 60))]  # jumps
+    clocks += [first + timedelta(seconds=int(s)) for s in rng.integers(0, 6 * 86_400, 150)]  # anywhere, back too
+    clocks += [datetime(2024, 3, 2, 15, tzinfo=UTC) + timedelta(minutes=5 * i) for i in range(100)]  # again forward
+    for clock in clocks:
+        feed.set_clock(clock)
+        clock_ms = base_ms + int((clock - datetime(2024, 3, 1, tzinfo=UTC)).total_seconds()) * 1000
+        closed = ts + 300_000 <= clock_ms
+        last_close = int(ts[closed][-1]) + 300_000
+        day = closed & (ts >= last_close - DAY_MS)
+        ticker = feed.ticker(BTC)
+        assert ticker.ts == datetime.fromtimestamp(last_close / 1000, tz=UTC)
+        assert (ticker.high_24h, ticker.low_24h) == (_dec(high[day].max()), _dec(low[day].min())), clock
+        assert (str(ticker.high_24h), str(ticker.low_24h)) == (str(_dec(high[day].max())), str(_dec(low[day].min())))

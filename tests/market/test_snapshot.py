@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from django.conf import settings as django_settings
 
 from market.feeds.base import (
     BookLevel,
@@ -22,10 +23,12 @@ from market.feeds.base import (
     OrderBook,
     Ticker,
 )
+from market.feeds.replay import ReplayFeed
 from market.indicators import COLUMNS, WINDOW_DEPENDENT, indicators_compute
 from market.schemas import MarketSnapshot
 from market.snapshot import (
     SnapshotUnavailable,
+    TimeframeSeries,
     closed_by,
     snapshot_build,
     snapshot_from_frames,
@@ -315,3 +318,84 @@ def test_an_indicator_set_built_without_validation_equals_the_validated_one(real
     built = indicator_set_from_row(row)
     assert built == IndicatorSet.model_validate(built.model_dump())
     assert IndicatorSet.model_validate_json(built.model_dump_json()) == built
+
+
+LATE_START = timedelta(days=3)
+
+
+def _replay_parts(timeframes: tuple[str, ...], *, empty: tuple[str, ...] = (), late: tuple[str, ...] = ()) -> tuple[
+        ReplayFeed, datetime, dict[str, pd.DataFrame], dict[str, pd.DataFrame], dict[str, TimeframeSeries]]:
+    """A 5m replay feed on seeded data and, as tradebot.replay.FrameSnapshots builds them, its whole-history
+    frames, their indicators and the TimeframeSeries over those very frames (`empty`: a frame with no rows;
+    `late`: a frame starting LATE_START after the data, as a live 15m window is shorter than the 1H one)."""
+    rng = np.random.default_rng(42)
+    n = 25 * 288  # 25 days of 5m bars
+    start = datetime(2024, 4, 1, tzinfo=UTC)
+    ts = int(start.timestamp() * 1000) + np.arange(n, dtype=np.int64) * 300_000
+    close = 60_000 * np.exp(np.cumsum(rng.normal(0, 0.004, n)))  # moves of 1% an hour and more: some anomalies
+    open_ = np.concatenate([[close[0]], close[:-1]])
+    high = np.maximum(open_, close) * (1 + np.abs(rng.normal(0, 0.001, n)))
+    low = np.minimum(open_, close) * (1 - np.abs(rng.normal(0, 0.001, n)))
+    keep = np.ones(n, dtype=bool)
+    keep[3000:3050] = False  # an outage: no 15m or 1H candles for hours
+    keep[rng.choice(n, size=30, replace=False)] = False  # single missing bars: their 15m and 1H buckets are gaps
+    feed = ReplayFeed()
+    feed.add_series(INST, "5m", ts=ts[keep], open=np.round(open_[keep], 1), high=np.round(high[keep], 1),
+                    low=np.round(low[keep], 1), close=np.round(close[keep], 1), volume=rng.uniform(1, 50, n)[keep])
+    until = start + timedelta(days=25)
+    feed.set_clock(until)
+    frames: dict[str, pd.DataFrame] = {}
+    computed: dict[str, pd.DataFrame] = {}
+    series: dict[str, TimeframeSeries] = {}
+    window = int(django_settings.INDICATOR_HISTORY_CANDLES)
+    for tf in timeframes:
+        frame = feed.frame(INST, tf, limit=10_000_000)
+        frame = frame.iloc[:0] if tf in empty else frame.loc[start + LATE_START:] if tf in late else frame
+        frames[tf] = frame
+        if not frame.empty:
+            computed[tf] = indicators_compute(frame)
+        series[tf] = TimeframeSeries(timeframe=tf, candles=frame, computed=computed.get(tf), window=window,
+                                     recent=int(django_settings.SNAPSHOT_RECENT_CANDLES))
+    return feed, start, frames, computed, series
+
+
+def _clocks(start: datetime) -> list[datetime]:
+    rng = np.random.default_rng(5)
+    early = [start + timedelta(minutes=5 * k) for k in range(1, 40)]  # the first hours: nothing closed an hour before
+    early += [start + LATE_START + timedelta(minutes=5 * k) for k in range(1, 30)]  # the first hours of a late frame
+    aligned = [start + timedelta(days=9, minutes=5 * k) for k in range(150)]  # a replay's cycles, 15m closes among them
+    outage = [start + timedelta(minutes=5 * k) for k in range(2990, 3080, 3)]  # into and out of the outage
+    anywhere = [start + timedelta(seconds=int(s), microseconds=int(us))  # not on any candle boundary
+                for s, us in zip(rng.integers(600, 25 * 86_400, 120), rng.integers(0, 1_000_000, 120), strict=True)]
+    return early + aligned + outage + anywhere
+
+
+@pytest.mark.parametrize(("timeframes", "empty", "late"), [
+    (("15m", "1H", "4H"), (), ()),  # the 15m candles give the change
+    (("1H", "4H"), (), ()),  # no 15m key: the 1H candles give it
+    (("15m", "1H", "4H"), ("15m",), ()),  # an empty 15m frame: the 1H candles give it
+    (("15m", "1H", "4H"), (), ("15m",)),  # 15m candles, none an hour before the clock, 1H ones: no change
+], ids=["15m", "no 15m key", "empty 15m frame", "15m frame starting after the 1H one"])
+def test_the_replay_series_give_the_same_snapshot_as_the_frames_alone(timeframes: tuple[str, ...],
+                                                                      empty: tuple[str, ...],
+                                                                      late: tuple[str, ...]) -> None:
+    # FrameSnapshots passes its TimeframeSeries so price_change_1h reads their numpy arrays:
+    # the snapshot must be the one the frames alone give, whatever the clock.
+    feed, start, frames, computed, series = _replay_parts(timeframes, empty=empty, late=late)
+    changes: list[float | None] = []
+    for i, as_of in enumerate(_clocks(start)):
+        feed.set_clock(as_of)
+        # Without a ticker (once a candle has closed) the price is the last close.
+        ticker = None if i % 3 == 1 and as_of >= start + timedelta(hours=5) else feed.ticker(INST)
+        common = dict(inst_id=INST, as_of=as_of, source="replay", candles=frames, computed=computed, ticker=ticker,
+                      window=int(django_settings.INDICATOR_HISTORY_CANDLES))
+        alone = snapshot_from_frames(**common)
+        with_series = snapshot_from_frames(**common, series=series)
+        assert with_series.model_dump() == alone.model_dump(), as_of
+        assert repr(with_series) == repr(alone), as_of
+        changes.append(alone.price_change_1h_pct)
+    # Every kind of answer was met: none (no candle closed an hour before), moves, and anomalous moves.
+    assert None in changes
+    moves = [c for c in changes if c is not None]
+    assert len(moves) > 200 and len(set(moves)) > 100
+    assert any(abs(c) > 0.02 for c in moves)
