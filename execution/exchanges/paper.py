@@ -271,18 +271,19 @@ class PaperExchange(Exchange):
         return self._stored_now()
 
     def _stored_now(self) -> datetime:
+        return self._latest_stored_clock() or timezone.now()
+
+    def _latest_stored_clock(self) -> datetime | None:
+        """The latest clock of the account's prices in PaperPrice (memory written out first), None if none."""
         self.flush()
-        latest = PaperPrice.objects.filter(account_id=self.account_id, ts__isnull=False).order_by("-ts").values_list("ts", flat=True).first()
-        return latest or timezone.now()
+        return PaperPrice.objects.filter(account_id=self.account_id, ts__isnull=False).order_by("-ts").values_list("ts", flat=True).first()
 
     def _memory_now(self) -> datetime:
         """Exclusive: `now()` without a read after the first. Only this instance writes the account's
         clocks, each only forward and each kept in `_prices`, so the latest clock stored is the later
         of the latest when first read and the latest in memory (UTC, as a read gives it)."""
         if not self._clock_read:
-            self.flush()
-            self._clock_floor = PaperPrice.objects.filter(account_id=self.account_id, ts__isnull=False).order_by(
-                "-ts").values_list("ts", flat=True).first()
+            self._clock_floor = self._latest_stored_clock()
             self._clock_read = True
         clocks = [ts for _, ts in self._prices.values()]
         if self._clock_floor is not None:
