@@ -56,7 +56,9 @@ def report(label: str, summary: Any, wall: float) -> None:
     cycles = int(getattr(summary, "cycles", 0) or 0)
     inner = getattr(summary, "elapsed_seconds", None)
     outcomes = dict(getattr(summary, "outcomes", {}) or {})
-    trades = getattr(summary, "trades", None)
+    # Orders are the cycles whose outcome is "traded"; trades are the journal's Trade rows (read after the clock stopped).
+    as_dict = getattr(summary, "as_dict", None)
+    trades = as_dict()["trades"] if callable(as_dict) else getattr(summary, "trades", None)
     per = wall / cycles * 1e6 if cycles else float("nan")
     start, end = getattr(summary, "start", None), getattr(summary, "end", None)
     span = f"{start:%Y-%m-%d} .. {end:%Y-%m-%d}" if start and end else ""

@@ -288,24 +288,28 @@ def price_change_1h(*, price: Decimal, candles: Mapping[str, pd.DataFrame | None
                     series: Mapping[str, TimeframeSeries] | None = None) -> float | None:
     """`series[tf]`, when given, is the replay's `TimeframeSeries` of the very frame `candles[tf]`: read its arrays."""
     for timeframe in ("15m", "1H"):
-        known = series.get(timeframe) if series is not None else None
-        if known is not None:
-            if not len(known.open_ns):  # frame.empty (a non-empty candle frame has its columns)
-                continue
-            end = known.closed_count_ns(epoch_ns(as_of - _HOUR))
-            if end == 0:
-                return None
-            base = float(known.close[end - 1])
-        else:
-            frame = candles.get(timeframe)
-            if frame is None or 0 in frame.shape:  # frame.empty, without its walk over the axes
-                continue
-            end = _closed_end(frame, timeframe, as_of - _HOUR)
-            if end == 0:
-                return None
-            base = float(frame["close"].to_numpy()[end - 1])
+        found = _opens_and_closes(timeframe, candles, series)
+        if found is None:
+            continue
+        open_ns, close = found
+        end = int(open_ns.searchsorted(epoch_ns(as_of - _HOUR - tf_duration(timeframe)), side="right"))
+        if end == 0:
+            return None
+        base = float(close[end - 1])
         return float(price) / base - 1 if base > 0 else None
     return None
+
+
+def _opens_and_closes(timeframe: str, candles: Mapping[str, pd.DataFrame | None],
+                      series: Mapping[str, TimeframeSeries] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(open times in ns, closes) of a timeframe's candles, None when it has none (`frame.empty`)."""
+    known = series.get(timeframe) if series is not None else None
+    if known is not None:  # the replay's arrays of the same frame: no pandas
+        return (known.open_ns, known.close) if len(known.open_ns) else None
+    frame = candles.get(timeframe)
+    if frame is None or 0 in frame.shape:  # frame.empty, without its walk over the axes
+        return None
+    return frame.index.asi8, frame["close"].to_numpy()
 
 
 _HOUR = timedelta(hours=1)

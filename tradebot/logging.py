@@ -32,19 +32,16 @@ def _secret_values() -> tuple[str, ...]:
     seven variables through `os.environ` (which encodes each name and decodes each
     value) cost ~7 us, and every journaled text pays it (a replay: every cycle). The
     environment's own mapping, asked with its own key encoding, says in well under a
-    microsecond whether the raw values are those of an earlier call.
+    microsecond whether the raw values are those of the last call.
     """
+    global _SECRETS_LAST
     raw_data = getattr(os.environ, "_data", None)
     if raw_data is None or not _ENV_KEYS:  # not CPython's os.environ: read it the plain way every time
         return _secret_values_read()
     raw = tuple(raw_data.get(key) for key in _ENV_KEYS)
-    known = _SECRETS_SEEN.get(raw)
-    if known is None:
-        known = _secret_values_read()
-        if len(_SECRETS_SEEN) >= 16:  # a test suite sets many values: keep only a few
-            _SECRETS_SEEN.clear()
-        _SECRETS_SEEN[raw] = known
-    return known
+    if _SECRETS_LAST is None or _SECRETS_LAST[0] != raw:
+        _SECRETS_LAST = (raw, _secret_values_read())
+    return _SECRETS_LAST[1]
 
 
 def _secret_values_read() -> tuple[str, ...]:
@@ -55,7 +52,7 @@ def _secret_values_read() -> tuple[str, ...]:
 
 # The variables' names as os.environ keys them internally (bytes on POSIX, upper-case text on Windows).
 _ENV_KEYS = tuple(os.environ.encodekey(name) for name in SECRET_VARIABLES) if hasattr(os.environ, "encodekey") else ()
-_SECRETS_SEEN: dict[tuple[Any, ...], tuple[str, ...]] = {}
+_SECRETS_LAST: tuple[tuple[Any, ...], tuple[str, ...]] | None = None  # (raw values, the secrets they give)
 
 
 def redact(text: str) -> str:
