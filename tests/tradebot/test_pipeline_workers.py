@@ -55,6 +55,13 @@ def workers(django_db_setup, django_db_blocker, tmp_path_factory):  # noqa: ANN0
     w.stop_all()
 
 
+@pytest.fixture(autouse=True)
+def idle_workers_after(workers: Workers):  # noqa: ANN201
+    """Each test ends when the workers have finished what it started, before the flush."""
+    yield
+    workers.wait_idle()
+
+
 @pytest.fixture
 def btc(workers: Workers) -> Instrument:
     from market.feeds import synthetic_feed_from_settings

@@ -129,6 +129,31 @@ class Workers:
         client = redis.Redis.from_url(self.redis_url)
         return {q: int(client.llen(f"{self.prefix}{q}")) for q in QUEUES}
 
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Until no task is queued or running: every queue empty and nothing unacknowledged.
+
+        Every task acks late, so a task a worker holds (running, or waiting for
+        its retry countdown) stays in the transport's `unacked` hash until it
+        ends. A test's teardown flushes the database with TRUNCATE; a task still
+        writing then (a post-trade review queued by the test's last step) can
+        deadlock with it and leave the next test the rows. A message moves from
+        its queue to `unacked` in two steps, so idle must be seen three times.
+        """
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + timeout
+        seen_idle = 0
+        while seen_idle < 3:
+            busy = {q: n for q, n in self.queue_lengths().items() if n}
+            unacked = int(client.hlen(f"{self.prefix}unacked"))
+            if unacked:
+                busy["unacked"] = unacked
+            seen_idle = 0 if busy else seen_idle + 1
+            if busy and time.monotonic() > deadline:
+                raise AssertionError(f"workers still busy after {timeout:.0f} s: {busy}\n{self.worker_logs()}")
+            time.sleep(0.05)
+
     def worker_logs(self) -> str:
         return "\n".join(f"--- {q}\n" + self.log_path(q).read_text(errors="replace")[-4000:]
                          for q in QUEUES if self.log_path(q).exists())
