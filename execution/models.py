@@ -7,8 +7,9 @@ below, which enforces the allowed-transitions tables in one place.
 """
 from __future__ import annotations
 
-from datetime import datetime
-from decimal import Decimal
+from datetime import datetime, timezone as dt_timezone
+from decimal import ROUND_HALF_UP, Decimal
+from functools import cache
 from typing import Any
 
 from django.db import models
@@ -16,6 +17,34 @@ from django.db import models
 from journal.models import Cycle, Mode
 
 MONEY = {"max_digits": 28, "decimal_places": 10}
+
+
+@cache
+def _read_forms(model: type[models.Model]) -> tuple[list[tuple[str, Decimal]], list[str]]:
+    """The model's decimal fields with their column's quantum, and its datetime fields."""
+    fields = model._meta.concrete_fields
+    decimals = [(f.attname, Decimal(1).scaleb(-f.decimal_places)) for f in fields if isinstance(f, models.DecimalField)]
+    return decimals, [f.attname for f in fields if isinstance(f, models.DateTimeField)]
+
+
+def row_as_read[M: models.Model](row: M) -> M:
+    """Give a row the values a read of it would: decimals at the column's scale (the database rounds
+    half away from zero), datetimes in UTC.
+
+    For a row this process wrote and keeps instead of reading it back (the paper exchange's
+    exclusive book, an order just settled): what is built from it (positions, approvals,
+    journal rows) prints its values, so it must hold exactly what the read would have given.
+    """
+    decimals, datetimes = _read_forms(type(row))
+    for name, quantum in decimals:
+        value = getattr(row, name)
+        if value is not None:
+            setattr(row, name, value.quantize(quantum, rounding=ROUND_HALF_UP))
+    for name in datetimes:
+        value = getattr(row, name)
+        if value is not None:
+            setattr(row, name, value.astimezone(dt_timezone.utc))
+    return row
 
 
 class InvalidTransition(Exception):

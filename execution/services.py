@@ -41,6 +41,7 @@ from execution.models import (
     LiveTradingConfirmation,
     Order,
     OrderState,
+    row_as_read,
     transition,
 )
 from execution.risk import ApprovedOrder, BotStateView, MarketRef, RiskVerdict, approval_is_genuine, risk_check
@@ -146,30 +147,49 @@ def bot_peak_raise(*, equity: Decimal, scope: str = LIVE_SCOPE) -> bool:
 
 
 def risk_daily_reset(*, now: datetime, equity: Decimal, scope: str = LIVE_SCOPE) -> BotStateView:
-    """00:00 UTC: the day's starting equity; a daily-loss halt ends. Idempotent per UTC date."""
-    with transaction.atomic():
-        row = _locked_bot(scope)
-        if row.day_start_date != now.date():
-            row.day_start_equity, row.day_start_date = equity, now.date()
-        if row.peak_equity is None or equity > row.peak_equity:
-            row.peak_equity = equity
-        row.save()
+    """00:00 UTC: the day's starting equity; a daily-loss halt ends. Idempotent per UTC date.
+
+    One UPDATE whose conditions the database evaluates on the row as it is (as `_bot_figures_sync`
+    does), instead of a locked read-modify-write.
+    """
+    day = now.date()
+    _bot_update(scope,
+                day_start_equity=Case(When(day_start_date=day, then=F("day_start_equity")), default=Value(equity)),
+                day_start_date=Value(day),
+                peak_equity=Case(When(Q(peak_equity__isnull=True) | Q(peak_equity__lt=equity), then=Value(equity)),
+                                 default=F("peak_equity")))
     return bot_state_refresh(now=now, scope=scope)
 
 
 def risk_trade_closed(*, pnl: Decimal, now: datetime, scope: str = LIVE_SCOPE) -> BotStateView:
-    """Count consecutive losses; at the limit the bot cools down for COOLDOWN_AFTER_LOSS_STREAK seconds."""
+    """Count consecutive losses; at the limit the bot cools down for COOLDOWN_AFTER_LOSS_STREAK seconds.
+
+    The count moves in one UPDATE (two closes at once each count) and the row is read once; only
+    a count at the limit takes the lock, deciding again on the row as locked.
+    """
+    _bot_update(scope, consecutive_losses=F("consecutive_losses") + 1 if pnl < 0 else Value(0))
+    view = bot_state(scope=scope)
+    if not _cooldown_due(view):
+        return view
     with transaction.atomic():
         row = _locked_bot(scope)
-        row.consecutive_losses = row.consecutive_losses + 1 if pnl < 0 else 0
-        if row.consecutive_losses >= settings.MAX_CONSECUTIVE_LOSSES and row.state in (BotStatus.RUNNING, BotStatus.COOLDOWN):
+        view = bot_state_view(row)
+        if _cooldown_due(view):
             until = now + timedelta(seconds=settings.COOLDOWN_AFTER_LOSS_STREAK)
-            # _set_state saves the row, the count with it (one UPDATE in the same transaction).
             _set_state(row, BotStatus.COOLDOWN, reason=f"{row.consecutive_losses} consecutive losses", by=SYSTEM, now=now, until=until)
-        else:
-            row.save()
-    # The row as saved under the lock is the state now (nothing else changed it in between): no read again.
-    return bot_state_view(row)
+            view = bot_state_view(row)
+    return view
+
+
+def _cooldown_due(view: BotStateView) -> bool:
+    return view.consecutive_losses >= settings.MAX_CONSECUTIVE_LOSSES and view.state in (BotStatus.RUNNING, BotStatus.COOLDOWN)
+
+
+def _bot_update(scope: str, **values: Any) -> None:
+    """One UPDATE of the scope's bot state row; its first use makes the row first."""
+    if not BotState.objects.filter(scope=scope).update(**values, updated_at=timezone.now()):
+        BotState.objects.get_or_create(scope=scope)
+        BotState.objects.filter(scope=scope).update(**values, updated_at=timezone.now())
 
 
 def live_trading_confirm(*, by: str, note: str = "") -> LiveTradingConfirmation:
@@ -333,12 +353,8 @@ def _settle(order: Order, ex: ExchangeOrder, approved: Any, context: dict[str, A
 
     `created`: `order` is the row as this call created it (`_order_intent`), see `_settle_unchanged`.
     """
-    if created and _settle_unchanged(order, ex):
-        # What the locked path leaves in hand: the row as read (the database's decimals) with the outcome applied.
-        settled, order = order, Order.objects.get(pk=order.pk)
-        for name in _OUTCOME_FIELDS:
-            setattr(order, name, getattr(settled, name))
-    else:
+    # Written by one UPDATE, the row in hand is what the locked path leaves: as read, the outcome applied.
+    if not (created and _settle_unchanged(order, ex)):
         with transaction.atomic():
             order = Order.objects.select_for_update().get(pk=order.pk)
             _apply_outcome(order, ex, now=timezone.now())
@@ -359,13 +375,19 @@ def _settle_unchanged(order: Order, ex: ExchangeOrder) -> bool:
     meanwhile, or the transition is refused from this state) nothing is written here: False, and
     the locked path decides from the fresh row as before. `order` is changed in memory either way.
     """
+    # The columns `_order_intent` wrote, as a read of the row gives them (the database's decimals):
+    # the row in hand then holds what the locked path's read would, without that read.
+    row_as_read(order)
     state, stamp = order.state, order.updated_at
     try:
         _apply_outcome(order, ex, now=timezone.now())
     except InvalidTransition:
         return False
-    return bool(Order.objects.filter(pk=order.pk, state=state, updated_at=stamp).update(
-        **{name: getattr(order, name) for name in _OUTCOME_FIELDS}, updated_at=timezone.now()))
+    now = timezone.now()
+    written = Order.objects.filter(pk=order.pk, state=state, updated_at=stamp).update(
+        **{name: getattr(order, name) for name in _OUTCOME_FIELDS}, updated_at=now)
+    order.updated_at = now
+    return bool(written)
 
 
 # What `_apply_outcome` changes on an Order (with `transition`: state and history).
@@ -559,24 +581,13 @@ def _bot_figures_sync(scope: str, *, equity: Decimal, day: date) -> None:
     and the peak equity raised to `equity`.
 
     One UPDATE whose conditions the database evaluates on the row as it is (the locked
-    read-modify-write did the same in a savepoint and three statements); a scope's first
-    use makes the row, under the lock, as before.
+    read-modify-write did the same in a savepoint and three statements).
     """
-    written = BotState.objects.filter(scope=scope).update(
-        day_start_equity=Case(When(day_start_date__isnull=True, then=Value(equity)), default=F("day_start_equity")),
-        day_start_date=Coalesce(F("day_start_date"), Value(day)),
-        peak_equity=Case(When(Q(peak_equity__isnull=True) | Q(peak_equity__lt=equity), then=Value(equity)), default=F("peak_equity")),
-        updated_at=timezone.now(),
-    )
-    if written:
-        return
-    with transaction.atomic():
-        row = _locked_bot(scope)
-        if row.day_start_date is None:
-            row.day_start_equity, row.day_start_date = equity, day
-        if row.peak_equity is None or equity > row.peak_equity:
-            row.peak_equity = equity
-        row.save()
+    _bot_update(scope,
+                day_start_equity=Case(When(day_start_date__isnull=True, then=Value(equity)), default=F("day_start_equity")),
+                day_start_date=Coalesce(F("day_start_date"), Value(day)),
+                peak_equity=Case(When(Q(peak_equity__isnull=True) | Q(peak_equity__lt=equity), then=Value(equity)),
+                                 default=F("peak_equity")))
 
 
 class _StoredApproval:
@@ -614,8 +625,13 @@ def trade_close_record(*, trade: Trade, closed: ClosedPosition) -> Trade:
     trade.funding_usd = closed.funding
     trade.exit_reason = reason
     trade.status = TradeStatus.CLOSED
-    trade.save()
+    # Only what a close changes: the other columns (the entry's JSON among them) are as read.
+    trade.save(update_fields=_CLOSE_FIELDS)
     return trade
+
+
+_CLOSE_FIELDS = ("indicators_exit", "exit_price", "closed_at", "duration_seconds", "pnl_usd", "pnl_pct", "fees_usd",
+                 "funding_usd", "exit_reason", "status", "updated_at")
 
 
 def _own_close_order(trade: Trade, closed: ClosedPosition) -> Order | None:

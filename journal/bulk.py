@@ -148,9 +148,11 @@ def _converter(field: models.Field) -> Callable[[Any], Any] | None:
 def rows_insert(*, model: type[models.Model], objs: Sequence[models.Model]) -> int:
     """INSERT `objs` (their primary keys set) in one executemany; returns the number of rows.
 
-    auto_now / auto_now_add fields are filled as `save()` would; no signals are
-    sent (the journal has no receivers). Needs a transaction when the rows'
-    ids came from `ids_reserve`.
+    auto_now fields are filled as `save()` would, and auto_now_add fields too
+    unless the row already holds a time (a replay stamps each cycle's start
+    when it runs it, before the batch is written); no signals are sent (the
+    journal has no receivers). Needs a transaction when the rows' ids came
+    from `ids_reserve`.
     """
     if not objs:
         return 0
@@ -161,7 +163,8 @@ def rows_insert(*, model: type[models.Model], objs: Sequence[models.Model]) -> i
     stamped = [f for f in fields if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False)]
     for obj in objs:
         for f in stamped:
-            f.pre_save(obj, add=True)
+            if f.auto_now or getattr(obj, f.attname) is None:
+                f.pre_save(obj, add=True)
     converters = [(f.attname, _converter(f)) for f in fields]
     quote = connection.ops.quote_name
     sql = (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "

@@ -50,6 +50,7 @@ import pandas as pd
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Sum
+from django.utils import timezone
 
 from journal.bulk import ids_reserve, row_new, rows_insert
 from journal.models import Cycle, CycleOutcome, CycleState, LlmCall, Mode, RiskRejection, ScreenerLog, Trade, TradeStatus
@@ -535,8 +536,14 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
 
 
 def _run_cycle(cycle: Cycle, env: StageEnv) -> CycleWork:
-    """One cycle through the stages, in memory; errors end the cycle, never the replay."""
+    """One cycle through the stages, in memory; errors end the cycle, never the replay.
+
+    `started_at` and `ended_at` say when the replay ran the cycle (wall clock, as live
+    cycles' do, so it never ends before it started); `as_of` and the stage marks carry
+    the replayed time.
+    """
     work = CycleWork(cycle=cycle)
+    cycle.started_at = timezone.now()
     for stage, fn, _queue in STAGES:
         if cycle.state in (S.DONE, S.FAILED):
             break
@@ -549,7 +556,7 @@ def _run_cycle(cycle: Cycle, env: StageEnv) -> CycleWork:
         except Exception as exc:  # noqa: BLE001 - a failed cycle is journaled; the replay goes on
             message = redact(f"{type(exc).__name__}: {exc}")
             cycle_end(cycle, outcome=CycleOutcome.ERROR, reason=f"{stage} failed: {message}"[:500], error=message,
-                      state=S.FAILED, now=cycle.as_of)
+                      state=S.FAILED)
             log.warning("replay_cycle_failed", as_of=cycle.as_of.isoformat(), stage=stage, error=message)
             go_on = False
         cycle.stage_times[stage]["duration_ms"] = round((time.perf_counter() - began) * 1000, 3)
@@ -557,5 +564,5 @@ def _run_cycle(cycle: Cycle, env: StageEnv) -> CycleWork:
             break
     if cycle.ended_at is None:
         cycle_end(cycle, outcome=CycleOutcome.ERROR, reason=f"cycle stopped in {cycle.state} without an outcome",
-                  state=S.FAILED, now=cycle.as_of)
+                  state=S.FAILED)
     return work

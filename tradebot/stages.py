@@ -18,6 +18,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connections, router
+from django.db.models import TextField
+from django.db.models.functions import Cast
 
 from brain.schemas import (
     AccountView,
@@ -179,13 +181,16 @@ class TradeViews:
         """(id, *_TRADE_KEY) of the last `limit` trades, as the database driver returns them.
 
         The SQL is compiled once per instance: compiling the queryset cost about as much
-        as running it, on every live SCREENING. The values skip Django's converters;
-        they are only compared with the same read's earlier values, never shown.
+        as running it, on every live SCREENING. The key columns come as text (the driver
+        turning 20 rows of decimals and times into Python objects took as long as the
+        query) and skip Django's converters: they are only compared with the same read's
+        earlier values, never shown.
         """
         alias = router.db_for_read(Trade)
         if self._light is None or self._light[0] != alias:
             rows = Trade.objects.using(alias).filter(mode=self.mode, run_id=self.run_id).order_by("-opened_at", "-id")
-            sql, params = rows.values_list("id", *_TRADE_KEY)[: self.limit].query.sql_with_params()
+            as_text = {f"key_{name}": Cast(name, TextField()) for name in _TRADE_KEY}
+            sql, params = rows.annotate(**as_text).values_list("id", *as_text)[: self.limit].query.sql_with_params()
             self._light = (alias, sql, tuple(params))
         _, sql, params = self._light
         with connections[alias].cursor() as cursor:
@@ -495,9 +500,9 @@ def execute(work: CycleWork, env: StageEnv) -> bool:
         approved = verdict.approved_order
     order = order_place(approved=approved, cycle_id=work.cycle.pk, trade_context=trade_context(work, env), exchange=env.exchange,
                         instrument=work.cycle.instrument)
-    # order_place returns the row as it left it; only a close can change it again afterwards
-    # (its account sync settles orders), so only then is it read again.
-    _order_record(work, order, fresh=approved.kind == "open")
+    # order_place returns the row as it left it; only a close's account sync can change it
+    # afterwards (it settles orders not yet final), so only a close still open is read again.
+    _order_record(work, order, fresh=approved.kind == "open" or order.state in TERMINAL_ORDER_STATES)
     return True
 
 

@@ -28,7 +28,7 @@ without locking or reading the account (nothing else writes it) and the copy fol
 they saved; it is read again only after a write that failed, a resting limit order's fill and a
 cancel. The funding rate and the clock are kept in memory the same way (PaperPrice is written on
 `flush()`), and so is the set of the account's client order ids (the duplicate check). The rows
-kept hold what a read would give (`_as_read`). The figures are the same as without it
+kept hold what a read would give (`execution.models.row_as_read`). The figures are the same as without it
 (tests/tradebot/test_replay_runs.py runs one scenario through both and compares). Live workers share an account across
 processes, so they never use it.
 """
@@ -37,12 +37,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone as dt_timezone
-from decimal import ROUND_HALF_UP, Decimal
-from functools import cache
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import models, transaction
+from django.db import transaction
 from django.db.models import Exists, FilteredRelation, OuterRef, Q
 from django.utils import timezone
 
@@ -54,7 +53,7 @@ from execution.exchanges.base import (
     ExchangeRejected,
     Position,
 )
-from execution.models import PaperAccount, PaperFill, PaperFunding, PaperOrder, PaperPosition, PaperPrice
+from execution.models import PaperAccount, PaperFill, PaperFunding, PaperOrder, PaperPosition, PaperPrice, row_as_read
 from execution.validation import round_down_to_lot, round_to_tick
 from market.models import Instrument
 from tradebot.logging import get_logger
@@ -74,31 +73,6 @@ def next_funding_after(ts: datetime) -> datetime:
     ts = ts.astimezone(dt_timezone.utc)
     base = ts.replace(minute=0, second=0, microsecond=0, hour=(ts.hour // 8) * 8)
     return base + timedelta(hours=8)
-
-
-@cache
-def _read_forms(model: type[models.Model]) -> tuple[list[tuple[str, Decimal]], list[str]]:
-    """The model's decimal fields with their column's quantum, and its datetime fields."""
-    fields = model._meta.concrete_fields
-    decimals = [(f.attname, Decimal(1).scaleb(-f.decimal_places)) for f in fields if isinstance(f, models.DecimalField)]
-    return decimals, [f.attname for f in fields if isinstance(f, models.DateTimeField)]
-
-
-def _as_read(row: models.Model) -> models.Model:
-    """Give a row the values a read of it would: decimals at the column's scale (the database rounds
-    half away from zero), datetimes in UTC. The exclusive book keeps rows it wrote instead of reading
-    them, and what is built from them (positions, approvals, journal rows) prints them: it must hold
-    exactly what the read it replaces would have given."""
-    decimals, datetimes = _read_forms(type(row))
-    for name, quantum in decimals:
-        value = getattr(row, name)
-        if value is not None:
-            setattr(row, name, value.quantize(quantum, rounding=ROUND_HALF_UP))
-    for name in datetimes:
-        value = getattr(row, name)
-        if value is not None:
-            setattr(row, name, value.astimezone(dt_timezone.utc))
-    return row
 
 
 @dataclass
@@ -184,9 +158,9 @@ class PaperExchange(Exchange):
         held = book.positions + [p for p in positions if all(p is not b for b in book.positions)]
         live = book.orders + [o for o in orders if all(o is not b for b in book.orders)]
         self._book = _Book(
-            cash=_as_read(account).cash,  # type: ignore[attr-defined]
-            positions=sorted((_as_read(p) for p in held if p.status == "open"), key=lambda p: (p.opened_at, p.pk)),
-            orders=sorted((_as_read(o) for o in live if o.state == "live"), key=lambda o: (o.created_at, o.pk)),
+            cash=row_as_read(account).cash,  # type: ignore[attr-defined]
+            positions=sorted((row_as_read(p) for p in held if p.status == "open"), key=lambda p: (p.opened_at, p.pk)),
+            orders=sorted((row_as_read(o) for o in live if o.state == "live"), key=lambda o: (o.created_at, o.pk)),
         )
 
     def _client_id_known(self, client_order_id: str) -> bool:
@@ -789,7 +763,7 @@ class PaperExchange(Exchange):
                     log.warning("paper_funding_rate_unknown", inst_id=inst_id, at=boundary.isoformat())
                 pos.last_funding_at = boundary
                 boundary = next_funding_after(boundary)
-            pos.save()
+            pos.save(update_fields=["funding", "last_funding_at"])  # all a settlement changes
         account.save(update_fields=["cash", "updated_at"])
 
     def _triggers(self, account: PaperAccount, pos: PaperPosition, spec: Instrument, ts: datetime, open_: Decimal, high: Decimal, low: Decimal) -> None:

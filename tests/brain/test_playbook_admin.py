@@ -5,7 +5,6 @@ import copy
 import html
 import json
 
-import pytest
 from django.test import Client
 
 from brain.models import PlaybookStatus, PlaybookTrigger, PlaybookVersion

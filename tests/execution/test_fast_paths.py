@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 
 from execution.exchanges.paper import PaperExchange
 from execution.models import BotState, Order, OrderState
-from execution.services import _note, _order_intent, _settle, account_sync, order_place
+from execution.services import _OUTCOME_FIELDS, _note, _order_intent, _settle, account_sync, order_place, risk_daily_reset, risk_trade_closed
 from market.feeds.base import Bar
 from tests.execution.helpers import BTC, T0, approve, decision
 
@@ -71,9 +71,17 @@ def test_a_new_order_is_settled_by_one_update_and_returned_as_the_locked_path_le
     stored = Order.objects.get(pk=order.pk)
     assert (order.state, stored.state) == (OrderState.FILLED, OrderState.FILLED)
     assert [h["to"] for h in stored.history] == [OrderState.SUBMITTED, OrderState.FILLED]
+    # Not read back: the row in hand is made to hold what a read gives.
+    settled_at = next(i for i, q in enumerate(seen.captured_queries) if q["sql"].startswith('UPDATE "execution_order"'))
+    assert not [q["sql"] for q in seen.captured_queries[settled_at:] if 'FROM "execution_order"' in q["sql"]]
     # The row as read, with the exchange's figures applied (what the journal prints from it).
     assert (repr(order.size), repr(order.price), repr(order.leverage)) == (repr(stored.size), repr(stored.price), repr(stored.leverage))
     assert (order.filled_size, order.avg_fill_price, order.fee) == (stored.filled_size, stored.avg_fill_price, stored.fee)
+    # Every column as a read prints it; the outcome's as the exchange gave it (equal values), as before.
+    for field in Order._meta.concrete_fields:
+        mine, read = getattr(order, field.attname), getattr(stored, field.attname)
+        exact = not isinstance(read, (dict, list)) and field.attname not in _OUTCOME_FIELDS
+        assert repr(mine) == repr(read) if exact else mine == read, field.attname
 
 
 @pytest.mark.django_db
@@ -105,3 +113,35 @@ def test_the_sync_sets_the_day_start_once_and_only_raises_the_peak(paper: PaperE
     account_sync(exchange=paper)
     row.refresh_from_db()
     assert row.peak_equity == D("10000")
+
+
+@pytest.mark.django_db
+def test_a_close_is_counted_by_one_update_and_only_the_limit_takes_the_lock(settings) -> None:
+    settings.MAX_CONSECUTIVE_LOSSES = 3
+    risk_daily_reset(now=T0, equity=D("10000"))  # the scope's first use makes the row
+    with CaptureQueriesContext(connection) as seen:
+        view = risk_trade_closed(pnl=D("-1"), now=T0)
+        view = risk_trade_closed(pnl=D("-1"), now=T0)
+    assert view.consecutive_losses == 2 and view.state == "RUNNING"
+    assert not [q["sql"] for q in seen.captured_queries if q["sql"].startswith("SAVEPOINT") or "FOR UPDATE" in q["sql"]]
+    assert len(seen.captured_queries) == 4  # per close: the UPDATE and one read
+    with CaptureQueriesContext(connection) as seen:
+        view = risk_trade_closed(pnl=D("-1"), now=T0)
+    assert (view.consecutive_losses, view.state, view.until) == (3, "COOLDOWN", T0 + timedelta(seconds=settings.COOLDOWN_AFTER_LOSS_STREAK))
+    assert any(q["sql"].startswith("SAVEPOINT") for q in seen.captured_queries)  # the state changes in the locked path
+    assert risk_trade_closed(pnl=D("5"), now=T0).consecutive_losses == 0
+    row = BotState.objects.get(scope="live")
+    assert (row.consecutive_losses, row.state, row.day_start_equity) == (0, "COOLDOWN", D("10000"))
+
+
+@pytest.mark.django_db
+def test_the_daily_reset_is_one_update_and_keeps_the_days_start_within_the_day() -> None:
+    risk_daily_reset(now=T0, equity=D("10000"))
+    with CaptureQueriesContext(connection) as seen:
+        view = risk_daily_reset(now=T0 + timedelta(hours=3), equity=D("9000"))  # the same day again: kept
+    assert not [q["sql"] for q in seen.captured_queries if q["sql"].startswith("SAVEPOINT") or "FOR UPDATE" in q["sql"]]
+    assert (view.day_start_equity, view.peak_equity) == (D("10000"), D("10000"))
+    view = risk_daily_reset(now=T0 + timedelta(days=1), equity=D("11000"))
+    row = BotState.objects.get(scope="live")
+    assert (view.day_start_equity, view.peak_equity) == (D("11000"), D("11000"))
+    assert (row.day_start_equity, row.day_start_date, row.peak_equity) == (D("11000"), (T0 + timedelta(days=1)).date(), D("11000"))

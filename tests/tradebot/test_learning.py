@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from brain.models import PlaybookStatus, PlaybookVersion
+from brain.models import PlaybookStatus
 from brain.performance import TradeRecord, performance_summarize
 from brain.playbook import playbook_current, playbook_save
 from journal.models import Mode, Trade

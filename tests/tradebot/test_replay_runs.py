@@ -171,3 +171,34 @@ def test_a_replay_gives_the_garbage_collector_back_as_it_found_it_even_when_it_f
     assert seen == [(False, True)]
     # Collecting again, nothing left frozen (what was frozen goes back to the collector).
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+@pytest.mark.django_db
+def test_replay_cycles_say_when_they_ran_and_never_end_before_they_start_even_when_one_fails(
+        feed: SyntheticFeed, monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.utils import timezone
+
+    import tradebot.replay as replay_module
+
+    broken_at = FROM + timedelta(minutes=30)
+
+    def screen_or_fail(work, env):  # noqa: ANN001, ANN202 - a fault injected into one cycle's stage
+        if work.cycle.as_of == broken_at:
+            raise ValueError("a malformed payload")
+        return screen(work, env)
+
+    stages = list(replay_module.STAGES)
+    index = next(i for i, (name, _, _) in enumerate(stages) if name == "SCREENING")
+    screen = stages[index][1]
+    stages[index] = ("SCREENING", screen_or_fail, stages[index][2])
+    monkeypatch.setattr(replay_module, "STAGES", stages)
+    began = timezone.now()
+    summary = replay_run(inst_id=INST, start=FROM, end=FROM + timedelta(hours=2), feed=feed, run_id="run-times")
+    ended = timezone.now()
+    cycles = list(Cycle.objects.filter(run_id=summary.run_id).order_by("as_of"))
+    assert len(cycles) == summary.cycles == 24
+    failed = [c for c in cycles if c.outcome == CycleOutcome.ERROR]
+    assert [(c.as_of, c.state) for c in failed] == [(broken_at, "FAILED")] and "malformed payload" in failed[0].reason
+    # Wall-clock times of the run, each cycle's start at or before its end, cycles in the order they ran.
+    assert all(began <= c.started_at <= c.ended_at <= ended for c in cycles), [(c.started_at, c.ended_at) for c in cycles[:3]]
+    assert all(a.ended_at <= b.started_at for a, b in zip(cycles, cycles[1:]))

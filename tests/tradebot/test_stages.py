@@ -122,6 +122,13 @@ def test_recent_trades_equal_a_full_read_after_opens_closes_and_edits(btc: Instr
     assert got[0].id == newest.pk and got[1].status == "closed" and got[5].indicators_entry == {"1H": {"rsi_14": 99}}
     assert len(got) == 20
 
+    # A key column changed by an UPDATE that leaves updated_at alone is seen too (the key is read as text).
+    from journal.models import Trade
+
+    Trade.objects.filter(pk=closing.pk).update(pnl_usd=Decimal("2.50"))
+    got = views.read()
+    assert got == _full_read() and got[1].pnl_usd == Decimal("2.50")
+
 
 def test_recent_trades_forget_a_deleted_trade(btc: Instrument) -> None:
     from tradebot.stages import TradeViews
