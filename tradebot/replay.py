@@ -540,7 +540,8 @@ def _run_cycle(cycle: Cycle, env: StageEnv) -> CycleWork:
 
     `started_at` and `ended_at` say when the replay ran the cycle (wall clock, as live
     cycles' do, so it never ends before it started); `as_of` and the stage marks carry
-    the replayed time.
+    the replayed time. A network brain's replay writes its batch's rows before running
+    them (rows that point to a cycle need it), so its `started_at` is the batch's start.
     """
     work = CycleWork(cycle=cycle)
     cycle.started_at = timezone.now()

@@ -44,6 +44,7 @@ class Workers:
         self.concurrency = concurrency
         self.ready_timeout = ready_timeout
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._redis = None
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_API", "OKX_PASS", "ANTHROPIC", "PERPLEXITY"))}
         self.env.update({
             "DATABASE_URL": self.database_url,
@@ -114,19 +115,23 @@ class Workers:
                 proc.kill()
                 proc.wait(timeout=5)
         try:
-            import redis
-
-            client = redis.Redis.from_url(self.redis_url)
+            client = self.redis()
             keys = list(client.scan_iter(match=f"{self.prefix}*"))
             if keys:
                 client.delete(*keys)
         except Exception:  # noqa: BLE001 - cleanup is best effort
             pass
 
-    def queue_lengths(self) -> dict[str, int]:
-        import redis
+    def redis(self):  # noqa: ANN201 - a redis.Redis
+        """One client for this process's looks at the broker (made on first use)."""
+        if self._redis is None:
+            import redis
 
-        client = redis.Redis.from_url(self.redis_url)
+            self._redis = redis.Redis.from_url(self.redis_url)
+        return self._redis
+
+    def queue_lengths(self) -> dict[str, int]:
+        client = self.redis()
         return {q: int(client.llen(f"{self.prefix}{q}")) for q in QUEUES}
 
     def wait_idle(self, timeout: float = 60.0) -> None:
@@ -139,9 +144,7 @@ class Workers:
         deadlock with it and leave the next test the rows. A message moves from
         its queue to `unacked` in two steps, so idle must be seen three times.
         """
-        import redis
-
-        client = redis.Redis.from_url(self.redis_url)
+        client = self.redis()
         deadline = time.monotonic() + timeout
         seen_idle = 0
         while seen_idle < 3:
