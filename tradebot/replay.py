@@ -256,6 +256,12 @@ def replay_run(
 
     if end <= start:
         raise ReplayError("--to must be after --from")
+    if brain not in ("rules", "claude"):
+        raise ReplayError(f"--brain must be rules or claude, got {brain!r}")
+    if brain == "claude" and not settings.ANTHROPIC_API_KEY:
+        # Live falls back to the rules brain with a warning; a replay asked for Claude's decisions,
+        # and a rules run labelled "claude" would be a wrong answer, not a degraded one.
+        raise ReplayError("--brain claude needs ANTHROPIC_API_KEY (a replay never stands in the rules brain for it)")
     run_id = run_id or f"replay-{uuid.uuid4().hex[:12]}"
     instrument = Instrument.objects.filter(inst_id=inst_id).first()
     if instrument is None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from market.feeds.base import FeedError
 from tradebot.replay import ReplayError, parse_cycle, replay_feed, replay_run
 
 
@@ -37,7 +38,8 @@ class Command(BaseCommand):
         try:
             cycle = parse_cycle(opts["cycle"])
             feed = replay_feed(inst_id=opts["inst"], csv_path=opts["csv"])
-        except (ReplayError, OSError, ValueError) as exc:
+        except (ReplayError, FeedError, OSError, ValueError) as exc:
+            # A missing or unreadable candle file is the user's input: a message, not a traceback.
             raise CommandError(str(exc)) from exc
         bar = None
         if not opts["json"] and sys.stderr.isatty():
@@ -55,7 +57,7 @@ class Command(BaseCommand):
         try:
             summary = replay_run(inst_id=opts["inst"], start=opts["start"], end=opts["end"], feed=feed,
                                  brain=opts["brain"], cycle=cycle, progress=progress)
-        except ReplayError as exc:
+        except (ReplayError, FeedError) as exc:
             raise CommandError(str(exc)) from exc
         finally:
             if bar is not None:

@@ -1,0 +1,159 @@
+"""`manage.py replay`: its summary against the journal, its errors, and a replay with the Claude brain (local Anthropic server)."""
+from __future__ import annotations
+
+import gzip
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from journal.models import Cycle, CycleOutcome, CycleState, LlmCall, Mode, ScreenerLog, Trade, TradeStatus
+from market.feeds.synthetic import SyntheticFeed
+from tests.fakes.anthropic_server import FakeAnthropic, Received, Reply, ok, raw_body
+from tradebot.replay import ReplayError, replay_run
+
+INST = "BTC-USDT-SWAP"
+TEST_KEY = "sk-ant-test-key-0123456789"
+
+
+def _replay_json(*args: str) -> dict[str, Any]:
+    out = StringIO()
+    call_command("replay", "--inst", INST, *args, "--json", stdout=out)
+    return json.loads(out.getvalue())
+
+
+@pytest.mark.django_db
+def test_the_json_summary_of_a_synthetic_replay_is_what_its_journal_holds() -> None:
+    data = _replay_json("--from", "2025-08-01", "--to", "2025-08-03", "--synthetic")
+    run_id = data["run_id"]
+    assert data["cycles"] == 2 * 24 * 12 == Cycle.objects.filter(mode=Mode.REPLAY, run_id=run_id).count()
+    trades = list(Trade.objects.filter(mode=Mode.REPLAY, run_id=run_id))
+    closed = sorted((t for t in trades if t.status == TradeStatus.CLOSED), key=lambda t: (t.closed_at, t.id))
+    assert closed, "the window must close trades for the figures to mean something"
+    assert data["trades"] == len(trades) and data["closed_trades"] == len(closed)
+    pnls = [t.pnl_usd for t in closed]
+    assert Decimal(data["pnl_usd"]) == sum(pnls, Decimal(0)).quantize(Decimal("0.01"))
+    assert data["win_rate"] == round(sum(1 for p in pnls if p > 0) / len(pnls), 4)
+    assert Decimal(data["fees_usd"]) == sum((t.fees_usd for t in trades), Decimal(0)).quantize(Decimal("0.01"))
+    outcomes = {o: Cycle.objects.filter(run_id=run_id, outcome=o).count() for o in data["outcomes"]}
+    assert data["outcomes"] == outcomes and sum(outcomes.values()) == data["cycles"]
+    logs = ScreenerLog.objects.filter(cycle__run_id=run_id)
+    assert data["screened"] == logs.filter(bypassed=False).count() and data["bypassed"] == logs.filter(bypassed=True).count()
+    assert data["screened"] + data["bypassed"] == data["cycles"]
+    assert data["analyzed"] == Cycle.objects.filter(run_id=run_id).exclude(decision=None).count()
+    # The rules brain costs nothing and calls nobody.
+    assert data["llm_calls"] == 0 and data["llm_cost_usd"] == "0.0000"
+    assert data["brain"] == "rules" and data["elapsed_seconds"] > 0
+
+
+@pytest.mark.django_db
+def test_a_replay_of_a_candle_csv_reads_only_that_file(tmp_path: Path) -> None:
+    feed = SyntheticFeed(seed=3, start=datetime(2025, 3, 1, tzinfo=UTC), end=datetime(2025, 3, 15, tzinfo=UTC))
+    frame = feed.frame(INST, "5m", limit=10_000_000)
+    path = tmp_path / "btc_5m.csv.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write("ts,open,high,low,close,volume\n")
+        for row in frame.itertuples():
+            fh.write(f"{int(row.Index.timestamp() * 1000)},{row.open},{row.high},{row.low},{row.close},{row.volume}\n")
+    data = _replay_json("--from", "2025-03-13", "--to", "2025-03-14", "--csv", str(path), "--cycle", "15m")
+    assert data["cycles"] == 24 * 4 and data["source"] != "synthetic"
+    cycles = Cycle.objects.filter(run_id=data["run_id"]).order_by("as_of")
+    assert cycles[0].as_of == datetime(2025, 3, 13, 0, 15, tzinfo=UTC)
+    # The prices the cycles saw are the file's closes at their times (no lookahead, nothing else mixed in).
+    closes = {int(r.Index.timestamp()): Decimal(str(r.close)) for r in frame.itertuples()}
+    for cycle in cycles[:20]:
+        last_bar = int(cycle.as_of.timestamp()) - 300
+        assert Decimal(cycle.snapshot["price"]) == closes[last_bar], cycle.as_of
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("args", "says"), [
+    (("--from", "2025-08-03", "--to", "2025-08-01", "--synthetic"), "--to must be after --from"),
+    (("--from", "yesterday", "--to", "2025-08-01", "--synthetic"), "not a date: 'yesterday'"),
+    (("--from", "2025-08-01", "--to", "2025-08-02", "--cycle", "7m"), "--cycle must be one of"),
+    (("--from", "2025-08-01", "--to", "2025-08-02", "--csv", "/nonexistent/candles.csv"), "candles.csv"),
+    (("--from", "2030-01-01", "--to", "2030-01-02", "--synthetic"), "no BTC-USDT-SWAP data between the dates"),
+])
+def test_bad_arguments_are_a_clear_error_and_journal_nothing(args: tuple[str, ...], says: str) -> None:
+    with pytest.raises(CommandError, match=None) as caught:
+        call_command("replay", "--inst", INST, *args)
+    assert says in str(caught.value)
+    assert not Cycle.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_claude_replay_without_an_api_key_is_refused_not_run_with_the_rules_brain(settings) -> None:
+    settings.ANTHROPIC_API_KEY = ""
+    feed = SyntheticFeed(seed=7, start=datetime(2025, 6, 15, tzinfo=UTC), end=datetime(2025, 8, 2, tzinfo=UTC))
+    with pytest.raises(ReplayError, match="ANTHROPIC_API_KEY"):
+        replay_run(inst_id=INST, start=datetime(2025, 8, 1, tzinfo=UTC), end=datetime(2025, 8, 1, 1, tzinfo=UTC),
+                   feed=feed, brain="claude")
+    assert not Cycle.objects.exists()
+
+
+# --- the Claude brain, against a local server speaking the Messages API ------------------------
+
+
+class _Analyst:
+    """Answers the screener with a signal every third call; the analyst with HOLD, but twice in a row with prose."""
+
+    def __init__(self, screener_model: str) -> None:
+        self.screener_model = screener_model
+        self.screens = self.analyses = 0
+
+    def __call__(self, received: Received) -> Reply:
+        body = received.json()
+        if body["model"] == self.screener_model:
+            self.screens += 1
+            signal = self.screens % 3 == 0
+            return ok(data={"signal": signal, "reason": "a setup" if signal else "nothing here"}, model=body["model"],
+                      input_tokens=400, output_tokens=15)
+        self.analyses += 1
+        if self.analyses in (2, 3):  # the first answer of one cycle and the gateway's strict retry
+            return raw_body(200, json.dumps({"id": "msg_x", "type": "message", "role": "assistant", "model": body["model"],
+                                             "content": [{"type": "text", "text": "I would rather not say."}],
+                                             "stop_reason": "end_turn", "stop_sequence": None,
+                                             "usage": {"input_tokens": 900, "output_tokens": 9}}))
+        return ok(data={"decision": {"action": "HOLD", "symbol": INST}, "confidence": 0.4, "reasoning": "no edge yet"},
+                  model=body["model"], input_tokens=2000, output_tokens=60)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claude_replay_journals_every_call_and_turns_a_bad_answer_into_hold(settings) -> None:
+    feed = SyntheticFeed(seed=7, start=datetime(2025, 6, 15, tzinfo=UTC), end=datetime(2025, 8, 2, tzinfo=UTC))
+    start = datetime(2025, 8, 1, 2, tzinfo=UTC)
+    with FakeAnthropic() as server:
+        settings.ANTHROPIC_API_KEY = TEST_KEY
+        settings.ANTHROPIC_BASE_URL = server.url
+        analyst = _Analyst(settings.SCREENER_MODEL)
+        server.handler(analyst)
+        summary = replay_run(inst_id=INST, start=start, end=start + timedelta(hours=3), feed=feed, brain="claude",
+                             run_id="claude-run")
+        requests = server.calls("POST", "/v1/messages")
+    assert summary.cycles == 36
+    cycles = list(Cycle.objects.filter(run_id="claude-run").order_by("as_of"))
+    # Every placeholder written before its cycle ran was completed afterwards: none is left IDLE.
+    assert len(cycles) == 36 and all(c.state == CycleState.DONE and c.outcome for c in cycles)
+    assert all(c.started_at <= c.ended_at for c in cycles)
+    assert analyst.analyses >= 3, "the scenario must reach the analyst more than twice"
+    # One journaled call per request the server saw, each with its cycle, in replay mode.
+    calls = LlmCall.objects.filter(cycle__run_id="claude-run")
+    assert calls.count() == len(requests) == analyst.screens + analyst.analyses
+    assert set(calls.values_list("mode", flat=True)) == {Mode.REPLAY}
+    assert TEST_KEY not in json.dumps(list(calls.values_list("prompt", flat=True)))
+    # The answers that were not JSON (the first and the strict retry) are journaled with their text, and
+    # their cycle became a HOLD that says why; nothing reached the exchange.
+    invalid = calls.filter(status="invalid")
+    assert invalid.count() == 2 and {c.cycle_id for c in invalid} == {invalid[0].cycle_id}
+    bad = Cycle.objects.get(pk=invalid[0].cycle_id)
+    assert bad.outcome == CycleOutcome.HOLD and bad.decision["reasoning"].startswith("analyst invalid: invalid answer twice")
+    assert all(c.decision["reasoning"] == "no edge yet" for c in cycles if c.decision and c.pk != bad.pk)
+    assert not Trade.objects.filter(run_id="claude-run").exists()
+    data = summary.as_dict()
+    assert data["llm_calls"] == len(requests) and data["brain"] == "claude"
+    assert Decimal(data["llm_cost_usd"]) == sum((c.cost_usd for c in calls), Decimal(0)).quantize(Decimal("0.0001")) > 0
