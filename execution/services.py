@@ -8,6 +8,7 @@ else is done with it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -530,10 +531,18 @@ class SyncResult:
     orders_updated: list[str] = field(default_factory=list)
 
 
-def account_sync(*, exchange: Exchange, mode: str = Mode.LIVE, run_id: str | None = None) -> SyncResult:
+# (inst_id, closed_at) -> the indicators per timeframe of the caller's latest snapshot at or before
+# that time (and no older than EXIT_SNAPSHOT_MAX_AGE), or None: what a replay knows in memory.
+ExitIndicators = Callable[[str, datetime], "dict[str, Any] | None"]
+
+
+def account_sync(*, exchange: Exchange, mode: str = Mode.LIVE, run_id: str | None = None,
+                 exit_indicators: ExitIndicators | None = None) -> SyncResult:
     """Reconcile orders, positions, balance and closed trades with the exchange's own numbers.
 
-    `run_id` limits a replay's sync to its own orders and trades (and its own bot state)."""
+    `run_id` limits a replay's sync to its own orders and trades (and its own bot state).
+    `exit_indicators`: where a close the exchange made finds the market's indicators before
+    the journal is asked (a replay's cycles are written per batch; see `_exit_indicators`)."""
     scope = bot_scope(mode=mode, run_id=run_id or "")
     now = exchange.now()
     account = exchange.account()
@@ -569,7 +578,7 @@ def account_sync(*, exchange: Exchange, mode: str = Mode.LIVE, run_id: str | Non
             if match is None:
                 continue
             used.add(match.pos_id)
-            trade_close_record(trade=trade, closed=match)
+            trade_close_record(trade=trade, closed=match, exit_indicators=exit_indicators)
             result.closed_trade_ids.append(trade.pk)
             risk_trade_closed(pnl=match.realized_pnl, now=match.closed_at, scope=scope)
     _bot_figures_sync(scope, equity=account.equity, day=now.date())
@@ -607,14 +616,14 @@ def _match_closed(trade: Trade, closed: list[ClosedPosition], used: set[str]) ->
     return None
 
 
-def trade_close_record(*, trade: Trade, closed: ClosedPosition) -> Trade:
+def trade_close_record(*, trade: Trade, closed: ClosedPosition, exit_indicators: ExitIndicators | None = None) -> Trade:
     """Close the journal Trade with the exchange's numbers (net PnL, fees, funding)."""
     reason = closed.close_reason
     # Only a close the exchange does not explain (a close order's fill) can be ours: a stop is the stop.
     own_close = _own_close_order(trade, closed) if reason in ("", "close") else None
     if reason in ("", "close"):
         reason = _exit_reason(trade, closed, own_close)
-    trade.indicators_exit = _exit_indicators(trade, closed, own_close)
+    trade.indicators_exit = _exit_indicators(trade, closed, own_close, exit_indicators)
     margin = trade.entry_price * trade.size * trade.instrument.ct_val / (trade.leverage or 1)
     trade.exit_price = closed.close_avg_px
     trade.closed_at = closed.closed_at
@@ -661,17 +670,22 @@ def _exit_reason(trade: Trade, closed: ClosedPosition, own_close: Order | None) 
 EXIT_SNAPSHOT_MAX_AGE = timedelta(minutes=15)
 
 
-def _exit_indicators(trade: Trade, closed: ClosedPosition, own_close: Order | None) -> dict[str, Any] | None:
+def _exit_indicators(trade: Trade, closed: ClosedPosition, own_close: Order | None,
+                     recent: ExitIndicators | None = None) -> dict[str, Any] | None:
     """The indicators when the position closed, per timeframe, for the post-trade review.
 
     A close we ordered carries the snapshot its decision saw (the order's trade
     context). A close the exchange made (stop, take-profit, liquidation) takes the
     instrument's last cycle with a full snapshot at or before the close, if recent
-    enough. A replay journals its cycles per batch and keeps most of them compact,
-    so there it is often None.
+    enough. A replay writes its cycles per batch and keeps most of them compact, so
+    it passes `recent`: its last cycle's snapshot, still in memory.
     """
     if own_close is not None and own_close.trade_context.get("indicators_entry"):
         return dict(own_close.trade_context["indicators_entry"])
+    if recent is not None:
+        found = recent(trade.instrument.inst_id, closed.closed_at)
+        if found is not None:
+            return found
     snapshot = (
         Cycle.objects.filter(instrument_id=trade.instrument_id, mode=trade.mode, run_id=trade.run_id,
                              as_of__lte=closed.closed_at, as_of__gte=closed.closed_at - EXIT_SNAPSHOT_MAX_AGE)

@@ -365,6 +365,7 @@ class _RunState:
     # order (reset per cycle).
     balances: Any = None
     positions: list[Any] = field(default_factory=list)
+    last_snapshot: MarketSnapshot | None = None  # the latest cycle's (for a stop's or take-profit's exit indicators)
 
     def bot_view(self) -> Any:
         """`execution.selectors.bot_state` of this run, read again only after something changed it."""
@@ -386,6 +387,17 @@ class _RunState:
         if self.balances is None:
             self.balances, self.positions = self.exchange.account_and_positions()
         return self.balances
+
+    def exit_indicators(self, inst_id: str, closed_at: datetime) -> dict[str, Any] | None:
+        """The indicators of the last cycle's snapshot at a close the exchange made, as a live account
+        sync takes them from that cycle's row (`execution.services._exit_indicators`): the replay's rows
+        are written per batch, and most keep a compact snapshot."""
+        from execution.services import EXIT_SNAPSHOT_MAX_AGE
+
+        snapshot = self.last_snapshot
+        if snapshot is None or snapshot.inst_id != inst_id or not closed_at - EXIT_SNAPSHOT_MAX_AGE <= snapshot.ts <= closed_at:
+            return None
+        return {tf: view.indicators.model_dump(mode="json") for tf, view in snapshot.timeframes.items()}
 
     def recent_trades(self) -> list[Any]:
         """`tradebot.stages.recent_trades` of this run, read again only after a trade opened or closed."""
@@ -467,7 +479,7 @@ def _sync_if_needed(env: StageEnv, run: _RunState) -> None:
             run.bot = dataclass_replace(run.bot, peak_equity=equity) if raised and run.bot is not None else None
             run.peak_synced = equity
         return
-    result = account_sync(exchange=exchange, mode=Mode.REPLAY, run_id=env.run_id)
+    result = account_sync(exchange=exchange, mode=Mode.REPLAY, run_id=env.run_id, exit_indicators=run.exit_indicators)
     run.bot = None
     run.synced, run.closes_synced = True, exchange.closes
     run.peak_synced = equity if run.peak_synced is None else max(run.peak_synced, equity)
@@ -518,6 +530,7 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
             run.bot = None
         snapshot = work._snapshot
         if snapshot is not None:
+            run.last_snapshot = snapshot
             compact = _compact_snapshot(snapshot)
             keep_full = bool(cycle.decision) and (full_snapshots == "analyzed" or cycle.outcome != CycleOutcome.HOLD)
             cycle.snapshot = snapshot.as_jsonable() if keep_full else compact

@@ -81,6 +81,19 @@ def test_a_position_held_across_a_funding_time_pays_or_receives_the_feeds_rate(f
 
 
 @pytest.mark.django_db
+def test_a_trade_closed_by_its_stop_or_take_profit_keeps_the_indicators_of_the_last_cycle_before(feed: SyntheticFeed) -> None:
+    replay_run(inst_id=INST, start=FROM, end=TO, feed=feed, run_id="run-x")
+    by_exchange = [t for t in _trades("run-x") if t.exit_reason in ("stop_loss", "take_profit")]
+    assert by_exchange, "the scenario must hit a stop or a take-profit"
+    snapshots = FrameSnapshots(feed, INST, TO)
+    for trade in by_exchange:
+        # The cycles run every 5 minutes from FROM; the last one at or before the close saw the market then.
+        last = FROM + (trade.closed_at - FROM) // timedelta(minutes=5) * timedelta(minutes=5)
+        expected = {tf: view["indicators"] for tf, view in snapshots(INST, last).as_jsonable()["timeframes"].items()}
+        assert trade.indicators_exit == expected, trade.closed_at
+
+
+@pytest.mark.django_db
 def test_snapshots_inside_the_replay_loop_equal_the_live_build_at_the_same_clock(feed: SyntheticFeed) -> None:
     snapshots = FrameSnapshots(feed, INST, TO)
     # Consecutive cycles reuse the 1H/4H views; the times cross a 15m, a 1H and a 4H close.
