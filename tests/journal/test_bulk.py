@@ -125,7 +125,7 @@ def test_rows_built_for_bulk_insert_also_go_through_bulk_create_and_its_upsert(b
 
 
 def _json_values_as_a_save_stores_them(btc: Instrument) -> None:
-    """The bulk path's JSON (orjson on PostgreSQL) stores what save() stores, and refuses what it refuses."""
+    """The bulk path's JSON (orjson) stores what save() stores, and refuses what it refuses."""
     odd = {"int_key": {1: "one"}, "big": 2**70, "float": 0.1 + 0.2, "tiny": 1e-12, "text": "ü\t\\\n\"", "list": [True, None]}
     saved = _cycle(btc, 10)
     saved.decision = odd
@@ -155,3 +155,37 @@ def test_json_columns_go_in_as_a_save_stores_them_on_sqlite(btc: Instrument) -> 
 @pytest.mark.django_db(transaction=True)
 def test_json_columns_go_in_as_a_save_stores_them_on_postgresql(btc: Instrument) -> None:
     _json_values_as_a_save_stores_them(btc)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_times_go_in_as_a_save_stores_them_on_sqlite(btc: Instrument) -> None:
+    """The same text in the column as save() writes: UTC with microseconds, another offset, and a
+    time without any (each read back the same, and sorted and compared as text by SQLite)."""
+    from datetime import timedelta, timezone
+    from zoneinfo import ZoneInfo
+
+    from django.db import connection
+
+    times = [AS_OF.replace(microsecond=123456), datetime(2024, 5, 1, 14, 5, tzinfo=timezone(timedelta(hours=2))),
+             datetime(2024, 7, 1, 9, 30, tzinfo=ZoneInfo("America/New_York")), AS_OF]
+    saved, bulk = [], []
+    for i, when in enumerate(times):
+        row = _cycle(btc, 20 + i)
+        row.ended_at = when
+        row.save()
+        saved.append(row.pk)
+    with transaction.atomic():
+        for i, when in enumerate(times):
+            row = _cycle(btc, 30 + i)
+            row.ended_at = when
+            (row.pk,) = ids_reserve(model=Cycle, count=1)
+            bulk.append(row)
+        rows_insert(model=Cycle, objs=bulk)
+
+    def texts(pks: list[int]) -> list[str]:
+        with connection.cursor() as cur:
+            cur.execute(f"SELECT ended_at FROM journal_cycle WHERE id IN ({', '.join(map(str, pks))}) ORDER BY id")
+            return [r[0] for r in cur.fetchall()]
+
+    assert texts([r.pk for r in bulk]) == texts(saved)
+    assert [Cycle.objects.get(pk=r.pk).ended_at for r in bulk] == times
