@@ -31,6 +31,7 @@ class Options:
     instruments: int = 300  # instruments300: how many instruments
     concurrency: int = 1  # instruments300: processes per worker (1 = solo pool: 4 workers fill 2 cores)
     profile: bool = False  # replay: print a cProfile of the synthetic run
+    sqlite: bool = False  # the database sections on a scratch SQLite file even when PostgreSQL answers
     pg_url: str = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
     redis_url: str = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
@@ -118,7 +119,7 @@ def prepare(names: list[str]) -> None:
         os.environ["REDIS_URL"] = OPTIONS.redis_url
     needs_db = any(n in DB_SECTIONS for n in names)
     if needs_db:
-        ENV.postgres_missing = reachable(OPTIONS.pg_url, 5432)
+        ENV.postgres_missing = "--sqlite was given" if OPTIONS.sqlite else reachable(OPTIONS.pg_url, 5432)
         if not ENV.postgres_missing:
             try:
                 ENV.db_name = f"tradebot_bench_{os.getpid()}"

@@ -6,6 +6,7 @@
     .venv/bin/python bench/run.py --list
     .venv/bin/python bench/run.py replay --days 30             # a shorter replay window
     .venv/bin/python bench/run.py replay --profile              # with a cProfile of the replay
+    .venv/bin/python bench/run.py replay --sqlite               # the replay on SQLite only
     .venv/bin/python bench/run.py pipeline --cycles 100         # cycles per series (>= 50)
     .venv/bin/python bench/run.py instruments300 --instruments 300 --concurrency 1
 
@@ -13,8 +14,9 @@ The sections `pipeline` and `instruments300` start real Celery workers (one
 per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
 database created and dropped by the bench (BENCH_POSTGRES_URL, default
 postgres://postgres@127.0.0.1:5432); without either they print why and skip.
-`replay` uses the same scratch database, or a scratch SQLite file without
-PostgreSQL. See bench/infra.py, bench/pipeline_bench.py, bench/replay_bench.py.
+`replay` runs on the same scratch database and then, in a child process, on a
+scratch SQLite file (the embedded default a user's `manage.py replay` writes
+to); on SQLite alone without PostgreSQL or with `--sqlite`. See bench/infra.py, bench/pipeline_bench.py, bench/replay_bench.py.
 
 Sections register themselves with `@section("name")`; each prints its own
 figures. Add a section by writing a function here (or in a module imported
@@ -190,8 +192,10 @@ def _options(argv: list[str]) -> list[str]:
                 raise SystemExit(f"{key} needs a number, got {raw!r}") from None
         elif arg == "--profile":
             infra.OPTIONS.profile = True
+        elif arg == "--sqlite":
+            infra.OPTIONS.sqlite = True
         elif arg.startswith("-"):
-            raise SystemExit(f"unknown option {arg}; options: {', '.join([*_VALUE_OPTIONS, '--profile', '--list'])}")
+            raise SystemExit(f"unknown option {arg}; options: {', '.join([*_VALUE_OPTIONS, '--profile', '--sqlite', '--list'])}")
         else:
             names.append(arg)
     return names
