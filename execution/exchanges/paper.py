@@ -748,10 +748,17 @@ class PaperExchange(Exchange):
     def _apply_funding(
         self, account: PaperAccount, inst_id: str, ts: datetime, price: Decimal, rate: Decimal | None, positions: list[PaperPosition],
     ) -> None:
-        """Settle every funding time up to `ts` for `positions` (the instrument's open ones, locked account)."""
+        """Settle every funding time up to `ts` for `positions` (the instrument's open ones, locked account).
+
+        Writes only what a settlement changed: a bar with no funding time in it (one that only
+        touched a stop or a take-profit) writes nothing here.
+        """
         ct_val = self._spec(inst_id).ct_val
+        paid = False
         for pos in positions:
             boundary = next_funding_after(pos.last_funding_at)
+            if boundary > ts:
+                continue
             while boundary <= ts:
                 if rate is not None:
                     sign = -1 if pos.pos_side == "long" else 1
@@ -759,12 +766,14 @@ class PaperExchange(Exchange):
                     PaperFunding.objects.create(account=account, position=pos, inst_id=inst_id, ts=boundary, rate=rate, price=price, amount=amount)
                     pos.funding += amount
                     account.cash = q(account.cash + amount)
+                    paid = True
                 else:
                     log.warning("paper_funding_rate_unknown", inst_id=inst_id, at=boundary.isoformat())
                 pos.last_funding_at = boundary
                 boundary = next_funding_after(boundary)
             pos.save(update_fields=["funding", "last_funding_at"])  # all a settlement changes
-        account.save(update_fields=["cash", "updated_at"])
+        if paid:
+            account.save(update_fields=["cash", "updated_at"])
 
     def _triggers(self, account: PaperAccount, pos: PaperPosition, spec: Instrument, ts: datetime, open_: Decimal, high: Decimal, low: Decimal) -> None:
         long = pos.pos_side == "long"

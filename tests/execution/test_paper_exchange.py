@@ -9,7 +9,7 @@ import pytest
 
 from execution.exchanges.base import ExchangeRejected
 from execution.exchanges.paper import PaperExchange
-from execution.models import PaperFill, PaperFunding
+from execution.models import PaperAccount, PaperFill, PaperFunding, PaperPosition
 from market.feeds.base import Bar
 from tests.execution.helpers import BTC, T0, approve, decision
 
@@ -85,6 +85,20 @@ def test_funding_is_charged_at_each_8h_boundary_at_the_price_then(paper: PaperEx
     assert [t.hour for t, _ in amounts] == [8, 16]
     assert paper.account().cash == D("9999.749875") - D("0.0501") - D("0.0502")
     assert_equity_identity(paper)
+
+
+def test_a_bar_with_no_funding_time_writes_neither_the_position_nor_the_account(paper: PaperExchange) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    open_long(paper)  # opened at 07:00; the next funding time is 08:00
+    paper.set_funding_rate(BTC, D("0.0001"))
+    with CaptureQueriesContext(connection) as seen:
+        paper.process_bar(BTC, bar(T0 + timedelta(minutes=30), 50000, 50100, 49950, 50050))
+    writes = [q["sql"] for q in seen.captured_queries if q["sql"].startswith("UPDATE")]
+    tables = (PaperPosition._meta.db_table, PaperAccount._meta.db_table)
+    assert writes and not any(table in w for w in writes for table in tables), writes
+    assert paper.account().cash == D("9999.749875") and not PaperFunding.objects.exists()
 
 
 def test_a_short_receives_positive_funding(paper: PaperExchange) -> None:
