@@ -117,7 +117,7 @@ class ReplaySummary:
             "bypassed": screens.filter(bypassed=True).count(),
             "analyzed": self.outcomes[CycleOutcome.HOLD] + self.outcomes[CycleOutcome.REJECTED]
             + self.outcomes[CycleOutcome.TRADED] + self.outcomes[CycleOutcome.HALTED],
-            "outcomes": dict(self.outcomes),
+            "outcomes": {str(outcome): count for outcome, count in self.outcomes.items()},  # "hold", not CycleOutcome.HOLD
             "trades": trades.count(),
             "closed_trades": len(closed),
             "win_rate": round(len(wins) / len(pnls), 4) if pnls else None,

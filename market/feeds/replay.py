@@ -41,6 +41,7 @@ import pandas as pd
 
 from market.feeds.base import (
     Bar,
+    FeedDataError,
     FeedPermanentError,
     FundingRate,
     InstrumentSpec,
@@ -209,6 +210,14 @@ def read_candle_csv(path: str | Path) -> dict[str, np.ndarray]:
         frame = pd.read_csv(path, usecols=expected, dtype={"ts": "int64"}, keep_default_na=True)
     except ValueError as e:
         raise FeedPermanentError(f"{path}: unreadable candle CSV: {e}") from e
+    for name in expected[1:]:
+        if frame[name].dtype == object:  # a cell that is not a number: say where, not just what
+            numbers = pd.to_numeric(frame[name], errors="coerce")
+            bad = numbers.isna() & frame[name].notna()
+            if bad.any():
+                row = int(bad.to_numpy().argmax())
+                raise FeedDataError(f"{path}: line {row + 2}: {name} {frame[name].iloc[row]!r} is not a number")
+            frame[name] = numbers
     frame["volume"] = frame["volume"].fillna(0.0)  # mark-price files have no volume
     if frame[["open", "high", "low", "close"]].isna().any().any():
         raise FeedPermanentError(f"{path}: empty price cells")

@@ -139,6 +139,23 @@ def test_a_csv_with_the_wrong_header_is_a_clear_error(tmp_path: Path) -> None:
         ReplayFeed.from_csv(bad, inst_id=BTC)
 
 
+@pytest.mark.parametrize(("cell", "says"), [("abc", "line 3: high 'abc' is not a number"), ("", "empty price cells")])
+def test_a_price_cell_that_is_not_a_number_names_its_line_and_column(tmp_path: Path, cell: str, says: str) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"ts,open,high,low,close,volume\n1700000000000,1,2,0.5,1.5,10\n1700000300000,1,{cell},0.5,1.5,10\n")
+    with pytest.raises(FeedPermanentError, match=says):
+        ReplayFeed.from_csv(bad, inst_id=BTC)
+
+
+def test_a_csv_with_a_stray_volume_word_is_refused_but_an_empty_volume_is_zero(tmp_path: Path) -> None:
+    rows = "ts,open,high,low,close,volume\n1700000000000,1,2,0.5,1.5,{}\n1700000300000,1,2,0.5,1.5,10\n"
+    (tmp_path / "a.csv").write_text(rows.format("n/a?"))
+    with pytest.raises(FeedPermanentError, match="line 2: volume 'n/a\\?' is not a number"):
+        read_candle_csv(tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text(rows.format(""))
+    assert list(read_candle_csv(tmp_path / "b.csv")["volume"]) == [0.0, 10.0]
+
+
 def test_the_default_clock_of_a_file_replay_is_its_last_close(shared_data: Path) -> None:
     feed = ReplayFeed.from_csv(shared_data / "okx_BTC-USDT-SWAP_4H.csv", inst_id=BTC)
     assert feed.now() == datetime(2026, 4, 18, 4, tzinfo=UTC)

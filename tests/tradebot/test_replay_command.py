@@ -1,6 +1,7 @@
 """`manage.py replay`: its summary against the journal, its errors, and a replay with the Claude brain (local Anthropic server)."""
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 from datetime import UTC, datetime, timedelta
@@ -84,6 +85,25 @@ def test_bad_arguments_are_a_clear_error_and_journal_nothing(args: tuple[str, ..
         call_command("replay", "--inst", INST, *args)
     assert says in str(caught.value)
     assert not Cycle.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_candle_file_with_a_bad_cell_is_an_error_that_names_the_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "candles.csv"
+    bad.write_text("ts,open,high,low,close,volume\n1700000000000,1,2,0.5,1.5,10\n1700000300000,1,2,0.5,oops,10\n")
+    with pytest.raises(CommandError, match=f"{bad}: line 3: close 'oops' is not a number"):
+        call_command("replay", "--inst", INST, "--from", "2023-11-14", "--to", "2023-11-15", "--csv", str(bad))
+    assert not Cycle.objects.exists()
+
+
+@pytest.mark.django_db
+def test_the_text_summary_prints_one_figure_per_line_with_plain_outcome_names() -> None:
+    out = StringIO()
+    call_command("replay", "--inst", INST, "--from", "2025-08-01", "--to", "2025-08-01T06:00", "--synthetic", stdout=out)
+    lines = dict(line.split(None, 1) for line in out.getvalue().splitlines() if line.strip())
+    assert lines["cycles"] == "72" and lines["brain"] == "rules"
+    outcomes = ast.literal_eval(lines["outcomes"])  # a plain dict literal: an enum's repr would not parse
+    assert sum(outcomes.values()) == 72 and set(outcomes) <= {o.value for o in CycleOutcome}
 
 
 @pytest.mark.django_db
