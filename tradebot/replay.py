@@ -17,6 +17,11 @@ end (`journal.bulk`). With a network brain no transaction may be open across a
 call, so the batch inserts placeholders for the ids first and upserts them at
 the end.
 
+Ctrl-C stops a replay cleanly: the journal keeps whole batches (a rules batch
+stopped half-way rolls back with its transaction; a network brain's batch keeps
+the cycles that ran and marks the one in flight INTERRUPTED) and the summary,
+flagged `interrupted`, counts exactly what the journal kept.
+
 To keep a year's journal small, a cycle keeps its FULL snapshot JSON only when
 its decision went to the risk gate (not HOLD: traded, rejected, halted), or with
 `full_snapshots="analyzed"` whenever it reached ANALYZING (with a position open
@@ -84,6 +89,23 @@ class ReplaySummary:
     decisions: list[tuple[str, str]] = field(default_factory=list)  # (as_of, action) of analysed cycles
     elapsed_seconds: float = 0.0
     full_snapshots: str = "acted"  # which cycles kept the full snapshot JSON (see replay_run)
+    interrupted: bool = False  # stopped by Ctrl-C: the figures are those of the cycles the journal kept
+
+    def mark(self) -> tuple[int, Counter, int]:
+        """Where the counts stand before a batch (see `rewind`)."""
+        return self.cycles, Counter(self.outcomes), len(self.decisions)
+
+    def rewind(self, mark: tuple[int, Counter, int]) -> None:
+        """Back to `mark`: a batch whose transaction rolled back left nothing in the journal to count."""
+        self.cycles, self.outcomes, kept = mark[0], Counter(mark[1]), mark[2]
+        del self.decisions[kept:]
+
+    def count(self, cycle: Cycle) -> None:
+        """One more finished cycle in the figures."""
+        self.cycles += 1
+        self.outcomes[cycle.outcome] += 1
+        if cycle.decision:
+            self.decisions.append((cycle.as_of.isoformat(), cycle.decision["decision"]["action"]))
 
     def as_dict(self) -> dict[str, Any]:
         """The figures the command prints (and `--json` prints as one object)."""
@@ -130,6 +152,7 @@ class ReplaySummary:
             "llm_cost_usd": str((llm.aggregate(v=Sum("cost_usd"))["v"] or Decimal(0)).quantize(Decimal("0.0001"))),
             "risk_rejections": dict(rejections),
             "journal_snapshots": f"full for {self.full_snapshots} cycles, compact for the others",
+            "interrupted": self.interrupted,
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "cycles_per_second": round(self.cycles / self.elapsed_seconds, 1) if self.elapsed_seconds else None,
         }
@@ -304,14 +327,26 @@ def replay_run(
     with calendar_preloaded(), _collector_between_batches() as collect_garbage:
         for offset in range(0, len(times), BATCH):
             batch = times[offset:offset + BATCH]
-            if atomic:
-                with transaction.atomic():
-                    _run_batch(batch, instrument, env, walker, summary, run, full_snapshots, reserved_ids=True)
-            else:
-                _run_batch(batch, instrument, env, walker, summary, run, full_snapshots, reserved_ids=False)
-            collect_garbage()
-            if progress:
-                progress(min(offset + BATCH, len(times)), len(times))
+            mark, written = summary.mark(), False
+            try:
+                if atomic:
+                    with transaction.atomic():
+                        _run_batch(batch, instrument, env, walker, summary, run, full_snapshots, reserved_ids=True)
+                else:
+                    _run_batch(batch, instrument, env, walker, summary, run, full_snapshots, reserved_ids=False)
+                written = True
+                collect_garbage()
+                if progress:
+                    progress(min(offset + BATCH, len(times)), len(times))
+            except KeyboardInterrupt:
+                # Ctrl-C: the journal keeps whole batches (a rules batch stopped half-way rolls back with
+                # its transaction; a network brain's batch writes what it ran, see _run_batch), and the
+                # summary counts what it kept instead of ending in a traceback.
+                if atomic and not written:
+                    summary.rewind(mark)
+                summary.interrupted = True
+                log.warning("replay_interrupted", run_id=run_id, cycles_kept=summary.cycles, cycles_planned=len(times))
+                break
     summary.elapsed_seconds = time.perf_counter() - began
     return summary
 
@@ -510,6 +545,50 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
         # Without a transaction (a network brain) rows that point to a cycle need it to exist first.
         placeholders = Cycle.objects.bulk_create(fresh)
     screener_logs: list[ScreenerLog] = []
+    if not reserved_ids:
+        mark = summary.mark()
+        try:
+            _run_cycles(placeholders, env, walker, summary, run, full_snapshots, screener_logs)
+        except KeyboardInterrupt:
+            env.exchange.flush()
+            _keep_what_ran(placeholders, summary, mark, screener_logs)
+            raise
+        env.exchange.flush()
+        Cycle.objects.bulk_create(placeholders, update_conflicts=True, unique_fields=["id"],
+                                  update_fields=list(CYCLE_FIELDS))
+        ScreenerLog.objects.bulk_create(screener_logs)
+        return
+    _run_cycles(placeholders, env, walker, summary, run, full_snapshots, screener_logs)
+    env.exchange.flush()
+    rows_insert(model=Cycle, objs=placeholders)
+    for row, pk in zip(screener_logs, ids_reserve(model=ScreenerLog, count=len(screener_logs)), strict=True):
+        row.pk = pk
+    rows_insert(model=ScreenerLog, objs=screener_logs)
+
+
+def _keep_what_ran(placeholders: list[Cycle], summary: ReplaySummary, mark: tuple[int, Counter, int],
+                   screener_logs: list[ScreenerLog]) -> None:
+    """A network brain's batch stopped by Ctrl-C: its placeholder rows exist already (rows of the
+    cycles that ran point to them). The cycles that finished are written as they ended, the one in
+    flight as INTERRUPTED, the placeholders of the cycles that never started are removed (nothing
+    points to them), and the summary counts what was kept."""
+    started = [c for c in placeholders if c.state != S.IDLE]
+    for cycle in started:
+        if cycle.state not in (S.DONE, S.FAILED, S.INTERRUPTED):
+            cycle_end(cycle, outcome=CycleOutcome.INTERRUPTED, reason="replay interrupted (Ctrl-C) in this cycle",
+                      state=S.INTERRUPTED)
+    Cycle.objects.filter(pk__in=[c.pk for c in placeholders if c.state == S.IDLE]).delete()
+    Cycle.objects.bulk_create(started, update_conflicts=True, unique_fields=["id"], update_fields=list(CYCLE_FIELDS))
+    kept = {c.pk for c in started}
+    ScreenerLog.objects.bulk_create([row for row in screener_logs if row.cycle_id in kept])
+    summary.rewind(mark)
+    for cycle in started:
+        summary.count(cycle)
+
+
+def _run_cycles(placeholders: list[Cycle], env: StageEnv, walker: _BarWalker, summary: ReplaySummary, run: _RunState,
+                full_snapshots: str, screener_logs: list[ScreenerLog]) -> None:
+    """The batch's cycles in order, each counted in the summary and its screener log row kept."""
     for cycle in placeholders:  # each holds `instrument` already (row_new caches it; bulk_create returns the same rows)
         exposed = env.exchange.exposed()
         walker.advance(cycle.as_of, exposed)
@@ -538,20 +617,7 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
         if log_row is not None:
             log_row.snapshot_json = compact if snapshot is not None else None  # the cycle row has the full one
             screener_logs.append(log_row)
-        summary.cycles += 1
-        summary.outcomes[cycle.outcome] += 1
-        if cycle.decision:
-            summary.decisions.append((cycle.as_of.isoformat(), cycle.decision["decision"]["action"]))
-    env.exchange.flush()
-    if reserved_ids:
-        rows_insert(model=Cycle, objs=placeholders)
-        for row, pk in zip(screener_logs, ids_reserve(model=ScreenerLog, count=len(screener_logs)), strict=True):
-            row.pk = pk
-        rows_insert(model=ScreenerLog, objs=screener_logs)
-    else:
-        Cycle.objects.bulk_create(placeholders, update_conflicts=True, unique_fields=["id"],
-                                  update_fields=list(CYCLE_FIELDS))
-        ScreenerLog.objects.bulk_create(screener_logs)
+        summary.count(cycle)
 
 
 def _run_cycle(cycle: Cycle, env: StageEnv) -> CycleWork:

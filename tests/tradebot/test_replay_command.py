@@ -177,3 +177,98 @@ def test_a_claude_replay_journals_every_call_and_turns_a_bad_answer_into_hold(se
     data = summary.as_dict()
     assert data["llm_calls"] == len(requests) and data["brain"] == "claude"
     assert Decimal(data["llm_cost_usd"]) == sum((c.cost_usd for c in calls), Decimal(0)).quantize(Decimal("0.0001")) > 0
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+class _CtrlCAt(SyntheticFeed):
+    """The synthetic market, with Ctrl-C pressed while the cycle at `at` collects its ticker."""
+
+    def __init__(self, at: datetime, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.at = at
+
+    def ticker(self, inst_id: str) -> Any:
+        if self.now() >= self.at:
+            raise KeyboardInterrupt
+        return super().ticker(inst_id)
+
+
+def _kept_figures_match_the_journal(summary: Any) -> list[Cycle]:
+    cycles = list(Cycle.objects.filter(run_id=summary.run_id).order_by("as_of"))
+    assert summary.interrupted and summary.as_dict()["interrupted"] is True
+    assert summary.cycles == len(cycles)
+    assert dict(summary.outcomes) == {o: sum(1 for c in cycles if c.outcome == o) for o in summary.outcomes}
+    # Nothing points to a cycle that was not kept, and no placeholder is left waiting.
+    kept = {c.pk for c in cycles}
+    assert set(Trade.objects.filter(run_id=summary.run_id).values_list("cycle_id", flat=True)) <= kept
+    assert set(ScreenerLog.objects.filter(mode=Mode.REPLAY).values_list("cycle_id", flat=True)) <= kept
+    assert not [c for c in cycles if c.state == CycleState.IDLE]
+    return cycles
+
+
+@pytest.mark.django_db
+def test_ctrl_c_in_a_rules_replay_keeps_the_whole_batches_written_and_counts_only_them() -> None:
+    start = datetime(2025, 8, 1, tzinfo=UTC)
+    feed = _CtrlCAt(start + timedelta(minutes=5 * 700), seed=7, start=datetime(2025, 6, 15, tzinfo=UTC),
+                    end=datetime(2025, 8, 5, tzinfo=UTC))
+    summary = replay_run(inst_id=INST, start=start, end=start + timedelta(days=3), feed=feed, run_id="ctrl-c")
+    cycles = _kept_figures_match_the_journal(summary)
+    # The first batch (500 cycles) was written; the second stopped at its 200th cycle and rolled back whole.
+    assert len(cycles) == 500 and cycles[-1].as_of == start + timedelta(minutes=5 * 500)
+    assert all(c.state in (CycleState.DONE, CycleState.FAILED) for c in cycles)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_ctrl_c_in_a_claude_replay_keeps_the_cycles_that_ran_and_marks_the_one_in_flight(settings) -> None:
+    start = datetime(2025, 8, 1, 2, tzinfo=UTC)
+    feed = _CtrlCAt(start + timedelta(minutes=5 * 10), seed=7, start=datetime(2025, 6, 15, tzinfo=UTC),
+                    end=datetime(2025, 8, 2, tzinfo=UTC))
+    with FakeAnthropic() as server:
+        settings.ANTHROPIC_API_KEY = TEST_KEY
+        settings.ANTHROPIC_BASE_URL = server.url
+        server.handler(_Analyst(settings.SCREENER_MODEL))
+        summary = replay_run(inst_id=INST, start=start, end=start + timedelta(hours=3), feed=feed, brain="claude",
+                             run_id="claude-ctrl-c")
+    cycles = _kept_figures_match_the_journal(summary)
+    assert len(cycles) == 10
+    assert [c.state for c in cycles[:9]] == [CycleState.DONE] * 9
+    assert (cycles[-1].state, cycles[-1].outcome) == (CycleState.INTERRUPTED, CycleOutcome.INTERRUPTED)
+    assert set(LlmCall.objects.filter(mode=Mode.REPLAY).values_list("cycle_id", flat=True)) <= {c.pk for c in cycles}
+
+
+def test_ctrl_c_stops_the_replay_command_with_a_summary_of_what_the_journal_kept(tmp_path: Path) -> None:
+    """A real SIGINT to `manage.py replay` once its first batch is written: exit 130, the summary, no traceback."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", "LOG_LEVEL": "ERROR",
+           "DJANGO_SETTINGS_MODULE": "tradebot.settings"}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=root, env=env, check=True, timeout=120)
+    proc = subprocess.Popen([sys.executable, "manage.py", "replay", "--inst", INST, "--from", "2025-08-01",
+                             "--to", "2025-08-11", "--synthetic"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    try:
+        while b"500/2880" not in seen:  # the progress line once the first batch is in the journal
+            chunk = proc.stderr.read1(256)  # type: ignore[union-attr]
+            assert chunk, f"the replay ended before its first batch: {seen.decode(errors='replace')[-2000:]}"
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err_text = (seen + err).decode(errors="replace")
+    assert proc.returncode == 130, err_text[-2000:]
+    assert "Traceback" not in err_text and "interrupted (Ctrl-C)" in err_text
+    figures = dict(line.split(None, 1) for line in out.decode().splitlines() if line.strip())
+    assert figures["interrupted"] == "True" and 500 <= int(figures["cycles"]) < 2880
+    with sqlite3.connect(tmp_path / "db.sqlite3") as db:
+        (stored,) = db.execute("SELECT COUNT(*) FROM journal_cycle WHERE run_id = ?", [figures["run_id"]]).fetchone()
+    assert stored == int(figures["cycles"])

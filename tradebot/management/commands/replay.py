@@ -65,8 +65,13 @@ class Command(BaseCommand):
         data = summary.as_dict()
         if opts["json"]:
             self.stdout.write(json.dumps(data, default=str))
-            return
-        self.stderr.write("")
-        width = max(len(k) for k in data)
-        for key, value in data.items():
-            self.stdout.write(f"{key.ljust(width)}  {value}")
+        else:
+            self.stderr.write("")
+            width = max(len(k) for k in data)
+            for key, value in data.items():
+                self.stdout.write(f"{key.ljust(width)}  {value}")
+        if summary.interrupted:
+            self.stderr.write(f"interrupted (Ctrl-C): the journal holds the {summary.cycles} cycles counted above, "
+                              f"run id {summary.run_id}")
+            # 128 + SIGINT, as a shell reports a command Ctrl-C stopped.
+            raise SystemExit(130)
