@@ -29,7 +29,7 @@ def _replay_json(*args: str) -> dict[str, Any]:
 
 
 @pytest.mark.django_db
-def test_the_json_summary_of_a_synthetic_replay_is_what_its_journal_holds() -> None:
+def test_the_json_summary_of_a_synthetic_replay_is_what_its_journal_holds(settings) -> None:
     data = _replay_json("--from", "2025-08-01", "--to", "2025-08-03", "--synthetic")
     run_id = data["run_id"]
     assert data["cycles"] == 2 * 24 * 12 == Cycle.objects.filter(mode=Mode.REPLAY, run_id=run_id).count()
@@ -41,6 +41,17 @@ def test_the_json_summary_of_a_synthetic_replay_is_what_its_journal_holds() -> N
     assert Decimal(data["pnl_usd"]) == sum(pnls, Decimal(0)).quantize(Decimal("0.01"))
     assert data["win_rate"] == round(sum(1 for p in pnls if p > 0) / len(pnls), 4)
     assert Decimal(data["fees_usd"]) == sum((t.fees_usd for t in trades), Decimal(0)).quantize(Decimal("0.01"))
+    assert Decimal(data["funding_usd"]) == sum((t.funding_usd for t in trades), Decimal(0)).quantize(Decimal("0.01"))
+    won, lost = sum(p for p in pnls if p > 0), -sum(p for p in pnls if p < 0)
+    assert data["profit_factor"] == (round(float(won / lost), 4) if lost else None)
+    # Drawdown: the deepest fall from a peak of the account's equity, closed trade after closed trade.
+    equity = peak = Decimal(settings.PAPER_START_BALANCE)
+    deepest = Decimal(0)
+    for pnl in pnls:
+        equity += pnl
+        peak = max(peak, equity)
+        deepest = max(deepest, (peak - equity) / peak)
+    assert data["max_drawdown_pct"] == round(float(deepest), 6) and (deepest > 0) == (lost > 0)
     outcomes = {o: Cycle.objects.filter(run_id=run_id, outcome=o).count() for o in data["outcomes"]}
     assert data["outcomes"] == outcomes and sum(outcomes.values()) == data["cycles"]
     logs = ScreenerLog.objects.filter(cycle__run_id=run_id)
