@@ -211,7 +211,7 @@ def read_candle_csv(path: str | Path) -> dict[str, np.ndarray]:
     except ValueError as e:
         raise FeedPermanentError(f"{path}: unreadable candle CSV: {e}") from e
     for name in expected[1:]:
-        if frame[name].dtype == object:  # a cell that is not a number: say where, not just what
+        if not pd.api.types.is_numeric_dtype(frame[name]):  # a cell that is not a number: say where, not just what
             numbers = pd.to_numeric(frame[name], errors="coerce")
             bad = numbers.isna() & frame[name].notna()
             if bad.any():
