@@ -16,7 +16,8 @@ database created and dropped by the bench (BENCH_POSTGRES_URL, default
 postgres://postgres@127.0.0.1:5432); without either they print why and skip.
 `replay` runs on the same scratch database and then, in a child process, on a
 scratch SQLite file (the embedded default a user's `manage.py replay` writes
-to); on SQLite alone without PostgreSQL or with `--sqlite`. See bench/infra.py, bench/pipeline_bench.py, bench/replay_bench.py.
+to); on SQLite alone without PostgreSQL or with `--sqlite`. See bench/infra.py,
+bench/pipeline_bench.py, bench/replay_bench.py.
 
 Sections register themselves with `@section("name")`; each prints its own
 figures. Add a section by writing a function here (or in a module imported
@@ -195,7 +196,8 @@ def _options(argv: list[str]) -> list[str]:
         elif arg == "--sqlite":
             infra.OPTIONS.sqlite = True
         elif arg.startswith("-"):
-            raise SystemExit(f"unknown option {arg}; options: {', '.join([*_VALUE_OPTIONS, '--profile', '--sqlite', '--list'])}")
+            known = [*_VALUE_OPTIONS, "--profile", "--sqlite", "--list"]
+            raise SystemExit(f"unknown option {arg}; options: {', '.join(known)}")
         else:
             names.append(arg)
     return names

@@ -139,7 +139,8 @@ class ReplaySummary:
             "bypassed": screens.filter(bypassed=True).count(),
             "analyzed": self.outcomes[CycleOutcome.HOLD] + self.outcomes[CycleOutcome.REJECTED]
             + self.outcomes[CycleOutcome.TRADED] + self.outcomes[CycleOutcome.HALTED],
-            "outcomes": {str(outcome): count for outcome, count in self.outcomes.items()},  # "hold", not CycleOutcome.HOLD
+            # Plain names ("hold"), not the enum's repr (CycleOutcome.HOLD), in the printed summary.
+            "outcomes": {str(outcome): count for outcome, count in self.outcomes.items()},
             "trades": trades.count(),
             "closed_trades": len(closed),
             "win_rate": round(len(wins) / len(pnls), 4) if pnls else None,
@@ -430,7 +431,9 @@ class _RunState:
         from execution.services import EXIT_SNAPSHOT_MAX_AGE
 
         snapshot = self.last_snapshot
-        if snapshot is None or snapshot.inst_id != inst_id or not closed_at - EXIT_SNAPSHOT_MAX_AGE <= snapshot.ts <= closed_at:
+        if snapshot is None or snapshot.inst_id != inst_id:
+            return None
+        if not closed_at - EXIT_SNAPSHOT_MAX_AGE <= snapshot.ts <= closed_at:
             return None
         return {tf: view.indicators.model_dump(mode="json") for tf, view in snapshot.timeframes.items()}
 

@@ -1,4 +1,5 @@
-"""`manage.py replay`: its summary against the journal, its errors, and a replay with the Claude brain (local Anthropic server)."""
+"""`manage.py replay`: its summary against the journal, its errors, Ctrl-C, and a replay with the Claude brain
+(local Anthropic server)."""
 from __future__ import annotations
 
 import ast
@@ -16,7 +17,7 @@ from django.core.management import CommandError, call_command
 
 from journal.models import Cycle, CycleOutcome, CycleState, LlmCall, Mode, ScreenerLog, Trade, TradeStatus
 from market.feeds.synthetic import SyntheticFeed
-from tests.fakes.anthropic_server import FakeAnthropic, Received, Reply, ok, raw_body
+from tests.fakes.anthropic_server import FakeAnthropic, Received, Reply, ok
 from tradebot.replay import ReplayError, replay_run
 
 INST = "BTC-USDT-SWAP"
@@ -56,7 +57,8 @@ def test_the_json_summary_of_a_synthetic_replay_is_what_its_journal_holds(settin
     outcomes = {o: Cycle.objects.filter(run_id=run_id, outcome=o).count() for o in data["outcomes"]}
     assert data["outcomes"] == outcomes and sum(outcomes.values()) == data["cycles"]
     logs = ScreenerLog.objects.filter(cycle__run_id=run_id)
-    assert data["screened"] == logs.filter(bypassed=False).count() and data["bypassed"] == logs.filter(bypassed=True).count()
+    assert data["screened"] == logs.filter(bypassed=False).count()
+    assert data["bypassed"] == logs.filter(bypassed=True).count()
     assert data["screened"] + data["bypassed"] == data["cycles"]
     assert data["analyzed"] == Cycle.objects.filter(run_id=run_id).exclude(decision=None).count()
     # The rules brain costs nothing and calls nobody.
@@ -111,7 +113,8 @@ def test_a_candle_file_with_a_bad_cell_is_an_error_that_names_the_file_and_line(
 @pytest.mark.django_db
 def test_the_text_summary_prints_one_figure_per_line_with_plain_outcome_names() -> None:
     out = StringIO()
-    call_command("replay", "--inst", INST, "--from", "2025-08-01", "--to", "2025-08-01T06:00", "--synthetic", stdout=out)
+    call_command("replay", "--inst", INST, "--from", "2025-08-01", "--to", "2025-08-01T06:00", "--synthetic",
+                 stdout=out)
     lines = dict(line.split(None, 1) for line in out.getvalue().splitlines() if line.strip())
     assert lines["cycles"] == "72" and lines["brain"] == "rules"
     outcomes = ast.literal_eval(lines["outcomes"])  # a plain dict literal: an enum's repr would not parse
@@ -147,10 +150,7 @@ class _Analyst:
                       input_tokens=400, output_tokens=15)
         self.analyses += 1
         if self.analyses in (2, 3):  # the first answer of one cycle and the gateway's strict retry
-            return raw_body(200, json.dumps({"id": "msg_x", "type": "message", "role": "assistant", "model": body["model"],
-                                             "content": [{"type": "text", "text": "I would rather not say."}],
-                                             "stop_reason": "end_turn", "stop_sequence": None,
-                                             "usage": {"input_tokens": 900, "output_tokens": 9}}))
+            return ok("I would rather not say.", model=body["model"], input_tokens=900, output_tokens=9)
         return ok(data={"decision": {"action": "HOLD", "symbol": INST}, "confidence": 0.4, "reasoning": "no edge yet"},
                   model=body["model"], input_tokens=2000, output_tokens=60)
 
@@ -183,7 +183,8 @@ def test_a_claude_replay_journals_every_call_and_turns_a_bad_answer_into_hold(se
     invalid = calls.filter(status="invalid")
     assert invalid.count() == 2 and {c.cycle_id for c in invalid} == {invalid[0].cycle_id}
     bad = Cycle.objects.get(pk=invalid[0].cycle_id)
-    assert bad.outcome == CycleOutcome.HOLD and bad.decision["reasoning"].startswith("analyst invalid: invalid answer twice")
+    assert bad.outcome == CycleOutcome.HOLD
+    assert bad.decision["reasoning"].startswith("analyst invalid: invalid answer twice")
     assert all(c.decision["reasoning"] == "no edge yet" for c in cycles if c.decision and c.pk != bad.pk)
     assert not Trade.objects.filter(run_id="claude-run").exists()
     data = summary.as_dict()

@@ -81,7 +81,7 @@ def test_a_position_held_across_a_funding_time_pays_or_receives_the_feeds_rate(f
 
 
 @pytest.mark.django_db
-def test_a_trade_closed_by_its_stop_or_take_profit_keeps_the_indicators_of_the_last_cycle_before(feed: SyntheticFeed) -> None:
+def test_a_trade_closed_by_its_stop_or_take_profit_keeps_the_last_cycles_indicators(feed: SyntheticFeed) -> None:
     replay_run(inst_id=INST, start=FROM, end=TO, feed=feed, run_id="run-x")
     by_exchange = [t for t in _trades("run-x") if t.exit_reason in ("stop_loss", "take_profit")]
     assert by_exchange, "the scenario must hit a stop or a take-profit"
