@@ -6,6 +6,7 @@ import ast
 import gzip
 import json
 import re
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from io import StringIO
@@ -15,7 +16,10 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from journal.models import Cycle, CycleOutcome, CycleState, LlmCall, Mode, ScreenerLog, Trade, TradeStatus
+from execution.models import Order, PaperOrder
+from journal.models import (
+    Cycle, CycleOutcome, CycleState, LlmCall, Mode, RiskRejection, ScreenerLog, Trade, TradeStatus,
+)
 from market.feeds.synthetic import SyntheticFeed
 from tests.fakes.anthropic_server import FakeAnthropic, Received, Reply, ok
 from tradebot.replay import ReplayError, replay_run
@@ -151,6 +155,11 @@ class _Analyst:
         self.analyses += 1
         if self.analyses in (2, 3):  # the first answer of one cycle and the gateway's strict retry
             return ok("I would rather not say.", model=body["model"], input_tokens=900, output_tokens=9)
+        if self.analyses == 4:  # a long whose stop is above any price: the risk gate must refuse it
+            return ok(data={"decision": {"action": "OPEN_LONG", "symbol": INST, "size_pct": 0.05, "leverage": 2,
+                                         "stop_loss": 1e9, "take_profit": 2e9},
+                            "confidence": 0.9, "strategy_used": "trend_pullback", "reasoning": "a stop on the wrong side"},
+                      model=body["model"], input_tokens=2000, output_tokens=80)
         return ok(data={"decision": {"action": "HOLD", "symbol": INST}, "confidence": 0.4, "reasoning": "no edge yet"},
                   model=body["model"], input_tokens=2000, output_tokens=60)
 
@@ -172,7 +181,7 @@ def test_a_claude_replay_journals_every_call_and_turns_a_bad_answer_into_hold(se
     # Every placeholder written before its cycle ran was completed afterwards: none is left IDLE.
     assert len(cycles) == 36 and all(c.state == CycleState.DONE and c.outcome for c in cycles)
     assert all(c.started_at <= c.ended_at for c in cycles)
-    assert analyst.analyses >= 3, "the scenario must reach the analyst more than twice"
+    assert analyst.analyses >= 5, "the scenario must reach the analyst past its wrong-side stop"
     # One journaled call per request the server saw, each with its cycle, in replay mode.
     calls = LlmCall.objects.filter(cycle__run_id="claude-run")
     assert calls.count() == len(requests) == analyst.screens + analyst.analyses
@@ -185,10 +194,18 @@ def test_a_claude_replay_journals_every_call_and_turns_a_bad_answer_into_hold(se
     bad = Cycle.objects.get(pk=invalid[0].cycle_id)
     assert bad.outcome == CycleOutcome.HOLD
     assert bad.decision["reasoning"].startswith("analyst invalid: invalid answer twice")
-    assert all(c.decision["reasoning"] == "no edge yet" for c in cycles if c.decision and c.pk != bad.pk)
+    # The wrong-side stop reached the risk gate, which refused it: rejected, journaled with its rules, no order.
+    rejected = [c for c in cycles if c.outcome == CycleOutcome.REJECTED]
+    assert len(rejected) == 1 and rejected[0].decision["reasoning"] == "a stop on the wrong side"
+    rules = [f["rule"] for r in RiskRejection.objects.filter(cycle__run_id="claude-run") for f in r.failed_rules]
+    assert "stop_loss" in rules
+    assert all(c.decision["reasoning"] == "no edge yet" for c in cycles
+               if c.decision and c.pk not in (bad.pk, rejected[0].pk))
     assert not Trade.objects.filter(run_id="claude-run").exists()
+    assert not Order.objects.filter(run_id="claude-run").exists() and not PaperOrder.objects.exists()
     data = summary.as_dict()
     assert data["llm_calls"] == len(requests) and data["brain"] == "claude"
+    assert data["risk_rejections"] == dict(Counter(rules)) and data["outcomes"]["rejected"] == 1
     assert Decimal(data["llm_cost_usd"]) == sum((c.cost_usd for c in calls), Decimal(0)).quantize(Decimal("0.0001")) > 0
 
 
