@@ -47,6 +47,35 @@ def redis_url() -> str:
     return os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
+TEST_KEY = "sk-ant-test-key-0123456789"
+
+
+def reset_fake_server(server) -> None:  # noqa: ANN001 - any tests.fakes server
+    # One server per session (starting and stopping one per test costs ~0.5 s each).
+    with server._lock:
+        server.requests.clear()
+        server._routes.clear()
+
+
+@pytest.fixture(scope="session")
+def _anthropic_session():  # noqa: ANN202
+    from tests.fakes.anthropic_server import FakeAnthropic
+
+    with FakeAnthropic() as server:
+        yield server
+
+
+@pytest.fixture
+def anthropic_server(settings, _anthropic_session):  # noqa: ANN001, ANN201
+    """The Claude brain talking to the local Messages API server (one per session, emptied per test)."""
+    reset_fake_server(_anthropic_session)
+    settings.ANTHROPIC_API_KEY = TEST_KEY
+    settings.ANTHROPIC_BASE_URL = _anthropic_session.url
+    settings.BRAIN = "claude"
+    yield _anthropic_session
+    reset_fake_server(_anthropic_session)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The real market data beside the project; tests that need it skip without it."""

@@ -758,7 +758,7 @@ class PaperExchange(Exchange):
         for pos in positions:
             boundary = next_funding_after(pos.last_funding_at)
             if boundary > ts:
-                continue
+                continue  # no settlement due for this position in this bar: nothing of it to write
             while boundary <= ts:
                 if rate is not None:
                     sign = -1 if pos.pos_side == "long" else 1

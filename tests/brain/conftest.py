@@ -5,10 +5,8 @@ from decimal import Decimal
 import pytest
 
 from market.models import Instrument
-from tests.fakes.anthropic_server import FakeAnthropic
+from tests.conftest import reset_fake_server as _reset
 from tests.fakes.perplexity_server import FakePerplexity
-
-TEST_KEY = "sk-ant-test-key-0123456789"
 
 
 @pytest.fixture
@@ -17,33 +15,10 @@ def instrument(db) -> Instrument:
                                      min_sz=Decimal("0.01"), tick_sz=Decimal("0.1"), max_lever=Decimal("100"))
 
 
-def _reset(server) -> None:
-    # One server per session (starting and stopping one per test costs ~0.5 s each).
-    with server._lock:
-        server.requests.clear()
-        server._routes.clear()
-
-
-@pytest.fixture(scope="session")
-def _anthropic_session():
-    with FakeAnthropic() as server:
-        yield server
-
-
 @pytest.fixture(scope="session")
 def _perplexity_session():
     with FakePerplexity() as server:
         yield server
-
-
-@pytest.fixture
-def anthropic_server(settings, _anthropic_session):
-    _reset(_anthropic_session)
-    settings.ANTHROPIC_API_KEY = TEST_KEY
-    settings.ANTHROPIC_BASE_URL = _anthropic_session.url
-    settings.BRAIN = "claude"
-    yield _anthropic_session
-    _reset(_anthropic_session)
 
 
 @pytest.fixture

@@ -180,7 +180,7 @@ def test_an_answer_for_another_symbol_is_a_hold(anthropic_server):
 
 
 def test_the_api_key_never_reaches_the_journal(anthropic_server):
-    from tests.brain.conftest import TEST_KEY
+    from tests.conftest import TEST_KEY
 
     anthropic_server.script(error(401, "authentication_error", f"invalid x-api-key {TEST_KEY}"))
     decision = decide()
@@ -243,7 +243,7 @@ def test_a_page_that_is_not_a_messages_response_ends_within_the_time_limit(anthr
 
 
 def test_a_proxy_page_that_echoes_the_api_key_is_scrubbed(anthropic_server):
-    from tests.brain.conftest import TEST_KEY
+    from tests.conftest import TEST_KEY
 
     anthropic_server.script(proxy_page(text=f"bad gateway for key {TEST_KEY}"))
     result = screen_call(timeout=1.0)

@@ -1,11 +1,12 @@
 """journal.bulk: reserved ids and one-statement inserts (the replay's journal path), on SQLite and PostgreSQL."""
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from journal.bulk import BulkWriteError, ids_reserve, rows_insert
 from journal.models import Cycle, CycleOutcome, CycleState, Mode, RiskRejection, ScreenerLog
@@ -159,13 +160,8 @@ def test_json_columns_go_in_as_a_save_stores_them_on_postgresql(btc: Instrument)
 
 @pytest.mark.django_db(transaction=True)
 def test_times_go_in_as_a_save_stores_them_on_sqlite(btc: Instrument) -> None:
-    """The same text in the column as save() writes: UTC with microseconds, another offset, and a
-    time without any (each read back the same, and sorted and compared as text by SQLite)."""
-    from datetime import timedelta, timezone
-    from zoneinfo import ZoneInfo
-
-    from django.db import connection
-
+    """The same text in the column as save() writes (SQLite sorts and compares it as text): UTC with
+    microseconds, a fixed offset and a named zone, each read back as the same instant."""
     times = [AS_OF.replace(microsecond=123456), datetime(2024, 5, 1, 14, 5, tzinfo=timezone(timedelta(hours=2))),
              datetime(2024, 7, 1, 9, 30, tzinfo=ZoneInfo("America/New_York")), AS_OF]
     saved, bulk = [], []

@@ -21,11 +21,11 @@ from journal.models import (
     Cycle, CycleOutcome, CycleState, LlmCall, Mode, RiskRejection, ScreenerLog, Trade, TradeStatus,
 )
 from market.feeds.synthetic import SyntheticFeed
+from tests.conftest import TEST_KEY
 from tests.fakes.anthropic_server import FakeAnthropic, Received, Reply, ok
 from tradebot.replay import ReplayError, replay_run
 
 INST = "BTC-USDT-SWAP"
-TEST_KEY = "sk-ant-test-key-0123456789"
 
 
 def _replay_json(*args: str) -> dict[str, Any]:
@@ -165,17 +165,15 @@ class _Analyst:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_claude_replay_journals_every_call_and_turns_a_bad_answer_into_hold(settings) -> None:
+def test_a_claude_replay_journals_every_call_and_turns_a_bad_answer_into_hold(
+        settings, anthropic_server: FakeAnthropic) -> None:
     feed = SyntheticFeed(seed=7, start=datetime(2025, 6, 15, tzinfo=UTC), end=datetime(2025, 8, 2, tzinfo=UTC))
     start = datetime(2025, 8, 1, 2, tzinfo=UTC)
-    with FakeAnthropic() as server:
-        settings.ANTHROPIC_API_KEY = TEST_KEY
-        settings.ANTHROPIC_BASE_URL = server.url
-        analyst = _Analyst(settings.SCREENER_MODEL)
-        server.handler(analyst)
-        summary = replay_run(inst_id=INST, start=start, end=start + timedelta(hours=3), feed=feed, brain="claude",
-                             run_id="claude-run")
-        requests = server.calls("POST", "/v1/messages")
+    analyst = _Analyst(settings.SCREENER_MODEL)
+    anthropic_server.handler(analyst)
+    summary = replay_run(inst_id=INST, start=start, end=start + timedelta(hours=3), feed=feed, brain="claude",
+                         run_id="claude-run")
+    requests = anthropic_server.calls("POST", "/v1/messages")
     assert summary.cycles == 36
     cycles = list(Cycle.objects.filter(run_id="claude-run").order_by("as_of"))
     # Every placeholder written before its cycle ran was completed afterwards: none is left IDLE.
@@ -251,16 +249,14 @@ def test_ctrl_c_in_a_rules_replay_keeps_the_whole_batches_written_and_counts_onl
 
 
 @pytest.mark.django_db(transaction=True)
-def test_ctrl_c_in_a_claude_replay_keeps_the_cycles_that_ran_and_marks_the_one_in_flight(settings) -> None:
+def test_ctrl_c_in_a_claude_replay_keeps_the_cycles_that_ran_and_marks_the_one_in_flight(
+        settings, anthropic_server: FakeAnthropic) -> None:
     start = datetime(2025, 8, 1, 2, tzinfo=UTC)
     feed = _CtrlCAt(start + timedelta(minutes=5 * 10), seed=7, start=datetime(2025, 6, 15, tzinfo=UTC),
                     end=datetime(2025, 8, 2, tzinfo=UTC))
-    with FakeAnthropic() as server:
-        settings.ANTHROPIC_API_KEY = TEST_KEY
-        settings.ANTHROPIC_BASE_URL = server.url
-        server.handler(_Analyst(settings.SCREENER_MODEL))
-        summary = replay_run(inst_id=INST, start=start, end=start + timedelta(hours=3), feed=feed, brain="claude",
-                             run_id="claude-ctrl-c")
+    anthropic_server.handler(_Analyst(settings.SCREENER_MODEL))
+    summary = replay_run(inst_id=INST, start=start, end=start + timedelta(hours=3), feed=feed, brain="claude",
+                         run_id="claude-ctrl-c")
     cycles = _kept_figures_match_the_journal(summary)
     assert len(cycles) == 10
     assert [c.state for c in cycles[:9]] == [CycleState.DONE] * 9

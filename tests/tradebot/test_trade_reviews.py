@@ -201,16 +201,6 @@ def test_a_review_left_running_by_a_dead_worker_is_finished_when_the_task_comes_
     assert running.status == "done" and running.output_json["review"]["outcome"] == "win"
 
 
-@pytest.fixture
-def anthropic(settings: Any) -> Iterator[FakeAnthropic]:
-    """The Claude brain, talking to the local Messages API server."""
-    with FakeAnthropic() as server:
-        settings.BRAIN = "claude"
-        settings.ANTHROPIC_API_KEY = "sk-ant-test-key-0123456789"
-        settings.ANTHROPIC_BASE_URL = server.url
-        yield server
-
-
 class BrainBug(RuntimeError):
     """A defect in our own brain code.
 
@@ -230,12 +220,12 @@ REVIEW = {"outcome": "win", "execution_quality": "good", "entry_timing": "good",
 
 
 def test_a_review_that_raised_is_failed_visibly_and_the_sweep_queues_it_again_after_a_wait(
-        instrument: Instrument, anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch,
+        instrument: Instrument, anthropic_server: FakeAnthropic, monkeypatch: pytest.MonkeyPatch,
         django_capture_on_commit_callbacks: Callable) -> None:
     t = trade(instrument)
     with django_capture_on_commit_callbacks():
         assert trade_reviews_request(trade_ids=[t.pk]) == [t.pk]
-    anthropic.script(ok(data=REVIEW))
+    anthropic_server.script(ok(data=REVIEW))
     with monkeypatch.context() as patch:
         patch.setattr(ClaudeBrain, "review_trade", review_with_a_bug)  # stands for a bug in the brain
         with pytest.raises(BrainBug):  # the task body re-raises: the Celery task fails (acked, not redelivered)
@@ -260,12 +250,12 @@ def test_a_review_that_raised_is_failed_visibly_and_the_sweep_queues_it_again_af
 
 
 def test_a_review_that_keeps_failing_is_left_to_manage_py_reflect_after_the_last_attempt(
-        instrument: Instrument, anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch,
+        instrument: Instrument, anthropic_server: FakeAnthropic, monkeypatch: pytest.MonkeyPatch,
         django_capture_on_commit_callbacks: Callable) -> None:
     from brain.reflection import trade_review_run
 
     t = trade(instrument)
-    anthropic.script(ok(data=REVIEW))
+    anthropic_server.script(ok(data=REVIEW))
     now = timezone.now()
     with monkeypatch.context() as patch:
         patch.setattr(ClaudeBrain, "review_trade", review_with_a_bug)  # stands for a bug in the brain: every attempt
@@ -280,7 +270,7 @@ def test_a_review_that_keeps_failing_is_left_to_manage_py_reflect_after_the_last
     with django_capture_on_commit_callbacks() as sent:
         assert trade_reviews_request(now=now + 10 * REVIEW_RETRY_AFTER) == []  # the sweep gives up on it ...
     assert sent == []
-    assert anthropic.calls("POST", "/v1/messages") == []  # the bug struck before any request
+    assert anthropic_server.calls("POST", "/v1/messages") == []  # the bug struck before any request
     assert trade_review_run(trade_id=t.pk).status == "done"  # ... `manage.py reflect` still reviews it, once fixed
 
 
