@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "brain",
     "execution",
     "tradebot",
+    "dashboard",  # the cockpit (issue 17): an interface layer above tradebot
 ]
 
 MIDDLEWARE = [
@@ -87,6 +88,13 @@ USE_I18N = False
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# The cockpit's charts: plotly.js from the installed plotly package as /static/plotly/plotly.min.js (no CDN).
+STATICFILES_FINDERS = [
+    "django.contrib.staticfiles.finders.FileSystemFinder",
+    "django.contrib.staticfiles.finders.AppDirectoriesFinder",
+    "dashboard.finders.PlotlyFinder",
+]
+DASHBOARD_PING_TIMEOUT_SECONDS = env_float("DASHBOARD_PING_TIMEOUT_SECONDS", 0.5, minimum=0.05)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 

@@ -1,0 +1,273 @@
+"""Reads for the trading pages: portfolio, positions, strategies, a trade, a replay run's report.
+
+Each function runs a fixed number of queries whatever the journal holds (the tests count them) and
+reads only the columns it draws (`values_list`), so 5,000 trades are a few milliseconds of Python.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.urls import reverse
+from django.utils import timezone
+
+from brain.performance import TradeRecord, performance_summarize, sharpe_per_trade
+from dashboard.charts import Figure, bars, line, markers, num, when
+from dashboard.filters import Filters
+from execution.models import Order, PaperPrice, TERMINAL_ORDER_STATES
+from journal.models import Cycle, Mode, Trade, TradeStatus
+from market.models import Candle
+
+ZERO = Decimal(0)
+CLOSED_COLUMNS = ("id", "closed_at", "opened_at", "pnl_usd", "fees_usd", "funding_usd", "strategy_used", "market_regime",
+                  "confidence_at_entry", "direction", "instrument__inst_id", "pnl_pct", "exit_reason", "entry_price",
+                  "stop_loss", "take_profit", "exit_price", "size")
+
+
+def trade_url(pk: int) -> str:
+    return reverse("dashboard:trade", args=[pk])
+
+
+def cycle_url(pk: int) -> str:
+    return reverse("dashboard:cycle", args=[pk])
+
+
+def start_balance() -> Decimal:
+    return Decimal(settings.PAPER_START_BALANCE)
+
+
+def closed_trades(f: Filters) -> list[dict[str, Any]]:
+    """The filter's closed trades in closing order, as dicts of the columns the pages use (one query)."""
+    qs = f.trades(Trade.objects.filter(status=TradeStatus.CLOSED, pnl_usd__isnull=False), time_field="closed_at")
+    return list(qs.order_by("closed_at", "id").values(*CLOSED_COLUMNS))
+
+
+def record(row: dict[str, Any]) -> TradeRecord:
+    return TradeRecord(id=row["id"], pnl_usd=row["pnl_usd"], opened_at=row["opened_at"], closed_at=row["closed_at"],
+                       strategy=row["strategy_used"], regime=row["market_regime"], confidence=row["confidence_at_entry"],
+                       direction=row["direction"], inst_id=row["instrument__inst_id"], pnl_pct=row["pnl_pct"],
+                       fees_usd=row["fees_usd"], funding_usd=row["funding_usd"], exit_reason=row["exit_reason"])
+
+
+@dataclass
+class EquityCurve:
+    times: list[datetime]
+    equity: list[Decimal]
+    drawdown: list[Decimal]  # fraction below the running peak
+    trade_ids: list[int]
+    max_drawdown: Decimal
+    max_drawdown_peak_at: datetime | None
+    max_drawdown_trough_at: datetime | None
+
+
+def equity_curve(rows: list[dict[str, Any]], start: Decimal) -> EquityCurve:
+    equity = peak = start
+    peak_at: datetime | None = None
+    curve = EquityCurve([], [], [], [], ZERO, None, None)
+    for row in rows:
+        equity += row["pnl_usd"]
+        if equity > peak:
+            peak, peak_at = equity, row["closed_at"]
+        dd = (peak - equity) / peak if peak > 0 else ZERO
+        if dd > curve.max_drawdown:
+            curve.max_drawdown, curve.max_drawdown_peak_at, curve.max_drawdown_trough_at = dd, peak_at, row["closed_at"]
+        curve.times.append(row["closed_at"])
+        curve.equity.append(equity)
+        curve.drawdown.append(dd)
+        curve.trade_ids.append(row["id"])
+    return curve
+
+
+def daily_pnl(rows: list[dict[str, Any]]) -> dict[date, Decimal]:
+    days: dict[date, Decimal] = defaultdict(lambda: ZERO)
+    for row in rows:
+        days[row["closed_at"].date()] += row["pnl_usd"]
+    return dict(sorted(days.items()))
+
+
+def list_url(name: str, f: Filters, **extra: str) -> str:
+    query = f.query(**extra)
+    return reverse(f"dashboard:{name}") + (f"?{query}" if query else "")
+
+
+def portfolio(f: Filters) -> dict[str, Any]:
+    rows = closed_trades(f)
+    start = start_balance()
+    curve = equity_curve(rows, start)
+    pnls = [r["pnl_usd"] for r in rows]
+    wins = sum(1 for p in pnls if p > 0)
+    days = daily_pnl(rows)
+    links = [trade_url(pk) for pk in curve.trade_ids]
+    trades_link = list_url("trades", f, status="closed")
+    day_links = [list_url("trades", f, status="closed", day=d.isoformat()) for d in days]
+    figures = [
+        Figure("equity", "Equity (start balance + closed trades' net PnL)",
+               [line("equity", [when(t) for t in curve.times], [num(v) for v in curve.equity], links=links)],
+               link=trades_link, link_label="the closed trades"),
+        Figure("daily_pnl", "Daily PnL (net, by close day, UTC)",
+               [bars("daily PnL", [d.isoformat() for d in days], [num(v) for v in days.values()], links=day_links)],
+               link=trades_link, link_label="the closed trades"),
+        Figure("drawdown", "Drawdown from the running peak",
+               [line("drawdown", [when(t) for t in curve.times], [-num(v) for v in curve.drawdown], links=links,
+                     fill="tozeroy")], link=trades_link, link_label="the closed trades",
+               layout={"yaxis": {"tickformat": ".1%"}}),
+    ]
+    sharpe = sharpe_per_trade(pnls)
+    return {
+        "figures": figures,
+        "totals": {
+            "start_balance": start, "equity": curve.equity[-1] if curve.equity else start,
+            "total_pnl": sum(pnls, ZERO), "trades": len(rows), "wins": wins,
+            "win_rate": Decimal(wins) / len(rows) if rows else None, "sharpe": sharpe,
+            "fees": sum((r["fees_usd"] for r in rows), ZERO), "funding": sum((r["funding_usd"] for r in rows), ZERO),
+            "max_drawdown": curve.max_drawdown,
+        },
+    }
+
+
+def last_prices(f: Filters) -> dict[str, tuple[Decimal | None, datetime | None]]:
+    """The paper exchange's last price per instrument for the live account or the run's (one query)."""
+    account = f.run_id[:40] if f.run_id else "default"
+    return {inst: (last, ts) for inst, last, ts in
+            PaperPrice.objects.filter(account__name=account).values_list("inst_id", "last", "ts")}
+
+
+def positions(f: Filters) -> dict[str, Any]:
+    qs = f.trades(Trade.objects.filter(status=TradeStatus.OPEN)).select_related("instrument").order_by("opened_at", "id")
+    trades = list(qs[:200])
+    prices = last_prices(f)
+    now = timezone.now()
+    rows = []
+    for t in trades:
+        last, ts = prices.get(t.instrument.inst_id, (None, None))
+        sign = 1 if t.direction == "LONG" else -1
+        upl = (last - t.entry_price) * sign * t.size * t.instrument.ct_val if last is not None else None
+        rows.append({
+            "trade": t, "last": last, "price_at": ts, "upl": upl,
+            "sl_distance": (last - t.stop_loss) * sign if last is not None else None,
+            "sl_distance_pct": ((last - t.stop_loss) * sign / last) if last else None,
+            "tp_distance": (t.take_profit - last) * sign if last is not None and t.take_profit is not None else None,
+            "tp_distance_pct": ((t.take_profit - last) * sign / last) if last and t.take_profit is not None else None,
+            # A replay's "now" is its clock (the last price's time), not the wall clock.
+            "in_trade": ((ts if f.run_id and ts else now) - t.opened_at),
+        })
+    inst_ids = {t.instrument.inst_id for t in trades}
+    orders = list(Order.objects.filter(mode=f.mode, run_id=f.run_id, inst_id__in=inst_ids)
+                  .exclude(state__in=TERMINAL_ORDER_STATES).order_by("-created_at")[:50]) if inst_ids else []
+    return {"rows": rows, "orders": orders, "total_upl": sum((r["upl"] for r in rows if r["upl"] is not None), ZERO)}
+
+
+def _rr(row: dict[str, Any]) -> Decimal | None:
+    risk = abs(row["entry_price"] - row["stop_loss"])
+    if row["take_profit"] is None or not risk:
+        return None
+    return abs(row["take_profit"] - row["entry_price"]) / risk
+
+
+def strategies(f: Filters) -> dict[str, Any]:
+    rows = closed_trades(f)
+    summary = performance_summarize([record(r) for r in rows])
+    rr: dict[str, list[Decimal]] = defaultdict(list)
+    for r in rows:
+        value = _rr(r)
+        if value is not None:
+            rr[r["strategy_used"] or "unknown"].append(value)
+    table = [{"strategy": name, "b": b, "avg_rr": (sum(rr[name], ZERO) / len(rr[name])) if rr[name] else None,
+              "link": list_url("trades", f, status="closed", strategy=name)} for name, b in summary.by_strategy.items()]
+    names = list(summary.by_strategy)
+    link = list_url("trades", f, status="closed")
+    strat_links = [row["link"] for row in table]
+    regimes = list(summary.by_regime)
+    calib = summary.confidence_calibration
+    figures = [
+        Figure("strategy_pnl", "Net PnL by strategy",
+               [bars("PnL", names, [num(b.total_pnl) for b in summary.by_strategy.values()], links=strat_links)],
+               link=link, link_label="the closed trades"),
+        Figure("strategy_win_rate", "Win rate and trades by strategy",
+               [bars("win rate", names, [num(b.win_rate) for b in summary.by_strategy.values()], links=strat_links),
+                bars("trades", names, [b.trades for b in summary.by_strategy.values()], links=strat_links, yaxis="y2")],
+               link=link, layout={"yaxis": {"tickformat": ".0%"}, "yaxis2": {"overlaying": "y", "side": "right"},
+                                  "barmode": "group"}),
+        Figure("regime_trades", "Trades and PnL by regime",
+               [bars("trades", regimes, [b.trades for b in summary.by_regime.values()],
+                     links=[list_url("trades", f, status="closed", regime=r) for r in regimes]),
+                bars("PnL", regimes, [num(b.total_pnl) for b in summary.by_regime.values()], yaxis="y2",
+                     links=[list_url("trades", f, status="closed", regime=r) for r in regimes])],
+               link=link, layout={"yaxis2": {"overlaying": "y", "side": "right"}, "barmode": "group"}),
+        Figure("calibration", "Confidence against outcome (stated vs realised win rate)",
+               [line("stated", list(calib), [num(c.stated_confidence) for c in calib.values()], mode="lines+markers"),
+                line("realised", list(calib), [num(c.realised_win_rate) for c in calib.values()], mode="lines+markers")],
+               link=link, layout={"yaxis": {"tickformat": ".0%", "range": [0, 1]}}),
+    ]
+    return {"figures": figures, "table": table, "calibration": calib, "summary": summary}
+
+
+# --- one trade -----------------------------------------------------------------------------------
+def trade_candles(trade: Trade, *, before: timedelta, after: timedelta) -> tuple[str, list[dict[str, Any]]]:
+    """15m candles around the trade from the candle table; a replay's market may not be stored there (a
+    synthetic or CSV feed), so then the candles are built from the run's cycle prices (every 5 minutes)."""
+    end = (trade.closed_at or timezone.now()) + after
+    start = trade.opened_at - before
+    stored = list(Candle.objects.filter(instrument_id=trade.instrument_id, timeframe="15m", ts__gte=start, ts__lt=end)
+                  .order_by("ts").values("ts", "open", "high", "low", "close")[:2000])
+    if stored:
+        return "stored 15m candles", stored
+    prices = Cycle.objects.filter(instrument_id=trade.instrument_id, mode=trade.mode, run_id=trade.run_id,
+                                  as_of__gte=start, as_of__lt=end).order_by("as_of").values_list("as_of", "snapshot__price")
+    buckets: dict[datetime, dict[str, Any]] = {}
+    for as_of, price in prices[:6000]:
+        if price in (None, ""):
+            continue
+        p = Decimal(str(price))
+        key = as_of.replace(minute=as_of.minute - as_of.minute % 15, second=0, microsecond=0)
+        bar = buckets.get(key)
+        if bar is None:
+            buckets[key] = {"ts": key, "open": p, "high": p, "low": p, "close": p}
+        else:
+            bar["high"], bar["low"], bar["close"] = max(bar["high"], p), min(bar["low"], p), p
+    return "15m bars from the cycles' prices (no stored candles for this market)", list(buckets.values())
+
+
+def trade_page(trade: Trade) -> dict[str, Any]:
+    until = trade.closed_at or timezone.now()
+    span = max(until - trade.opened_at, timedelta(hours=2))
+    source, candles = trade_candles(trade, before=span, after=span / 2)
+    # The cycles that decided it: the opening one and every cycle of its instrument that traded while it was open.
+    deciding = list(Cycle.objects.filter(instrument_id=trade.instrument_id, mode=trade.mode, run_id=trade.run_id,
+                                         as_of__gte=trade.opened_at - timedelta(minutes=15), as_of__lte=until,
+                                         outcome="traded").order_by("as_of")
+                    .values("id", "as_of", "snapshot__price", "decision__decision__action")[:50])
+    if trade.cycle_id and trade.cycle_id not in {c["id"] for c in deciding}:
+        deciding.insert(0, Cycle.objects.filter(pk=trade.cycle_id).values("id", "as_of", "snapshot__price",
+                                                                          "decision__decision__action").first())
+    deciding = [c for c in deciding if c]
+    x0, x1 = when(trade.opened_at), when(until)
+    traces = [
+        {"type": "candlestick", "name": trade.instrument.inst_id, "x": [when(c["ts"]) for c in candles],
+         "open": [num(c["open"]) for c in candles], "high": [num(c["high"]) for c in candles],
+         "low": [num(c["low"]) for c in candles], "close": [num(c["close"]) for c in candles]},
+        line("entry", [x0, x1], [num(trade.entry_price)] * 2, line={"color": "#1f77b4"}),
+        line("stop loss", [x0, x1], [num(trade.stop_loss)] * 2, line={"color": "#d62728", "dash": "dash"}),
+    ]
+    if trade.take_profit is not None:
+        traces.append(line("take profit", [x0, x1], [num(trade.take_profit)] * 2, line={"color": "#2ca02c", "dash": "dash"}))
+    if trade.exit_price is not None:
+        traces.append(line("exit", [x0, x1], [num(trade.exit_price)] * 2, line={"color": "#9467bd", "dash": "dot"}))
+    up = trade.direction == "LONG"
+    traces.append(markers("entry marker", [x0], [num(trade.entry_price)], symbol="triangle-up" if up else "triangle-down",
+                          color="#1f77b4", size=14, links=[cycle_url(trade.cycle_id)] if trade.cycle_id else None))
+    if trade.closed_at is not None and trade.exit_price is not None:
+        traces.append(markers("exit marker", [when(trade.closed_at)], [num(trade.exit_price)], symbol="x",
+                              color="#9467bd", size=14))
+    traces.append(markers("deciding cycles", [when(c["as_of"]) for c in deciding],
+                          [num(Decimal(str(c["snapshot__price"]))) if c["snapshot__price"] else None for c in deciding],
+                          symbol="diamond", color="#ff7f0e", links=[cycle_url(c["id"]) for c in deciding],
+                          text=[c["decision__decision__action"] or "" for c in deciding]))
+    figure = Figure("trade_chart", f"{trade.instrument.inst_id} around trade {trade.pk} ({source})", traces,
+                    link=cycle_url(trade.cycle_id) if trade.cycle_id else "", link_label="the opening cycle",
+                    layout={"height": 480, "xaxis": {"rangeslider": {"visible": False}}})
+    return {"figure": figure, "deciding": deciding, "candle_source": source}

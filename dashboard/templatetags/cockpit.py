@@ -1,0 +1,66 @@
+"""Number formats for the cockpit: money with 2 decimals, prices without trailing zeros, shares as %."""
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from django import template
+
+register = template.Library()
+
+
+def _dec(value: Any) -> Decimal | None:
+    if value is None or value == "":
+        return None
+    try:
+        return value if isinstance(value, Decimal) else Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return None
+
+
+@register.filter
+def money(value: Any) -> str:
+    d = _dec(value)
+    return "–" if d is None or not d.is_finite() else f"{d:,.2f}"
+
+
+@register.filter
+def price(value: Any) -> str:
+    d = _dec(value)
+    if d is None or not d.is_finite():
+        return "–"
+    text = f"{d:f}"
+    text = text.rstrip("0").rstrip(".") if "." in text else text
+    whole, _, frac = text.partition(".")
+    return whole + ("." + frac[:6] if frac else "")
+
+
+@register.filter
+def pct(value: Any, places: int = 1) -> str:
+    d = _dec(value)
+    return "–" if d is None or not d.is_finite() else f"{d * 100:.{int(places)}f}%"
+
+
+@register.filter
+def sign(value: Any) -> str:
+    d = _dec(value)
+    return "" if d is None else ("pos" if d > 0 else "neg" if d < 0 else "")
+
+
+@register.filter
+def age(value: Any) -> str:
+    if not isinstance(value, timedelta):
+        return "–"
+    s = int(value.total_seconds())
+    if s < 0:
+        return "in the future"
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    return f"{days}d {hours}h" if days else f"{hours}h {minutes}m" if hours else f"{minutes}m {s}s"
+
+
+@register.filter
+def get(mapping: Any, key: Any) -> Any:
+    return mapping.get(key) if hasattr(mapping, "get") else None
