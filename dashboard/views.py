@@ -7,7 +7,6 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-import orjson
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
@@ -222,7 +221,8 @@ def _control(request: HttpRequest, bot: BotState) -> HttpResponse:
             import tradebot.tasks  # noqa: F401 - the stage tasks registered (an eager run needs them by name)
             from tradebot.pipeline import cycle_launch
 
-            cycle = cycle_launch(instrument=inst, trigger="dashboard")
+            # "manual" as `manage.py bot run-cycle`: the screener is bypassed, the analyst sees the market now.
+            cycle = cycle_launch(instrument=inst, trigger="manual")
             event_record(kind="dashboard_run_cycle", message=f"cycle {cycle.pk} for {inst.inst_id} started by {who}",
                          data={"by": who, "cycle_id": cycle.pk}, instrument_id=inst.pk, cycle_id=cycle.pk, mode=Mode.LIVE)
             text = (f"cycle {cycle.pk} not started: {cycle.reason}" if cycle.state == "SKIPPED"
@@ -269,6 +269,3 @@ def _trades_csv(f: Filters, rows: list[dict[str, Any]]) -> HttpResponse:
     response["Content-Disposition"] = f'attachment; filename="{f.run_id}-trades.csv"'
     return response
 
-
-def figures_dump(figures: list[Figure]) -> str:
-    return orjson.dumps([fig.as_json() for fig in figures]).decode()

@@ -1,0 +1,151 @@
+"""The cockpit's pages: every page answers on a replay's journal and the live bot's, bad filters are a 400 with
+the message in the page, the query count of each page is bounded and does not grow with the rows it shows."""
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from journal.models import Cycle, CycleOutcome, CycleState, Mode, ScreenerLog, Trade, TradeStatus
+from market.models import Instrument
+from tests.dashboard.conftest import RUN, replay_journal
+
+PAGES = ("portfolio", "positions", "strategies", "brain", "risk", "health", "playbook", "trades", "cycles", "report")
+MAX_QUERIES = 30
+
+
+@pytest.fixture
+def journal(db, cockpit_feed) -> str:  # noqa: ANN001
+    return replay_journal(cockpit_feed)
+
+
+def _figures(html: str) -> list[dict]:
+    import json
+
+    match = re.search(r'<script id="figures-data" type="application/json">(.*?)</script>', html, re.S)
+    return json.loads(match.group(1)) if match else []
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_answers_for_the_live_bot_and_a_replay_run(admin_client, journal: str, page: str) -> None:
+    for query in ("", f"?run={journal}", f"?run={journal}&inst=BTC-USDT-SWAP&from=2025-08-01&to=2025-08-02"):
+        response = admin_client.get(f"/dashboard/{page}/{query}")
+        assert response.status_code == 200, (page, query, response.content[:500])
+        assert b"plotly/plotly.min.js" in response.content
+
+
+def test_the_portfolio_of_a_run_draws_one_equity_point_per_closed_trade_and_links_each_to_its_trade(
+        admin_client, journal: str) -> None:
+    closed = list(Trade.objects.filter(run_id=journal, status=TradeStatus.CLOSED).order_by("closed_at", "id"))
+    assert closed, "the scenario must close a trade"
+    html = admin_client.get(f"/dashboard/portfolio/?run={journal}").content.decode()
+    figures = {f["key"]: f for f in _figures(html)}
+    equity = figures["equity"]["data"][0]
+    assert len(equity["y"]) == len(closed)
+    start = Decimal("10000")
+    assert equity["y"][-1] == pytest.approx(float(start + sum(t.pnl_usd for t in closed)))
+    assert equity["customdata"] == [f"/dashboard/trades/{t.pk}/" for t in closed]
+    # The live bot has no trade: the run's figures never leak into it.
+    live = {f["key"]: f for f in _figures(admin_client.get("/dashboard/portfolio/").content.decode())}
+    assert live["equity"]["data"][0]["y"] == []
+
+
+@pytest.mark.parametrize("query, message", [
+    ("inst=DOGE-USDT-SWAP", "unknown instrument &#x27;DOGE-USDT-SWAP&#x27;"),
+    ("run=no-such-run", "unknown replay run &#x27;no-such-run&#x27;"),
+    ("from=2025-02-30", "from=&#x27;2025-02-30&#x27; is not a date"),
+    ("from=2025-08-03&to=2025-08-01", "the date range is empty"),
+    ("mode=replay", "mode=replay needs run=&lt;run id&gt;"),
+    ("mode=sideways", "mode=&#x27;sideways&#x27;"),
+])
+def test_a_bad_filter_is_a_400_with_the_message_in_the_page_on_every_page(admin_client, db, query: str,
+                                                                           message: str) -> None:
+    for page in PAGES:
+        response = admin_client.get(f"/dashboard/{page}/?{query}")
+        assert response.status_code == 400, (page, query)
+        assert message in response.content.decode(), (page, response.content[:800])
+
+
+def test_a_bad_offset_on_a_list_is_a_400(admin_client, db) -> None:
+    response = admin_client.get("/dashboard/trades/?offset=-3")
+    assert response.status_code == 400 and "offset=&#x27;-3&#x27; is not a whole number" in response.content.decode()
+
+
+def test_the_cycle_and_trade_pages_link_both_ways_with_the_admin(admin_client, journal: str) -> None:
+    trade = Trade.objects.filter(run_id=journal).order_by("id").first()
+    page = admin_client.get(f"/dashboard/trades/{trade.pk}/").content.decode()
+    assert f"/admin/journal/trade/{trade.pk}/change/" in page and f"/dashboard/cycles/{trade.cycle_id}/" in page
+    cycle_page = admin_client.get(f"/dashboard/cycles/{trade.cycle_id}/").content.decode()
+    assert f"/admin/journal/cycle/{trade.cycle_id}/change/" in cycle_page
+    assert "trend_pullback" in cycle_page or trade.strategy_used in cycle_page
+    assert 'id="indicators"' in cycle_page and "rsi_14" in cycle_page  # the snapshot as a table, not a JSON dump
+    admin = admin_client.get(f"/admin/journal/cycle/{trade.cycle_id}/change/").content.decode()
+    assert f"/dashboard/cycles/{trade.cycle_id}/" in admin
+    admin = admin_client.get(f"/admin/journal/trade/{trade.pk}/change/").content.decode()
+    assert f"/dashboard/trades/{trade.pk}/" in admin
+    assert admin_client.get("/dashboard/cycles/999999/").status_code == 404
+
+
+def test_the_trade_chart_has_candles_entry_exit_stop_and_take_profit_and_the_deciding_cycles(
+        admin_client, journal: str) -> None:
+    trade = Trade.objects.filter(run_id=journal, status=TradeStatus.CLOSED).order_by("id").first()
+    figure = _figures(admin_client.get(f"/dashboard/trades/{trade.pk}/").content.decode())[0]
+    names = {t["name"]: t for t in figure["data"]}
+    assert {"entry", "exit", "stop loss", "take profit", "entry marker", "exit marker", "deciding cycles"} <= set(names)
+    assert names["entry marker"]["y"] == [float(trade.entry_price)]
+    assert names["exit marker"]["y"] == [float(trade.exit_price)]
+    candles = figure["data"][0]
+    assert candles["type"] == "candlestick" and len(candles["x"]) > 10
+    assert f"/dashboard/cycles/{trade.cycle_id}/" in names["deciding cycles"]["customdata"]
+
+
+def _grow_journal(run_id: str, *, trades: int, cycles: int) -> None:
+    """More rows of every kind the pages show, written in bulk."""
+    inst = Instrument.objects.get(inst_id="BTC-USDT-SWAP")
+    last = Cycle.objects.filter(run_id=run_id).order_by("-as_of").first()
+    new = [Cycle(instrument=inst, mode=Mode.REPLAY, run_id=run_id, as_of=last.as_of + timedelta(minutes=5 * (i + 1)),
+                 state=CycleState.DONE, outcome=CycleOutcome.HOLD, snapshot={"compact": True, "price": "80000"},
+                 decision={"decision": {"action": "HOLD"}}) for i in range(cycles)]
+    Cycle.objects.bulk_create(new)
+    new = list(Cycle.objects.filter(run_id=run_id).order_by("-id")[:cycles])
+    ScreenerLog.objects.bulk_create([ScreenerLog(instrument=inst, cycle=c, mode=Mode.REPLAY, signal=True, bypassed=i % 2 == 0,
+                                                 bypass_reason="open position", analyst_action="HOLD")
+                                     for i, c in enumerate(new)])
+    base = last.as_of
+    Trade.objects.bulk_create([
+        Trade(instrument=inst, mode=Mode.REPLAY, run_id=run_id, cycle=new[i % len(new)],
+              opened_at=base + timedelta(hours=i), closed_at=base + timedelta(hours=i, minutes=30),
+              direction="LONG" if i % 2 else "SHORT", entry_price=Decimal("80000"), exit_price=Decimal("80100"),
+              stop_loss=Decimal("79000") if i % 2 else Decimal("81000"), take_profit=Decimal("82000"), size=Decimal("1"),
+              pnl_usd=Decimal(i % 7 - 3), fees_usd=Decimal("0.5"), strategy_used=f"s{i % 4}", market_regime="ranging",
+              confidence_at_entry=Decimal("0.6"), exit_reason="take_profit", status=TradeStatus.CLOSED)
+        for i in range(trades)])
+    Trade.objects.bulk_create([
+        Trade(instrument=inst, mode=Mode.REPLAY, run_id=run_id, opened_at=base + timedelta(hours=i), direction="LONG",
+              entry_price=Decimal("80000"), stop_loss=Decimal("79000"), size=Decimal("1"), status=TradeStatus.OPEN)
+        for i in range(5)])
+
+
+def _queries(client, url: str) -> int:  # noqa: ANN001
+    with CaptureQueriesContext(connection) as ctx:
+        response = client.get(url)
+    assert response.status_code == 200, (url, response.content[:500])
+    return len(ctx.captured_queries)
+
+
+def test_each_pages_query_count_is_bounded_and_does_not_grow_with_the_rows_shown(
+        admin_client, journal: str, django_assert_max_num_queries) -> None:  # noqa: ANN001
+    trade = Trade.objects.filter(run_id=journal).order_by("id").first()
+    urls = [f"/dashboard/{p}/?run={journal}" for p in PAGES] + [
+        f"/dashboard/trades/{trade.pk}/", f"/dashboard/cycles/{trade.cycle_id}/", "/dashboard/controls/"]
+    small = {}
+    for url in urls:
+        with django_assert_max_num_queries(MAX_QUERIES):
+            small[url] = _queries(admin_client, url)
+    _grow_journal(journal, trades=300, cycles=1500)
+    large = {url: _queries(admin_client, url) for url in urls}
+    assert large == small
