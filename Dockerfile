@@ -13,7 +13,9 @@ RUN apt-get update \
 COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 COPY . .
-RUN useradd --create-home --uid 1000 tradebot && mkdir -p /app/var && chown -R tradebot /app/var
+# The admin's static files into /app/var/static, which WhiteNoise serves (DEBUG is off in the image).
+RUN python manage.py collectstatic --noinput -v0 \
+    && useradd --create-home --uid 1000 tradebot && mkdir -p /app/var && chown -R tradebot /app/var
 USER tradebot
 
 EXPOSE 8000

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/tradebot
 export DJANGO_SETTINGS_MODULE := tradebot.settings
 
-.PHONY: venv migrate demo test test-sqlite test-postgres bench run web clean
+.PHONY: venv migrate static demo test test-sqlite test-postgres bench run web clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@set -e; \
@@ -24,7 +24,11 @@ venv: $(STAMP)
 migrate: venv
 	$(PY) manage.py migrate --noinput
 
-demo: venv
+# The admin's CSS and JS into var/static, served by WhiteNoise with DEBUG off.
+static: venv
+	$(PY) manage.py collectstatic --noinput -v0
+
+demo: venv static
 	$(PY) manage.py demo
 
 # Two passes: the whole suite on SQLite, then the PostgreSQL/Redis/Celery
@@ -41,10 +45,10 @@ test-postgres: venv
 bench: venv
 	$(PY) bench/run.py
 
-run: venv migrate
+run: venv migrate static
 	$(PY) manage.py runbot
 
-web: venv migrate
+web: venv migrate static
 	$(PY) manage.py runserver 127.0.0.1:8000
 
 clean:

@@ -36,7 +36,27 @@ STAGE_TASK_NAMES: dict[str, str] = {
 }
 
 
+_tasks_imported = False
+
+
+def _tasks_import() -> None:
+    """Register the stage tasks in this process.
+
+    `app.autodiscover_tasks()` imports the apps' task modules only when a worker
+    starts (Celery's import_modules signal). Any other process that builds the
+    chain (`manage.py bot run-cycle`, the dashboard's "run one cycle now") had
+    never imported tradebot.tasks, so the first signature ended in
+    NotRegistered('tradebot.tasks.cycle_collect'). Celery's own loader call
+    runs the same autodiscovery here.
+    """
+    global _tasks_imported
+    if not _tasks_imported:
+        app.loader.import_default_modules()
+        _tasks_imported = True
+
+
 def stage_signature(stage: str, cycle_id: int) -> Signature:
+    _tasks_import()
     queue = dict((s, q) for s, _, q in STAGES)[stage]
     return app.signature(STAGE_TASK_NAMES[stage], args=(cycle_id,), immutable=True).set(queue=queue)
 

@@ -119,7 +119,8 @@ def test_the_text_summary_prints_one_figure_per_line_with_plain_outcome_names() 
     out = StringIO()
     call_command("replay", "--inst", INST, "--from", "2025-08-01", "--to", "2025-08-01T06:00", "--synthetic",
                  stdout=out)
-    lines = dict(line.split(None, 1) for line in out.getvalue().splitlines() if line.strip())
+    summary = out.getvalue().split("\n\n")[0]  # the backtest report follows the first blank line
+    lines = dict(line.split(None, 1) for line in summary.splitlines() if line.strip())
     assert lines["cycles"] == "72" and lines["brain"] == "rules"
     outcomes = ast.literal_eval(lines["outcomes"])  # a plain dict literal: an enum's repr would not parse
     assert sum(outcomes.values()) == 72 and set(outcomes) <= {o.value for o in CycleOutcome}
@@ -293,7 +294,7 @@ def test_ctrl_c_stops_the_replay_command_with_a_summary_of_what_the_journal_kept
     err_text = (seen + err).decode(errors="replace")
     assert proc.returncode == 130, err_text[-2000:]
     assert "Traceback" not in err_text and "interrupted (Ctrl-C)" in err_text
-    figures = dict(line.split(None, 1) for line in out.decode().splitlines() if line.strip())
+    figures = dict(line.split(None, 1) for line in out.decode().split("\n\n")[0].splitlines() if line.strip())
     assert figures["interrupted"] == "True" and 500 <= int(figures["cycles"]) < 2880
     with sqlite3.connect(tmp_path / "db.sqlite3") as db:
         (stored,) = db.execute("SELECT COUNT(*) FROM journal_cycle WHERE run_id = ?", [figures["run_id"]]).fetchone()

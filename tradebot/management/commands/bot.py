@@ -91,14 +91,35 @@ class Command(BaseCommand):
         cycle = cycle_open(instrument=instrument, as_of=timezone.now(), trigger="manual")
         if cycle.state == CycleState.SKIPPED:
             raise CommandError(f"not started: {cycle.reason}")
-        if via_workers:
-            pipeline_chain(cycle.pk).apply_async()
-            self.stdout.write(f"cycle {cycle.pk} sent to the workers")
-            return
-        # Same task code, run here: each stage claims, runs and ends exactly as on a worker.
-        pipeline_chain(cycle.pk).apply()
+        try:
+            if via_workers:
+                pipeline_chain(cycle.pk).apply_async()
+                self.stdout.write(f"cycle {cycle.pk} sent to the workers")
+                return
+            # Same task code, run here: each stage claims, runs and ends exactly as on a worker.
+            result = pipeline_chain(cycle.pk).apply()
+        except Exception as exc:
+            self._cycle_failed(cycle.pk, exc, only_idle=True)
+            raise CommandError(f"cycle {cycle.pk} FAILED before its first stage: {redact(repr(exc))}") from exc
+        if result.failed():
+            # A stage raised past its own handling: nothing else will run this cycle, so it must not stay open.
+            self._cycle_failed(cycle.pk, result.result, only_idle=False)
         cycle = Cycle.objects.get(pk=cycle.pk)
         self.stdout.write(f"cycle {cycle.pk}: {cycle.state}/{cycle.outcome}: {cycle.reason}")
+        if cycle.state == CycleState.FAILED:
+            raise CommandError(f"cycle {cycle.pk} FAILED: {cycle.reason}")
+
+    @staticmethod
+    def _cycle_failed(cycle_id: int, exc: BaseException | None, *, only_idle: bool) -> None:
+        """End the cycle FAILED with the error, unless a stage already ended it (a conditional UPDATE)."""
+        from django.utils import timezone
+
+        from journal.models import TERMINAL_CYCLE_STATES, Cycle, CycleOutcome, CycleState
+
+        rows = Cycle.objects.filter(pk=cycle_id)
+        rows = rows.filter(state=CycleState.IDLE) if only_idle else rows.exclude(state__in=TERMINAL_CYCLE_STATES)
+        rows.update(state=CycleState.FAILED, outcome=CycleOutcome.ERROR, ended_at=timezone.now(),
+                    reason=redact(f"run-cycle failed: {exc!r}")[:4000], error=redact(repr(exc))[:8000])
 
     def _confirm_live(self, by: str) -> None:
         from django.conf import settings

@@ -1,4 +1,8 @@
-"""`manage.py replay --inst BTC-USDT-SWAP --from DATE --to DATE [--csv PATH | --synthetic] [--brain rules|claude] [--cycle 5m] [--json]`."""
+"""`manage.py replay --inst BTC-USDT-SWAP --from DATE --to DATE [--csv PATH | --synthetic] [--brain rules|claude]
+[--cycle 5m] [--json] [--trades-csv PATH]`.
+
+The text output is the run's summary (one figure a line), then the backtest report of `journal.report`
+(trades, results per instrument, strategy, exit reason, day and month, balances, ratios, drawdown, buy-and-hold)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +12,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from journal.models import Mode
+from journal.report import report_lines, run_report, trades_csv
 from market.feeds.base import FeedError
 from tradebot.replay import ReplayError, parse_cycle, replay_feed, replay_run
 
@@ -33,6 +39,7 @@ class Command(BaseCommand):
         parser.add_argument("--brain", choices=("rules", "claude"), default="rules")
         parser.add_argument("--cycle", default="5m", help="cycle length: 5m, 15m, 1H ...")
         parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+        parser.add_argument("--trades-csv", metavar="PATH", help="also write the run's per-trade list to this CSV file")
 
     def handle(self, *args: Any, **opts: Any) -> None:
         try:
@@ -63,6 +70,8 @@ class Command(BaseCommand):
             if bar is not None:
                 bar.close()
         data = summary.as_dict()
+        # Until the last cycle (no `until`): a trade its stop closed at the very end counts, as in the summary.
+        report = run_report(mode=Mode.REPLAY, run_id=summary.run_id, since=summary.start)
         if opts["json"]:
             self.stdout.write(json.dumps(data, default=str))
         else:
@@ -70,6 +79,16 @@ class Command(BaseCommand):
             width = max(len(k) for k in data)
             for key, value in data.items():
                 self.stdout.write(f"{key.ljust(width)}  {value}")
+            self.stdout.write("")  # the summary ends at the first blank line; the report follows
+            self.stdout.write("\n".join(report_lines(report)))
+        if opts["trades_csv"]:
+            try:
+                with open(opts["trades_csv"], "w", newline="", encoding="utf-8") as out:
+                    written = trades_csv(report, out)
+            except OSError as exc:
+                # The run is in the journal already: say where the CSV could not go, and how to find the run.
+                raise CommandError(f"cannot write {opts['trades_csv']}: {exc} (run id {summary.run_id})") from exc
+            self.stderr.write(f"{written} trade(s) written to {opts['trades_csv']}")
         if summary.interrupted:
             self.stderr.write(f"interrupted (Ctrl-C): the journal holds the {summary.cycles} cycles counted above, "
                               f"run id {summary.run_id}")
