@@ -155,9 +155,10 @@ def positions(f: Filters) -> dict[str, Any]:
             # A replay's "now" is its clock (the last price's time), not the wall clock.
             "in_trade": ((ts if f.run_id and ts else now) - t.opened_at),
         })
-    inst_ids = {t.instrument.inst_id for t in trades}
-    orders = list(Order.objects.filter(mode=f.mode, run_id=f.run_id, inst_id__in=inst_ids)
-                  .exclude(state__in=TERMINAL_ORDER_STATES).order_by("-created_at")[:50]) if inst_ids else []
+    orders = Order.objects.filter(mode=f.mode, run_id=f.run_id).exclude(state__in=TERMINAL_ORDER_STATES)
+    if f.inst_id:
+        orders = orders.filter(inst_id=f.inst_id)
+    orders = list(orders.order_by("-created_at")[:50])
     return {"rows": rows, "orders": orders, "total_upl": sum((r["upl"] for r in rows if r["upl"] is not None), ZERO)}
 
 

@@ -2,7 +2,6 @@
 filter value with 400 and the message in the page. Controls are POST with CSRF and journaled with who."""
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -11,7 +10,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.exceptions import BadRequest
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
@@ -237,35 +236,13 @@ def _control(request: HttpRequest, bot: BotState) -> HttpResponse:
 # --- replay report -------------------------------------------------------------------------------
 @dashboard_page("report", "dashboard/report.html")
 def report(request: HttpRequest, f: Filters) -> dict[str, Any] | HttpResponse:
-    from dashboard.report import run_report
+    from dashboard.report import run_csv, run_page
 
     if not f.run_id:
         return {"report": None}
-    data = run_report(f)
     if request.GET.get("format") == "csv":
-        return _trades_csv(f, data["trades"])
-    return data
-
-
-def _trades_csv(f: Filters, rows: list[dict[str, Any]]) -> HttpResponse:
-    columns = ["id", "instrument", "direction", "opened_at", "closed_at", "entry_price", "exit_price", "stop_loss",
-               "take_profit", "size", "pnl_usd", "pnl_pct", "fees_usd", "funding_usd", "strategy", "regime", "exit_reason"]
-
-    class Echo:
-        def write(self, value: str) -> str:
-            return value
-
-    writer = csv.writer(Echo())
-
-    def lines() -> Any:
-        yield writer.writerow(columns)
-        for r in rows:
-            yield writer.writerow([r["id"], r["instrument__inst_id"], r["direction"], r["opened_at"].isoformat(),
-                                   r["closed_at"].isoformat(), r["entry_price"], r["exit_price"], r["stop_loss"],
-                                   r["take_profit"], r["size"], r["pnl_usd"], r["pnl_pct"], r["fees_usd"],
-                                   r["funding_usd"], r["strategy_used"], r["market_regime"], r["exit_reason"]])
-
-    response = StreamingHttpResponse(lines(), content_type="text/csv")
-    response["Content-Disposition"] = f'attachment; filename="{f.run_id}-trades.csv"'
-    return response
-
+        text, _ = run_csv(f)
+        response = HttpResponse(text, content_type="text/csv")
+        response["Content-Disposition"] = f'attachment; filename="{f.run_id}-trades.csv"'
+        return response
+    return run_page(f)
