@@ -8,7 +8,8 @@ from execution.models import BotState, LiveTradingConfirmation, Order, PaperFill
 
 @admin.register(Order)
 class OrderAdmin(admin.ModelAdmin):
-    list_display = ("client_order_id", "exchange", "inst_id", "action", "side", "size", "state", "avg_fill_price", "created_at")
+    list_display = ("client_order_id", "mode", "run_id", "exchange", "inst_id", "action", "side", "size", "state",
+                    "avg_fill_price", "created_at")
     list_filter = ("state", "exchange", "mode", "inst_id")
     search_fields = ("client_order_id", "exchange_order_id")
     readonly_fields = [f.name for f in Order._meta.fields]
@@ -16,7 +17,11 @@ class OrderAdmin(admin.ModelAdmin):
 
 @admin.register(BotState)
 class BotStateAdmin(admin.ModelAdmin):
-    list_display = ("state", "reason", "by", "since", "until", "consecutive_losses", "day_start_equity", "peak_equity")
+    # scope: "live" (make run), "demo" (make demo) or "replay:<run id>": the rows are otherwise alike.
+    list_display = ("scope", "state", "reason", "by", "since", "until", "consecutive_losses", "day_start_equity",
+                    "peak_equity")
+    list_filter = ("state",)
+    search_fields = ("scope",)
     readonly_fields = [f.name for f in BotState._meta.fields]
 
 
@@ -28,8 +33,10 @@ class LiveTradingConfirmationAdmin(admin.ModelAdmin):
 
 @admin.register(PaperPosition)
 class PaperPositionAdmin(admin.ModelAdmin):
-    list_display = ("inst_id", "pos_side", "status", "size", "avg_px", "leverage", "margin", "realized_pnl", "fees", "funding", "close_reason")
-    list_filter = ("status", "inst_id")
+    list_display = ("account", "inst_id", "pos_side", "status", "size", "avg_px", "leverage", "margin", "realized_pnl",
+                    "fees", "funding", "close_reason")
+    list_filter = ("account__name", "status", "inst_id")
+    list_select_related = ("account",)
 
 
 for model in (PaperOrder, PaperFill, PaperFunding):

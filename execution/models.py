@@ -127,6 +127,7 @@ BOT_TRANSITIONS: dict[str, frozenset[str]] = {
 
 
 LIVE_SCOPE = "live"
+DEMO_SCOPE = "demo"  # `manage.py demo`'s bot (BOT_MODE=demo)
 
 
 class BotState(models.Model):
@@ -180,7 +181,8 @@ def transition(obj: Order | BotState, to: str, *, table: dict[str, frozenset[str
 class PaperAccount(models.Model):
     """Cash = deposits + realised PnL - fees + funding (isolated margin stays inside cash)."""
 
-    name = models.CharField(max_length=40, unique=True, default="default")
+    name = models.CharField(max_length=40, unique=True, default="default",
+                            help_text="default: the live bot (make run); demo: make demo; a replay run id")
     cash = models.DecimalField(**MONEY)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -4,13 +4,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from execution.exchanges.base import AccountState, Exchange, Position
-from execution.models import LIVE_SCOPE, BotState, Order
+from execution.models import DEMO_SCOPE, LIVE_SCOPE, BotState, Order
 from execution.risk import BotStateView
 
 
 def bot_scope(*, mode: str = "live", run_id: str = "") -> str:
-    """The BotState row a mode/run uses: the live bot, or one per replay run."""
-    return LIVE_SCOPE if mode == "live" else f"replay:{run_id}"[:80]
+    """The BotState row a mode/run uses: the live bot, the demo's, or one per replay run."""
+    if mode == "live":
+        return LIVE_SCOPE
+    return DEMO_SCOPE if mode == "demo" else f"replay:{run_id}"[:80]
 
 
 def bot_state_row(scope: str = LIVE_SCOPE) -> BotState:

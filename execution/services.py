@@ -33,6 +33,7 @@ from execution.exchanges.base import (
 )
 from execution.models import (
     BOT_TRANSITIONS,
+    DEMO_SCOPE,
     ORDER_TRANSITIONS,
     TERMINAL_ORDER_STATES,
     BotState,
@@ -76,7 +77,7 @@ def _set_state(row: BotState, to: str, *, reason: str, by: str, now: datetime, u
     row.save()
     event_record(kind=f"bot_{to.lower()}", message=f"bot {to}: {reason} (by {by})",
                  level=EventLevel.WARNING if to != BotStatus.RUNNING else EventLevel.INFO,
-                 mode=Mode.LIVE if row.scope == LIVE_SCOPE else Mode.REPLAY)
+                 mode=Mode.LIVE if row.scope == LIVE_SCOPE else Mode.DEMO if row.scope == DEMO_SCOPE else Mode.REPLAY)
 
 
 def next_utc_midnight(now: datetime) -> datetime:

@@ -146,7 +146,7 @@ class CycleAdmin(ReadOnlyJournalAdmin):
 @admin.register(Trade)
 class TradeAdmin(ReadOnlyJournalAdmin):
     list_display = ("id", "instrument", "direction", "status", "opened_at", "closed_at", "entry_price", "exit_price",
-                    "pnl_usd", "strategy_used", "market_regime", "exit_reason", "mode")
+                    "pnl_usd", "strategy_used", "market_regime", "exit_reason", "mode", "run_id")
     list_filter = ("status", "direction", "mode", "instrument", "strategy_used", "market_regime", "exit_reason",
                    ("opened_at", admin.DateFieldListFilter), ("closed_at", admin.DateFieldListFilter))
     search_fields = ("=id", "instrument__inst_id", "strategy_used", "reasoning", "client_order_id", "okx_order_id", "run_id")

@@ -3,8 +3,8 @@
 Cycles, trades, screener logs, risk rejections, LLM calls (with prompt,
 answer, tokens and cost), reflections, performance snapshots and plain events
 (warnings such as "LLM budget at 80%"). `mode` separates the live bot's rows
-from replays (`run_id` names the replay run), so replays never pollute the
-live statistics.
+from replays (`run_id` names the replay run) and from the demo (`make demo`),
+so neither pollutes the live statistics.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from market.models import Instrument
 class Mode(models.TextChoices):
     LIVE = "live", "Live (paper or OKX demo)"
     REPLAY = "replay", "Replay"
+    DEMO = "demo", "Demo (make demo)"  # `manage.py demo`'s workers (BOT_MODE=demo): own rows, own paper account
 
 
 class CycleState(models.TextChoices):

@@ -10,7 +10,10 @@ from tradebot.models import BotControl
 
 @admin.register(BotControl)
 class BotControlAdmin(admin.ModelAdmin):
-    list_display = ("state", "reason", "since", "by", "until", "consecutive_losses", "day_start_equity", "peak_equity")
+    # The scope tells the live bot ("live") from the demo's ("demo") and each replay run's ("replay:<run id>");
+    # the actions below act on the live bot, whatever row is ticked.
+    list_display = ("scope", "state", "reason", "since", "by", "until", "consecutive_losses", "day_start_equity",
+                    "peak_equity")
     readonly_fields = list_display
     actions = ("halt", "halt_and_flatten", "resume")
 
@@ -29,14 +32,14 @@ class BotControlAdmin(admin.ModelAdmin):
     def _who(self, request: Any) -> str:
         return f"admin:{request.user.get_username()}"
 
-    @admin.action(description="Halt: no new orders from the next stage on")
+    @admin.action(description="Halt the live bot: no new orders from the next stage on")
     def halt(self, request: Any, queryset: Any) -> None:
         from tradebot.controls import bot_halt_and_flatten
 
         result = bot_halt_and_flatten(reason=f"halted in the admin by {request.user.get_username()}", by=self._who(request), flatten=False)
         self.message_user(request, f"bot {result['state']}", messages.WARNING)
 
-    @admin.action(description="Halt and flatten: close every position, cancel algo orders")
+    @admin.action(description="Halt and flatten the live bot: close every position, cancel algo orders")
     def halt_and_flatten(self, request: Any, queryset: Any) -> None:
         from tradebot.controls import bot_halt_and_flatten
 
@@ -44,7 +47,7 @@ class BotControlAdmin(admin.ModelAdmin):
                                       by=self._who(request), flatten=True)
         self.message_user(request, f"bot {result['state']}; flatten: {result.get('flatten')}", messages.WARNING)
 
-    @admin.action(description="Resume trading")
+    @admin.action(description="Resume the live bot")
     def resume(self, request: Any, queryset: Any) -> None:
         from execution.services import bot_resume
 

@@ -224,6 +224,10 @@ if OKX_LIVE_TRADING and OKX_DEMO:
     raise ImproperSetting("OKX_LIVE_TRADING=true needs OKX_DEMO=false as well; both say which account is traded")
 
 # --- Paper exchange --------------------------------------------------------
+# Which bot this process is (issue 17): "live" (`make run`, compose) or "demo" (`manage.py demo` sets it for its
+# workers); the demo's cycles, trades and orders carry mode "demo" and it trades its own paper account.
+BOT_MODE = env_choice("BOT_MODE", "live", ("live", "demo"))
+PAPER_ACCOUNT = env_str("PAPER_ACCOUNT", "demo" if BOT_MODE == "demo" else "default")
 PAPER_START_BALANCE = env_decimal("PAPER_START_BALANCE", "10000", minimum=Decimal("1"))
 PAPER_SLIPPAGE = env_decimal("PAPER_SLIPPAGE", "0.0005", minimum=Decimal("0"), maximum=Decimal("0.05"))
 PAPER_TAKER_FEE = env_decimal("PAPER_TAKER_FEE", "0.0005", minimum=Decimal("0"), maximum=Decimal("0.01"))

@@ -17,10 +17,11 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
+from django.conf import settings
 from django.db import DatabaseError, transaction
 from django.utils import timezone
 
-from journal.models import Cycle, CycleOutcome, CycleState, EventLevel, Mode
+from journal.models import Cycle, CycleOutcome, CycleState, EventLevel
 from journal.services import event_record
 from market.models import Instrument
 from tradebot.celery import app
@@ -61,7 +62,7 @@ def live_env() -> StageEnv:
     if _ENV is None:
         from market.feeds import feed_from_settings
 
-        _ENV = StageEnv(feed=feed_from_settings(), exchange=None)
+        _ENV = StageEnv(feed=feed_from_settings(), exchange=None, mode=settings.BOT_MODE)
     if _PAPER_VENUE is None:
         _ENV.exchange = exchange_from_settings()
         _PAPER_VENUE = isinstance(_ENV.exchange, PaperExchange)
@@ -155,7 +156,7 @@ def _after_execution(cycle: Cycle) -> None:
     from brain.schemas import OPENING_ACTIONS
 
     action = str((cycle.order or {}).get("action") or "")
-    if not action or action in OPENING_ACTIONS or cycle.mode != Mode.LIVE:
+    if not action or action in OPENING_ACTIONS or cycle.mode != settings.BOT_MODE:
         return
     started = ((cycle.stage_times or {}).get(S.EXECUTING) or {}).get("started")
     transaction.on_commit(partial(_reviews_sweep_send, requested_by=f"cycle {cycle.pk} {action}", since=started))
@@ -283,7 +284,7 @@ def cycle_start(self: Task, inst_id: str, as_of: str | None = None, trigger: str
         log.info("cycle_not_started", inst_id=inst_id, reason="unknown or trading disabled")
         return None
     when = datetime.fromisoformat(as_of) if as_of else timezone.now()
-    return cycle_launch(instrument=instrument, as_of=when, trigger=trigger).pk
+    return cycle_launch(instrument=instrument, as_of=when, trigger=trigger, mode=settings.BOT_MODE).pk
 
 
 @app.task(name="tradebot.tasks.account_sync", bind=True, acks_late=True, max_retries=0)
@@ -297,9 +298,9 @@ def account_sync(self: Task) -> list[int]:
     from execution.services import account_sync as sync
     from tradebot.reflection import trade_reviews_request
 
-    result = sync(exchange=live_env().exchange)
+    result = sync(exchange=live_env().exchange, mode=settings.BOT_MODE)
     closed = list(getattr(result, "closed_trade_ids", []) or [])
-    trade_reviews_request(trade_ids=closed, mode=Mode.LIVE, requested_by="account_sync")
+    trade_reviews_request(trade_ids=closed, mode=settings.BOT_MODE, requested_by="account_sync")
     return closed
 
 
@@ -311,7 +312,7 @@ def reflection_reviews_sweep(self: Task, requested_by: str = "", since: str | No
     """Queue a review for each live trade closed since `since` (ISO time) without one: after a CLOSE/REDUCE order."""
     from tradebot.reflection import trade_reviews_request
 
-    return trade_reviews_request(mode=Mode.LIVE, since=datetime.fromisoformat(since) if since else None,
+    return trade_reviews_request(mode=settings.BOT_MODE, since=datetime.fromisoformat(since) if since else None,
                                  requested_by=requested_by)
 
 
@@ -325,10 +326,9 @@ def reflection_trade_review(self: Task, trade_id: int) -> int | None:
 @app.task(name="tradebot.tasks.reflection_deep", bind=True, acks_late=True, **_REFLECTION_LIMITS)
 def reflection_deep(self: Task) -> int | None:
     """Beat's timer: the deep reflection when due (20 trades or 6 h); a candidate goes on to validation."""
-    from journal.models import Mode
     from tradebot.reflection import deep_reflection_if_due
 
-    return deep_reflection_if_due(mode=Mode.LIVE)
+    return deep_reflection_if_due(mode=settings.BOT_MODE)
 
 
 @app.task(name="tradebot.tasks.reflection_playbook_validate", bind=True, acks_late=True, soft_time_limit=3 * 3600,

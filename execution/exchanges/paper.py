@@ -90,7 +90,7 @@ class PaperExchange(Exchange):
     def __init__(
         self,
         *,
-        account_name: str = "default",
+        account_name: str | None = None,  # default: settings.PAPER_ACCOUNT ("demo" for the demo's workers)
         start_balance: Decimal | None = None,
         slippage: Decimal | None = None,
         taker_fee: Decimal | None = None,
@@ -103,7 +103,7 @@ class PaperExchange(Exchange):
         self.taker_fee = settings.PAPER_TAKER_FEE if taker_fee is None else taker_fee
         self.maker_fee = settings.PAPER_MAKER_FEE if maker_fee is None else maker_fee
         self.mmr = settings.PAPER_MAINT_MARGIN_RATE if maint_margin_rate is None else maint_margin_rate
-        self._account_name = account_name
+        self._account_name = account_name or settings.PAPER_ACCOUNT
         self._start_balance = settings.PAPER_START_BALANCE if start_balance is None else start_balance
         self._account_id: int | None = None
         if not lazy or exclusive:  # the account row exists once the exchange does (callers rely on it)

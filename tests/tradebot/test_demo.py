@@ -32,6 +32,18 @@ ROOT = Path(__file__).resolve().parents[2]
 OKX_NOW = datetime(2025, 12, 1, 0, 0, tzinfo=UTC)
 
 
+LIVE_ROWS = """
+from django.utils import timezone
+from execution.models import BotState, PaperAccount
+from journal.models import Cycle, Mode
+from market.models import Instrument
+PaperAccount.objects.create(name="default", cash="1234.5")
+BotState.objects.create(scope="live")
+inst = Instrument.objects.create(inst_id="ETH-USDT-SWAP", ct_val=1, lot_sz=1, min_sz=1, tick_sz=1)
+Cycle.objects.create(instrument=inst, mode=Mode.LIVE, as_of=timezone.now(), state="DONE", outcome="hold")
+"""
+
+
 def run_demo(var_dir: Path, okx_url: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = bot_env(var_dir, okx_url, LOG_LEVEL="WARNING")
     proc = subprocess.Popen([sys.executable, "manage.py", "demo", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -45,9 +57,9 @@ def run_demo(var_dir: Path, okx_url: str, *args: str, timeout: float = 240) -> s
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
-def live_cycles(var_dir: Path) -> list[tuple[datetime, dict]]:
+def demo_cycles(var_dir: Path) -> list[tuple[datetime, dict]]:
     with sqlite3.connect(var_dir / "tradebot.sqlite3") as db:
-        rows = db.execute("select as_of, snapshot from journal_cycle where mode = 'live' order by as_of").fetchall()
+        rows = db.execute("select as_of, snapshot from journal_cycle where mode = 'demo' order by as_of").fetchall()
     return [(datetime.fromisoformat(a).replace(tzinfo=UTC), json.loads(s) if s else {}) for a, s in rows]
 
 
@@ -78,7 +90,7 @@ def test_with_okx_reachable_the_demo_trades_recent_okx_history_through_the_worke
     assert okx.calls(HISTORY_CANDLES) and {c.query["bar"] for c in okx.calls(CANDLES)} == {"15m", "1H", "4H"}
     assert okx.calls(FUNDING_RATE_HISTORY)
 
-    cycles = live_cycles(tmp_path)
+    cycles = demo_cycles(tmp_path)
     assert cycles and {s.get("source") for _, s in cycles if s} == {"okx-replay"}
     # The cycles saw the recorded OKX prices: the close of the last 15m bar closed by each cycle.
     closes = closes_15m(shared_data)
@@ -88,7 +100,7 @@ def test_with_okx_reachable_the_demo_trades_recent_okx_history_through_the_worke
     assert "snapshots from okx-replay" in out
     # Trades opened and closed on that data, and the closed one was reviewed.
     with sqlite3.connect(tmp_path / "tradebot.sqlite3") as db:
-        closed = db.execute("select count(*) from journal_trade where mode = 'live' and status = 'closed'").fetchone()[0]
+        closed = db.execute("select count(*) from journal_trade where mode = 'demo' and status = 'closed'").fetchone()[0]
         # Finished reviews only: a `requested` row says a review was queued, not that it ran.
         reviews = db.execute("select count(*) from journal_reflectionlog where reflection_type = 'post_trade' "
                              "and status = 'done'").fetchone()[0]
@@ -98,14 +110,26 @@ def test_with_okx_reachable_the_demo_trades_recent_okx_history_through_the_worke
 
 def test_with_okx_unreachable_the_demo_says_so_and_trades_the_synthetic_market(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
+    # What `make run` left in the same database: the live bot's paper account, bot state and a cycle.
+    env = bot_env(tmp_path, url, LOG_LEVEL="WARNING")
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True, timeout=120)
+    subprocess.run([sys.executable, "manage.py", "shell", "-c", LIVE_ROWS], cwd=ROOT, env=env, check=True, timeout=120)
     result = run_demo(tmp_path, url, "--budget", "3")
     out = result.stdout
     assert result.returncode == 0, out[-4000:]
     assert f"OKX at {url} is not reachable" in out and "using the synthetic market (seed 7)" in out
     assert "4/4 trading the synthetic market (seed 7) on a virtual clock from 2025-09-01 00:00" in out
-    cycles = live_cycles(tmp_path)
+    cycles = demo_cycles(tmp_path)
     assert cycles and {s.get("source") for _, s in cycles if s} == {"synthetic"}
     assert not (tmp_path / "market-replay").exists()
+    # The demo is told apart: its rows are mode "demo" on its own paper account; the live bot's are untouched.
+    with sqlite3.connect(tmp_path / "tradebot.sqlite3") as db:
+        modes = dict(db.execute("select mode, count(*) from journal_cycle group by mode").fetchall())
+        accounts = dict(db.execute("select name, cash from execution_paperaccount").fetchall())
+        scopes = {row[0] for row in db.execute("select scope from execution_botstate")}
+    assert modes["live"] == 1 and modes["demo"] == len(cycles) > 0
+    assert Decimal(str(accounts["default"])) == Decimal("1234.5") and "demo" in accounts
+    assert {"live", "demo"} <= scopes
     # Three seconds are too short for two closed trades: the summary says so instead of pretending.
     assert "note       the bot closed 0 of the 2 trades asked for (the time budget ran out" in out
 

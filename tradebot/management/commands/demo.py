@@ -42,6 +42,7 @@ DEMO_START = datetime(2025, 9, 1, tzinfo=UTC)
 # 0.8 in half of them and by day 3.6 in all; 7 days (672 cycles) still fits the time budget.
 OKX_DAYS = 7
 OKX_REPLAY_NAME = "okx-replay"
+DEMO_ACCOUNT = "demo"  # the demo's paper account (`make run` trades "default")
 MARKETS = ("auto", "okx", "synthetic")
 
 
@@ -110,15 +111,19 @@ class Command(BaseCommand):
     # --- setup ------------------------------------------------------------------
 
     def _fresh_state(self) -> None:
-        """A demo starts from an empty live journal and a fresh paper account."""
-        from execution.models import BotState, Order, PaperAccount
+        """A demo starts from an empty demo journal and a fresh demo paper account.
+
+        Only the demo's own rows go: the live bot's journal, its paper account
+        ("default", `make run`'s) and its bot state stay as they were.
+        """
+        from execution.models import DEMO_SCOPE, BotState, Order, PaperAccount
         from journal.models import Cycle, Mode, Trade
 
-        Trade.objects.filter(mode=Mode.LIVE).delete()
-        Order.objects.filter(mode=Mode.LIVE).delete()
-        Cycle.objects.filter(mode=Mode.LIVE).delete()
-        PaperAccount.objects.filter(name="default").delete()
-        BotState.objects.all().delete()
+        Trade.objects.filter(mode=Mode.DEMO).delete()
+        Order.objects.filter(mode=Mode.DEMO).delete()
+        Cycle.objects.filter(mode=Mode.DEMO).delete()
+        PaperAccount.objects.filter(name=DEMO_ACCOUNT).delete()
+        BotState.objects.filter(scope=DEMO_SCOPE).delete()
 
     def _market(self, choice: str, *, days: timedelta, step: timedelta) -> DemoMarket:
         """OKX public data (auto: when reachable) or the synthetic market; says which, and why."""
@@ -237,6 +242,8 @@ class Command(BaseCommand):
         broker_dirs_ensure()
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL",)}
         env.update({**market_env, "BRAIN": env.get("BRAIN", "auto")})
+        # The workers are the demo's bot: mode "demo" on every row, the demo's own paper account.
+        env.update({"BOT_MODE": "demo", "PAPER_ACCOUNT": DEMO_ACCOUNT})
         # The demo covers a few virtual days: validate a new playbook on the last 3 of them.
         env.setdefault("PLAYBOOK_VALIDATION_DAYS", "3")
         env.setdefault("PLAYBOOK_VALIDATION_CYCLE_SECONDS", "900")
@@ -295,10 +302,10 @@ class Command(BaseCommand):
                 break
             app.signature("tradebot.tasks.account_sync").set(queue="okx").apply_async()
             n += 1
-            closed = Trade.objects.filter(mode=Mode.LIVE, status="closed").count()
+            closed = Trade.objects.filter(mode=Mode.DEMO, status="closed").count()
             reviews = ReflectionLog.objects.filter(reflection_type="post_trade").exclude(status__in=("requested", "failed")).count()
             if n % 10 == 0:
-                last = Cycle.objects.filter(mode=Mode.LIVE).order_by("-as_of").first()
+                last = Cycle.objects.filter(mode=Mode.DEMO).order_by("-as_of").first()
                 self.stdout.write(f"   {t:%Y-%m-%d %H:%M}  cycles {n}  trades closed {closed}  "
                                   f"last: {last.outcome if last else '-'}")
             if closed >= trades and reviews >= 1:
@@ -312,7 +319,7 @@ class Command(BaseCommand):
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            cycle = Cycle.objects.filter(mode=Mode.LIVE, as_of=as_of).order_by("-id").first()
+            cycle = Cycle.objects.filter(mode=Mode.DEMO, as_of=as_of).order_by("-id").first()
             if cycle is not None and cycle.state in TERMINAL_CYCLE_STATES:
                 return True
             time.sleep(0.02)
@@ -323,10 +330,10 @@ class Command(BaseCommand):
     def _summary(self, elapsed: float, *, market: DemoMarket, stop: str, walked: timedelta, trades: int) -> None:
         from journal.models import Cycle, Mode, ReflectionLog, Trade
 
-        cycles = Cycle.objects.filter(mode=Mode.LIVE)
+        cycles = Cycle.objects.filter(mode=Mode.DEMO)
         outcomes = dict(cycles.values_list("outcome").annotate(n=Count("id")))
         sources = sorted({(c.snapshot or {}).get("source", "?") for c in cycles.only("snapshot") if c.snapshot})
-        closed = Trade.objects.filter(mode=Mode.LIVE, status="closed")
+        closed = Trade.objects.filter(mode=Mode.DEMO, status="closed")
         pnl = closed.aggregate(v=Sum("pnl_usd"))["v"] or 0
         post_trade = ReflectionLog.objects.filter(reflection_type="post_trade")
         reviews = post_trade.count()
@@ -337,7 +344,7 @@ class Command(BaseCommand):
         w(f"demo finished in {elapsed:.0f}s")
         w(f"market     {market.label}; snapshots from {', '.join(sources) or '-'}; {days:.1f} virtual days walked")
         w(f"cycles     {cycles.count()}  {outcomes}")
-        w(f"trades     {Trade.objects.filter(mode=Mode.LIVE).count()} opened, {closed.count()} closed, PnL {pnl:.2f} USDT")
+        w(f"trades     {Trade.objects.filter(mode=Mode.DEMO).count()} opened, {closed.count()} closed, PnL {pnl:.2f} USDT")
         w(f"reflection {ReflectionLog.objects.count()} entries ({reviews} post-trade)")
         if closed.count() < trades or reviewed < 1:
             why = {"budget": f"the time budget ran out after {days:.1f} virtual days",
