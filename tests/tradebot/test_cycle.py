@@ -57,7 +57,8 @@ def test_a_tick_while_the_previous_cycle_runs_records_a_skipped_cycle(btc: Instr
 
 
 def test_a_cycle_running_past_its_limits_is_interrupted_and_frees_the_instrument(btc: Instrument, settings) -> None:
-    settings.CYCLE_STALE_SECONDS = 60
+    settings.CELERY_TASK_TIME_LIMIT = 50
+    settings.CYCLE_STAGE_GRACE_SECONDS = 10
     stuck = cycle_open(instrument=btc, as_of=AS_OF)
     Cycle.objects.filter(pk=stuck.pk).update(state=S.EXECUTING, started_at=timezone.now() - timedelta(seconds=61))
     nxt = cycle_open(instrument=btc, as_of=AS_OF + timedelta(minutes=5))
