@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/tradebot
 export DJANGO_SETTINGS_MODULE := tradebot.settings
 
-.PHONY: venv migrate static demo test test-sqlite test-postgres bench run web clean
+.PHONY: venv migrate static demo test test-sqlite test-postgres test-faults drill bench run web clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@set -e; \
@@ -34,13 +34,22 @@ demo: venv static
 # Two passes: the whole suite on SQLite, then the PostgreSQL/Redis/Celery
 # tests against the local servers. Set REQUIRE_SERVICES=1 (CI does) to turn a
 # missing PostgreSQL or Redis into a failure instead of a skip.
-test: venv test-sqlite test-postgres
+test: venv test-sqlite test-postgres test-faults
 
 test-sqlite: venv
-	$(PY) -m pytest -m "not postgres" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not postgres and not faults" $(PYTEST_ARGS)
 
 test-postgres: venv
-	DATABASE_URL=$(PG_TEST_URL) REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/0} $(PY) -m pytest -m postgres $(PYTEST_ARGS)
+	DATABASE_URL=$(PG_TEST_URL) REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/0} $(PY) -m pytest -m "postgres and not faults" $(PYTEST_ARGS)
+
+# The fault suite (#16) starts its OWN PostgreSQL and Redis on private ports (never the shared servers).
+test-faults: venv
+	$(PY) -m pytest -m faults $(PYTEST_ARGS)
+
+drill: venv
+	@mkdir -p var; rm -f var/drill.jsonl
+	FAULT_REPORT=var/drill.jsonl $(PY) -m pytest -m faults -q $(PYTEST_ARGS) || true
+	$(PY) scripts/drill_table.py var/drill.jsonl
 
 bench: venv
 	$(PY) bench/run.py

@@ -7,9 +7,9 @@ from django.conf import settings
 
 from brain.schemas import BrainContext, DeepReflection, Decision, ResearchResult, ScreenResult, TradeReview, TradeView
 from market.schemas import MarketSnapshot
-from tradebot.logging import get_logger
+import structlog
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class Brain(Protocol):

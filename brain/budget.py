@@ -17,9 +17,9 @@ from django.db.models import Sum
 
 from journal.models import EventLevel, JournalEvent, LlmCall
 from journal.services import event_record
-from tradebot.logging import get_logger
+import structlog
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 MILLION = Decimal(1_000_000)
 KIND_WARNING = "llm_budget_warning"
 KIND_DEGRADE = "llm_degrade_mode"

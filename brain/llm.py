@@ -37,9 +37,10 @@ from pydantic import BaseModel, ValidationError
 
 from brain.budget import budget_check, llm_cost
 from journal.models import LlmCall, LlmCallStatus
-from tradebot.logging import get_logger, redact
+import structlog
+from redaction import redact
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 T = TypeVar("T", bound=BaseModel)
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}

@@ -15,9 +15,9 @@ from django.db.models import Max
 
 from brain.models import PLAYBOOK_TRANSITIONS, PlaybookStatus, PlaybookTrigger, PlaybookVersion
 from brain.playbook_schema import Playbook, playbook_validate
-from tradebot.logging import get_logger
+import structlog
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 DEFAULT_FILE = Path(__file__).resolve().parent / "data" / "playbook_v1.json"
 
 

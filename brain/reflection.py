@@ -46,9 +46,10 @@ from brain.prompts import DEEP_REFLECTION_SYSTEM, POST_TRADE_SYSTEM, deep_reflec
 from brain.schemas import DeepReflection, DeepReflectionAnswer, TradeReview, TradeView
 from journal.models import EventLevel, Mode, ReflectionLog, ReflectionType, Trade, TradeStatus
 from journal.services import event_record
-from tradebot.logging import get_logger, redact
+import structlog
+from redaction import redact
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class ReflectionStatus:

@@ -22,9 +22,9 @@ from brain.news import news_event_near
 from brain.schemas import ResearchAnswer
 from journal.models import LlmCall, LlmCallStatus
 from market.schemas import MarketSnapshot
-from tradebot.logging import get_logger
+import structlog
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 RESEARCH_SYSTEM_PROMPT = """You are a crypto market research analyst.
 Provide concise, factual analysis. Include:

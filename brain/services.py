@@ -23,9 +23,10 @@ from journal.models import EventLevel, ScreenerLog
 from journal.services import event_record
 from market.models import Instrument
 from market.schemas import MarketSnapshot
-from tradebot.logging import get_logger, redact
+import structlog
+from redaction import redact
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,12 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from django.conf import settings
 from django.utils import timezone
 
 from brain.schemas import ALWAYS_ALLOWED_ACTIONS, Action, Decision
-from execution.exchanges.base import Position
 from execution.validation import (
     ABSURD_MONEY,
     SpecLike,
@@ -36,6 +35,9 @@ from execution.validation import (
     size_failure,
     to_decimal,
 )
+
+if TYPE_CHECKING:  # annotations only: the exchange interface imports this module (ApprovedOrder), not the reverse
+    from execution.exchanges.base import Position
 
 _GATE = object()  # only this module holds it: the proof an order went through the gate
 ABSURD_LEVERAGE = Decimal("125")

@@ -52,9 +52,10 @@ from execution.validation import to_decimal
 from journal.models import Cycle, Direction, EventLevel, Mode, RiskRejection, Trade, TradeStatus
 from journal.services import event_record
 from market.models import Instrument
-from tradebot.logging import get_logger, redact
+import structlog
+from redaction import redact
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 SYSTEM = "system"
 EXCHANGE_STATES = {
     "live": OrderState.SUBMITTED, "partially_filled": OrderState.PARTIALLY_FILLED, "filled": OrderState.FILLED,

@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from journal.models import EventLevel, JournalEvent, Mode
-from tradebot.logging import get_logger, redact
+import structlog
+from redaction import redact
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 
 def event_record(

@@ -13,9 +13,9 @@ from datetime import datetime, timedelta
 
 from market.feeds.base import Bar, FeedError, FeedTemporaryError, MarketFeed
 from market.models import TIMEFRAME_SECONDS, Candle, Instrument
-from tradebot.logging import get_logger
+import structlog
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 BACKFILL_PAGE = 300
 _CANDLE_FIELDS = ["open", "high", "low", "close", "volume", "confirmed"]
 _INSTRUMENT_FIELDS = ["inst_type", "ct_val", "lot_sz", "min_sz", "tick_sz", "max_lever", "settle_ccy", "state",

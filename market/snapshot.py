@@ -61,9 +61,9 @@ from market.schemas import (
     TickerView,
     TimeframeView,
 )
-from tradebot.logging import get_logger
+import structlog
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 TIMEFRAME_DURATIONS: dict[str, timedelta] = {

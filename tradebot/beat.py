@@ -1,8 +1,8 @@
 """Beat entries in the database (django-celery-beat), so a person can edit them in the admin.
 
 `beat_sync()` makes the entries match the instruments and settings: one cycle
-entry per `Instrument.trading_enabled` every `DECISION_CYCLE_SECONDS` (it
-expires after one interval: a tick that waited that long is worthless),
+entry per `Instrument.trading_enabled` every `DECISION_CYCLE_SECONDS` (a tick
+that waited more than one interval is recorded SKIPPED, see `cycle_open`),
 account sync every `ACCOUNT_SYNC_SECONDS`, the deep-reflection check hourly,
 performance snapshots hourly,
 daily and weekly, and the daily risk reset at 00:00 UTC. Entries of
@@ -59,7 +59,9 @@ def beat_sync() -> list[PeriodicTask]:
         enabled_names.add(name)
         entries.append(_entry(
             name, task=CYCLE_TASK, queue="default", args=[inst.inst_id], interval=_interval(cycle_every),
-            expire_seconds=cycle_every, description=f"Decision cycle for {inst.inst_id} every {cycle_every}s",
+            # No expiry: a tick that waited more than an interval is recorded SKIPPED ("late") by cycle_start, not
+            # dropped unseen by the worker.
+            expire_seconds=None, description=f"Decision cycle for {inst.inst_id} every {cycle_every}s",
         ))
     # Instruments turned off: their entries stop, a person's edits stay.
     PeriodicTask.objects.filter(name__startswith=CYCLE_PREFIX, task=CYCLE_TASK).exclude(name__in=enabled_names).update(enabled=False)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, time as dtime
+from datetime import datetime, time as dtime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -68,6 +68,7 @@ class BotStatusReport:
     last_cycles: list[dict[str, Any]] = field(default_factory=list)
     queues: dict[str, int | None] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    account_sync_failures_24h: int = 0  # failed account syncs journaled in the last 24 h (#16)
 
 
 def bot_status(*, exchange: Any | None = None) -> BotStatusReport:
@@ -108,11 +109,20 @@ def bot_status(*, exchange: Any | None = None) -> BotStatusReport:
             "reason": (c.reason[:100] if c else ""),
         })
     return BotStatusReport(
+        account_sync_failures_24h=account_sync_failures(since=timezone.now() - timedelta(hours=24)),
         state=str(bot.state), reason=bot.reason, since=bot.since, by=bot.by,
         brain=brain_name_for_settings(None), exchange=exchange_name, broker=settings.BROKER_KIND,
         equity=equity, today_pnl=pnl or Decimal(0), llm_cost_today=cost or Decimal(0),
         positions=positions, last_cycles=last_cycles, queues=queue_depths(), errors=errors,
     )
+
+
+def account_sync_failures(*, since: datetime) -> int:
+    """Failed account syncs since `since`: each `account_sync_failed` event counts its `data.count` (default 1)."""
+    from journal.models import JournalEvent
+
+    rows = JournalEvent.objects.filter(kind="account_sync_failed", created_at__gte=since).values_list("data", flat=True)
+    return sum(int((d or {}).get("count", 1)) for d in rows)
 
 
 def broker_dirs_ensure() -> None:

@@ -11,11 +11,12 @@ it, which is how a redelivered task tells "the worker running this stage died"
 
 One cycle per instrument at a time: `cycle_open` finds an unfinished cycle and
 records a SKIPPED cycle with the reason instead of queuing behind it; a cycle
-older than `CYCLE_STALE_SECONDS` is marked INTERRUPTED so it cannot block the
-instrument forever.
+whose stage is older than that stage's time limit is marked INTERRUPTED so a lost
+worker blocks the instrument for one limit at most (`stage_limit_seconds`).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
@@ -81,6 +82,35 @@ def worker_name() -> str:
 # --- opening ------------------------------------------------------------------
 
 
+def stage_limit_seconds(state: str) -> float:
+    """How long a cycle may stay in `state` since the stage's (re)start: the stage task's hard time limit plus a hop.
+
+    Past this no worker can still be running the stage (Celery's hard limit kills it), so the cycle was lost
+    with its worker, or its next hop with the broker. Every stage task runs under CELERY_TASK_TIME_LIMIT.
+    """
+    return float(settings.CELERY_TASK_TIME_LIMIT + settings.CYCLE_STAGE_GRACE_SECONDS)
+
+
+def _stage_age(cycle: Cycle, now: datetime) -> float:
+    entry = (cycle.stage_times or {}).get(cycle.state) or {}
+    mark = entry.get("resumed") or entry.get("started")
+    since = cycle.started_at
+    if mark:
+        with contextlib.suppress(ValueError, TypeError):
+            since = datetime.fromisoformat(str(mark))
+    return (now - since).total_seconds()
+
+
+def _skipped(*, instrument: Instrument, mode: str, run_id: str, as_of: datetime, reason: str, now: datetime,
+             times: dict[str, object]) -> Cycle:
+    skipped = Cycle.objects.create(
+        instrument=instrument, mode=mode, run_id=run_id, as_of=as_of, state=S.SKIPPED,
+        outcome=CycleOutcome.SKIPPED, reason=reason[:4000], ended_at=now, stage_times=times,
+    )
+    log.info("cycle_skipped", cycle_id=skipped.pk, inst_id=instrument.inst_id, reason=reason)
+    return skipped
+
+
 def cycle_open(
     *,
     instrument: Instrument,
@@ -89,46 +119,67 @@ def cycle_open(
     run_id: str = "",
     trigger: str = "beat",
     now: datetime | None = None,
+    sent_at: datetime | None = None,
+    tick_every: int | None = None,
 ) -> Cycle:
-    """Create the next cycle for an instrument, or a SKIPPED one when the previous still runs.
+    """Create the next cycle for an instrument, or a SKIPPED one with the reason when it must not run.
 
-    The instrument row is locked for the check-and-create so two beat ticks
-    (or a tick and `bot run-cycle`) cannot both start a cycle.
+    SKIPPED: the previous cycle still runs (never queued behind it); the tick is for a time before the
+    instrument's newest cycle (a redelivered or reordered tick); the tick was sent (`sent_at`) more than
+    one interval ago (`tick_every`, e.g. it waited in the broker through an outage: a burst of old ticks
+    must not trade). A cycle whose stage is past that stage's time limit is marked INTERRUPTED first.
+    With `tick_every` (beat's real-time ticks), ticks that never became a cycle since the newest one
+    (the broker or the database was down, the bot stopped) are recorded as one SKIPPED gap row
+    (`stage_times.missed_ticks`) before this one. The instrument row is locked for the check-and-create
+    so two ticks (or a tick and `bot run-cycle`) cannot both start a cycle.
     """
     now = now or timezone.now()
-    stale_after = timedelta(seconds=settings.CYCLE_STALE_SECONDS)
     with transaction.atomic():
         list(Instrument.objects.select_for_update().filter(pk=instrument.pk).values_list("pk", flat=True))  # the lock only
         running = list(
             Cycle.objects.filter(instrument=instrument, mode=mode, run_id=run_id, state__in=ACTIVE_STATES)
-            .only("id", "state", "started_at").order_by("id")
+            .only("id", "state", "started_at", "stage_times").order_by("id")
         )
         blocking: Cycle | None = None
         for cycle in running:
-            age = (now - cycle.started_at).total_seconds()
-            if age > stale_after.total_seconds():
-                # Far past every time limit: its worker is gone. Free the instrument.
+            age = _stage_age(cycle, now)
+            limit = stage_limit_seconds(cycle.state)
+            if age > limit:
+                # Past the stage's hard time limit: its worker (or its next hop) is gone. Free the instrument.
                 Cycle.objects.filter(pk=cycle.pk, state=cycle.state).update(
                     state=S.INTERRUPTED,
                     outcome=CycleOutcome.INTERRUPTED,
                     ended_at=now,
-                    reason=f"stale: still {cycle.state} after {age:.0f}s (limit {stale_after.total_seconds():.0f}s)",
+                    reason=f"stale: still {cycle.state} {age:.0f}s after the stage started (its limit {limit:.0f}s)",
                 )
                 log.warning("cycle_stale_interrupted", cycle_id=cycle.pk, state=cycle.state, age_s=round(age))
             else:
                 blocking = cycle
-        times = {"trigger": trigger}
+        times: dict[str, object] = {"trigger": trigger}
+        kw = {"instrument": instrument, "mode": mode, "run_id": run_id, "now": now}
         if blocking is not None:
             reason = (
                 f"previous cycle {blocking.pk} still {blocking.state} "
                 f"(started {(now - blocking.started_at).total_seconds():.0f}s ago)"
             )
-            skipped = Cycle.objects.create(
-                instrument=instrument, mode=mode, run_id=run_id, as_of=as_of, state=S.SKIPPED,
-                outcome=CycleOutcome.SKIPPED, reason=reason, ended_at=now, stage_times=times,
-            )
-            log.info("cycle_skipped", cycle_id=skipped.pk, inst_id=instrument.inst_id, blocking=blocking.pk)
-            return skipped
+            return _skipped(as_of=as_of, reason=reason, times=times, **kw)
+        newest = (Cycle.objects.filter(instrument=instrument, mode=mode, run_id=run_id)
+                  .only("id", "as_of", "stage_times").order_by("-as_of", "-id").first())
+        if newest is not None and as_of < newest.as_of:
+            reason = (f"out of order: a tick for {as_of.isoformat()} after cycle {newest.pk} for "
+                      f"{newest.as_of.isoformat()}")
+            return _skipped(as_of=as_of, reason=reason, times=times, **kw)
+        if sent_at is not None and tick_every and (now - sent_at).total_seconds() > tick_every:
+            reason = (f"late: the tick was sent {(now - sent_at).total_seconds():.0f}s ago, more than one interval "
+                      f"({tick_every}s)")
+            return _skipped(as_of=as_of, reason=reason, times=times, **kw)
+        if tick_every and newest is not None and (newest.stage_times or {}).get("trigger") in ("beat", "gap"):
+            missed = round((as_of - newest.as_of).total_seconds() / tick_every) - 1
+            if missed >= 1:
+                first = newest.as_of + timedelta(seconds=tick_every)
+                reason = (f"{missed} tick(s) from {first.isoformat()} to {as_of.isoformat()} never ran: the broker or "
+                          "the database was unavailable, or the bot was stopped")
+                _skipped(as_of=first, reason=reason, times={"trigger": "gap", "missed_ticks": missed}, **kw)
         return Cycle.objects.create(
             instrument=instrument, mode=mode, run_id=run_id, as_of=as_of, state=S.IDLE, stage_times=times
         )

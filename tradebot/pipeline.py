@@ -67,10 +67,12 @@ def pipeline_chain(cycle_id: int) -> chain:
 
 
 def cycle_launch(
-    *, instrument: Instrument, as_of: datetime | None = None, trigger: str = "beat", mode: str = Mode.LIVE
+    *, instrument: Instrument, as_of: datetime | None = None, trigger: str = "beat", mode: str = Mode.LIVE,
+    sent_at: datetime | None = None, tick_every: int | None = None,
 ) -> Cycle:
-    """Open the instrument's next cycle and send its chain; a SKIPPED cycle sends nothing."""
-    cycle = cycle_open(instrument=instrument, as_of=as_of or timezone.now(), mode=mode, trigger=trigger)
+    """Open the instrument's next cycle and send its chain; a SKIPPED cycle sends nothing (see `cycle_open`)."""
+    cycle = cycle_open(instrument=instrument, as_of=as_of or timezone.now(), mode=mode, trigger=trigger,
+                       sent_at=sent_at, tick_every=tick_every)
     if cycle.state == CycleState.SKIPPED:
         return cycle
     pipeline_chain(cycle.pk).apply_async()

@@ -166,7 +166,9 @@ if REDIS_URL:
     # invisible before Redis hands it to another worker. Stages are idempotent,
     # so a short timeout only costs a harmless duplicate.
     CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=1),
+        # Default: the stage tasks' hard time limit plus 10 s (a task still running is never handed out twice).
+        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", env_int("CELERY_TASK_TIME_LIMIT", 180, minimum=1) + 10,
+                                      minimum=1),
         # A per-deployment (or per-test-run) prefix keeps two bots on one Redis apart.
         "global_keyprefix": env_str("CELERY_REDIS_KEY_PREFIX", ""),
     }
@@ -204,10 +206,9 @@ SNAPSHOT_RECENT_CANDLES = env_int("SNAPSHOT_RECENT_CANDLES", 5, minimum=1)
 MARKET_DATA_SOURCE = env_choice("MARKET_DATA_SOURCE", "auto", ("auto", "okx", "synthetic", "replay"))
 MARKET_REPLAY_DIR = Path(env_str("MARKET_REPLAY_DIR", str(VAR_DIR / "market-replay")))
 SYNTHETIC_SEED = env_int("SYNTHETIC_SEED", 7)
-# A cycle still unfinished this long after it started is marked INTERRUPTED by
-# the next beat tick, so a lost worker cannot block its instrument forever.
-# Default: every stage task at its hard time limit, back to back.
-CYCLE_STALE_SECONDS = env_int("CYCLE_STALE_SECONDS", 7 * CELERY_TASK_TIME_LIMIT, minimum=10)
+# A cycle whose stage started longer ago than the stage task's hard time limit plus this grace (a hop) is marked
+# INTERRUPTED by the next tick, so a lost worker blocks its instrument for one stage limit at most.
+CYCLE_STAGE_GRACE_SECONDS = env_int("CYCLE_STAGE_GRACE_SECONDS", 10, minimum=0)
 
 # --- OKX -------------------------------------------------------------------
 OKX_API_KEY = env_secret("OKX_API_KEY")

@@ -18,13 +18,13 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from journal.models import Cycle, CycleOutcome, CycleState, EventLevel
 from journal.services import event_record
 from market.models import Instrument
-from tradebot.celery import app
+from tradebot.celery import CYCLE_START_TASK, SENT_AT_HEADER, app
 from tradebot.cycle import (
     Claim,
     cycle_end,
@@ -40,7 +40,10 @@ log = get_logger(__name__)
 S = CycleState
 MAX_RETRIES = 3
 # Reflection tasks may run a deep reflection: a long LLM call (REFLECTION_TIMEOUT_SECONDS, retries) beyond a stage's limit.
-_REFLECTION_LIMITS: dict[str, Any] = {"soft_time_limit": 900, "time_limit": 960}
+# They outlast Redis's visibility timeout (the stage limit plus 10 s), so they are acknowledged on receipt
+# (acks_late=False): acknowledged late, Redis would hand a running one to a second worker. A review lost with its
+# worker is queued again by the account sync's sweep, a deep reflection by the next hourly check.
+_REFLECTION_LIMITS: dict[str, Any] = {"soft_time_limit": 900, "time_limit": 960, "acks_late": False}
 
 _ENV: StageEnv | None = None
 _PAPER_VENUE: bool | None = None  # whether exchange_from_settings() picked the paper exchange in this process
@@ -231,7 +234,11 @@ def _fail(work: CycleWork, stage: str, message: str, *, outcome: str) -> bool:
 
 # --- stage tasks (queues are set on the chain's signatures; see tradebot.pipeline) ---------
 
-_STAGE_OPTS: dict[str, Any] = {"bind": True, "acks_late": True, "max_retries": MAX_RETRIES}
+# Acknowledged after the stage ran and handed back to the broker when its worker dies (SIGKILL, OOM): safe, every
+# stage claims its cycle (a finished stage continues the chain, a dead one resumes). Redis hands an unacknowledged
+# task out again after its visibility timeout, which defaults to the time limit plus 10 s (settings).
+_STAGE_OPTS: dict[str, Any] = {"bind": True, "acks_late": True, "reject_on_worker_lost": True,
+                               "max_retries": MAX_RETRIES}
 
 
 @app.task(name="tradebot.tasks.cycle_collect", **_STAGE_OPTS)
@@ -274,17 +281,60 @@ def cycle_journal(self: Task, cycle_id: int) -> int | None:
 # --- beat entries -------------------------------------------------------------------
 
 
-@app.task(name="tradebot.tasks.cycle_start", bind=True, acks_late=True)
+# What a task meets while PostgreSQL is down or restarting (psycopg's errors come as these).
+_DB_DOWN = (OperationalError, InterfaceError)
+
+
+def _db_down_retry(task: Task, exc: Exception, *, deadline: float | None, what: str) -> None:
+    """Retry a beat task the database refused, every 1-5 s, while it still has time; else log one line and give up."""
+    countdown = min(2 ** task.request.retries, 5)
+    if deadline is not None and time.time() + countdown < deadline:
+        log.warning(f"{what}_db_unavailable_retrying", error=redact(str(exc).strip().splitlines()[0] if str(exc) else
+                                                                     type(exc).__name__), retry_in_s=countdown)
+        raise task.retry(countdown=countdown, max_retries=None) from exc
+    log.error(f"{what}_db_unavailable_given_up", error=redact(type(exc).__name__))
+
+
+@app.task(name=CYCLE_START_TASK, bind=True, acks_late=True)
 def cycle_start(self: Task, inst_id: str, as_of: str | None = None, trigger: str = "beat") -> int | None:
-    """Beat's per-instrument entry: open the cycle (or record a skip) and send its chain."""
+    """Beat's per-instrument entry: open the cycle (or record a skip) and send its chain.
+
+    A beat tick (no `as_of`) is for the time it was sent; sent more than one interval ago it is recorded
+    SKIPPED ("late"), and ticks that never arrived are recorded as a gap by this one. While the database is
+    down the tick is retried within its interval; if it cannot run in time, the next tick records the gap.
+    """
     from tradebot.pipeline import cycle_launch
 
-    instrument = Instrument.objects.filter(inst_id=inst_id).first()
-    if instrument is None or not instrument.trading_enabled:
-        log.info("cycle_not_started", inst_id=inst_id, reason="unknown or trading disabled")
+    every = int(settings.DECISION_CYCLE_SECONDS)
+    sent_raw = getattr(self.request, SENT_AT_HEADER, None)
+    sent_at = datetime.fromisoformat(sent_raw) if sent_raw else None
+    try:
+        instrument = Instrument.objects.filter(inst_id=inst_id).first()
+        if instrument is None or not instrument.trading_enabled:
+            log.info("cycle_not_started", inst_id=inst_id, reason="unknown or trading disabled")
+            return None
+        if as_of:
+            return cycle_launch(instrument=instrument, as_of=datetime.fromisoformat(as_of), trigger=trigger,
+                                mode=settings.BOT_MODE).pk
+        realtime = trigger == "beat"
+        return cycle_launch(instrument=instrument, as_of=sent_at or timezone.now(), trigger=trigger,
+                            mode=settings.BOT_MODE, sent_at=sent_at if realtime else None, tick_every=every if realtime else None).pk
+    except _DB_DOWN as exc:
+        _db_down_retry(self, exc, deadline=(sent_at.timestamp() + every) if sent_at else None, what="cycle_start")
         return None
-    when = datetime.fromisoformat(as_of) if as_of else timezone.now()
-    return cycle_launch(instrument=instrument, as_of=when, trigger=trigger, mode=settings.BOT_MODE).pk
+
+
+_SYNC_FAILURES = {"count": 0, "first": ""}  # failed syncs this process has not journaled yet (the database was down)
+
+
+def account_sync_failures_journal() -> None:
+    """Journal the syncs that failed while the database was down, once it answers again (one event with the count)."""
+    if not _SYNC_FAILURES["count"]:
+        return
+    n, first = _SYNC_FAILURES["count"], _SYNC_FAILURES["first"]
+    event_record(kind="account_sync_failed", message=f"{n} account sync(s) failed since {first}: database unavailable",
+                 level=EventLevel.ERROR, mode=settings.BOT_MODE, data={"count": n, "since": first})
+    _SYNC_FAILURES.update(count=0, first="")
 
 
 @app.task(name="tradebot.tasks.account_sync", bind=True, acks_late=True, max_retries=0)
@@ -294,11 +344,27 @@ def account_sync(self: Task) -> list[int]:
     It also sweeps the trades closed lately by any other path (a brain's CLOSE,
     a flatten) whose review was never queued (a send the broker refused, a
     worker that died between the close and the request): each is queued once.
+    A failed sync is one log line and an `account_sync_failed` event (counted in `bot status`); while the
+    database is down the failures are counted here and journaled by the first sync that reaches it.
     """
     from execution.services import account_sync as sync
     from tradebot.reflection import trade_reviews_request
 
-    result = sync(exchange=live_env().exchange, mode=settings.BOT_MODE)
+    try:
+        result = sync(exchange=live_env().exchange, mode=settings.BOT_MODE)
+        account_sync_failures_journal()
+    except _DB_DOWN as exc:
+        _SYNC_FAILURES["count"] += 1
+        _SYNC_FAILURES["first"] = _SYNC_FAILURES["first"] or timezone.now().isoformat()
+        log.error("account_sync_failed", error=type(exc).__name__, pending=_SYNC_FAILURES["count"])
+        return []
+    except Exception as exc:  # noqa: BLE001 - the next sync (every ACCOUNT_SYNC_SECONDS) tries again
+        message = redact(f"{type(exc).__name__}: {exc}")[:500]
+        log.error("account_sync_failed", error=message)
+        with contextlib.suppress(DatabaseError):
+            event_record(kind="account_sync_failed", message=f"account sync failed: {message}",
+                         level=EventLevel.ERROR, mode=settings.BOT_MODE, data={"count": 1})
+        return []
     closed = list(getattr(result, "closed_trade_ids", []) or [])
     trade_reviews_request(trade_ids=closed, mode=settings.BOT_MODE, requested_by="account_sync")
     return closed
@@ -316,14 +382,14 @@ def reflection_reviews_sweep(self: Task, requested_by: str = "", since: str | No
                                  requested_by=requested_by)
 
 
-@app.task(name="tradebot.tasks.reflection_trade_review", bind=True, acks_late=True, **_REFLECTION_LIMITS)
+@app.task(name="tradebot.tasks.reflection_trade_review", bind=True, **_REFLECTION_LIMITS)
 def reflection_trade_review(self: Task, trade_id: int) -> int | None:
     from tradebot.reflection import trade_review_request
 
     return trade_review_request(trade_id=trade_id)
 
 
-@app.task(name="tradebot.tasks.reflection_deep", bind=True, acks_late=True, **_REFLECTION_LIMITS)
+@app.task(name="tradebot.tasks.reflection_deep", bind=True, **_REFLECTION_LIMITS)
 def reflection_deep(self: Task) -> int | None:
     """Beat's timer: the deep reflection when due (20 trades or 6 h); a candidate goes on to validation."""
     from tradebot.reflection import deep_reflection_if_due
@@ -331,7 +397,7 @@ def reflection_deep(self: Task) -> int | None:
     return deep_reflection_if_due(mode=settings.BOT_MODE)
 
 
-@app.task(name="tradebot.tasks.reflection_playbook_validate", bind=True, acks_late=True, soft_time_limit=3 * 3600,
+@app.task(name="tradebot.tasks.reflection_playbook_validate", bind=True, acks_late=False, soft_time_limit=3 * 3600,
           time_limit=3 * 3600 + 300)  # two replays of PLAYBOOK_VALIDATION_DAYS: far longer than a stage
 def reflection_playbook_validate(self: Task, candidate_id: int) -> bool | None:
     """Replay a candidate against the active playbook; promote or reject it (figures kept on the version)."""

@@ -16,9 +16,9 @@ from execution.exchanges.base import (
     Position,
     UnapprovedOrder,
 )
-from tradebot.logging import get_logger
+import structlog
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 __all__ = [
     "AccountState", "ClosedPosition", "Exchange", "ExchangeError", "ExchangeOrder", "ExchangeRejected",

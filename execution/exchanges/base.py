@@ -12,10 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from execution.risk import ApprovedOrder
+from execution.risk import ApprovedOrder, approval_is_genuine
 
 ZERO = Decimal("0")
 
@@ -157,8 +154,6 @@ class Exchange(ABC):
 
     def place_order(self, order: ApprovedOrder) -> ExchangeOrder:
         """Place an order the risk gate approved; anything else is refused here."""
-        from execution.risk import approval_is_genuine
-
         if not approval_is_genuine(order):
             raise UnapprovedOrder("only an ApprovedOrder built by the risk gate can be placed")
         return self._place_order(order)

@@ -38,9 +38,10 @@ from execution.exchanges.base import (
     LiveTradingRefused,
     Position,
 )
-from tradebot.logging import get_logger, redact
+import structlog
+from redaction import redact
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 ZERO = Decimal("0")
 TEMPORARY_CODES = frozenset({"50001", "50004", "50011", "50013", "50026", "50040", "50061", "51149"})
 ORDER_NOT_FOUND = frozenset({"51603"})

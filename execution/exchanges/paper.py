@@ -56,9 +56,9 @@ from execution.exchanges.base import (
 from execution.models import PaperAccount, PaperFill, PaperFunding, PaperOrder, PaperPosition, PaperPrice, row_as_read
 from execution.validation import round_down_to_lot, round_to_tick
 from market.models import Instrument
-from tradebot.logging import get_logger
+import structlog
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 Q10 = Decimal("1e-10")
 ZERO = Decimal("0")
 FUNDING_HOURS = (0, 8, 16)

@@ -14,9 +14,9 @@ import time
 from django.conf import settings
 
 from market.feeds.base import FeedError, MarketFeed
-from tradebot.logging import get_logger
+import structlog
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 SOURCES = ("auto", "okx", "synthetic", "replay")
 
 

@@ -46,9 +46,10 @@ from market.feeds.base import (
     OrderBook,
     Ticker,
 )
-from tradebot.logging import get_logger, redact
+import structlog
+from redaction import redact
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 # OKX bar names for our timeframe names (they are the same strings today, but

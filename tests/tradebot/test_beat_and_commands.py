@@ -30,7 +30,7 @@ def test_beat_has_one_expiring_cycle_entry_per_enabled_instrument_and_the_period
     entries = {e.name: e for e in beat_sync()}
     cycle = entries["cycle BTC-USDT-SWAP"]
     assert cycle.task == "tradebot.tasks.cycle_start" and json.loads(cycle.args) == ["BTC-USDT-SWAP"]
-    assert cycle.interval.every == 300 and cycle.expire_seconds == 300 and cycle.queue == "default"
+    assert cycle.interval.every == 300 and cycle.expire_seconds is None and cycle.queue == "default"
     assert "cycle ETH-USDT-SWAP" not in entries
     assert entries["account sync"].queue == "okx" and entries["account sync"].interval.every == settings.ACCOUNT_SYNC_SECONDS
     assert {entries[f"performance {p}"].queue for p in ("hourly", "daily", "weekly")} == {"reflection"}
@@ -88,3 +88,26 @@ def test_confirm_live_needs_the_exact_phrase(instruments, settings, monkeypatch)
     monkeypatch.setattr("sys.stdin", StringIO("I understand this trades real money\n"))
     call_command("bot", "confirm-live", "--by", "ops", stdout=StringIO())
     assert LiveTradingConfirmation.objects.get().by == "ops"
+
+
+def test_account_syncs_that_failed_while_the_database_was_down_are_journaled_once_and_counted_in_bot_status(
+        instruments, monkeypatch) -> None:
+    from django.db import OperationalError
+
+    import execution.services
+    from journal.models import JournalEvent
+    from tradebot import tasks
+
+    def db_down(**_):  # noqa: ANN003, ANN202 - what psycopg raises with PostgreSQL stopped
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(execution.services, "account_sync", db_down)
+    assert tasks.account_sync.run() == [] and tasks.account_sync.run() == []
+    assert not JournalEvent.objects.filter(kind="account_sync_failed").exists()  # the database "was down"
+    monkeypatch.undo()
+    tasks.account_sync.run()  # the database answers again: the two failures become one event
+    event = JournalEvent.objects.get(kind="account_sync_failed")
+    assert event.data["count"] == 2 and "2 account sync(s) failed" in event.message
+    out = StringIO()
+    call_command("bot", "status", stdout=out)
+    assert "account syncs failed (24 h)  2" in out.getvalue()

@@ -106,7 +106,7 @@ def test_a_beat_tick_runs_the_cycle_to_a_journaled_trade_with_each_stage_on_its_
 
     beat_sync()
     entry = PeriodicTask.objects.get(name=f"cycle {INST}")
-    assert entry.queue == "default" and entry.expire_seconds == 300
+    assert entry.queue == "default" and entry.expire_seconds is None
     entry.kwargs = json.dumps({"as_of": OPEN_AT.isoformat()})
     entry.save()
     # Beat's own code sends the entry (what `celery beat` does on a tick).

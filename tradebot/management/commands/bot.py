@@ -74,6 +74,7 @@ class Command(BaseCommand):
         for c in report.last_cycles:
             w(f"  {c['inst_id']}: " + (f"#{c['cycle']} {c['as_of']} {c['state']}/{c['outcome']} {c['reason']}" if c["cycle"] else "none yet"))
         w("queues     " + "  ".join(f"{q}={'?' if n is None else n}" for q, n in report.queues.items()))
+        w(f"account syncs failed (24 h)  {report.account_sync_failures_24h}")
         for e in report.errors:
             w(self.style.WARNING(redact(e)))
 

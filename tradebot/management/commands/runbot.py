@@ -108,8 +108,31 @@ class Command(BaseCommand):
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        interrupted = cycle_interrupt_running(reason="runbot stopped (Ctrl-C) while the cycle ran")
+        interrupted = self._interrupt_unfinished(cycle_interrupt_running)
+        if interrupted is None:
+            self.stderr.write("stopped; the database did not answer, unfinished cycles were not recorded INTERRUPTED "
+                              "(the next start's stale sweep ends them)")
+            return
         self.stdout.write(f"stopped; {len(interrupted)} unfinished cycle(s) recorded INTERRUPTED")
+
+    def _interrupt_unfinished(self, interrupt: Any, *, wait_seconds: float = 30.0) -> list[int] | None:
+        """Record unfinished cycles INTERRUPTED on a fresh connection, waiting up to 30 s for the database.
+
+        The connection this process opened at start may be a session the server has since ended (a PostgreSQL
+        restart while the bot ran): it is dropped first, never reused.
+        """
+        from django.db import InterfaceError, OperationalError, connections
+
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            connections.close_all()
+            try:
+                return interrupt(reason="runbot stopped (Ctrl-C) while the cycle ran")
+            except (OperationalError, InterfaceError) as exc:
+                if time.monotonic() > deadline:
+                    return None
+                self.stderr.write(f"database unavailable ({type(exc).__name__}); retrying in 2s")
+                time.sleep(2)
 
     def _market_source(self, *, enable: list[str], retry_seconds: float) -> str:
         """OKX public data (waiting while unreachable) unless synthetic is asked for; syncs the instruments from it."""
