@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -29,6 +30,7 @@ from tradebot.logging import get_logger, redact
 
 log = get_logger(__name__)
 LOOKBACK = timedelta(minutes=2)
+FEE_PLACES = Decimal("0.0001")
 MAX_LINES_SHOWN = 10  # a merged alert shows this many of its lines, then "... and N more"
 
 # Journal event kind -> (alert type, severity, title). Kinds not listed do not alert.
@@ -190,7 +192,7 @@ def _order_lines(since: datetime) -> list[AlertLine]:
         text = (f"FILLED {o.inst_id}\n{what} {o.pos_side} {size(o.filled_size, inst)} @ {price(o.avg_fill_price, inst)}"
                 + (f"\nSL {price(o.stop_loss, inst)}" if o.stop_loss else "")
                 + (f"  TP {price(o.take_profit, inst)}" if o.take_profit else "")
-                + f"\nfee {money(o.fee, inst)}")
+                + f"\nfee {money(o.fee, inst, places=FEE_PLACES)}")
         lines.append(AlertLine(key=f"order:{o.client_order_id}", alert_type="order_filled", severity=Severity.INFO, text=text))
     return lines
 

@@ -286,7 +286,7 @@ def cmd_flatten(ctx: CommandContext) -> str:
 def _flatten(*, by: str, exchange: Any | None) -> str:
     from tradebot.controls import bot_halt_and_flatten
 
-    result = bot_halt_and_flatten(reason="flatten from Telegram", by=by, flatten=True, exchange=exchange)
+    result = bot_halt_and_flatten(reason="flatten", by=by, flatten=True, exchange=exchange)
     flat = result.get("flatten")
     orders = getattr(flat, "orders", None)
     return f"Bot {result['state']}. Flattened: {len(orders) if orders is not None else '?'} close order(s) sent."

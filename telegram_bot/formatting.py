@@ -43,12 +43,12 @@ def size(value: Any, instrument: Any = None) -> str:
 
 
 def money(value: Any, instrument: Any = None, *, places: Decimal = CENT) -> str:
-    """An amount in the settlement currency (USDT), to the cent; sub-cent amounts (a fee) keep 4 places."""
+    """An amount in the settlement currency (USDT), to the cent (`places`); a non-zero amount under a cent keeps 4 places."""
     d = _dec(value)
     if d is None:
         return "?"
     ccy = getattr(instrument, "settle_ccy", None) or "USDT"
-    q = places if abs(d) >= Decimal("1") or d == 0 else Decimal("0.0001")
+    q = places if abs(d) >= CENT or d == 0 else min(places, Decimal("0.0001"))
     return f"{d.quantize(q, rounding=ROUND_HALF_UP):f} {ccy}"
 
 
