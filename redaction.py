@@ -17,6 +17,7 @@ SECRET_VARIABLES = (
     "PERPLEXITY_API_KEY",
     "DJANGO_SECRET_KEY",
     "FLOWER_BASIC_AUTH",
+    "TELEGRAM_BOT_TOKEN",
 )
 REDACTED = "[REDACTED]"
 
@@ -42,8 +43,10 @@ def _secret_values() -> tuple[str, ...]:
 
 def _secret_values_read() -> tuple[str, ...]:
     values = (os.environ.get(name, "").strip() for name in SECRET_VARIABLES)
-    # Very short values would redact ordinary words; real keys are long.
-    return tuple(sorted({v for v in values if len(v) >= 6}, key=len, reverse=True))
+    # Very short values would redact ordinary words; real keys are long. The lower-case form too: a vendor
+    # may lower-case an error text that quotes a key (python-telegram-bot does with the Bot API URL's token).
+    found = {v for v in values if len(v) >= 6}
+    return tuple(sorted(found | {v.lower() for v in found}, key=len, reverse=True))
 
 
 # The variables' names as os.environ keys them internally (bytes on POSIX, upper-case text on Windows).

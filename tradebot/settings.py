@@ -53,6 +53,7 @@ INSTALLED_APPS = [
     "execution",
     "tradebot",
     "dashboard",  # the cockpit (issue 17): an interface layer above tradebot
+    "telegram_bot",
 ]
 
 MIDDLEWARE = [
@@ -316,6 +317,34 @@ PLAYBOOK_VALIDATION_METRIC = env_choice("PLAYBOOK_VALIDATION_METRIC", "profit_fa
 PLAYBOOK_MAX_DRAWDOWN_MARGIN = env_decimal("PLAYBOOK_MAX_DRAWDOWN_MARGIN", "0.02", minimum=Decimal("0"))
 # The cycle length of the validation replays (the live cycle by default; 3600 = 1H cycles, 12x fewer).
 PLAYBOOK_VALIDATION_CYCLE_SECONDS = env_int("PLAYBOOK_VALIDATION_CYCLE_SECONDS", 300, minimum=60)
+
+# --- Telegram (issue 18: alerts and commands; `manage.py telegram`) --------
+# Without a token nothing Telegram runs. Chat ids: integers, comma-separated; admin chats may also
+# halt/flatten/resume/reflect/run a cycle (and get the alerts, like the allowed chats).
+TELEGRAM_BOT_TOKEN = env_secret("TELEGRAM_BOT_TOKEN")
+TELEGRAM_BASE_URL = env_str("TELEGRAM_BASE_URL", "https://api.telegram.org/bot")
+
+
+def _chat_ids(name: str) -> tuple[int, ...]:
+    raw = env_str(name, "")
+    try:
+        return tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ImproperSetting(f"{name} must be comma-separated integer chat ids, got {raw!r}") from None
+
+
+TELEGRAM_CHAT_IDS = _chat_ids("TELEGRAM_CHAT_IDS")
+TELEGRAM_ADMIN_CHAT_IDS = _chat_ids("TELEGRAM_ADMIN_CHAT_IDS")
+# "22-07": INFO and WARN alerts wait from 22:00 to 07:00 UTC (CRITICAL always goes); empty: none.
+TELEGRAM_SILENT_HOURS = env_str("TELEGRAM_SILENT_HOURS", "")
+if TELEGRAM_SILENT_HOURS and not (
+    len(_hours := TELEGRAM_SILENT_HOURS.split("-")) == 2 and all(h.strip().isdigit() and int(h) < 24 for h in _hours)
+):
+    raise ImproperSetting(f"TELEGRAM_SILENT_HOURS must be START-END in UTC hours 0-23 (e.g. 22-07), got {TELEGRAM_SILENT_HOURS!r}")
+TELEGRAM_COOLDOWN_SECONDS = env_int("TELEGRAM_COOLDOWN_SECONDS", 60, minimum=0)
+TELEGRAM_DISPATCH_SECONDS = env_int("TELEGRAM_DISPATCH_SECONDS", 5, minimum=1)
+TELEGRAM_SEND_TIMEOUT_SECONDS = env_float("TELEGRAM_SEND_TIMEOUT_SECONDS", 10.0, minimum=0.5)
+TELEGRAM_FAILING_CYCLES = env_int("TELEGRAM_FAILING_CYCLES", 3, minimum=1)
 
 # --- Web / flower ----------------------------------------------------------
 FLOWER_BASIC_AUTH = env_secret("FLOWER_BASIC_AUTH")

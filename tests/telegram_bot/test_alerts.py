@@ -1,0 +1,184 @@
+"""Alerts from journal rows to the local Bot API server: fields, severity, cooldown, silent hours, retries, secrets."""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.utils import timezone
+
+from execution.models import Order, OrderState
+from execution.services import bot_halt
+from journal.models import JournalEvent, Mode, Trade, TradeStatus
+from market.models import Instrument
+from telegram_bot.alerts import silent_until
+from telegram_bot.formatting import split_message
+from telegram_bot.models import Alert, AlertDelivery, DeliveryStatus
+from telegram_bot.services import alerts_dispatch_run
+from tests.conftest import FIXTURES
+from tests.fakes.http_server import Reply
+from tests.fakes.telegram_server import TOKEN, fixture, retry_after_reply
+from tests.telegram_bot.conftest import ADMIN, READER, READER_2
+from tradebot.logging import configure_logging
+
+pytestmark = pytest.mark.django_db
+ALL_CHATS = {READER, READER_2, ADMIN}
+
+
+def filled_order(n: int = 1, *, size: str = "3", px: str = "61234.56") -> Order:
+    """An order as execution leaves it once the exchange filled it."""
+    return Order.objects.create(
+        client_order_id=f"tb{n:030d}", exchange="paper", inst_id="BTC-USDT-SWAP", action="OPEN_LONG", side="buy",
+        pos_side="long", order_type="market", size=Decimal(size), state=OrderState.FILLED, filled_size=Decimal(size),
+        avg_fill_price=Decimal(px), stop_loss=Decimal("60012.04"), take_profit=Decimal("63000"), fee=Decimal("0.0918"),
+        approved={"kind": "open"}, mode=Mode.LIVE,
+    )
+
+
+def test_a_fill_becomes_exactly_one_message_per_chat_with_its_fields(telegram, btc: Instrument) -> None:
+    filled_order()
+    alerts_dispatch_run()
+    alerts_dispatch_run()  # a second pass (the next beat tick) finds nothing new
+    sent = telegram.wait_sent(3)
+    time.sleep(0.2)
+    assert len(telegram.sent) == 3
+    assert {m["chat_id"] for m in sent} == ALL_CHATS
+    text = sent[0]["text"]
+    # Price at the tick size (0.1), contracts at the lot size (0.01), the fee to 4 places.
+    assert text == ("FILLED BTC-USDT-SWAP\nopen long 3.00 @ 61234.6\nSL 60012.0  TP 63000.0\nfee 0.0918 USDT")
+    assert AlertDelivery.objects.filter(status=DeliveryStatus.SENT).count() == 3
+
+
+def test_a_closed_trade_says_pnl_and_exit_reason_and_a_stop_is_a_warning(telegram, btc: Instrument) -> None:
+    now = timezone.now()
+    Trade.objects.create(instrument=btc, mode=Mode.LIVE, opened_at=now - timedelta(hours=2, minutes=5), closed_at=now,
+                         duration_seconds=7500, direction="LONG", entry_price=Decimal("61234.5"),
+                         exit_price=Decimal("60012.0"), stop_loss=Decimal("60012"), size=Decimal("3"),
+                         pnl_usd=Decimal("-37.2231"), pnl_pct=Decimal("-0.0607"), exit_reason="stop_loss",
+                         status=TradeStatus.CLOSED)
+    alerts_dispatch_run()
+    text = telegram.wait_sent(3)[0]["text"]
+    assert text == ("[WARN] STOP LOSS hit BTC-USDT-SWAP long\nPnL -37.22 USDT (-6.1%)\n"
+                    "entry 61234.5  exit 60012.0\nreason stop_loss  held 2h05m")
+    assert Alert.objects.get().alert_type == "sl_hit"
+
+
+def test_the_cooldown_merges_repeated_alerts_of_one_type(telegram, btc: Instrument) -> None:
+    filled_order(1)
+    alerts_dispatch_run()
+    telegram.wait_sent(3)
+    filled_order(2, px="61300")
+    filled_order(3, px="61400")
+    alerts_dispatch_run()
+    time.sleep(0.3)
+    assert len(telegram.sent) == 3, "repeats within the cooldown wait"
+    waiting = Alert.objects.get(status="pending")
+    assert waiting.held_reason == "cooldown" and len(waiting.lines) == 2
+    alerts_dispatch_run(now=timezone.now() + timedelta(seconds=61))
+    merged = telegram.wait_sent(6)[3:]
+    assert {m["chat_id"] for m in merged} == ALL_CHATS
+    assert merged[0]["text"].startswith("2x order filled (held: cooldown)")
+    assert "@ 61300.0" in merged[0]["text"] and "@ 61400.0" in merged[0]["text"]
+
+
+def test_silent_hours_hold_an_info_alert_and_let_a_critical_through(telegram, settings, btc: Instrument) -> None:
+    now = timezone.now()
+    settings.TELEGRAM_SILENT_HOURS = f"{now.hour}-{(now.hour + 2) % 24}"
+    filled_order()
+    bot_halt(reason="daily loss limit", by="system")
+    alerts_dispatch_run()
+    sent = telegram.wait_sent(3)
+    time.sleep(0.3)
+    assert len(telegram.sent) == 3
+    assert all(m["text"].startswith("[CRITICAL] HALTED\nbot HALTED: daily loss limit (by system)") for m in sent)
+    held = Alert.objects.get(status="pending")
+    assert held.alert_type == "order_filled" and held.held_reason == "silent_hours"
+    assert held.send_after == silent_until(now)
+    alerts_dispatch_run(now=held.send_after + timedelta(seconds=1))
+    assert telegram.wait_sent(6)[3]["text"].startswith("FILLED BTC-USDT-SWAP")
+
+
+def test_silent_hours_wrap_past_midnight() -> None:
+    at = timezone.now().replace(hour=23, minute=30, second=0, microsecond=0)
+    assert silent_until(at, "22-07") == (at + timedelta(days=1)).replace(hour=7, minute=0)
+    assert silent_until(at.replace(hour=12), "22-07") is None
+    assert silent_until(at.replace(hour=3), "22-07") == at.replace(hour=7, minute=0)
+
+
+def test_a_429_with_retry_after_delays_the_send_and_it_still_arrives(telegram, btc: Instrument) -> None:
+    telegram.fail_next(retry_after_reply(2))
+    filled_order()
+    first = alerts_dispatch_run()
+    assert first["retry"] == 3, "after a 429 the rest of the pass waits too"
+    d = AlertDelivery.objects.order_by("next_attempt_at").first()
+    assert "retry in 2" in d.last_error.lower() or "retry_after" in d.last_error.lower() or "flood" in d.last_error.lower()
+    assert alerts_dispatch_run()["sent"] == 0, "not before retry_after"
+    deadline = time.monotonic() + 10
+    while len(telegram.sent) < 3 and time.monotonic() < deadline:
+        alerts_dispatch_run()  # what the beat does every TELEGRAM_DISPATCH_SECONDS
+        time.sleep(0.2)
+    assert {m["chat_id"] for m in telegram.sent} == ALL_CHATS
+    assert telegram.sent[0]["at"] - telegram.send_attempts[0] >= 2.0
+
+
+def test_telegram_unreachable_loses_no_alert(telegram, btc: Instrument) -> None:
+    telegram.stop()
+    filled_order()
+    result = alerts_dispatch_run()
+    assert result["retry"] == 3 and result["sent"] == 0
+    row = AlertDelivery.objects.first()
+    assert row.status == DeliveryStatus.QUEUED and row.attempts == 1 and TOKEN not in row.last_error
+    telegram.start()  # back, on the same port
+    assert alerts_dispatch_run(now=timezone.now() + timedelta(seconds=3))["sent"] == 3
+    assert {m["chat_id"] for m in telegram.wait_sent(3)} == ALL_CHATS
+
+
+def test_a_refused_message_is_journaled_and_the_token_never_leaks(telegram, btc: Instrument) -> None:
+    """Telegram's error quotes the request URL, which carries the token: logs, rows and journal stay clean."""
+    url = f"{telegram.base_url}{TOKEN}/sendMessage"
+    body = fixture("error_400_chat_not_found")
+    body["description"] = f"Bad Request: chat not found (POST {url})"
+    not_found = fixture("error_404_not_found")
+    not_found["description"] = f"Not Found: {url}"
+    telegram.fail_next(Reply(400, body), Reply(404, not_found))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    configure_logging(level="DEBUG")  # python-telegram-bot logs its API URL at DEBUG
+    root.handlers[0].setStream(stream)
+    try:
+        filled_order()
+        result = alerts_dispatch_run()
+    finally:
+        configure_logging(level="INFO")
+        handler.close()
+    assert result["failed"] == 1 and result["retry"] == 1 and result["sent"] == 1
+    logs = stream.getvalue()
+    assert "telegram_send_failed" in logs and "[REDACTED]" in logs
+    assert TOKEN not in logs
+    failed = AlertDelivery.objects.get(status=DeliveryStatus.FAILED)
+    assert "chat not found" in failed.last_error.lower()
+    assert TOKEN.lower() not in logs.lower()
+    assert all(TOKEN.lower() not in d.last_error.lower() for d in AlertDelivery.objects.all())
+    event = JournalEvent.objects.get(kind="telegram_send_failed")
+    assert "[REDACTED]" in event.message
+    assert not any(TOKEN.lower() in str(v).lower() for v in JournalEvent.objects.values_list("message", "data"))
+
+
+def test_a_long_text_is_split_at_the_limit_not_dropped() -> None:
+    text = "\n".join(f"line {i:04d} " + "x" * 90 for i in range(100))
+    parts = split_message(text)
+    assert len(parts) == 3 and all(len(p) <= 4096 for p in parts)
+    assert "\n".join(parts) == text
+    unbroken = "y" * 9000
+    assert [len(p) for p in split_message(unbroken)] == [4096, 4096, 808]
+
+
+def test_fixtures_have_the_bot_api_envelope() -> None:
+    for path in (FIXTURES / "telegram").glob("*.json"):
+        body = fixture(path.stem)
+        assert isinstance(body["ok"], bool)
+        assert ("result" in body) if body["ok"] else {"error_code", "description"} <= set(body)
