@@ -52,6 +52,8 @@ class PrivateStreamHandler:
     def on_connected(self, *, stream: str, reconnect: bool) -> None:
         if stream == "private":
             self.positions = None  # the first push after a connect is the state, not a change
+        elif not reconnect:
+            return  # the algo connection's first connect follows the private one's login: its sync covers both
         self.sync(f"{stream} stream {'reconnected' if reconnect else 'connected'}")
 
     def on_push(self, channel: str, arg: dict[str, Any], data: list[Any], message: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 
 from execution.streams import ALGO_ARGS, PRIVATE_ARGS, PrivateStreamHandler
 from journal.models import EventLevel
@@ -210,7 +210,8 @@ class StreamApp:
             await asyncio.gather(writer, return_exceptions=True)
             await self._write(final=True)
             for pool in (self._db, self._rest, self._send):
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.submit(connections.close_all)  # each thread's own database session, before it ends
+                pool.shutdown(wait=True, cancel_futures=False)
 
     def stop(self) -> None:
         self._stop.set()
