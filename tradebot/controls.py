@@ -69,6 +69,7 @@ class BotStatusReport:
     queues: dict[str, int | None] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     account_sync_failures_24h: int = 0  # failed account syncs journaled in the last 24 h (#16)
+    streams: list[dict[str, Any]] = field(default_factory=list)
 
 
 def bot_status(*, exchange: Any | None = None) -> BotStatusReport:
@@ -113,7 +114,7 @@ def bot_status(*, exchange: Any | None = None) -> BotStatusReport:
         state=str(bot.state), reason=bot.reason, since=bot.since, by=bot.by,
         brain=brain_name_for_settings(None), exchange=exchange_name, broker=settings.BROKER_KIND,
         equity=equity, today_pnl=pnl or Decimal(0), llm_cost_today=cost or Decimal(0),
-        positions=positions, last_cycles=last_cycles, queues=queue_depths(), errors=errors,
+        positions=positions, last_cycles=last_cycles, queues=queue_depths(), errors=errors, streams=streams_status(),
     )
 
 
@@ -123,6 +124,16 @@ def account_sync_failures(*, since: datetime) -> int:
 
     rows = JournalEvent.objects.filter(kind="account_sync_failed", created_at__gte=since).values_list("data", flat=True)
     return sum(int((d or {}).get("count", 1)) for d in rows)
+
+
+def streams_status() -> list[dict[str, Any]]:
+    """`manage.py stream_okx`'s connections as it last wrote them (empty when it never ran)."""
+    from market.models import StreamStatus
+
+    return [{"name": s.name, "connected": s.connected, "stopped": s.stopped, "reconnects": s.reconnects,
+             "messages": s.messages, "last_message_at": s.last_message_at.isoformat() if s.last_message_at else None,
+             "updated_at": s.updated_at.isoformat(), "last_by_channel": s.last_by_channel, "error": s.error}
+            for s in StreamStatus.objects.all()]
 
 
 def broker_dirs_ensure() -> None:

@@ -225,6 +225,19 @@ MARKET_PROBE_TIMEOUT_SECONDS = env_float("MARKET_PROBE_TIMEOUT_SECONDS", 3.0, mi
 if OKX_LIVE_TRADING and OKX_DEMO:
     raise ImproperSetting("OKX_LIVE_TRADING=true needs OKX_DEMO=false as well; both say which account is traded")
 
+# --- OKX streams (manage.py stream_okx, issue 19) ------------------------------
+# WebSocket host; empty: wss://wspap.okx.com:8443 (demo) or wss://ws.okx.com:8443 (live). /ws/v5/... is appended.
+OKX_WS_URL = env_str("OKX_WS_URL", "")
+# A stream's data is used by COLLECTING instead of REST while its connection is up and its last push is this recent.
+STREAM_FRESH_SECONDS = env_int("STREAM_FRESH_SECONDS", 120, minimum=1)
+# How often the stream writes the latest tickers/books/funding/open interest and its status (seconds).
+STREAM_FLUSH_SECONDS = env_float("STREAM_FLUSH_SECONDS", 1.0, minimum=0.01)
+# OKX drops a connection silent for 30 s: ping after this many silent seconds (< 30).
+STREAM_PING_SECONDS = env_float("STREAM_PING_SECONDS", 25.0, minimum=0.1, maximum=29.0)
+# Reconnect backoff: the first wait, doubling up to the cap (seconds).
+STREAM_BACKOFF_FIRST_SECONDS = env_float("STREAM_BACKOFF_FIRST_SECONDS", 1.0, minimum=0.01)
+STREAM_BACKOFF_MAX_SECONDS = env_float("STREAM_BACKOFF_MAX_SECONDS", 60.0, minimum=0.01)
+
 # --- Paper exchange --------------------------------------------------------
 # Which bot this process is (issue 17): "live" (`make run`, compose) or "demo" (`manage.py demo` sets it for its
 # workers); the demo's cycles, trades and orders carry mode "demo" and it trades its own paper account.

@@ -288,7 +288,15 @@ def collect(work: CycleWork, env: StageEnv) -> bool:
             raise ValueError("no market feed configured")
         if hasattr(feed, "set_clock"):
             feed.set_clock(cycle.as_of)  # virtual clock feeds (synthetic, replay): never a bar after as_of
-        if env.sync_candles:
+        sync = env.sync_candles
+        if sync and getattr(feed, "name", "") == "okx":
+            # OKX live: what `manage.py stream_okx` keeps fresh is read locally, the rest over REST (issue 19).
+            from market.streams.store_feed import stream_feed_for
+
+            feed = stream_feed_for(rest=feed, instrument=cycle.instrument, as_of=cycle.as_of)
+            cycle.stage_times.setdefault(S.COLLECTING, {})["sources"] = dict(feed.sources)
+            sync = feed.sources["candles"] != "stream"
+        if sync:
             # The latest bars only: the backfill filled history; a few bars cover a missed cycle or two.
             candles_sync(feed=feed, instrument=cycle.instrument, timeframes=list(settings.TIMEFRAMES), limit=SYNC_CANDLES)
         snapshot = snapshot_build(feed=feed, inst_id=inst_id, as_of=cycle.as_of)

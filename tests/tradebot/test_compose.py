@@ -15,8 +15,9 @@ def test_the_stack_has_one_worker_per_queue_beat_flower_and_healthchecks() -> No
     for queue in ("okx", "llm", "reflection", "default"):
         assert f"  worker-{queue}:\n" in text
         assert f'"celery -A tradebot worker -Q {queue} ' in text
-    for service in ("timescaledb", "redis", "web", "beat", "flower"):
+    for service in ("timescaledb", "redis", "web", "beat", "flower", "stream"):
         assert f"\n  {service}:\n" in text
+    assert '"manage.py", "stream_okx"' in text  # the OKX stream process (issue 19)
     assert "image: timescale/timescaledb" in text
     assert "--basic-auth" in text and "FLOWER_BASIC_AUTH" in text
     assert text.count("build: .") == 1  # one image, shared through the x-app anchor

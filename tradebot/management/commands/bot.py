@@ -75,6 +75,13 @@ class Command(BaseCommand):
             w(f"  {c['inst_id']}: " + (f"#{c['cycle']} {c['as_of']} {c['state']}/{c['outcome']} {c['reason']}" if c["cycle"] else "none yet"))
         w("queues     " + "  ".join(f"{q}={'?' if n is None else n}" for q, n in report.queues.items()))
         w(f"account syncs failed (24 h)  {report.account_sync_failures_24h}")
+        w("streams    " + ("none (manage.py stream_okx is not running)" if not report.streams else ""))
+        for s in report.streams:
+            state = "stopped" if s["stopped"] else "connected" if s["connected"] else "disconnected"
+            w(f"  {s['name']}: {state}, {s['messages']} messages, {s['reconnects']} reconnects, last message "
+              f"{s['last_message_at'] or 'never'}" + (f", error: {s['error']}" if s["error"] else ""))
+            for channel, at in s["last_by_channel"].items():
+                w(f"    {channel} {at}")
         for e in report.errors:
             w(self.style.WARNING(redact(e)))
 

@@ -1,8 +1,8 @@
 """`manage.py runbot` (`make run`): the bot on one machine without Docker.
 
 One supervised process starts: a Celery worker consuming every queue, Celery
-beat (database schedule, synced from the enabled instruments) and the admin on
-127.0.0.1:8000, on the embedded broker or Redis when REDIS_URL is set. A child
+beat (database schedule, synced from the enabled instruments), the admin on
+127.0.0.1:8000 and, on OKX data, `manage.py stream_okx` (OKX's WebSockets), on the embedded broker or Redis when REDIS_URL is set. A child
 that dies is restarted. Ctrl-C stops cleanly: the worker gets a warm shutdown
 (the task in flight, an order included, finishes), then every cycle still
 unfinished is recorded INTERRUPTED.
@@ -81,6 +81,8 @@ class Command(BaseCommand):
         }
         if not opts["no_web"]:
             commands["web"] = manage + ["runserver", "127.0.0.1:8000", "--noreload"]
+        if source == "okx":  # OKX's WebSockets: fills, positions and sharp moves as they happen (issue 19)
+            commands["stream"] = manage + ["stream_okx"]
         self.stdout.write(f"broker: {settings.BROKER_KIND}   market data: {source}   admin: http://127.0.0.1:8000/admin/")
         procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
@@ -99,7 +101,7 @@ class Command(BaseCommand):
         from tradebot.cycle import cycle_interrupt_running
 
         self.stdout.write("stopping: beat first, then a warm worker shutdown (the task in flight finishes)")
-        for name in ("beat", "web", "worker"):
+        for name in ("beat", "stream", "web", "worker"):
             proc = procs.get(name)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
