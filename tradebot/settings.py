@@ -278,6 +278,8 @@ POSITION_WATCH_MAX_INTERVAL_SECONDS = env_int("POSITION_WATCH_MAX_INTERVAL_SECON
 ANALYST_SKIP_UNCHANGED = env_bool("ANALYST_SKIP_UNCHANGED", True)
 ANALYST_UNCHANGED_ATR_MULTIPLE = env_decimal("ANALYST_UNCHANGED_ATR_MULTIPLE", "0.5", minimum=Decimal("0"))
 ANALYST_UNCHANGED_MAX_SECONDS = env_int("ANALYST_UNCHANGED_MAX_SECONDS", 3600, minimum=0)
+# make run / compose: threads of the llm worker (each serves one model call at a time).
+LLM_WORKER_THREADS = env_int("LLM_WORKER_THREADS", 8, minimum=1)
 
 # USD per million tokens. cache_write is the 5-minute write price (1.25x input);
 # cache_read 0.1x input unless the model's page says otherwise. Override the
