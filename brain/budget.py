@@ -1,7 +1,10 @@
 """LLM cost: prices, the daily budget, and degrade mode.
 
-Spending is the sum of `LlmCall.cost_usd` since 00:00 UTC (wall clock: it is
-real money, replays included). At LLM_BUDGET_WARN_FRACTION of
+Live spending is the sum of `LlmCall.cost_usd` since 00:00 UTC on the wall
+clock (every call is real money, replays' included). A replay has a budget of
+its own on its virtual clock: the calls of that run whose cycle's `as_of` falls
+in the replayed UTC day, so a 3-day replay has three budget days however long
+it runs (`budget_check(mode="replay", run_id=...)`). At LLM_BUDGET_WARN_FRACTION of
 LLM_DAILY_BUDGET_USD the journal gets one warning a day; at 100% the brain is
 in degrade mode (LLM_DEGRADE_MODE: the rules brain, or HOLD) until the next
 UTC day. Entering and leaving degrade mode are journal events and log lines.
@@ -15,7 +18,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.db.models import Sum
 
-from journal.models import EventLevel, JournalEvent, LlmCall
+from journal.models import EventLevel, JournalEvent, LlmCall, Mode
 from journal.services import event_record
 import structlog
 
@@ -51,15 +54,22 @@ def _day_start(now: datetime) -> datetime:
     return datetime.combine(now.astimezone(timezone.utc).date(), time(0), tzinfo=timezone.utc)
 
 
-def spent_today(*, now: datetime) -> Decimal:
+def spent_today(*, now: datetime, run_id: str = "") -> Decimal:
+    """Spending on `now`'s UTC day: live on the wall clock; a replay run (`run_id`) on its cycles' virtual times."""
     start = _day_start(now)
-    total = LlmCall.objects.filter(created_at__gte=start, created_at__lt=start + timedelta(days=1)).aggregate(s=Sum("cost_usd"))["s"]
-    return Decimal(total or 0)
+    if run_id:
+        calls = LlmCall.objects.filter(cycle__run_id=run_id, cycle__as_of__gte=start, cycle__as_of__lt=start + timedelta(days=1))
+    else:
+        calls = LlmCall.objects.filter(created_at__gte=start, created_at__lt=start + timedelta(days=1))
+    return Decimal(calls.aggregate(s=Sum("cost_usd"))["s"] or 0)
 
 
-def _event_today(kind: str, now: datetime) -> bool:
+def _event_today(kind: str, now: datetime, run_id: str = "") -> bool:
     start = _day_start(now)
-    return JournalEvent.objects.filter(kind=kind, created_at__gte=start, created_at__lt=start + timedelta(days=1)).exists()
+    if run_id:  # a replay's events are dated by its virtual day, kept in their data
+        return JournalEvent.objects.filter(kind=kind, data__run_id=run_id, data__day=start.date().isoformat()).exists()
+    return JournalEvent.objects.filter(kind=kind, created_at__gte=start, created_at__lt=start + timedelta(days=1),
+                                       mode=Mode.LIVE).exists()
 
 
 @dataclass(frozen=True)
@@ -73,40 +83,48 @@ class BudgetState:
         return self.spent / self.budget if self.budget > 0 else Decimal(0)
 
 
-def budget_check(*, now: datetime) -> BudgetState:
+def budget_check(*, now: datetime, mode: str = Mode.LIVE, run_id: str = "") -> BudgetState:
     """Where today's spending stands; records the 80% warning and degrade mode once a day.
 
-    `now` is wall-clock UTC (tests pass another day to see the mode end).
+    Live: `now` is wall-clock UTC (tests pass another day to see the mode end).
+    A replay (`mode="replay"` with its `run_id`): `now` is the cycle's virtual time
+    and the day is that run's own (see the module docstring).
     """
+    run_id = run_id if mode == Mode.REPLAY else ""
     budget = settings.LLM_DAILY_BUDGET_USD
-    spent = spent_today(now=now)
+    spent = spent_today(now=now, run_id=run_id)
     # A budget of 0 means "no LLM spending at all": always degraded.
     degraded = spent >= budget
     state = BudgetState(spent=spent, budget=budget, degraded=degraded)
     data = {"spent_usd": str(spent), "budget_usd": str(budget), "day": _day_start(now).date().isoformat()}
+    record_mode = Mode.LIVE
+    if run_id:
+        data["run_id"], record_mode = run_id, Mode.REPLAY
+    whose = f"replay {run_id} on {data['day']}" if run_id else "today"
     if degraded:
-        if not _event_today(KIND_DEGRADE, now):
+        if not _event_today(KIND_DEGRADE, now, run_id):
             event_record(
                 kind=KIND_DEGRADE,
                 level=EventLevel.WARNING,
-                message=f"LLM budget exhausted: ${spent} of ${budget} today; degrade mode ({settings.LLM_DEGRADE_MODE}) until 00:00 UTC",
-                data={**data, "mode": settings.LLM_DEGRADE_MODE},
+                message=f"LLM budget exhausted: ${spent} of ${budget} {whose}; degrade mode ({settings.LLM_DEGRADE_MODE}) until 00:00 UTC",
+                data={**data, "mode": settings.LLM_DEGRADE_MODE}, mode=record_mode,
             )
         return state
-    if budget > 0 and state.fraction >= settings.LLM_BUDGET_WARN_FRACTION and not _event_today(KIND_WARNING, now):
+    if budget > 0 and state.fraction >= settings.LLM_BUDGET_WARN_FRACTION and not _event_today(KIND_WARNING, now, run_id):
         event_record(
             kind=KIND_WARNING,
             level=EventLevel.WARNING,
-            message=f"LLM spending at {state.fraction:.0%} of the daily budget (${spent} of ${budget})",
-            data=data,
+            message=f"LLM spending at {state.fraction:.0%} of the daily budget (${spent} of ${budget}, {whose})",
+            data=data, mode=record_mode,
         )
-    _note_degrade_ended(now=now, data=data)
+    if not run_id:
+        _note_degrade_ended(now=now, data=data)
     return state
 
 
 def _note_degrade_ended(*, now: datetime, data: dict) -> None:
     # Degrade mode from an earlier day that has not been closed yet: say it ended.
-    last = JournalEvent.objects.filter(kind=KIND_DEGRADE, created_at__lt=_day_start(now)).order_by("-created_at").first()
+    last = JournalEvent.objects.filter(kind=KIND_DEGRADE, mode=Mode.LIVE, created_at__lt=_day_start(now)).order_by("-created_at").first()
     if last is None:
         return
     if JournalEvent.objects.filter(kind=KIND_DEGRADE_END, created_at__gt=last.created_at).exists():

@@ -26,19 +26,31 @@ THINKING_MIN_MAX_TOKENS = 2048
 
 
 def call_spec(purpose: str) -> CallSpec:
-    """Model and parameters for a purpose, from settings only."""
+    """Model and parameters for a purpose, from settings only (effort and thinking budget per purpose's model)."""
+    budget = 0
     if purpose == "screen":
         model, max_tokens, timeout, temp, effort = (settings.SCREENER_MODEL, settings.SCREENER_MAX_TOKENS,
-                                                    settings.SCREENER_TIMEOUT_SECONDS, settings.ANALYST_TEMPERATURE, "low")
+                                                    settings.SCREENER_TIMEOUT_SECONDS, settings.ANALYST_TEMPERATURE,
+                                                    settings.SCREENER_EFFORT)
     elif purpose == "analyze":
         model, max_tokens, timeout, temp, effort = (settings.ANALYST_MODEL, settings.ANALYST_MAX_TOKENS,
-                                                    settings.ANALYST_TIMEOUT_SECONDS, settings.ANALYST_TEMPERATURE, settings.LLM_EFFORT)
+                                                    settings.ANALYST_TIMEOUT_SECONDS, settings.ANALYST_TEMPERATURE,
+                                                    settings.ANALYST_EFFORT)
+        budget = settings.ANALYST_THINKING_BUDGET
     else:  # post_trade, deep_reflection
         model, max_tokens, timeout, temp, effort = (settings.REFLECTION_MODEL, settings.REFLECTION_MAX_TOKENS,
-                                                    settings.REFLECTION_TIMEOUT_SECONDS, settings.REFLECTION_TEMPERATURE, settings.LLM_EFFORT)
-    if model_caps(model).adaptive_thinking:
+                                                    settings.REFLECTION_TIMEOUT_SECONDS, settings.REFLECTION_TEMPERATURE,
+                                                    settings.REFLECTION_EFFORT)
+        budget = settings.REFLECTION_THINKING_BUDGET
+    caps = model_caps(model)
+    if caps.adaptive_thinking:
         max_tokens = max(max_tokens, THINKING_MIN_MAX_TOKENS)
-    return CallSpec(purpose=purpose, model=model, max_tokens=max_tokens, timeout=timeout, temperature=temp, effort=effort)
+        budget = 0
+    elif budget > 0:
+        # The API needs max_tokens above the thinking budget, with room left for the answer.
+        max_tokens = max(max_tokens, budget + 1024)
+    return CallSpec(purpose=purpose, model=model, max_tokens=max_tokens, timeout=timeout, temperature=temp, effort=effort,
+                    thinking_budget=budget)
 
 
 class ClaudeBrain:

@@ -9,7 +9,14 @@
 - Per-model capabilities: temperature only where accepted (the SDK 2.11 has no
   `temperature` argument, so it travels in `extra_body`); adaptive thinking and
   `effort` on the 5.5 models; thinking blocks are skipped when reading.
-- Prompt caching: the static system blocks end with `cache_control`.
+- Prompt caching: the static system blocks end with `cache_control` only when
+  they reach the model's minimum cacheable length (`ModelCaps.cache_min_tokens`):
+  below it the API caches nothing and says nothing (both counters 0), so a
+  breakpoint there only misleads. Cache writes and reads are recorded per call
+  from the API's usage.
+- Extended thinking with a token budget on the 4.x models when a purpose's
+  `thinking_budget` setting is above 0 (the 5.5 models think adaptively;
+  `effort` is their control).
 - Retries: 429 (honouring retry-after), 529, 5xx and connection errors are
   retried with backoff inside one deadline; a timeout ends the call.
 - A 200 whose body is not a Messages response (a proxy's HTML page, broken or
@@ -31,13 +38,13 @@ from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 import anthropic
+import structlog
 from anthropic.lib._parse._transform import transform_schema
 from django.conf import settings
 from pydantic import BaseModel, ValidationError
 
 from brain.budget import budget_check, llm_cost
-from journal.models import LlmCall, LlmCallStatus
-import structlog
+from journal.models import Cycle, LlmCall, LlmCallStatus, Mode
 from redaction import redact
 
 log = structlog.get_logger(__name__)
@@ -52,15 +59,26 @@ class ModelCaps:
     temperature: bool  # the model accepts `temperature`
     adaptive_thinking: bool  # send thinking={"type": "adaptive"}
     effort: bool  # send output_config.effort
+    # The shortest prefix the API caches (tokens, the model's own count). Anthropic's prompt-caching page:
+    # 4,096 for Opus 4.6/4.5 and Haiku 4.5, 2,048 for Sonnet 4.6 and Haiku 3.5, 1,024 for Sonnet 4.5 and
+    # Opus 4.1/4, 512 for the Opus 5 family. Not found for Sonnet 5.5 / Haiku 5.5: 1,024 assumed (Sonnet 5's).
+    cache_min_tokens: int = 4096
+    # Tokens per character of English/JSON prompt text, for the estimate below (Haiku 5.5's tokenizer
+    # counts ~30% more tokens for the same text than the 4.x ones).
+    tokens_per_char: float = 1 / 3.6
 
 
 # Known models; anything else is matched by family below.
 CAPABILITIES: dict[str, ModelCaps] = {
-    "claude-opus-4-6": ModelCaps(temperature=True, adaptive_thinking=False, effort=False),
-    "claude-haiku-4-5-20251001": ModelCaps(temperature=True, adaptive_thinking=False, effort=False),
-    "claude-opus-5-5": ModelCaps(temperature=False, adaptive_thinking=True, effort=True),
-    "claude-sonnet-5-5": ModelCaps(temperature=False, adaptive_thinking=True, effort=True),
-    "claude-haiku-5-5": ModelCaps(temperature=False, adaptive_thinking=True, effort=True),
+    "claude-opus-4-6": ModelCaps(temperature=True, adaptive_thinking=False, effort=False, cache_min_tokens=4096),
+    "claude-opus-4-5-20251101": ModelCaps(temperature=True, adaptive_thinking=False, effort=False, cache_min_tokens=4096),
+    "claude-haiku-4-5-20251001": ModelCaps(temperature=True, adaptive_thinking=False, effort=False, cache_min_tokens=4096),
+    "claude-sonnet-4-6": ModelCaps(temperature=True, adaptive_thinking=False, effort=False, cache_min_tokens=2048),
+    "claude-sonnet-4-5-20250929": ModelCaps(temperature=True, adaptive_thinking=False, effort=False, cache_min_tokens=1024),
+    "claude-opus-5-5": ModelCaps(temperature=False, adaptive_thinking=True, effort=True, cache_min_tokens=512),
+    "claude-sonnet-5-5": ModelCaps(temperature=False, adaptive_thinking=True, effort=True, cache_min_tokens=1024),
+    "claude-haiku-5-5": ModelCaps(temperature=False, adaptive_thinking=True, effort=True, cache_min_tokens=1024,
+                                  tokens_per_char=1.3 / 3.6),
 }
 
 
@@ -69,9 +87,26 @@ def model_caps(model: str) -> ModelCaps:
         return CAPABILITIES[model]
     match = re.search(r"-(\d+)-(\d+)", model)
     if match and (int(match.group(1)), int(match.group(2))) >= (5, 0):
-        return ModelCaps(temperature=False, adaptive_thinking=True, effort=True)
-    # An unknown older model: sending no temperature is always accepted.
-    return ModelCaps(temperature=False, adaptive_thinking=False, effort=False)
+        return ModelCaps(temperature=False, adaptive_thinking=True, effort=True,
+                         cache_min_tokens=512 if "opus" in model else 1024)
+    # An unknown older model: sending no temperature is always accepted; the largest known minimum.
+    return ModelCaps(temperature=False, adaptive_thinking=False, effort=False, cache_min_tokens=4096)
+
+
+def prefix_tokens_estimate(blocks: list[str], model: str) -> int:
+    """The static prefix's length in the model's tokens, estimated from its characters."""
+    return int(sum(len(b) for b in blocks) * model_caps(model).tokens_per_char)
+
+
+def cache_worth_marking(blocks: list[str], model: str) -> bool:
+    """Whether the static prefix reaches the model's minimum cacheable length.
+
+    Below the minimum the API neither writes nor reads a cache entry; the
+    breakpoint is left out so the request says what will happen. The estimate
+    leaves a 10% margin: a prefix just under the minimum by our count may still
+    reach it by the model's, and a breakpoint on one that falls short costs nothing.
+    """
+    return bool(blocks) and prefix_tokens_estimate(blocks, model) >= 0.9 * model_caps(model).cache_min_tokens
 
 
 @dataclass(frozen=True)
@@ -82,6 +117,7 @@ class CallSpec:
     timeout: float  # seconds for the whole call, retries included
     temperature: float | None = None
     effort: str | None = None
+    thinking_budget: int = 0  # extended thinking tokens on a 4.x model (0 = off); the 5.5 models think adaptively
 
 
 @dataclass
@@ -259,7 +295,8 @@ def llm_call_structured(
     changes every cycle.
     """
     result: LlmResult[T] = LlmResult(value=None, status="error", model=spec.model)
-    state = budget_check(now=now or datetime.now(timezone.utc))
+    budget_clock = _budget_clock(mode=mode, cycle_id=cycle_id, now=now)
+    state = budget_check(**budget_clock)
     if state.degraded:
         result.status, result.reason = "skipped", f"LLM budget exhausted (${state.spent} of ${state.budget}): degrade mode"
         return result
@@ -271,15 +308,20 @@ def llm_call_structured(
 
     caps = model_caps(spec.model)
     system = [{"type": "text", "text": block} for block in system_static]
-    if system:
+    if system and cache_worth_marking(system_static, spec.model):
         system[-1]["cache_control"] = {"type": "ephemeral"}
     output_config: dict[str, Any] = {"format": output_schema(output_type)}
     if caps.effort and spec.effort:
         output_config["effort"] = spec.effort
     extra_body: dict[str, Any] = {}
-    if caps.temperature and spec.temperature is not None:
+    thinking: dict[str, Any] | None = None
+    if caps.adaptive_thinking:
+        thinking = {"type": "adaptive"}
+    elif spec.thinking_budget > 0:
+        # Extended thinking: temperature must then be left at its default (the API refuses another).
+        thinking = {"type": "enabled", "budget_tokens": spec.thinking_budget}
+    if caps.temperature and spec.temperature is not None and thinking is None:
         extra_body["temperature"] = spec.temperature
-    thinking: dict[str, Any] | None = {"type": "adaptive"} if caps.adaptive_thinking else None
 
     messages = [{"role": "user", "content": user}]
     deadline = time.monotonic() + spec.timeout
@@ -381,8 +423,17 @@ def llm_call_structured(
     result.latency_ms = int((time.monotonic() - started) * 1000)
     if result.status != "ok":
         log.warning("llm_call_failed", purpose=spec.purpose, model=spec.model, status=result.status, reason=result.reason)
-    budget_check(now=now or datetime.now(timezone.utc))  # the 80% warning / degrade note right away
+    budget_check(**budget_clock)  # the 80% warning / degrade note right away
     return result
+
+
+def _budget_clock(*, mode: str, cycle_id: int | None, now: datetime | None) -> dict[str, Any]:
+    """The budget day a call counts in: the wall clock live; a replay's own virtual day (its cycle's time)."""
+    if mode == Mode.REPLAY and cycle_id is not None:
+        row = Cycle.objects.filter(pk=cycle_id).values_list("as_of", "run_id").first()
+        if row is not None:
+            return {"now": row[0], "mode": Mode.REPLAY, "run_id": row[1]}
+    return {"now": now or datetime.now(timezone.utc)}
 
 
 def _complete(row: LlmCall, *, status: str, error: str, t0: float, raw: str = "", cost: Decimal = Decimal("0"),

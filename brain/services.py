@@ -18,6 +18,7 @@ from brain.base import Brain, brain_for_settings, brain_name_for_settings
 from brain.budget import budget_check
 from brain.news import news_event_near
 from brain.schemas import OPENING_ACTIONS, BrainContext, Decision, ResearchResult, ScreenResult
+from brain.watch import ReviewMark, position_review_due
 from journal.bulk import row_new
 from journal.models import EventLevel, ScreenerLog
 from journal.services import event_record
@@ -44,18 +45,21 @@ def _wall_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def brain_in_use(*, name: str | None = None, now: datetime | None = None, reuse: Brain | None = None) -> Brain | None:
+def brain_in_use(*, name: str | None = None, now: datetime | None = None, reuse: Brain | None = None,
+                 check_budget: bool = True) -> Brain | None:
     """The brain for this call: the configured one, or the degrade-mode fallback.
 
-    Returns None when degrade mode is HOLD. The budget is real money, so it is
-    checked on the wall clock even in a replay, and on every call, `reuse` or not.
+    Returns None when degrade mode is HOLD. The live budget is checked on the wall
+    clock on every call, `reuse` or not.
     `reuse`: a brain an earlier stage of the same cycle got here; returned when
     it is still the kind of brain to use, so the cycle's stages share one
     playbook version and the active playbook is read once per cycle, not once
     per stage (building a brain reads it).
+    `check_budget=False` (a replay): the run's budget is its own, on its virtual days, and
+    the gateway checks it on every call (brain.llm), so the live day's spending says nothing.
     """
     chosen = brain_name_for_settings(name)
-    if chosen == "claude" and budget_check(now=now or _wall_now()).degraded:
+    if chosen == "claude" and check_budget and budget_check(now=now or _wall_now()).degraded:
         if settings.LLM_DEGRADE_MODE == "hold":
             return None
         chosen = "rules"
@@ -93,19 +97,32 @@ def _instrument(inst_id: str) -> Instrument | None:
 
 def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: int | None = None, mode: str = "live",
                   brain: Brain | None = None, instrument: Instrument | None = None,
-                  defer_log: bool = False) -> ScreeningOutcome:
+                  defer_log: bool = False, watch: bool = False, last_review: ReviewMark | None = None) -> ScreeningOutcome:
     """Bypass rules or the screener; always one ScreenerLog row (when the instrument is known).
 
     `instrument` saves the lookup when the caller has the row. `defer_log=True` (replay) returns
     the row unsaved in `pending_log`, without its snapshot JSON: the caller saves it (in bulk)
     and decides how much of the snapshot to keep.
+    `watch=True` (the LLM brain with POSITION_WATCH_ENABLED): with a position open the analyst is
+    asked only when the position watch (brain.watch) has a trigger since `last_review`; otherwise
+    the review is skipped, journaled on the ScreenerLog row with its reason.
     """
     instrument = instrument if instrument is not None and instrument.inst_id == snapshot.inst_id else _instrument(snapshot.inst_id)
-    bypass = screener_bypass_reason(snapshot=snapshot, context=context)
+    watch_skip = ""
+    open_positions = context.positions_for(snapshot.inst_id)
+    if watch and open_positions and not context.manual_trigger:
+        trigger, watch_skip = position_review_due(snapshot=snapshot, position=open_positions[0], last=last_review,
+                                                  now=context.now)
+        bypass = f"position watch: {trigger}" if trigger else ""
+    else:
+        bypass = screener_bypass_reason(snapshot=snapshot, context=context)
     screen: ScreenResult | None = None
     tokens = latency = 0
     cost, model = Decimal(0), ""
-    if bypass:
+    if watch_skip:
+        # The position is protected by its exchange-side SL/TP: neither the screener nor the analyst is asked.
+        proceed, reason = False, watch_skip
+    elif bypass:
         proceed, reason = True, f"bypassed: {bypass}"
     else:
         try:
@@ -130,7 +147,8 @@ def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: 
     if instrument is not None:
         fields = dict(
             instrument=instrument, cycle_id=cycle_id, mode=mode, signal=proceed if bypass else bool(screen and screen.signal),
-            bypassed=bool(bypass), bypass_reason=bypass[:200], reason=reason,
+            bypassed=bool(bypass or watch_skip), bypass_reason=(bypass or ("position watch" if watch_skip else ""))[:200],
+            reason=reason,
             snapshot_json=None if defer_log else snapshot.as_jsonable(),
             model=model[:60], tokens_used=tokens, latency_ms=latency, cost_usd=cost,
         )
@@ -143,8 +161,8 @@ def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: 
             log_id = row.pk
     else:
         log.warning("screener_log_without_instrument", inst_id=snapshot.inst_id)
-    return ScreeningOutcome(proceed=proceed, bypassed=bool(bypass), reason=reason, screen=screen, screener_log_id=log_id,
-                            pending_log=pending)
+    return ScreeningOutcome(proceed=proceed, bypassed=bool(bypass or watch_skip), reason=reason, screen=screen,
+                            screener_log_id=log_id, pending_log=pending)
 
 
 def screener_feedback_apply(*, row: ScreenerLog, action: str) -> None:

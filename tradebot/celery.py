@@ -125,3 +125,25 @@ def tick_stamp(sender: str | None = None, headers: dict[str, Any] | None = None,
 
 
 before_task_publish.connect(tick_stamp, weak=False)
+
+
+def _routine_task_lines_at_debug(**_: object) -> None:
+    """"Task received" / "succeeded" for every stage and the 15-second account sync, and each HTTP request
+    line, flood a console: they show at LOG_LEVEL=DEBUG only. Failures and retries' errors still show."""
+    import logging
+
+    from django.conf import settings
+
+    if getattr(settings, "LOG_LEVEL", "INFO") != "DEBUG":
+        for name in ("celery.app.trace", "celery.worker.strategy", "httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _connect_logging_signals() -> None:
+    from celery.signals import after_setup_logger, worker_process_init
+
+    after_setup_logger.connect(_routine_task_lines_at_debug, weak=False)
+    worker_process_init.connect(_routine_task_lines_at_debug, weak=False)
+
+
+_connect_logging_signals()

@@ -294,6 +294,21 @@ SCREENER_ENABLED = env_bool("SCREENER_ENABLED", True)
 SCREENER_BYPASS_ON_POSITION = env_bool("SCREENER_BYPASS_ON_POSITION", True)
 SCREENER_BYPASS_ON_NEWS = env_bool("SCREENER_BYPASS_ON_NEWS", True)
 SCREENER_MIN_PASS_RATE = env_decimal("SCREENER_MIN_PASS_RATE", "0.10", minimum=Decimal("0"), maximum=Decimal("1"))
+# Issue 20: thinking per purpose, the position watch, the analyst's skip of an unchanged snapshot.
+SCREENER_EFFORT = env_choice("SCREENER_EFFORT", "low", ("low", "medium", "high", "max"))
+ANALYST_EFFORT = env_choice("ANALYST_EFFORT", LLM_EFFORT, ("low", "medium", "high", "max"))
+REFLECTION_EFFORT = env_choice("REFLECTION_EFFORT", LLM_EFFORT, ("low", "medium", "high", "max"))
+ANALYST_THINKING_BUDGET = env_int("ANALYST_THINKING_BUDGET", 0, minimum=0)
+REFLECTION_THINKING_BUDGET = env_int("REFLECTION_THINKING_BUDGET", 0, minimum=0)
+POSITION_WATCH_ENABLED = env_bool("POSITION_WATCH_ENABLED", True)
+POSITION_WATCH_ATR_MULTIPLE = env_decimal("POSITION_WATCH_ATR_MULTIPLE", "1.0", minimum=Decimal("0"))
+POSITION_WATCH_SLTP_NEAR_ATR = env_decimal("POSITION_WATCH_SLTP_NEAR_ATR", "0.5", minimum=Decimal("0"))
+POSITION_WATCH_MAX_INTERVAL_SECONDS = env_int("POSITION_WATCH_MAX_INTERVAL_SECONDS", 3600, minimum=60)
+ANALYST_SKIP_UNCHANGED = env_bool("ANALYST_SKIP_UNCHANGED", True)
+ANALYST_UNCHANGED_ATR_MULTIPLE = env_decimal("ANALYST_UNCHANGED_ATR_MULTIPLE", "0.5", minimum=Decimal("0"))
+ANALYST_UNCHANGED_MAX_SECONDS = env_int("ANALYST_UNCHANGED_MAX_SECONDS", 3600, minimum=0)
+# make run / compose: threads of the llm worker (each serves one model call at a time).
+LLM_WORKER_THREADS = env_int("LLM_WORKER_THREADS", 8, minimum=1)
 
 # USD per million tokens. cache_write is the 5-minute write price (1.25x input);
 # cache_read 0.1x input unless the model's page says otherwise. Override the

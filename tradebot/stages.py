@@ -75,6 +75,9 @@ class StageEnv:
     # Replay: the snapshot JSON and the screener log row are left to the caller, which saves them
     # in bulk and keeps the full snapshot only where it is worth it (tradebot/replay.py).
     defer_journal: bool = False
+    # Replay: the analyst's last review per instrument (brain.watch.ReviewMark), kept in memory (the
+    # batch's cycle rows are written at its end); live reads the journal instead (any worker may have run it).
+    review_marks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def scope(self) -> str:
@@ -261,7 +264,7 @@ def chosen_brain(env: StageEnv, work: CycleWork | None = None) -> Any:
             work.extra["brain"] = brain
         return brain
     if env.brain is None:
-        env.brain = brain_in_use(name=env.brain_name)
+        env.brain = brain_in_use(name=env.brain_name, check_budget=False)  # the run's budget: brain.budget
     return env.brain
 
 
@@ -309,13 +312,31 @@ def collect(work: CycleWork, env: StageEnv) -> bool:
     return True
 
 
+def _llm_watch(brain: Any) -> bool:
+    """The position watch and the unchanged skip (brain.watch) spare the LLM brain; the rules brain costs nothing."""
+    return getattr(brain, "name", "") == "claude"
+
+
+def last_review(work: CycleWork, env: StageEnv) -> Any:
+    """The analyst's last review of this instrument before this cycle (brain.watch.ReviewMark or None)."""
+    from brain.watch import review_mark_last
+
+    if env.mode == Mode.REPLAY:
+        return env.review_marks.get(work.inst_id)
+    return review_mark_last(inst_id=work.inst_id, mode=env.mode, run_id=env.run_id, before=work.cycle.as_of)
+
+
 def screen(work: CycleWork, env: StageEnv) -> bool:
-    """SCREENING: bypass rules or the screener; no signal ends the cycle here."""
+    """SCREENING: bypass rules or the screener (or, with a position open, the position watch); no signal ends the cycle."""
     from brain.services import screening_run
 
-    outcome = screening_run(snapshot=work.snapshot, context=brain_context(work, env), cycle_id=work.cycle.pk,
-                            mode=env.mode, brain=chosen_brain(env, work), instrument=work.cycle.instrument,
-                            defer_log=env.defer_journal)
+    context = brain_context(work, env)
+    brain = chosen_brain(env, work)
+    watch = settings.POSITION_WATCH_ENABLED and _llm_watch(brain) and bool(context.positions_for(work.inst_id))
+    outcome = screening_run(snapshot=work.snapshot, context=context, cycle_id=work.cycle.pk,
+                            mode=env.mode, brain=brain, instrument=work.cycle.instrument,
+                            defer_log=env.defer_journal, watch=watch,
+                            last_review=last_review(work, env) if watch else None)
     work.screen_proceed = outcome.proceed
     if outcome.pending_log is not None:
         work.extra["screener_log"] = outcome.pending_log
@@ -348,11 +369,21 @@ def analyze(work: CycleWork, env: StageEnv) -> bool:
     """ANALYZING: the analyst (or the rules brain) returns a validated decision; HOLD ends the cycle."""
     from brain.services import decision_make, screener_feedback_apply, screener_feedback_record
 
+    from brain.watch import analyst_unchanged_reason, review_mark
+
     brain = chosen_brain(env, work)
+    context = brain_context(work, env)
+    if (settings.ANALYST_SKIP_UNCHANGED and _llm_watch(brain) and not context.manual_trigger
+            and not context.positions_for(work.inst_id)):
+        skip = analyst_unchanged_reason(snapshot=work.snapshot, last=last_review(work, env), now=work.cycle.as_of)
+        if skip:
+            work.cycle.stage_times.setdefault(S.ANALYZING, {})["skipped"] = skip
+            return _end(work, CycleOutcome.NO_SIGNAL, skip)
     decision = decision_make(
-        snapshot=work.snapshot, context=brain_context(work, env), research=work.research,
+        snapshot=work.snapshot, context=context, research=work.research,
         cycle_id=work.cycle.pk, mode=env.mode, brain=brain,
     )
+    env.review_marks[work.inst_id] = review_mark(work.snapshot, str(decision.action))
     work._decision = decision
     work.cycle.brain = getattr(brain, "name", "") or ""
     work.cycle.playbook_version = getattr(brain, "playbook_version", None)

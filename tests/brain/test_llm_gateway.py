@@ -144,14 +144,59 @@ def test_thinking_tokens_are_billed_as_output_on_a_5_5_model(anthropic_server, s
     assert row.cost_usd == (Decimal(400) * 4 + Decimal(1800) * 20 + Decimal(2500) * Decimal("0.20")) / Decimal(1_000_000)
 
 
-def test_the_static_prefix_is_cached_and_holds_the_playbook(anthropic_server):
-    anthropic_server.script(ok(data=GOOD))
+def test_the_static_prefix_is_cached_and_holds_the_playbook_on_a_model_whose_minimum_it_reaches(anthropic_server, settings):
+    # Opus 5.5 caches prefixes of 512 tokens and more; the analyst's static part is ~2,000.
+    settings.ANALYST_MODEL = "claude-opus-5-5"
+    anthropic_server.script(ok(data=GOOD, model="claude-opus-5-5"))
     decide()
     body = anthropic_server.bodies()[0]
     system = body["system"]
     assert system[-1]["cache_control"] == {"type": "ephemeral"}
     assert "<playbook" in system[-1]["text"] and "<output_format>" in system[1]["text"]
     assert "<playbook" not in body["messages"][0]["content"]
+    assert all("cache_control" not in block for block in system[:-1])
+
+
+def test_a_prefix_below_the_models_minimum_is_sent_without_cache_control(anthropic_server, settings):
+    # Opus 4.6 and Haiku 4.5 cache only prefixes of 4,096 tokens and more: the analyst's static part
+    # (~2,000) and the screener's (~250) are below it, so neither carries a breakpoint.
+    from brain.llm import cache_worth_marking, prefix_tokens_estimate
+    from brain.prompts import SCREENER_SYSTEM_PROMPT
+
+    anthropic_server.script(ok(data=GOOD), ok(data={"signal": True, "reason": "pullback"}))
+    decide()
+    ClaudeBrain().screen(snapshot=f.pullback_long(), context=f.context())
+    analyst, screener = anthropic_server.bodies()
+    assert analyst["model"] == "claude-opus-4-6" and screener["model"] == "claude-haiku-4-5-20251001"
+    for body in (analyst, screener):
+        assert all("cache_control" not in block for block in body["system"]), body["system"]
+    static = [block["text"] for block in analyst["system"]]
+    assert 1000 < prefix_tokens_estimate(static, "claude-opus-4-6") < 4096
+    assert not cache_worth_marking([SCREENER_SYSTEM_PROMPT], "claude-haiku-5-5")
+    assert cache_worth_marking(static, "claude-opus-5-5") and not cache_worth_marking(static, "claude-haiku-4-5-20251001")
+
+
+def test_cache_usage_in_the_ledger_equals_what_the_server_reported(anthropic_server, settings):
+    settings.ANALYST_MODEL = "claude-opus-5-5"
+    anthropic_server.script(
+        ok(data=GOOD, model="claude-opus-5-5", input_tokens=700, output_tokens=900, cache_creation_input_tokens=2100),
+        ok(data=GOOD, model="claude-opus-5-5", input_tokens=710, output_tokens=850, cache_read_input_tokens=2100),
+    )
+    decide()
+    decide()
+    first, second = LlmCall.objects.order_by("id")
+    assert (first.input_tokens, first.output_tokens, first.cache_write_tokens, first.cache_read_tokens) == (700, 900, 2100, 0)
+    assert (second.input_tokens, second.output_tokens, second.cache_write_tokens, second.cache_read_tokens) == (710, 850, 0, 2100)
+    assert second.cost_usd == (Decimal(710) * 4 + Decimal(850) * 20 + Decimal(2100) * Decimal("0.20")) / Decimal(1_000_000)
+
+
+def test_extended_thinking_with_a_budget_on_a_4_6_model_drops_temperature(anthropic_server, settings):
+    settings.ANALYST_THINKING_BUDGET = 2000
+    anthropic_server.script(ok(data=GOOD, thinking="let me weigh it"))
+    assert decide().action == Action.OPEN_LONG
+    body = anthropic_server.bodies()[0]
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 2000}
+    assert body["max_tokens"] > 2000 and "temperature" not in body
 
 
 def test_a_4_6_config_sends_temperature_and_no_thinking(anthropic_server):

@@ -1,9 +1,17 @@
 """`manage.py runbot` (`make run`): the bot on one machine without Docker.
 
-One supervised process starts: a Celery worker consuming every queue, Celery
-beat (database schedule, synced from the enabled instruments), the admin on
-127.0.0.1:8000 and, on OKX data, `manage.py stream_okx` (OKX's WebSockets), on the embedded broker or Redis when REDIS_URL is set. A child
-that dies is restarted. Ctrl-C stops cleanly: the worker gets a warm shutdown
+One supervised process starts: one Celery worker per queue (okx, llm,
+reflection, default; the llm worker on a threads pool of LLM_WORKER_THREADS,
+since a model call waits 1-60 s on the network, so an order, the account sync
+and the risk gate never queue behind one), Celery beat (database schedule,
+synced from the enabled instruments), the admin on 127.0.0.1:8000 and, when
+FLOWER_BASIC_AUTH is set, Flower on 127.0.0.1:5555 behind that basic auth; on
+OKX data, `manage.py stream_okx` (OKX's WebSockets); with TELEGRAM_BOT_TOKEN,
+`manage.py telegram`; on the embedded broker or Redis when REDIS_URL is set.
+A child that dies is restarted. The first cycle of each instrument starts at once (beat's come every
+DECISION_CYCLE_SECONDS after), and one compact line is printed per finished
+cycle (instrument, outcome, decision, PnL of the trades it closed); routine task
+lines are logged at DEBUG. Ctrl-C stops cleanly: the worker gets a warm shutdown
 (the task in flight, an order included, finishes), then every cycle still
 unfinished is recorded INTERRUPTED.
 
@@ -35,7 +43,8 @@ class Command(BaseCommand):
     help = "Run workers for all queues, beat and the admin (127.0.0.1:8000) until Ctrl-C."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
+        parser.add_argument("--concurrency", type=int, default=1,
+                            help="processes of each of the okx, reflection and default workers (llm: LLM_WORKER_THREADS threads)")
         parser.add_argument("--no-web", action="store_true", help="do not start the admin")
         parser.add_argument("--enable", default=",".join(settings.INSTRUMENTS), help="instruments to trade")
         parser.add_argument("--retry-seconds", type=float, default=5.0,
@@ -74,42 +83,68 @@ class Command(BaseCommand):
         env = {**os.environ, "MARKET_DATA_SOURCE": source}
         manage = [sys.executable, "manage.py"]
         celery = [sys.executable, "-m", "celery", "-A", "tradebot"]
-        commands = {
-            "worker": celery + ["worker", "-Q", ",".join(QUEUES), "-c", str(opts["concurrency"]), "-l", "INFO",
-                                "-n", "runbot@%h"],
-            "beat": celery + ["beat", "-l", "INFO"],
-        }
+        commands = worker_commands(celery, concurrency=opts["concurrency"])
+        commands["beat"] = celery + ["beat", "-l", "INFO"]
         if not opts["no_web"]:
             commands["web"] = manage + ["runserver", "127.0.0.1:8000", "--noreload"]
         if source == "okx":  # OKX's WebSockets: fills, positions and sharp moves as they happen (issue 19)
             commands["stream"] = manage + ["stream_okx"]
-        self.stdout.write(f"broker: {settings.BROKER_KIND}   market data: {source}   admin: http://127.0.0.1:8000/admin/")
+        if settings.TELEGRAM_BOT_TOKEN:  # alerts and commands from a phone (issue 18)
+            commands["telegram"] = manage + ["telegram"]
+        if settings.FLOWER_BASIC_AUTH:
+            # Flower reads FLOWER_BASIC_AUTH from the environment: the password never shows in `ps`.
+            commands["flower"] = celery + ["flower", "--address=127.0.0.1", "--port=5555"]
+        flower = "   flower: http://127.0.0.1:5555/" if "flower" in commands else ""
+        self.stdout.write(f"broker: {settings.BROKER_KIND}   market data: {source}   admin: http://127.0.0.1:8000/admin/{flower}")
         procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
             for name, cmd in commands.items():
                 procs[name] = subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR)
+            self._first_cycles()
+            feed = CycleLines(self.stdout.write)
             while not stopping:
                 for name, proc in list(procs.items()):
                     if proc.poll() is not None and not stopping:
                         self.stderr.write(f"{name} exited with {proc.returncode}; restarting")
                         procs[name] = subprocess.Popen(commands[name], env=env, cwd=settings.BASE_DIR)
+                feed.print_new()
                 time.sleep(1)
         finally:
             self._shutdown(procs)
+
+    def _first_cycles(self) -> None:
+        """Each enabled instrument's first cycle now, not a cycle interval later (a duplicate with beat is SKIPPED)."""
+        from market.models import Instrument
+        from tradebot.celery import app
+
+        inst_ids = list(Instrument.objects.filter(trading_enabled=True).values_list("inst_id", flat=True))
+        for inst_id in inst_ids:
+            app.send_task("tradebot.tasks.cycle_start", args=[inst_id], kwargs={"trigger": "start"}, queue="default")
+        self.stdout.write(f"first cycle of {len(inst_ids)} instrument(s) started; then every {settings.DECISION_CYCLE_SECONDS}s")
 
     def _shutdown(self, procs: dict[str, subprocess.Popen[bytes]]) -> None:
         from tradebot.cycle import cycle_interrupt_running
 
         self.stdout.write("stopping: beat first, then a warm worker shutdown (the task in flight finishes)")
-        for name in ("beat", "stream", "web", "worker"):
+        for name in ("beat", "stream", "telegram", "web", "flower"):
             proc = procs.get(name)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(timeout=settings.CELERY_TASK_TIME_LIMIT if name == "worker" else 10)
+                    proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        # Every worker gets its warm shutdown at once; each may take its task's time limit to finish it.
+        workers = [proc for name, proc in procs.items() if name.startswith("worker-") and proc.poll() is None]
+        for proc in workers:
+            proc.send_signal(signal.SIGTERM)
+        for proc in workers:
+            try:
+                proc.wait(timeout=settings.CELERY_TASK_TIME_LIMIT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         interrupted = self._interrupt_unfinished(cycle_interrupt_running)
         if interrupted is None:
             self.stderr.write("stopped; the database did not answer, unfinished cycles were not recorded INTERRUPTED "
@@ -174,3 +209,42 @@ class Command(BaseCommand):
         except ValueError as exc:  # an instrument the venue does not offer: retrying will not help
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"instruments: {len(synced)} synced, trading {', '.join(enable)}")
+
+
+def worker_commands(celery: list[str], *, concurrency: int) -> dict[str, list[str]]:
+    """One worker per queue: the llm one on a threads pool (I/O-bound model calls), the others prefork
+    (their tasks' time limits need a child process to enforce them)."""
+    commands = {}
+    for queue in QUEUES:
+        pool = ["-P", "threads", "-c", str(settings.LLM_WORKER_THREADS)] if queue == "llm" else ["-c", str(concurrency)]
+        commands[f"worker-{queue}"] = celery + ["worker", "-Q", queue, *pool, "-l", "INFO", "-n", f"runbot-{queue}@%h"]
+    return commands
+
+
+class CycleLines:
+    """One compact line per finished live cycle: time, instrument, outcome, decision, PnL of the trades it closed."""
+
+    def __init__(self, write: Any) -> None:
+        from django.utils import timezone
+
+        self.write = write
+        self.since = timezone.now()
+
+    def print_new(self) -> None:
+        from django.db import DatabaseError
+        from django.db.models import Sum
+
+        from journal.models import Cycle, Mode, Trade
+
+        try:
+            ended = list(Cycle.objects.filter(mode=Mode.LIVE, ended_at__gt=self.since).select_related("instrument")
+                         .order_by("ended_at", "id")[:200])
+            for cycle in ended:
+                action = ((cycle.decision or {}).get("decision") or {}).get("action") or "-"
+                pnl = Trade.objects.filter(mode=Mode.LIVE, instrument=cycle.instrument, closed_at__gt=self.since,
+                                           closed_at__lte=cycle.ended_at).aggregate(v=Sum("pnl_usd"))["v"]
+                self.write(f"{cycle.as_of:%H:%M} {cycle.instrument.inst_id:<16} {cycle.outcome:<10} {action:<10} "
+                           f"pnl {f'{pnl:+.2f}' if pnl is not None else '+0.00'}  {cycle.reason[:80]}")
+                self.since = cycle.ended_at
+        except DatabaseError as exc:  # the database is restarting: the lines come when it is back
+            self.write(f"(cycle lines paused: {type(exc).__name__})")
