@@ -1,10 +1,15 @@
 """Admin for the playbook versions, the research cache and the news calendar.
 
-Playbook versions are history: saving an edit never rewrites the version you
-opened, it stores a NEW active version (triggered_by manual, parent = the one
-edited) through `brain.playbook.playbook_save`, after the same schema
-validation every version passes. "Compare" shows a unified diff of any two
-versions (the same `playbook_diff` as `manage.py playbook diff A B`).
+Playbook versions are history: saving an edit (or an "add") never rewrites the
+version you opened, it stores a NEW version as a CANDIDATE (triggered_by
+manual, parent = the active one) through `brain.playbook.playbook_candidate_propose`,
+after the same schema validation every version passes, and queues its
+out-of-sample validation: it trades only once validated. The one way around
+validation is "activate without validation" on a version's page: a person's
+explicit action that needs a reason and is journaled with the user name.
+"Compare" shows a unified diff of any two versions (the same `playbook_diff`
+as `manage.py playbook diff A B`). A version's page shows its validation:
+every fold's figures, the test's result and the reason.
 """
 from __future__ import annotations
 
@@ -12,13 +17,15 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
-from brain.models import NewsEvent, PlaybookTrigger, PlaybookVersion, ResearchCache
-from brain.playbook import PlaybookError, playbook_diff, playbook_save
+from brain.models import NewsEvent, PlaybookObservation, PlaybookStatus, PlaybookTrigger, PlaybookVersion, ResearchCache
+from brain.playbook import (PlaybookError, playbook_activate_forced, playbook_candidate_propose, playbook_current, playbook_diff,
+                            playbook_trading_changes)
 from brain.playbook_schema import playbook_validate
 
 
@@ -36,7 +43,16 @@ class PlaybookVersionForm(forms.ModelForm):
             raise forms.ValidationError(f"invalid playbook: {exc}") from None
         if self.instance.pk is not None and clean == playbook_validate(self.instance.playbook).model_dump(mode="json"):
             raise forms.ValidationError("the playbook is unchanged: there is no new version to save")
+        active = playbook_current()
+        if not playbook_trading_changes(active.playbook, clean):
+            raise forms.ValidationError(f"the trading content equals the active v{active.version} (statistics alone are "
+                                        "not a version): there is no candidate to save")
         return clean
+
+
+class ForcedActivationForm(forms.Form):
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=True, strip=True,
+                             help_text="Why this version trades without validation (journaled with your user name)")
 
 
 class DiffForm(forms.Form):
@@ -53,15 +69,62 @@ class DiffForm(forms.Form):
 @admin.register(PlaybookVersion)
 class PlaybookVersionAdmin(admin.ModelAdmin):
     form = PlaybookVersionForm
-    list_display = ("version", "status", "triggered_by", "change_summary", "created_at", "compare")
+    list_display = ("version", "status", "triggered_by", "change_summary", "verdict", "created_at", "compare", "activate")
     list_filter = ("status", "triggered_by")
-    readonly_fields = ("version", "status", "triggered_by", "parent_version", "performance_at_update", "validation", "created_at")
-    fields = ("version", "status", "triggered_by", "parent_version", "change_summary", "playbook", "performance_at_update",
-              "validation", "created_at")
+    readonly_fields = ("version", "status", "triggered_by", "parent_version", "performance_at_update", "validation_report",
+                       "changes_report", "evidence", "validated_against", "activated_at", "activated_by", "activation_reason",
+                       "validation", "created_at")
+    fields = ("version", "status", "triggered_by", "parent_version", "change_summary", "changes_report", "evidence", "playbook",
+              "performance_at_update", "validation_report", "validated_against", "activated_at", "activated_by",
+              "activation_reason", "validation", "created_at")
 
     def get_urls(self) -> list[Any]:
         view = self.admin_site.admin_view(self.diff_view)
-        return [path("diff/", view, name="brain_playbookversion_diff"), *super().get_urls()]
+        activate = self.admin_site.admin_view(self.activate_view)
+        return [path("diff/", view, name="brain_playbookversion_diff"),
+                path("<int:pk>/activate/", activate, name="brain_playbookversion_activate"), *super().get_urls()]
+
+    @admin.display(description="validation")
+    def verdict(self, obj: PlaybookVersion) -> str:
+        v = obj.validation or {}
+        return f"{v.get('verdict', '-')}: {str(v.get('reason', ''))[:120]}" if v else "-"
+
+    @admin.display(description="activate")
+    def activate(self, obj: PlaybookVersion) -> str:
+        if obj.status == PlaybookStatus.ACTIVE:
+            return "active"
+        return format_html('<a href="{}">activate without validation…</a>',
+                           reverse("admin:brain_playbookversion_activate", args=[obj.pk]))
+
+    @admin.display(description="changes (trading fields, why, evidence trades)")
+    def changes_report(self, obj: PlaybookVersion) -> str:
+        rows = obj.changes or []
+        if not rows:
+            return "-"
+        return format_html("<table><tr><th>field</th><th>old</th><th>new</th><th>why</th><th>trades</th></tr>{}</table>",
+                           format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                                            ((c.get("path"), str(c.get("old"))[:200], str(c.get("new"))[:200], c.get("reason", ""),
+                                              c.get("evidence_trade_ids", [])) for c in rows)))
+
+    @admin.display(description="validation (folds, test, reason)")
+    def validation_report(self, obj: PlaybookVersion) -> str:
+        v = obj.validation or {}
+        if not v:
+            return "not validated yet"
+        test = v.get("test") or {}
+        folds = format_html_join(
+            "", "<tr><td>{}</td><td>{} .. {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((i, f["from"], f["to"], f["active"]["trades"], f["active"]["pnl"], f["active"]["max_drawdown_pct"],
+              f["candidate"]["trades"], f["candidate"]["pnl"], f["candidate"]["max_drawdown_pct"])
+             for i, f in enumerate(v.get("folds") or [], 1)))
+        return format_html(
+            '<p id="validation-verdict"><strong>{}</strong> against v{}: {}</p>'
+            "<p>{}: P(candidate better) {} (threshold {}), {} days, {} closed trades (minimum {})</p>"
+            "<table><tr><th>fold</th><th>window</th><th>active trades</th><th>active pnl</th><th>active max dd</th>"
+            "<th>candidate trades</th><th>candidate pnl</th><th>candidate max dd</th></tr>{}</table>",
+            v.get("verdict", "-"), (v.get("current") or {}).get("version"), v.get("reason", ""), test.get("method", "-"),
+            test.get("p_candidate_better"), test.get("threshold"), test.get("days"), test.get("closed_trades"),
+            test.get("min_trades"), folds)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # history is kept; a bad version is rolled back by a new one
@@ -75,19 +138,40 @@ class PlaybookVersionAdmin(admin.ModelAdmin):
                            obj.parent_version, obj.version)
 
     def save_model(self, request: HttpRequest, obj: PlaybookVersion, form: forms.ModelForm, change: bool) -> None:
-        # Never rewrite a stored version: the edit becomes a new active version.
+        # Never rewrite a stored version: the edit becomes a new candidate, validated before it trades.
         edited = f"v{form.instance.version}" if change else "a new playbook"
         summary = (form.cleaned_data.get("change_summary") or "").strip()
         if change and summary == (PlaybookVersion.objects.get(pk=obj.pk).change_summary or "").strip():
             summary = ""  # the old version's summary does not describe this edit
+        user = request.user.get_username()
         try:
-            saved = playbook_save(data=form.cleaned_data["playbook"], triggered_by=PlaybookTrigger.MANUAL,
-                                  change_summary=summary or f"manual edit of {edited} by {request.user.get_username()}")
+            saved = playbook_candidate_propose(data=form.cleaned_data["playbook"], triggered_by=PlaybookTrigger.MANUAL,
+                                               change_summary=summary or f"manual edit of {edited} by {user}")
         except PlaybookError as exc:  # the form validated already; a race with another save lands here
             raise forms.ValidationError(str(exc)) from exc
         for field in PlaybookVersion._meta.concrete_fields:
             setattr(obj, field.attname, getattr(saved, field.attname))
-        messages.info(request, f"saved as playbook v{saved.version} (active, triggered_by manual); {edited} is kept unchanged")
+        messages.info(request, f"saved as playbook v{saved.version}, a CANDIDATE: it trades only once validated (queued); "
+                               f"{edited} is kept unchanged")
+
+    def activate_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """A person activates a version without validation: reason required, journaled with the user name."""
+        if not self.has_change_permission(request):
+            return HttpResponse(status=403)
+        version = get_object_or_404(PlaybookVersion, pk=pk)
+        form = ForcedActivationForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                playbook_activate_forced(version=version.version, by=f"{request.user.get_username()} (admin)",
+                                         reason=form.cleaned_data["reason"])
+            except PlaybookError as exc:
+                form.add_error(None, str(exc))
+            else:
+                messages.warning(request, f"playbook v{version.version} is active WITHOUT validation (journaled)")
+                return HttpResponseRedirect(reverse("admin:brain_playbookversion_changelist"))
+        context = {**self.admin_site.each_context(request), "opts": self.model._meta, "form": form, "version": version,
+                   "title": f"Activate playbook v{version.version} without validation"}
+        return TemplateResponse(request, "admin/brain/playbookversion/activate.html", context)
 
     def diff_view(self, request: HttpRequest) -> HttpResponse:
         form = DiffForm(request.GET or None)
@@ -102,6 +186,17 @@ class PlaybookVersionAdmin(admin.ModelAdmin):
             "form": form, "lines": lines, "versions": versions,
         }
         return TemplateResponse(request, "admin/brain/playbookversion/diff.html", context)
+
+
+@admin.register(PlaybookObservation)
+class PlaybookObservationAdmin(admin.ModelAdmin):
+    """Statistics reflections measured, recorded against the version that traded (never a version)."""
+
+    list_display = ("id", "version", "mode", "run_id", "created_at")
+    readonly_fields = ("version", "statistics", "trade_ids", "reflection_log_id", "mode", "run_id", "created_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
 
 
 @admin.register(ResearchCache)

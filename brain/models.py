@@ -8,6 +8,7 @@ class PlaybookTrigger(models.TextChoices):
     INIT = "init"
     REFLECTION = "reflection"
     MANUAL = "manual"
+    ROLLBACK = "rollback"  # a copy of an older version (a candidate like any other)
 
 
 class PlaybookStatus(models.TextChoices):
@@ -19,10 +20,12 @@ class PlaybookStatus(models.TextChoices):
 
 # Allowed status transitions; anything else is refused by playbook_transition.
 PLAYBOOK_TRANSITIONS: dict[str, frozenset[str]] = {
+# Only validation (brain.playbook.playbook_promote) or a person's forced, journaled activation
+# (brain.playbook.playbook_activate_forced) moves a version to ACTIVE.
     PlaybookStatus.CANDIDATE: frozenset({PlaybookStatus.ACTIVE, PlaybookStatus.REJECTED}),
     PlaybookStatus.ACTIVE: frozenset({PlaybookStatus.RETIRED}),
-    PlaybookStatus.REJECTED: frozenset(),
-    PlaybookStatus.RETIRED: frozenset({PlaybookStatus.ACTIVE}),  # a manual rollback
+    PlaybookStatus.REJECTED: frozenset({PlaybookStatus.ACTIVE}),  # forced by a person only
+    PlaybookStatus.RETIRED: frozenset({PlaybookStatus.ACTIVE}),  # forced by a person only
 }
 
 
@@ -36,12 +39,41 @@ class PlaybookVersion(models.Model):
     validation = models.JSONField(null=True, blank=True, help_text="Replay figures of a candidate vs the active version")
     parent_version = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Issue 15: what a candidate changes in trading content and why (path, old, new, reason, evidence_trade_ids).
+    changes = models.JSONField(null=True, blank=True, help_text="Trading fields this version changes, why, citing trades")
+    # The trades and time span the change was learned from: validation folds never overlap it.
+    evidence = models.JSONField(null=True, blank=True, help_text="Evidence window (from, to, trade ids)")
+    validated_against = models.PositiveIntegerField(null=True, blank=True, help_text="The active version it was judged against")
+    activated_at = models.DateTimeField(null=True, blank=True)
+    activated_by = models.CharField(max_length=150, blank=True, default="", help_text="validation, or the person who forced it")
+    activation_reason = models.TextField(blank=True, default="")
 
     class Meta:
         ordering = ["-version"]
 
     def __str__(self) -> str:
         return f"playbook v{self.version} ({self.status}, {self.triggered_by})"
+
+
+class PlaybookObservation(models.Model):
+    """Statistics a reflection measured (win rate, R:R, calibration), recorded against the version that traded.
+
+    They describe the past; they do not change what trades, so they are not a new version.
+    """
+
+    version = models.ForeignKey(PlaybookVersion, on_delete=models.CASCADE, related_name="observations")
+    statistics = models.JSONField(help_text="brain.playbook.playbook_split's statistics part")
+    trade_ids = models.JSONField(default=list)
+    reflection_log_id = models.PositiveIntegerField(null=True, blank=True, unique=True)
+    mode = models.CharField(max_length=10, default="live")
+    run_id = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"observation {self.pk} of playbook v{self.version.version} ({len(self.trade_ids)} trades)"
 
 
 class ResearchCache(models.Model):

@@ -40,7 +40,8 @@ from django.utils import timezone
 from brain.base import brain_for_settings
 from brain.models import PlaybookStatus, PlaybookTrigger, PlaybookVersion
 from brain.performance import performance_summarize, summary_as_dict, trade_record_from_row
-from brain.playbook import playbook_current, playbook_save
+from brain.playbook import (playbook_current, playbook_observation_record, playbook_observed, playbook_save, playbook_split,
+                            playbook_trading_changes)
 from brain.playbook_schema import playbook_validate
 from brain.prompts import DEEP_REFLECTION_SYSTEM, POST_TRADE_SYSTEM, deep_reflection_prompt, post_trade_prompt
 from brain.schemas import DeepReflection, DeepReflectionAnswer, TradeReview, TradeView
@@ -356,6 +357,30 @@ def _filter_lessons(candidate: dict[str, Any], current: dict[str, Any], *, mode:
     return {**candidate, "lessons_learned": kept}, dropped
 
 
+def _explain(changed: list[dict[str, Any]], reflection: DeepReflection, ids: list[int]) -> None:
+    """Each changed trading field with the reflection's reason and the trades it cites (its own list, else all)."""
+    said = {c.path: c for c in reflection.changes}
+    for item in changed:
+        # A reflection names a field (…params.enabled) or a parent of it (lessons_learned).
+        match = said.get(item["path"]) or next((c for p, c in said.items() if item["path"].startswith(p + ".")), None)
+        if match is None and item["path"] == "lessons_learned":
+            item["reason"] = "lessons added: " + "; ".join(
+                str(l.get("lesson", ""))[:200] for l in item["new"] or [] if l not in (item["old"] or []))
+            item["evidence_trade_ids"] = sorted({int(i) for l in item["new"] or [] if l not in (item["old"] or [])
+                                                 for i in l.get("evidence_trade_ids", [])})
+            continue
+        item["reason"] = match.reason if match is not None else (reflection.summary or "deep reflection")
+        item["evidence_trade_ids"] = list(match.evidence_trade_ids) if match is not None and match.evidence_trade_ids else list(ids)
+
+
+def _evidence(trades: list[Trade]) -> dict[str, Any]:
+    """The window the reflection learned from: its trades' span; validation folds must not overlap it."""
+    opened = [t.opened_at for t in trades if t.opened_at]
+    closed = [t.closed_at or t.opened_at for t in trades]
+    return {"from": min(opened).isoformat() if opened else None, "to": max(closed).isoformat() if closed else None,
+            "trade_ids": [t.pk for t in trades], "inst_ids": sorted({t.instrument.inst_id for t in trades})}
+
+
 def _change_summary(reflection: DeepReflection, dropped: list[dict[str, Any]]) -> str:
     lines = [reflection.summary or "deep reflection"]
     for c in reflection.changes:
@@ -392,14 +417,16 @@ def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mod
         return outcome
 
     current = PlaybookVersion.objects.filter(version=row.old_version).first() or playbook_current()
+    # The reflection starts from the version plus the statistics observed on it since (they are not versions).
+    observed = playbook_observed(current)
     views = [trade_view_from_row(t) for t in trades]
     performance = _performance_payload(trades)
-    prompt = deep_reflection_prompt(trades=views, playbook=current.playbook, version=current.version, performance=performance)
+    prompt = deep_reflection_prompt(trades=views, playbook=observed, version=current.version, performance=performance)
     ReflectionLog.objects.filter(pk=row.pk).update(input_prompt=redact(f"{DEEP_REFLECTION_SYSTEM}\n{prompt}"))
     brain = brain_for_settings(brain_name, playbook=current.playbook, playbook_version=current.version)
     try:
         # No transaction is open across the brain call (it may be a 20 s LLM call).
-        reflection = brain.reflect(trades=views, playbook=current.playbook, version=current.version,
+        reflection = brain.reflect(trades=views, playbook=observed, version=current.version,
                                    performance=performance, mode=mode)
     except Exception as exc:  # noqa: BLE001 - a failed reflection must leave the playbook in force, recorded
         reason = redact(f"the {brain.name} brain failed: {type(exc).__name__}: {exc}")
@@ -432,16 +459,26 @@ def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mod
         log.warning("reflection_lesson_dropped", lesson_id=d["lesson"].get("id"), reason=d["reason"], log_id=row.pk)
     outcome.dropped = dropped
     changes = {"changes": [c.model_dump(mode="json") for c in reflection.changes], "dropped_lessons": dropped}
-    if candidate == playbook_validate(current.playbook).model_dump(mode="json"):
-        reason = f"no change to playbook v{current.version}: {reflection.summary}"
+    # Statistics (win rate, R:R, calibration) are observations of the version that traded, not a new version.
+    trading, statistics = playbook_split(candidate)
+    observation = playbook_observation_record(version=current, statistics=statistics, trade_ids=ids, reflection_log_id=row.pk,
+                                              mode=mode, run_id=run_id)
+    output["observation_id"] = observation.pk
+    changed = playbook_trading_changes(current.playbook, candidate)
+    if not changed:
+        reason = (f"no change to the trading content of playbook v{current.version} (statistics recorded as observation "
+                  f"{observation.pk}): {reflection.summary}")
         _finish(row, status=ReflectionStatus.NO_CHANGE, output=output, changes=changes)
         outcome.status, outcome.reason = ReflectionStatus.NO_CHANGE, reason
         return outcome
+    _explain(changed, reflection, ids)
+    evidence = _evidence(trades)
 
     headline = {k: performance[k] for k in ("total_trades", "win_rate", "profit_factor", "sharpe_ratio", "total_pnl", "max_drawdown_usd")}
     with transaction.atomic():
         saved = playbook_save(data=candidate, change_summary=_change_summary(reflection, dropped), triggered_by=PlaybookTrigger.REFLECTION,
-                              performance={**headline, "trade_ids": ids, "reflection_log_id": row.pk}, status=PlaybookStatus.CANDIDATE)
+                              performance={**headline, "trade_ids": ids, "reflection_log_id": row.pk}, status=PlaybookStatus.CANDIDATE,
+                              changes=changed, evidence=evidence)
         if not _finish(row, status=ReflectionStatus.DONE, output=output, changes=changes, new_version=saved.version):
             # Someone else finished this reflection meanwhile: undo our candidate (never applied twice).
             transaction.set_rollback(True)

@@ -1,48 +1,70 @@
-"""Validated promotion: a candidate playbook trades only after a replay says it is not worse.
+"""Validated promotion: a candidate trades only when out-of-sample replays say it is better.
 
-`playbook_candidate_validate` replays the recent past (PLAYBOOK_VALIDATION_DAYS,
-on the same market data: the stored candles, or the synthetic market when the
-bot runs on it) twice through the pipeline's replay loop (`tradebot.replay`,
-mode=replay, its own run ids, so the live statistics are never touched): once
-with the active version, once with the candidate. The replays use the rules
-brain, which trades the playbook's machine-readable strategies, so a Claude
-candidate is judged on the same rules without paying for LLM calls.
+Walk-forward, out of sample. `playbook_candidate_validate` places
+PLAYBOOK_VALIDATION_FOLDS folds (together PLAYBOOK_VALIDATION_DAYS long) on the
+market data the bot trades: the stored candles (the synthetic market only when
+MARKET_DATA_SOURCE=synthetic), newest first, skipping the candidate's evidence
+window (the trades and time span its reflection learned from, or the search's
+training windows): evidence and validation never overlap. Each fold is
+replayed on every enabled instrument with the active version and with the
+candidate (rules brain, replay mode, own run ids: the live journal is never
+touched).
 
-Promotion rule: the candidate's PLAYBOOK_VALIDATION_METRIC (profit factor by
-default) is >= the active version's, and its max drawdown (fraction of peak
-equity) is not worse by more than PLAYBOOK_MAX_DRAWDOWN_MARGIN. A profit
-factor with no trades at all is undefined; it ranks as 1.0 (no money made or
-lost), so "switch a losing strategy off" beats a losing version and loses to
-a winning one. Promoted or not, the candidate keeps the replay figures and
-the reason in `PlaybookVersion.validation`.
+Promotion rule (`promotion_decide`, pure, over the folds' trades):
+- fewer than PLAYBOOK_VALIDATION_MIN_TRADES closed trades (both replays
+  together) and the candidate WAITS with "not enough evidence";
+- a paired bootstrap over per-day returns (both versions on the same days)
+  gives P(candidate better); it must exceed PLAYBOOK_PROMOTION_PROBABILITY. A
+  tie (the same returns every day) gives P = 0: a tie never promotes;
+- no fold's max drawdown may be worse than the active version's by more than
+  PLAYBOOK_MAX_DRAWDOWN_MARGIN.
+When the analyst is Claude the rules replay cannot judge what the model reads:
+the candidate is not promoted automatically, and the reason says why.
+
+Promotion is compare-and-swap (`brain.playbook.playbook_promote`): the
+candidate replaces the version it was validated against only if that version
+is still active; otherwise (a person activated another meanwhile) it is
+validated again against the new active version. Every fold's figures, the
+test's result and the reason are stored in `PlaybookVersion.validation`.
 """
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 from django.conf import settings
-from django.db import transaction
+from django.db.models import Max, Min
 from django.utils import timezone
 
+from brain.base import brain_name_for_settings
 from brain.models import PlaybookStatus, PlaybookVersion
-from brain.performance import performance_summarize, summary_as_dict, trade_record_from_row
-from brain.playbook import playbook_current, playbook_transition
+from brain.playbook import playbook_current, playbook_promote, playbook_trading_changes, playbook_transition
 from journal.models import Mode, Trade, TradeStatus
 from journal.services import event_record
 from market.feeds.base import MarketFeed
 from tradebot.logging import get_logger
 
 log = get_logger(__name__)
-
-NO_TRADES_PROFIT_FACTOR = Decimal(1)
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 15  # fixed: the same folds always give the same verdict
+# Indicators need history before a fold starts: the first fold starts this long after the data does.
+FOLD_WARMUP = timedelta(hours=4 * 50)
+MAX_REVALIDATIONS = 3  # the active version changed under us this often: give up for now (the candidate waits)
 
 
 class ValidationError(Exception):
-    """A candidate cannot be validated (unknown id, not a candidate, no market data)."""
+    """A candidate cannot be validated (unknown id, not a candidate)."""
+
+
+class Verdict:
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    WAITING = "waiting"  # stays a candidate: not enough evidence, or a person must decide
 
 
 @dataclass
@@ -52,73 +74,189 @@ class ValidationOutcome:
     promoted: bool
     reason: str
     figures: dict[str, Any]
+    verdict: str = Verdict.REJECTED
 
 
-def _metric(summary: Any, metric: str) -> Decimal:
-    if metric == "profit_factor":
-        return summary.profit_factor if summary.profit_factor is not None else NO_TRADES_PROFIT_FACTOR
-    if metric == "sharpe":
-        return summary.sharpe_ratio if summary.sharpe_ratio is not None else Decimal(0)
-    return summary.total_pnl
+@dataclass
+class FoldResult:
+    """One fold's closed trades (pnl, close time) of both versions, on every instrument."""
+
+    start: datetime
+    end: datetime
+    active: list[tuple[Decimal, datetime]] = field(default_factory=list)
+    candidate: list[tuple[Decimal, datetime]] = field(default_factory=list)
+    equity: Decimal = Decimal(10000)  # the starting equity of the fold's accounts together
+    run_ids: dict[str, list[str]] = field(default_factory=lambda: {"active": [], "candidate": []})
 
 
-def promotion_decide(*, current: Any, candidate: Any, metric: str | None = None,
-                     drawdown_margin: Decimal | None = None) -> tuple[bool, str]:
-    """Pure rule over two PerformanceSummary objects: (promote?, why)."""
-    metric = metric or settings.PLAYBOOK_VALIDATION_METRIC
+def _drawdown(trades: list[tuple[Decimal, datetime]], equity: Decimal) -> Decimal:
+    peak = level = equity
+    worst = Decimal(0)
+    for pnl, _ in sorted(trades, key=lambda t: t[1]):
+        level += pnl
+        peak = max(peak, level)
+        worst = max(worst, (peak - level) / peak if peak else Decimal(0))
+    return worst
+
+
+def _days(fold: FoldResult) -> list[date]:
+    first, last = fold.start.date(), (fold.end - timedelta(microseconds=1)).date()
+    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def daily_differences(folds: list[FoldResult]) -> np.ndarray:
+    """Per day of every fold: candidate return minus active return (pnl of trades closed that day / equity)."""
+    diffs: list[float] = []
+    for fold in folds:
+        days = {d: [Decimal(0), Decimal(0)] for d in _days(fold)}
+        for side, trades in ((0, fold.active), (1, fold.candidate)):
+            for pnl, closed in trades:
+                days.setdefault(closed.date(), [Decimal(0), Decimal(0)])[side] += pnl
+        diffs.extend(float((c - a) / fold.equity) for a, c in days.values())
+    return np.asarray(diffs, dtype=float)
+
+
+def bootstrap_better(diffs: np.ndarray, *, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> float:
+    """P(mean daily difference > 0) over paired bootstrap resamples; 0 for a tie (all differences 0) or no days."""
+    if diffs.size == 0 or not np.any(diffs):
+        return 0.0
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, diffs.size, size=(samples, diffs.size))].mean(axis=1)
+    return float((means > 0).mean())
+
+
+def _fold_figures(fold: FoldResult) -> dict[str, Any]:
+    def side(trades: list[tuple[Decimal, datetime]]) -> dict[str, Any]:
+        wins = sum((p for p, _ in trades if p > 0), Decimal(0))
+        losses = -sum((p for p, _ in trades if p < 0), Decimal(0))
+        return {"trades": len(trades), "pnl": str(sum((p for p, _ in trades), Decimal(0)).quantize(Decimal("0.01"))),
+                "profit_factor": None if not losses else round(float(wins / losses), 4),
+                "max_drawdown_pct": round(float(_drawdown(trades, fold.equity)), 6)}
+
+    return {"from": fold.start.isoformat(), "to": fold.end.isoformat(), "active": side(fold.active),
+            "candidate": side(fold.candidate), "run_ids": fold.run_ids}
+
+
+def promotion_decide(*, folds: list[FoldResult], min_trades: int | None = None, probability: float | None = None,
+                     drawdown_margin: Decimal | None = None) -> tuple[str, str, dict[str, Any]]:
+    """Pure rule over the folds: (verdict, reason, test figures)."""
+    min_trades = settings.PLAYBOOK_VALIDATION_MIN_TRADES if min_trades is None else min_trades
+    probability = settings.PLAYBOOK_PROMOTION_PROBABILITY if probability is None else probability
     margin = settings.PLAYBOOK_MAX_DRAWDOWN_MARGIN if drawdown_margin is None else drawdown_margin
-    cur, cand = _metric(current, metric), _metric(candidate, metric)
-    cur_dd, cand_dd = current.max_drawdown_pct or Decimal(0), candidate.max_drawdown_pct or Decimal(0)
-    facts = (f"{metric} {cand:.4f} vs {cur:.4f}; max drawdown {cand_dd:.4%} vs {cur_dd:.4%} (margin {margin:.2%}); "
-             f"trades {candidate.total_trades} vs {current.total_trades}; pnl {candidate.total_pnl:.2f} vs {current.total_pnl:.2f}")
-    if cand < cur:
-        return False, f"worse {metric} than the active version: {facts}"
-    if cand_dd > cur_dd + margin:
-        return False, f"max drawdown worse by more than the margin: {facts}"
-    return True, f"not worse: {facts}"
+    trades = sum(len(f.active) + len(f.candidate) for f in folds)
+    diffs = daily_differences(folds)
+    p_better = bootstrap_better(diffs)
+    test = {"method": "paired bootstrap over per-day returns", "days": int(diffs.size), "samples": BOOTSTRAP_SAMPLES,
+            "mean_daily_difference": float(diffs.mean()) if diffs.size else 0.0, "p_candidate_better": round(p_better, 4),
+            "threshold": probability, "closed_trades": trades, "min_trades": min_trades, "drawdown_margin": str(margin)}
+    if not folds:
+        return Verdict.WAITING, "not enough evidence: no validation fold fits in the market data outside the evidence window", test
+    if trades < min_trades:
+        return (Verdict.WAITING, f"not enough evidence: {trades} closed trades in {len(folds)} out-of-sample folds "
+                f"(both versions), at least {min_trades} needed", test)
+    for i, fold in enumerate(folds, 1):
+        act, cand = _drawdown(fold.active, fold.equity), _drawdown(fold.candidate, fold.equity)
+        if cand > act + margin:
+            return (Verdict.REJECTED, f"fold {i} ({fold.start:%Y-%m-%d}..{fold.end:%Y-%m-%d}): max drawdown {cand:.2%} vs "
+                    f"{act:.2%}, worse by more than the margin {margin:.2%}", test)
+    if not np.any(diffs):
+        return Verdict.REJECTED, f"tie: the candidate made the same returns as the active version on all {diffs.size} days; a tie never promotes", test
+    if p_better > probability:
+        return (Verdict.PROMOTED, f"better out of sample: P(candidate better) {p_better:.3f} > {probability} over {diffs.size} days, "
+                f"{trades} closed trades, {len(folds)} folds", test)
+    return (Verdict.REJECTED, f"not better out of sample: P(candidate better) {p_better:.3f} <= {probability} over {diffs.size} days, "
+            f"{trades} closed trades, {len(folds)} folds", test)
+
+
+def folds_place(*, data_start: datetime, data_end: datetime, days: int, count: int,
+                evidence: tuple[datetime, datetime] | None) -> list[tuple[datetime, datetime]]:
+    """`count` folds of days/count each, newest first from the data's end, never overlapping the evidence window."""
+    length = timedelta(days=days) / count
+    earliest = data_start + FOLD_WARMUP
+    folds: list[tuple[datetime, datetime]] = []
+    end = data_end
+    while len(folds) < count:
+        start = end - length
+        if start < earliest:
+            break
+        if evidence is not None and start < evidence[1] and end > evidence[0]:
+            end = min(end, evidence[0])  # jump before the evidence
+            continue
+        folds.append((start, end))
+        end = start
+    return sorted(folds)
 
 
 def market_now(*, inst_ids: list[str]) -> datetime:
-    """The market's own "now": the newest stored candle, else wall time.
-
-    "The recent past" is the past of the market the bot trades: on a replayed
-    or virtual clock (the demo) that is not the wall clock.
-    """
-    from django.db.models import Max
-
+    """The market's own "now": the newest stored candle, else wall time (a replayed clock is not the wall clock)."""
     from market.models import Candle
 
     latest = Candle.objects.filter(instrument__inst_id__in=inst_ids).aggregate(m=Max("ts"))["m"]
     return min(latest, timezone.now()) if latest else timezone.now()
 
 
-def validation_feed(*, inst_ids: list[str], since: datetime, until: datetime) -> tuple[MarketFeed, str]:
-    """The market data the bot trades on: stored candles when there are any, else the synthetic market."""
+def validation_instruments() -> list[str]:
+    """Every enabled instrument the bot trades (settings.INSTRUMENTS when none is enabled yet)."""
+    from market.models import Instrument
+
+    enabled = list(Instrument.objects.filter(trading_enabled=True).order_by("inst_id").values_list("inst_id", flat=True))
+    return enabled or list(settings.INSTRUMENTS)
+
+
+def validation_feed(*, inst_ids: list[str]) -> tuple[MarketFeed | None, str, tuple[datetime, datetime] | None]:
+    """(feed, source, stored range): the stored candles; the synthetic market only when the bot trades it."""
     from market.feeds.replay import ReplayFeed
     from market.models import Candle
 
-    if Candle.objects.filter(instrument__inst_id__in=inst_ids, ts__gte=since, ts__lte=until).exists():
-        warmup = timedelta(seconds=settings.INDICATOR_HISTORY_CANDLES * 3600 * 4)  # indicators need history before `since`
-        return ReplayFeed.from_db(inst_ids=inst_ids, timeframes=["5m", *settings.TIMEFRAMES], since=since - warmup, until=until), "database"
-    from market.feeds import synthetic_feed_from_settings
+    if settings.MARKET_DATA_SOURCE == "synthetic":
+        from market.feeds import synthetic_feed_from_settings
 
-    return synthetic_feed_from_settings(), "synthetic"
+        return synthetic_feed_from_settings(), "synthetic", None
+    span = Candle.objects.filter(instrument__inst_id__in=inst_ids).aggregate(lo=Min("ts"), hi=Max("ts"))
+    if span["lo"] is None:
+        return None, "database", None
+    feed = ReplayFeed.from_db(inst_ids=inst_ids, timeframes=["5m", *settings.TIMEFRAMES], since=span["lo"], until=span["hi"])
+    return feed, "database", (span["lo"], span["hi"])
 
 
-def _replay_summary(*, version: int, inst_ids: list[str], start: datetime, end: datetime, feed: MarketFeed,
-                    cycle: timedelta, label: str) -> tuple[Any, list[str]]:
+def _closed(run_id: str) -> list[tuple[Decimal, datetime]]:
+    rows = Trade.objects.filter(mode=Mode.REPLAY, run_id=run_id, status=TradeStatus.CLOSED, pnl_usd__isnull=False)
+    return [(t.pnl_usd, t.closed_at or t.opened_at) for t in rows.only("pnl_usd", "closed_at", "opened_at")]
+
+
+def _replay_fold(*, fold: FoldResult, versions: dict[str, int], inst_ids: list[str], feed: MarketFeed, cycle: timedelta) -> None:
     from tradebot.replay import replay_run
 
-    run_ids = []
-    for inst_id in inst_ids:
-        run_id = f"validate-{label}-v{version}-{uuid.uuid4().hex[:8]}"[:64]
-        replay_run(inst_id=inst_id, start=start, end=end, feed=feed, brain="rules", cycle=cycle, run_id=run_id,
-                   playbook_version=version)
-        run_ids.append(run_id)
-    rows = Trade.objects.filter(mode=Mode.REPLAY, run_id__in=run_ids, status=TradeStatus.CLOSED, pnl_usd__isnull=False)
-    summary = performance_summarize([trade_record_from_row(t) for t in rows.select_related("instrument")],
-                                    starting_equity=Decimal(settings.PAPER_START_BALANCE))
-    return summary, run_ids
+    fold.equity = Decimal(settings.PAPER_START_BALANCE) * len(inst_ids)
+    for side, version in versions.items():
+        for inst_id in inst_ids:
+            run_id = f"validate-{side[:4]}-v{version}-{uuid.uuid4().hex[:8]}"[:64]
+            replay_run(inst_id=inst_id, start=fold.start, end=fold.end, feed=feed, brain="rules", cycle=cycle, run_id=run_id,
+                       playbook_version=version)
+            fold.run_ids[side].append(run_id)
+            getattr(fold, side).extend(_closed(run_id))
+
+
+def _evidence_window(candidate: PlaybookVersion) -> tuple[datetime, datetime] | None:
+    ev = candidate.evidence or {}
+    try:
+        return datetime.fromisoformat(ev["from"]), datetime.fromisoformat(ev["to"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _claude_gate(changes: list[dict[str, Any]]) -> str | None:
+    """Why a rules replay cannot decide alone: the analyst is Claude and reads what the candidate changes."""
+    if not changes:
+        return None
+    if settings.BRAIN == "claude" and not settings.ANTHROPIC_API_KEY:
+        return ("the analyst is Claude and the candidate changes what the model reads, but ANTHROPIC_API_KEY is unset: "
+                "it cannot be re-decided, so it is not promoted automatically (a person may force it)")
+    if brain_name_for_settings() == "claude":
+        return ("the analyst is Claude and the candidate changes what the model reads: the rules replay cannot judge it and "
+                "Claude-aware validation (re-deciding recorded cycles) is not part of this build, so it is not promoted "
+                "automatically (a person may force it)")
+    return None
 
 
 def playbook_candidate_validate(
@@ -129,56 +267,101 @@ def playbook_candidate_validate(
     feed: MarketFeed | None = None,
     end: datetime | None = None,
     cycle: timedelta = timedelta(minutes=5),
+    folds: int | None = None,
+    on_fold: Callable[[int, int], None] | None = None,
 ) -> ValidationOutcome:
-    """Replay the candidate (PlaybookVersion pk) against the active version; promote or reject it, with figures."""
+    """Validate the candidate (PlaybookVersion pk) out of sample against the active version; promote, reject or wait.
+
+    `on_fold(done, total)` is called after each fold (progress; tests use it to act mid-validation).
+    """
+    for _attempt in range(MAX_REVALIDATIONS):
+        outcome = _validate_once(candidate_id=candidate_id, days=days, inst_ids=inst_ids, feed=feed, end=end, cycle=cycle,
+                                 folds=folds, on_fold=on_fold)
+        if outcome is not None:
+            return outcome
+    candidate = PlaybookVersion.objects.get(pk=candidate_id)
+    reason = f"the active version changed during each of {MAX_REVALIDATIONS} validations; the candidate waits"
+    PlaybookVersion.objects.filter(pk=candidate_id).update(validation={**(candidate.validation or {}), "reason": reason,
+                                                                       "verdict": Verdict.WAITING})
+    return ValidationOutcome(candidate.version, playbook_current().version, False, reason, candidate.validation or {}, Verdict.WAITING)
+
+
+def _validate_once(*, candidate_id: int, days: int | None, inst_ids: list[str] | None, feed: MarketFeed | None,
+                   end: datetime | None, cycle: timedelta, folds: int | None,
+                   on_fold: Callable[[int, int], None] | None) -> ValidationOutcome | None:
     days = days or settings.PLAYBOOK_VALIDATION_DAYS
+    count = folds or settings.PLAYBOOK_VALIDATION_FOLDS
     candidate = PlaybookVersion.objects.filter(pk=candidate_id).first()
     if candidate is None:
         raise ValidationError(f"playbook candidate {candidate_id} does not exist")
     if candidate.status != PlaybookStatus.CANDIDATE:
         raise ValidationError(f"playbook v{candidate.version} is {candidate.status}, not a candidate")
     current = playbook_current()
-    inst_ids = inst_ids or list(settings.INSTRUMENTS)
-    end = end or market_now(inst_ids=inst_ids)
-    start = end - timedelta(days=days)
+    inst_ids = inst_ids or validation_instruments()
     source = "given"
     if feed is None:
-        feed, source = validation_feed(inst_ids=inst_ids, since=start, until=end)
-    data_end = min(feed.data_range(i)[1] for i in inst_ids)  # type: ignore[attr-defined]
-    if data_end < end:  # the data stops earlier (e.g. candles not synced yet): the same window ending there
-        end, start = data_end, data_end - timedelta(days=days)
-
-    cur_summary, cur_runs = _replay_summary(version=current.version, inst_ids=inst_ids, start=start, end=end, feed=feed, cycle=cycle, label="cur")
-    cand_summary, cand_runs = _replay_summary(version=candidate.version, inst_ids=inst_ids, start=start, end=end, feed=feed, cycle=cycle, label="cand")
-    promoted, reason = promotion_decide(current=cur_summary, candidate=cand_summary)
+        feed, source, _span = validation_feed(inst_ids=inst_ids)
+    changes = playbook_trading_changes(current.playbook, candidate.playbook)
+    evidence = _evidence_window(candidate)
+    placed: list[tuple[datetime, datetime]] = []
+    if feed is not None and changes:  # nothing to replay for a candidate equal to the active version
+        ranges = [feed.data_range(i) for i in inst_ids]  # type: ignore[attr-defined]
+        data_start, data_end = max(r[0] for r in ranges), min(r[1] for r in ranges)
+        if end is not None:
+            data_end = min(data_end, end)
+        placed = folds_place(data_start=data_start, data_end=data_end, days=days, count=count, evidence=evidence)
+    results = []
+    for i, (start, stop) in enumerate(placed, 1):
+        fold = FoldResult(start=start, end=stop)
+        _replay_fold(fold=fold, versions={"active": current.version, "candidate": candidate.version}, inst_ids=inst_ids,
+                     feed=feed, cycle=cycle)  # type: ignore[arg-type]
+        results.append(fold)
+        if on_fold is not None:
+            on_fold(i, len(placed))
+    verdict, reason, test = promotion_decide(folds=results)
+    if feed is None:
+        reason = "not enough evidence: no stored candles for " + ", ".join(inst_ids)
+    if not changes:
+        verdict, reason = Verdict.REJECTED, f"the trading content equals the active v{current.version}: nothing to promote"
+    gate = _claude_gate(changes) if verdict == Verdict.PROMOTED else None
+    if gate is not None:
+        verdict, reason = Verdict.WAITING, f"{gate}; the rules folds say: {reason}"
     figures = {
-        "metric": settings.PLAYBOOK_VALIDATION_METRIC,
-        "drawdown_margin": str(settings.PLAYBOOK_MAX_DRAWDOWN_MARGIN),
-        "window": {"from": start.isoformat(), "to": end.isoformat(), "days": days, "inst_ids": inst_ids, "source": source,
-                   "brain": "rules", "cycle_seconds": int(cycle.total_seconds())},
-        "current": {"version": current.version, "run_ids": cur_runs, **_headline(cur_summary)},
-        "candidate": {"version": candidate.version, "run_ids": cand_runs, **_headline(cand_summary)},
-        "promoted": promoted,
+        "verdict": verdict,
+        "promoted": verdict == Verdict.PROMOTED,
         "reason": reason,
+        "test": test,
+        "folds": [_fold_figures(f) for f in results],
+        "window": {"folds": len(results), "folds_asked": count, "days": days, "inst_ids": inst_ids, "source": source,
+                   "brain": "rules", "cycle_seconds": int(cycle.total_seconds()),
+                   "evidence": None if evidence is None else [evidence[0].isoformat(), evidence[1].isoformat()]},
+        "current": {"version": current.version},
+        "candidate": {"version": candidate.version},
+        "changes": [c["path"] for c in changes],
         "validated_at": timezone.now().isoformat(),
     }
-    with transaction.atomic():
-        fresh = PlaybookVersion.objects.select_for_update().get(pk=candidate.pk)
+    if verdict == Verdict.PROMOTED:
+        if not playbook_promote(candidate=candidate, against=current.version, validation=figures):
+            if PlaybookVersion.objects.filter(pk=candidate.pk, status=PlaybookStatus.CANDIDATE).exists():
+                log.info("playbook_revalidate", candidate=candidate.version, validated_against=current.version,
+                         active=playbook_current().version)
+                return None  # the active version changed meanwhile: validate again against it
+            raise ValidationError(f"playbook v{candidate.version} was decided meanwhile")
+    elif verdict == Verdict.REJECTED:
+        fresh = PlaybookVersion.objects.get(pk=candidate.pk)
         if fresh.status != PlaybookStatus.CANDIDATE:
             raise ValidationError(f"playbook v{fresh.version} was decided meanwhile ({fresh.status})")
-        playbook_transition(version=fresh, to=PlaybookStatus.ACTIVE if promoted else PlaybookStatus.REJECTED, validation=figures)
-    event_record(kind="playbook_promoted" if promoted else "playbook_rejected", level="info" if promoted else "warning",
-                 message=f"playbook v{candidate.version} {'promoted over' if promoted else 'not promoted; stays behind'} v{current.version}: {reason}",
-                 data={"candidate": candidate.version, "current": current.version})
-    return ValidationOutcome(candidate_version=candidate.version, current_version=current.version, promoted=promoted,
-                             reason=reason, figures=figures)
-
-
-def _headline(summary: Any) -> dict[str, Any]:
-    full = summary_as_dict(summary)
-    keys = ("total_trades", "wins", "losses", "win_rate", "profit_factor", "sharpe_ratio", "total_pnl", "max_drawdown_usd",
-            "max_drawdown_pct", "max_consecutive_losses")
-    return {**{k: full[k] for k in keys}, "by_strategy": full["by_strategy"]}
+        playbook_transition(version=fresh, to=PlaybookStatus.REJECTED, validation=figures)
+        PlaybookVersion.objects.filter(pk=candidate.pk).update(validated_against=current.version)
+    else:
+        PlaybookVersion.objects.filter(pk=candidate.pk, status=PlaybookStatus.CANDIDATE).update(
+            validation=figures, validated_against=current.version)
+    kind = {Verdict.PROMOTED: "playbook_promoted", Verdict.REJECTED: "playbook_rejected", Verdict.WAITING: "playbook_waiting"}[verdict]
+    event_record(kind=kind, level="info" if verdict == Verdict.PROMOTED else "warning",
+                 message=f"playbook v{candidate.version} {verdict} (against v{current.version}): {reason}",
+                 data={"candidate": candidate.version, "current": current.version, "verdict": verdict})
+    return ValidationOutcome(candidate_version=candidate.version, current_version=current.version,
+                             promoted=verdict == Verdict.PROMOTED, reason=reason, figures=figures, verdict=verdict)
 
 
 def learning_run(*, now: datetime | None = None, force: bool = False, brain_name: str | None = None,
@@ -196,5 +379,6 @@ def learning_run(*, now: datetime | None = None, force: bool = False, brain_name
     if validate and outcome.candidate_version is not None:
         candidate = PlaybookVersion.objects.get(version=outcome.candidate_version)
         validation = playbook_candidate_validate(candidate_id=candidate.pk, **validate_kwargs)
-        result["validation"] = {"promoted": validation.promoted, "reason": validation.reason, "figures": validation.figures}
+        result["validation"] = {"promoted": validation.promoted, "verdict": validation.verdict, "reason": validation.reason,
+                                "figures": validation.figures}
     return result

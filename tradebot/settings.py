@@ -341,7 +341,12 @@ RESEARCH_CACHE_SECONDS = env_int("RESEARCH_CACHE_SECONDS", 3600, minimum=0)
 REFLECTION_INTERVAL_TRADES = env_int("REFLECTION_INTERVAL_TRADES", 20, minimum=1)
 REFLECTION_INTERVAL_HOURS = env_int("REFLECTION_INTERVAL_HOURS", 6, minimum=1)
 PLAYBOOK_VALIDATION_DAYS = env_int("PLAYBOOK_VALIDATION_DAYS", 30, minimum=1)
-PLAYBOOK_VALIDATION_METRIC = env_choice("PLAYBOOK_VALIDATION_METRIC", "profit_factor", ("profit_factor", "total_pnl", "sharpe"))
+# Issue 15: walk-forward validation. The PLAYBOOK_VALIDATION_DAYS are split into this many out-of-sample folds ...
+PLAYBOOK_VALIDATION_FOLDS = env_int("PLAYBOOK_VALIDATION_FOLDS", 3, minimum=1)
+# ... a candidate needs at least this many closed trades in them (both versions) or it waits ("not enough evidence") ...
+PLAYBOOK_VALIDATION_MIN_TRADES = env_int("PLAYBOOK_VALIDATION_MIN_TRADES", 20, minimum=1)
+# ... and a paired bootstrap over per-day returns must give P(candidate better) above this.
+PLAYBOOK_PROMOTION_PROBABILITY = env_float("PLAYBOOK_PROMOTION_PROBABILITY", 0.8, minimum=0.5, maximum=1.0)
 PLAYBOOK_MAX_DRAWDOWN_MARGIN = env_decimal("PLAYBOOK_MAX_DRAWDOWN_MARGIN", "0.02", minimum=Decimal("0"))
 # The cycle length of the validation replays (the live cycle by default; 3600 = 1H cycles, 12x fewer).
 PLAYBOOK_VALIDATION_CYCLE_SECONDS = env_int("PLAYBOOK_VALIDATION_CYCLE_SECONDS", 300, minimum=60)

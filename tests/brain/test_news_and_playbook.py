@@ -8,7 +8,8 @@ import pytest
 from brain.admin import PlaybookVersionForm
 from brain.models import NewsEvent, PlaybookStatus, PlaybookVersion
 from brain.news import is_news_window, upcoming_events
-from brain.playbook import PlaybookError, playbook_current, playbook_default, playbook_save, playbook_transition
+from brain.playbook import (PlaybookError, playbook_current, playbook_default, playbook_promote, playbook_save,
+                            playbook_transition)
 
 pytestmark = pytest.mark.django_db
 UTC = timezone.utc
@@ -56,14 +57,17 @@ def test_playbook_current_creates_a_valid_v1_once():
         assert strategy["entry"] and strategy["params"]["stop_atr_mult"] > 0
 
 
-def test_saving_a_version_retires_the_previous_and_rejects_invalid_data():
+def test_a_new_version_is_a_candidate_and_invalid_data_is_refused():
     v1 = playbook_current()
     data = playbook_default()
     data["strategy_definitions"]["momentum_breakout"]["params"]["enabled"] = False
     v2 = playbook_save(data=data, change_summary="off", triggered_by="manual", performance={"pf": "0.5"})
     v1.refresh_from_db()
-    assert (v2.version, v2.parent_version, v1.status) == (2, 1, "retired")
-    assert playbook_current().pk == v2.pk
+    # Only the seed starts active: a new version waits for validation (or a person's forced activation).
+    assert (v2.version, v2.parent_version, v2.status, v1.status) == (2, 1, "candidate", "active")
+    assert playbook_current().pk == v1.pk
+    with pytest.raises(PlaybookError, match="only the seed v1 starts active"):
+        playbook_save(data=data, change_summary="on", triggered_by="manual", status=PlaybookStatus.ACTIVE)
     broken = playbook_default()
     broken["strategy_definitions"]["trend_pullback"]["params"]["target_atr_mult"] = 0.5  # reward below risk
     with pytest.raises(PlaybookError, match="target_atr_mult"):
@@ -77,8 +81,11 @@ def test_candidate_transitions_follow_the_table():
     playbook_current()
     candidate = playbook_save(data=playbook_default(), change_summary="try", triggered_by="reflection", status=PlaybookStatus.CANDIDATE)
     assert playbook_current().version == 1
-    playbook_transition(version=candidate, to=PlaybookStatus.ACTIVE, validation={"profit_factor": "1.4"})
+    with pytest.raises(PlaybookError, match="playbook_promote"):
+        playbook_transition(version=candidate, to=PlaybookStatus.ACTIVE)  # activation is validated or forced only
+    assert playbook_promote(candidate=candidate, against=1, validation={"reason": "better"})
     assert playbook_current().version == 2 and PlaybookVersion.objects.get(version=1).status == "retired"
+    assert candidate.activated_by == "validation" and candidate.validated_against == 1
     with pytest.raises(PlaybookError, match="not allowed"):
         playbook_transition(version=candidate, to=PlaybookStatus.REJECTED)
 
@@ -88,5 +95,9 @@ def test_the_admin_form_validates_playbook_edits():
     data["strategy_definitions"]["trend_pullback"]["params"]["leverage"] = 500
     form = PlaybookVersionForm(data={"version": 9, "playbook": __import__("json").dumps(data), "triggered_by": "manual", "status": "candidate"})
     assert not form.is_valid() and "playbook" in form.errors
-    form = PlaybookVersionForm(data={"version": 9, "playbook": __import__("json").dumps(playbook_default()), "triggered_by": "manual", "status": "candidate"})
+    same = PlaybookVersionForm(data={"playbook": __import__("json").dumps(playbook_default()), "change_summary": "same"})
+    assert not same.is_valid() and "trading content equals the active v1" in str(same.errors)  # no version without a change
+    changed = playbook_default()
+    changed["strategy_definitions"]["trend_pullback"]["params"]["leverage"] = 4.5
+    form = PlaybookVersionForm(data={"version": 9, "playbook": __import__("json").dumps(changed), "triggered_by": "manual", "status": "candidate"})
     assert form.is_valid(), form.errors

@@ -29,7 +29,7 @@ def test_the_diff_page_shows_the_changed_field(admin_client: Client) -> None:
     assert "identical" in same
 
 
-def test_an_admin_edit_is_saved_as_a_new_manual_version_and_the_old_one_is_kept(admin_client: Client) -> None:
+def test_an_admin_edit_is_saved_as_a_new_manual_candidate_and_the_old_one_keeps_trading(admin_client: Client) -> None:
     v1 = playbook_current()
     data = copy.deepcopy(v1.playbook)
     data["strategy_definitions"]["trend_pullback"]["params"]["size_pct"] = 0.02
@@ -37,11 +37,14 @@ def test_an_admin_edit_is_saved_as_a_new_manual_version_and_the_old_one_is_kept(
                                  {"playbook": json.dumps(data), "change_summary": "halve pullback size"})
     assert response.status_code == 302, response.content.decode()[:2000]
     v1.refresh_from_db()
-    new = playbook_current()
-    assert new.version == v1.version + 1 and new.triggered_by == PlaybookTrigger.MANUAL
+    new = PlaybookVersion.objects.get(version=v1.version + 1)
+    assert new.triggered_by == PlaybookTrigger.MANUAL and new.status == PlaybookStatus.CANDIDATE
     assert new.parent_version == v1.version and new.change_summary == "halve pullback size"
     assert new.playbook["strategy_definitions"]["trend_pullback"]["params"]["size_pct"] == 0.02
-    assert v1.status == PlaybookStatus.RETIRED
+    # The candidate lists the field it changes and why.
+    assert [(c["path"], c["old"], c["new"], c["reason"]) for c in new.changes] == [
+        ("strategy_definitions.trend_pullback.params.size_pct", 0.04, 0.02, "halve pullback size")]
+    assert v1.status == PlaybookStatus.ACTIVE and playbook_current().pk == v1.pk  # trades only after validation
     assert v1.playbook["strategy_definitions"]["trend_pullback"]["params"]["size_pct"] == 0.04  # history unchanged
 
 

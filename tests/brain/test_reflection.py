@@ -220,3 +220,41 @@ def test_a_reflection_whose_owner_is_alive_is_not_taken_over(db, losing_breakout
                                  output_json={"lease": {"owner": f"{socket.gethostname()}:{os.getppid()}", "until": until}})
     assert deep_reflection_run(force=True).status == "busy"
     assert PlaybookVersion.objects.filter(status=PlaybookStatus.CANDIDATE).count() == 0
+
+
+def test_a_statistics_only_reflection_creates_no_version_and_records_an_observation(db, instrument, rules) -> None:
+    from brain.models import PlaybookObservation
+
+    # Three trades of one strategy: below learning.min_trades, so only its win rate, R:R and calibration change.
+    trades = [make_trade(instrument, 0, "-25"), make_trade(instrument, 1, "40", exit_reason="take_profit"),
+              make_trade(instrument, 2, "-10")]
+    v1 = playbook_current()
+    outcome = deep_reflection_run(force=True)
+    assert outcome.status == "no_change" and "statistics recorded as observation" in outcome.reason, outcome.reason
+    assert list(PlaybookVersion.objects.values_list("version", flat=True)) == [v1.version]
+    observation = PlaybookObservation.objects.get()
+    assert observation.version_id == v1.pk and sorted(observation.trade_ids) == sorted(t.pk for t in trades)
+    stats = observation.statistics
+    assert stats["strategies"]["momentum_breakout"]["historical_winrate"] == round(1 / 3, 4)
+    assert stats["confidence_calibration"]["0.6-0.7"]["trades"] == 3
+    # The next reflection starts from what was observed (the playbook plus the newest statistics).
+    from brain.playbook import playbook_observed
+
+    assert playbook_observed(v1)["strategy_definitions"]["momentum_breakout"]["historical_winrate"] == round(1 / 3, 4)
+    assert v1.playbook["strategy_definitions"]["momentum_breakout"]["historical_winrate"] != round(1 / 3, 4)
+
+
+def test_a_candidate_lists_the_trading_fields_it_changes_why_and_the_trades_and_window_it_learned_from(
+        db, losing_breakouts) -> None:
+    outcome = deep_reflection_run(force=True)
+    candidate = PlaybookVersion.objects.get(version=outcome.candidate_version)
+    breakout_ids = sorted(t.pk for t in losing_breakouts[:6])
+    by_path = {c["path"]: c for c in candidate.changes}
+    # Statistics (win rates, calibration) are not listed: only what trades.
+    assert set(by_path) == {"strategy_definitions.momentum_breakout.params.enabled", "lessons_learned"}
+    enabled = by_path["strategy_definitions.momentum_breakout.params.enabled"]
+    assert (enabled["old"], enabled["new"], enabled["read_by"]) == (True, False, "rules")
+    assert "profit factor" in enabled["reason"] and sorted(enabled["evidence_trade_ids"]) == breakout_ids
+    assert sorted(by_path["lessons_learned"]["evidence_trade_ids"]) == breakout_ids
+    assert candidate.evidence["from"] == min(t.opened_at for t in losing_breakouts).isoformat()
+    assert candidate.evidence["to"] == max(t.closed_at for t in losing_breakouts).isoformat()

@@ -1,4 +1,4 @@
-"""End to end on real data: a strategy keeps losing -> reflection switches it off -> replay validates -> promoted -> trades change.
+"""End to end on real data: a strategy loses in one window -> reflection switches it off -> out-of-sample folds disagree -> not promoted.
 
 The window was found offline (a scratch script, not in the repo): the rules brain was replayed with
 1H cycles over 2024-01..06 and 2025-01..06 on ../shared/data/okx_BTC-USDT-SWAP_{15m,1H,4H}; every 4-
@@ -78,21 +78,15 @@ def test_a_losing_strategy_is_switched_off_validated_promoted_and_no_longer_trad
     assert set(lesson["evidence_trade_ids"]) == {t.pk for t in losers}
     assert playbook_current().pk == v1.pk  # a candidate does not trade yet
 
-    # 3. The replay validation (same data, both versions) finds it not worse: promoted, figures kept.
-    validation = playbook_candidate_validate(candidate_id=candidate.pk, days=DAYS, feed=feed, end=END, cycle=CYCLE,
+    # 3. Out of sample (folds before the evidence window, never overlapping it) switching the pullbacks off is
+    #    not better: the candidate, tuned to those exact trades, is not promoted; v1 keeps trading.
+    settings.PLAYBOOK_VALIDATION_MIN_TRADES = 10
+    validation = playbook_candidate_validate(candidate_id=candidate.pk, days=12, folds=3, feed=feed, end=END, cycle=CYCLE,
                                              inst_ids=[BTC])
-    assert validation.promoted, validation.reason
+    assert not validation.promoted and validation.verdict == "rejected", validation.reason
     candidate.refresh_from_db()
-    assert candidate.status == PlaybookStatus.ACTIVE and candidate.validation["promoted"] is True
-    assert Decimal(candidate.validation["candidate"]["profit_factor"] or "1") >= Decimal(candidate.validation["current"]["profit_factor"])
-    assert candidate.validation["current"]["by_strategy"][LOSER]["trades"] >= 5
-    assert LOSER not in candidate.validation["candidate"]["by_strategy"]
-    v1.refresh_from_db()
-    assert v1.status == PlaybookStatus.RETIRED and playbook_current().pk == candidate.pk
-
-    # 4. The next cycles run on the promoted version and trade differently: no more pullbacks.
-    replay_run(inst_id=BTC, start=START, end=END, feed=feed, brain="rules", cycle=CYCLE, run_id="e2e-after")
-    versions = set(Cycle.objects.filter(run_id="e2e-after").exclude(playbook_version=None).values_list("playbook_version", flat=True))
-    assert versions == {candidate.version}
-    assert not Trade.objects.filter(run_id="e2e-after", strategy_used=LOSER).exists()
-    assert Trade.objects.filter(run_id="e2e-before", strategy_used=LOSER).count() >= 5
+    evidence_from = datetime.fromisoformat(candidate.evidence["from"])
+    assert len(candidate.validation["folds"]) == 3
+    assert all(datetime.fromisoformat(f["to"]) <= evidence_from for f in candidate.validation["folds"])
+    assert candidate.status == PlaybookStatus.REJECTED and playbook_current().pk == v1.pk
+    assert candidate.validation["test"]["p_candidate_better"] <= 0.8

@@ -96,7 +96,7 @@ def test_the_beat_task_reflects_when_due_and_the_candidate_is_validated_next(sto
     assert candidate.triggered_by == "reflection" and candidate.parent_version == v1.version
     assert candidate.playbook["strategy_definitions"]["momentum_breakout"]["params"]["enabled"] is False
     # Validation ran right after (queued on the reflection queue; eager here): decided, with its figures.
-    assert candidate.status in (PlaybookStatus.ACTIVE, PlaybookStatus.REJECTED)
+    assert candidate.validation["verdict"] in ("promoted", "rejected", "waiting") and candidate.validation["reason"]
     assert candidate.validation["window"]["source"] == "database"
     assert candidate.validation["window"]["cycle_seconds"] == 3600
     assert candidate.validation["candidate"]["version"] == candidate.version
@@ -119,4 +119,4 @@ def test_a_post_trade_review_triggers_the_due_deep_reflection_and_its_validation
     deep = ReflectionLog.objects.get(reflection_type=ReflectionType.PERIODIC)
     assert deep.status == "done" and sorted(deep.trade_ids) == sorted(t.pk for t in trades)
     candidate = PlaybookVersion.objects.get(version=deep.new_version)
-    assert candidate.status != PlaybookStatus.CANDIDATE and candidate.validation["reason"]
+    assert candidate.validation["verdict"] in ("promoted", "rejected", "waiting") and candidate.validation["reason"]

@@ -17,26 +17,72 @@ def run(*args: str) -> str:
     return out.getvalue()
 
 
-def test_show_diff_and_rollback_never_rewrite_history(db) -> None:
+def test_show_diff_and_rollback_never_rewrite_history_and_a_rollback_is_only_a_candidate(db) -> None:
     v1 = playbook_current()
     data = copy.deepcopy(v1.playbook)
     data["strategy_definitions"]["momentum_breakout"]["params"]["enabled"] = False
     v2 = playbook_save(data=data, change_summary="breakouts off", triggered_by="reflection")
+    assert "playbook v1 (active" in run("show") and "playbook v2 (candidate" in run("show", "2")
+    assert "now active WITHOUT validation" in run("activate", "2", "--force", "--reason", "breakouts bleed on news days")
     assert "playbook v2 (active" in run("show")
     assert "playbook v1 (retired" in run("show", "1")
     diff = run("diff", "1", "2")
     assert '-        "enabled": true,' in diff and '+        "enabled": false,' in diff
     assert "identical" in run("diff", "1", "1")
-    assert "v3 is now active" in run("rollback", "1")
-    v3 = playbook_current()
-    assert v3.version == 3 and v3.triggered_by == "manual" and v3.playbook == v1.playbook
+    assert "v3 is a candidate" in run("rollback", "1")
+    v3 = PlaybookVersion.objects.get(version=3)
+    assert v3.status == PlaybookStatus.CANDIDATE and v3.triggered_by == "rollback" and v3.playbook == v1.playbook
     assert "rollback to v1" in v3.change_summary
-    assert PlaybookVersion.objects.get(pk=v2.pk).status == PlaybookStatus.RETIRED
+    assert [c["path"] for c in v3.changes] == ["strategy_definitions.momentum_breakout.params.enabled"]
+    assert playbook_current().pk == v2.pk  # the rollback trades only after validation
     assert PlaybookVersion.objects.get(pk=v1.pk).playbook == v1.playbook
+    with pytest.raises(CommandError, match="equals the active v2"):
+        run("rollback", "2")  # nothing to change: no version
     history = run("history")
     assert history.count("\n") == 3
     with pytest.raises(CommandError, match="does not exist"):
         run("show", "99")
+
+
+def test_a_forced_activation_needs_a_reason_records_who_and_is_journaled(db) -> None:
+    from journal.models import JournalEvent
+
+    v1 = playbook_current()
+    data = copy.deepcopy(v1.playbook)
+    data["time_filters"]["avoid_hours_utc"] = [13]
+    v2 = playbook_save(data=data, change_summary="avoid the US open", triggered_by="manual")
+    run("activate", "2", "--force", "--reason", "US open whipsaws")
+    v2.refresh_from_db()
+    assert v2.status == PlaybookStatus.ACTIVE and v2.activation_reason == "US open whipsaws"
+    assert "manage.py playbook activate" in v2.activated_by and "@" in v2.activated_by
+    event = JournalEvent.objects.get(kind="playbook_forced_activation")
+    assert event.data["version"] == 2 and event.data["reason"] == "US open whipsaws" and event.data["retired"] == [1]
+    assert event.data["by"] == v2.activated_by
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["activate", "99", "--force", "--reason", "x"], "playbook version 99 does not exist"),
+    (["activate", "2", "--force"], "--force needs --reason TEXT"),
+    (["activate", "2", "--force", "--reason", "   "], "--force needs --reason TEXT"),
+    (["activate", "2", "--reason", "why"], "activation without validation needs --force"),
+])
+def test_bad_activation_input_is_a_one_line_error_with_a_non_zero_exit_and_writes_nothing(db, capsys, argv, message) -> None:
+    from django.core.management import ManagementUtility
+
+    from journal.models import JournalEvent
+
+    v1 = playbook_current()
+    data = copy.deepcopy(v1.playbook)
+    data["time_filters"]["avoid_hours_utc"] = [13]
+    playbook_save(data=data, change_summary="avoid the US open", triggered_by="manual")
+    before = list(PlaybookVersion.objects.order_by("version").values_list("version", "status", "activated_by"))
+    with pytest.raises(SystemExit) as exit_:
+        ManagementUtility(["manage.py", "playbook", *argv]).execute()
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert list(PlaybookVersion.objects.order_by("version").values_list("version", "status", "activated_by")) == before
+    assert not JournalEvent.objects.filter(kind="playbook_forced_activation").exists()
 
 
 def test_reflect_command_with_no_trades_changes_nothing(db, settings) -> None:
