@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connections
+from django.db import OperationalError, close_old_connections, connections
 
 from execution.streams import ALGO_ARGS, PRIVATE_ARGS, PrivateStreamHandler
 from journal.models import EventLevel
@@ -39,6 +39,7 @@ from tradebot.logging import get_logger, redact
 log = get_logger(__name__)
 ACCOUNT_SYNC_TASK = "tradebot.tasks.account_sync"
 STATUS_EVERY = 2.0  # seconds between status writes
+LOCKED_RETRIES = 20  # SQLite lock waits of 0.05 s, 0.1 s, ...: about 10 s in all before a write is given up
 
 
 def stream_urls(base: str | None = None) -> dict[str, str]:
@@ -67,7 +68,7 @@ def stream_cycle_start(*, inst_id: str, reason: str) -> int | None:
     instrument = Instrument.objects.filter(inst_id=inst_id, trading_enabled=True).first()
     if instrument is None:
         return None
-    cycle = cycle_launch(instrument=instrument, trigger="stream")
+    cycle = cycle_launch(instrument=instrument, trigger="stream", mode=settings.BOT_MODE)
     event_record(kind="stream_trigger", message=f"{inst_id}: {reason}; cycle {cycle.pk} {cycle.state}",
                  instrument_id=instrument.pk, cycle_id=cycle.pk)
     return cycle.pk
@@ -122,11 +123,21 @@ class StreamApp:
 
         def run() -> Any:
             close_old_connections()
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - a failed write is logged; the stream goes on
-                log.error("stream_thread_failed", what=getattr(fn, "__name__", str(fn)), error=redact(str(exc)))
-                return None
+            for attempt in range(LOCKED_RETRIES + 1):
+                try:
+                    return fn(*args, **kwargs)
+                except OperationalError as exc:
+                    # SQLite answers a concurrent writer with "database is locked" / "table is locked" at
+                    # once (shared cache ignores the busy timeout): a trigger dropped on that is a lost
+                    # cycle, so wait and try again; other database errors are not transient here.
+                    if "locked" not in str(exc) or attempt == LOCKED_RETRIES:
+                        log.error("stream_thread_failed", what=getattr(fn, "__name__", str(fn)), error=redact(str(exc)))
+                        return None
+                    time.sleep(0.05 * (attempt + 1))
+                except Exception as exc:  # noqa: BLE001 - a failed write is logged; the stream goes on
+                    log.error("stream_thread_failed", what=getattr(fn, "__name__", str(fn)), error=redact(str(exc)))
+                    return None
+            return None
 
         return self._loop.run_in_executor(pool, run)
 

@@ -260,3 +260,14 @@ def test_live_ticker_book_funding_and_open_interest_are_kept_where_the_snapshot_
         assert book.bids[0].price == Decimal("111.05") and book.asks[0].size == Decimal("55154")
         assert feed.funding_rate(BTC).rate == Decimal("0.0001875391284828")
         assert feed.open_interest(BTC).oi_contracts == Decimal("5000")
+
+
+def test_a_stream_trigger_opens_its_cycle_in_the_bots_mode(settings, memory_broker) -> None:
+    """`make demo`'s stream (BOT_MODE=demo) must not open LIVE cycles that trade the live paper account."""
+    from journal.models import Mode
+    from tradebot.streams import stream_cycle_start
+
+    inst = btc_instrument()
+    settings.BOT_MODE = Mode.DEMO
+    cycle_id = stream_cycle_start(inst_id=inst.inst_id, reason="1H move +5.00%")
+    assert Cycle.objects.get(pk=cycle_id).mode == Mode.DEMO
