@@ -284,7 +284,8 @@ REFLECTION_TEMPERATURE = env_float("REFLECTION_TEMPERATURE", 0.3, minimum=0.0, m
 ANALYST_MAX_TOKENS = env_int("ANALYST_MAX_TOKENS", 4096, minimum=16)
 SCREENER_MAX_TOKENS = env_int("SCREENER_MAX_TOKENS", 100, minimum=1)
 REFLECTION_MAX_TOKENS = env_int("REFLECTION_MAX_TOKENS", 8192, minimum=16)
-ANALYST_TIMEOUT_SECONDS = env_float("ANALYST_TIMEOUT_SECONDS", 30.0, minimum=1.0)
+# 90 s: an Opus analysis thinking at medium effort takes 10-60 s (issue 20); 30 s made every long one a HOLD.
+ANALYST_TIMEOUT_SECONDS = env_float("ANALYST_TIMEOUT_SECONDS", 90.0, minimum=1.0)
 SCREENER_TIMEOUT_SECONDS = env_float("SCREENER_TIMEOUT_SECONDS", 10.0, minimum=1.0)
 REFLECTION_TIMEOUT_SECONDS = env_float("REFLECTION_TIMEOUT_SECONDS", 120.0, minimum=1.0)
 LLM_EFFORT = env_choice("LLM_EFFORT", "medium", ("low", "medium", "high", "max"))
