@@ -33,7 +33,8 @@ INST = "BTC-USDT-SWAP"
 REAL_FILE = infra.ROOT.parent / "shared" / "data" / "okx_BTC-USDT-SWAP_5m_2022.csv.gz"
 CONFIGS = {
     "5.5 models (Opus 5.5 analyst/reflection, Haiku 5.5 screener)":
-        {"ANALYST_MODEL": "claude-opus-5-5", "SCREENER_MODEL": "claude-haiku-5-5", "REFLECTION_MODEL": "claude-opus-5-5"},
+        {"ANALYST_MODEL": "claude-opus-5-5", "SCREENER_MODEL": "claude-haiku-5-5",
+         "REFLECTION_MODEL": "claude-opus-5-5"},
     "seed's models (Opus 4.6 analyst/reflection, Haiku 4.5 screener)":
         {"ANALYST_MODEL": "claude-opus-4-6", "SCREENER_MODEL": "claude-haiku-4-5-20251001",
          "REFLECTION_MODEL": "claude-opus-4-6"},
@@ -135,7 +136,8 @@ def bench_llm_cost() -> None:
                           f"{row.get('cache_read') or 0:>10}{row.get('cache_write') or 0:>10}{usd:>10.4f}"
                           f"{usd / Decimal(str(days)):>9.4f}")
                     mismatch = [k for k, s in (("input", "input_tokens"), ("output", "output_tokens"),
-                                               ("cache_read", "cache_read_tokens"), ("cache_write", "cache_write_tokens"))
+                                               ("cache_read", "cache_read_tokens"),
+                                               ("cache_write", "cache_write_tokens"))
                                 if (row.get(k) or 0) != server_row.get(s, 0)]
                     if mismatch or row.get("calls", 0) != server_row.get("calls", 0):
                         print(f"      !! {purpose}: the ledger and the server differ on {mismatch or ['calls']}")

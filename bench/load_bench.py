@@ -70,7 +70,8 @@ def bench_llm_load() -> None:
     ids = [f"S{i:03d}-USDT-SWAP" for i in range(1, n + 1)]
     first = OPEN_AT
     last = first + timedelta(minutes=5 * (ticks - 1))
-    print(f"llm_load: {n} instruments, {ticks} ticks every {interval:g} s (virtual 5 minutes; model latency x{scale:g}),"
+    print(f"llm_load: {n} instruments, {ticks} ticks every {interval:g} s (virtual 5 minutes; "
+          f"model latency x{scale:g}),"
           f" workers okx/default/reflection prefork x{conc}, llm threads x{threads}; Claude brain on the local server "
           f"(screener p50 {1 * scale:g} s, analyst p50 {20 * scale:g} s, 5% at {60 * scale:g} s); account sync every "
           f"{sync_every:g} s; PostgreSQL {infra.ENV.db_name}; {infra.load()}")
@@ -135,7 +136,8 @@ def bench_llm_load() -> None:
             state_skipped=CycleState.SKIPPED)
 
 
-def _report(*, cycles, orders, tick_sent, interval, first, ticks, n, sync_sent, sync_started, model, threads,  # noqa: ANN001
+def _report(*, cycles, orders, tick_sent, interval, first, ticks, n,  # noqa: ANN001
+            sync_sent, sync_started, model, threads,
             load_after, state_skipped) -> None:
     by_tick: Counter[int] = Counter()
     within, late, skipped_overrun, unfinished = 0, [], 0, 0

@@ -126,7 +126,8 @@ class WatchlistResource(resources.ModelResource):
             if Instrument.objects.filter(trading_enabled=True).count() >= limit:
                 raise ValidationError(f"over the limit: {limit} instruments already trade (WATCHLIST_MAX_ENABLED)")
 
-    def skip_row(self, instance: Instrument, original: Any, row: dict[str, Any], import_validation_errors: Any = None) -> bool:
+    def skip_row(self, instance: Instrument, original: Any, row: dict[str, Any],
+                 import_validation_errors: Any = None) -> bool:
         # A listed instrument the selection had turned on becomes a person's: not skipped, so auto_selected clears.
         if original is not None and original.auto_selected and instance.trading_enabled:
             return False

@@ -326,5 +326,6 @@ class HonestModel:
         return {k: dict(v) for k, v in out.items()}
 
 
-__all__ = ["REALISTIC_LATENCY", "FakeAnthropic", "HonestModel", "Latency", "Received", "Reply", "error", "message_body", "ok", "overloaded", "proxy_page",
+__all__ = ["REALISTIC_LATENCY", "FakeAnthropic", "HonestModel", "Latency", "Received", "Reply", "error", "message_body",
+           "ok", "overloaded", "proxy_page",
            "rate_limited", "raw_body"]

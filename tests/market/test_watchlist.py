@@ -58,7 +58,8 @@ def enabled() -> set[str]:
     return set(Instrument.objects.filter(trading_enabled=True).values_list("inst_id", flat=True))
 
 
-def test_import_with_bad_rows_reports_each_row_and_imports_the_good_ones(swaps, tmp_path, capsys) -> None:  # noqa: ANN001
+def test_import_with_bad_rows_reports_each_row_and_imports_the_good_ones(
+        swaps, tmp_path, capsys) -> None:  # noqa: ANN001
     assert len(swaps) == 166 and "ETH-USDT-SWAP" in swaps
     path = tmp_path / "watchlist.csv"
     path.write_text("inst_id,enabled\n"
@@ -107,7 +108,8 @@ def test_the_limit_replace_and_an_export_that_imports_back_unchanged(swaps, sett
     assert "inst_id column" in watchlist_import(data="symbol\nBTC-USDT-SWAP\n").error
 
 
-def test_the_admin_previews_bad_rows_and_imports_the_good_ones(swaps, client, django_user_model) -> None:  # noqa: ANN001
+def test_the_admin_previews_bad_rows_and_imports_the_good_ones(
+        swaps, client, django_user_model) -> None:  # noqa: ANN001
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     admin = django_user_model.objects.create_superuser("admin", "a@example.com", "pw")
@@ -131,7 +133,8 @@ def test_the_admin_previews_bad_rows_and_imports_the_good_ones(swaps, client, dj
     form = client.get("/admin/market/instrument/export/").context["form"]
     ticked = {name: "on" for name, f in form.fields.items() if getattr(f, "is_selectable_field", False)}
     # The admin exports its list as filtered: here the instruments that trade.
-    exported = client.post("/admin/market/instrument/export/?trading_enabled__exact=1", {"format": csv_format, "resource": 0, **ticked})
+    exported = client.post("/admin/market/instrument/export/?trading_enabled__exact=1",
+                           {"format": csv_format, "resource": 0, **ticked})
     assert exported.status_code == 200 and exported["Content-Type"].startswith("text/csv"), exported.content[:300]
     assert exported.content.decode().splitlines() == ["inst_id,enabled", "BTC-USDT-SWAP,1"]
 

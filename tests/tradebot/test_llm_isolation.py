@@ -112,7 +112,8 @@ def test_an_approved_order_reaches_the_exchange_while_every_llm_thread_waits_on_
     app.send_task("tradebot.tasks.account_sync", queue="okx")
 
     deadline = time.monotonic() + 30
-    while Cycle.objects.get(pk=cycle.pk).state not in (CycleState.DONE, CycleState.FAILED) and time.monotonic() < deadline:
+    ended = (CycleState.DONE, CycleState.FAILED)
+    while Cycle.objects.get(pk=cycle.pk).state not in ended and time.monotonic() < deadline:
         time.sleep(0.05)
     cycle.refresh_from_db()
     assert cycle.outcome == CycleOutcome.TRADED, (cycle.state, cycle.reason, workers.worker_logs())

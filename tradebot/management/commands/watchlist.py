@@ -21,7 +21,8 @@ class Command(BaseCommand):
         sub.add_parser("show", help="the enabled instruments (and which the top-N selection enabled)")
         imp = sub.add_parser("import", help="a CSV with an inst_id column (and optionally enabled: true/false)")
         imp.add_argument("file", help="CSV file ('-' reads standard input)")
-        imp.add_argument("--replace", action="store_true", help="also turn off every enabled instrument not in the file")
+        imp.add_argument("--replace", action="store_true",
+                         help="also turn off every enabled instrument not in the file")
         imp.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
         exp = sub.add_parser("export", help="the watchlist as CSV (inst_id,enabled)")
         exp.add_argument("file", nargs="?", default="-", help="where to write ('-': standard output)")
@@ -92,7 +93,8 @@ class Command(BaseCommand):
         self.stdout.write(f"top {len(report.ranked)} USDT swaps by 24-hour volume:")
         for inst_id, volume in report.ranked:
             self.stdout.write(f"  {inst_id:<20} {volume:>18,.0f} USDT")
-        self.stdout.write(f"enabled: {', '.join(report.enabled) or '-'}; turned off: {', '.join(report.dropped) or '-'}; "
+        self.stdout.write(f"enabled: {', '.join(report.enabled) or '-'}; "
+                          f"turned off: {', '.join(report.dropped) or '-'}; "
                           f"kept (position open): {', '.join(report.kept) or '-'}")
         if report.over_limit:
             self.stdout.write(f"not enabled, over WATCHLIST_MAX_ENABLED={settings.WATCHLIST_MAX_ENABLED}: "
