@@ -9,6 +9,8 @@
     .venv/bin/python bench/run.py replay --sqlite               # the replay on SQLite only
     .venv/bin/python bench/run.py pipeline --cycles 100         # cycles per series (>= 50)
     .venv/bin/python bench/run.py instruments300 --instruments 300 --concurrency 1
+    .venv/bin/python bench/run.py llm_cost [--days 3]                       # LLM cost per instrument-day (issue 20)
+    .venv/bin/python bench/run.py llm_load [--instruments 300 --interval 300 --ticks 3 --concurrency 1]
 
 The sections `pipeline` and `instruments300` start real Celery workers (one
 per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
@@ -174,8 +176,15 @@ section("pipeline")(bench_pipeline)
 section("instruments300")(bench_instruments300)
 section("replay")(bench_replay)
 
+# --- issue 20: LLM cost per instrument-day, and the latency-realistic load (bench/llm_cost_bench.py, bench/load_bench.py)
+from bench.llm_cost_bench import bench_llm_cost  # noqa: E402
+from bench.load_bench import bench_llm_load  # noqa: E402
+
+section("llm_cost")(bench_llm_cost)
+section("llm_load")(bench_llm_load)
+
 _VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
-                  "--concurrency": ("concurrency", int)}
+                  "--concurrency": ("concurrency", int), "--interval": ("interval", float), "--ticks": ("load_cycles", int)}
 
 
 def _options(argv: list[str]) -> list[str]:

@@ -83,3 +83,17 @@ def _install_stored_candles_feed() -> None:
 
 if os.environ.get("BENCH_FEED") == "db":
     _install_stored_candles_feed()
+
+
+# issue 20's llm_load section: when each account sync starts (the bench sent it at a known time).
+SYNC_STARTS_KEY = "bench:sync_started"
+
+
+def _sync_started(sender: object = None, task: object = None, **_: object) -> None:
+    if getattr(task or sender, "name", "") == "tradebot.tasks.account_sync":
+        _client().rpush(f"{os.environ.get('CELERY_REDIS_KEY_PREFIX', '')}{SYNC_STARTS_KEY}", repr(time.time()))
+
+
+from celery.signals import task_prerun  # noqa: E402
+
+task_prerun.connect(_sync_started, weak=False)

@@ -59,9 +59,12 @@ class ModelCaps:
     temperature: bool  # the model accepts `temperature`
     adaptive_thinking: bool  # send thinking={"type": "adaptive"}
     effort: bool  # send output_config.effort
-    # The shortest prefix the API caches (tokens, the model's own count). Anthropic's prompt-caching page:
-    # 4,096 for Opus 4.6/4.5 and Haiku 4.5, 2,048 for Sonnet 4.6 and Haiku 3.5, 1,024 for Sonnet 4.5 and
-    # Opus 4.1/4, 512 for the Opus 5 family. Not found for Sonnet 5.5 / Haiku 5.5: 1,024 assumed (Sonnet 5's).
+    # The shortest prefix the API caches (tokens, the model's own count). Checked (Dec 2026) against Anthropic's
+    # prompt-caching page as quoted in anthropic-sdk-python issue #1194 and gateway docs that copy its table:
+    # 4,096 for Opus 4.6, Opus 4.5 and Haiku 4.5; 1,024 for Sonnet 4.5 and Opus 4.1/4; Sonnet 4.6 is 1,024 on
+    # that page but 2,048 in other copies and in that issue's measurements, so 2,048 here. A summary of the
+    # current page gives 512 for the Opus 5 family and 1,024 for Sonnet 5. No figure was found for Opus 5.5,
+    # Sonnet 5.5 or Haiku 5.5: Opus 5's 512 and Sonnet 5's 1,024 are assumed (cache_worth_marking keeps a margin).
     cache_min_tokens: int = 4096
     # Tokens per character of English/JSON prompt text, for the estimate below (Haiku 5.5's tokenizer
     # counts ~30% more tokens for the same text than the 4.x ones).

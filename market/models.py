@@ -29,6 +29,9 @@ class Instrument(models.Model):
     settle_ccy = models.CharField(max_length=10, default="USDT")
     state = models.CharField(max_length=20, default="live")
     trading_enabled = models.BooleanField(default=False, help_text="Run the decision cycle for this instrument")
+    auto_selected = models.BooleanField(
+        default=False, help_text="Enabled by the daily top-N-by-volume selection (WATCHLIST_TOP_N), not by a person: "
+                                 "the next selection may turn it off again")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -5,7 +5,7 @@ entry per `Instrument.trading_enabled` every `DECISION_CYCLE_SECONDS` (a tick
 that waited more than one interval is recorded SKIPPED, see `cycle_open`),
 account sync every `ACCOUNT_SYNC_SECONDS`, the deep-reflection check hourly,
 performance snapshots hourly,
-daily and weekly, and the daily risk reset at 00:00 UTC. Entries of
+daily and weekly, and the daily risk reset at 00:00 UTC; with WATCHLIST_TOP_N > 0 the daily top-N selection. Entries of
 instruments no longer enabled are disabled, not deleted, so admin edits to
 them survive. Only the schedule, task and queue are rewritten; an entry a
 person disabled in the admin stays disabled.
@@ -22,6 +22,7 @@ from market.models import Instrument
 
 CYCLE_PREFIX = "cycle "
 CYCLE_TASK = "tradebot.tasks.cycle_start"
+WATCHLIST_ENTRY = "watchlist top n"
 
 
 def _interval(seconds: int) -> IntervalSchedule:
@@ -91,4 +92,14 @@ def beat_sync() -> list[PeriodicTask]:
         crontab=_crontab(minute="0", hour="0"), expire_seconds=3600,
         description="Day-start equity for the daily loss limit; ends a daily-loss HALT",
     ))
+    # The watchlist's daily top-N selection (issue 20), only while WATCHLIST_TOP_N asks for one.
+    if settings.WATCHLIST_TOP_N > 0:
+        entries.append(_entry(
+            WATCHLIST_ENTRY, task="tradebot.tasks.watchlist_refresh", queue="okx",
+            crontab=_crontab(minute="10", hour=str(settings.WATCHLIST_TOP_N_HOUR)), expire_seconds=3600,
+            description=f"Enable the top {settings.WATCHLIST_TOP_N} USDT swaps by 24-hour volume on OKX "
+                        f"(at most WATCHLIST_MAX_ENABLED={settings.WATCHLIST_MAX_ENABLED} trade)",
+        ))
+    else:
+        PeriodicTask.objects.filter(name=WATCHLIST_ENTRY).delete()  # created afresh (enabled) when turned on
     return [e for e in entries if e.enabled]

@@ -47,6 +47,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_celery_beat",
+    "import_export",  # the instruments' watchlist: CSV import/export in the admin (issue 20)
     "market",
     "journal",
     "brain",
@@ -283,7 +284,8 @@ REFLECTION_TEMPERATURE = env_float("REFLECTION_TEMPERATURE", 0.3, minimum=0.0, m
 ANALYST_MAX_TOKENS = env_int("ANALYST_MAX_TOKENS", 4096, minimum=16)
 SCREENER_MAX_TOKENS = env_int("SCREENER_MAX_TOKENS", 100, minimum=1)
 REFLECTION_MAX_TOKENS = env_int("REFLECTION_MAX_TOKENS", 8192, minimum=16)
-ANALYST_TIMEOUT_SECONDS = env_float("ANALYST_TIMEOUT_SECONDS", 30.0, minimum=1.0)
+# 90 s: an Opus analysis thinking at medium effort takes 10-60 s (issue 20); 30 s made every long one a HOLD.
+ANALYST_TIMEOUT_SECONDS = env_float("ANALYST_TIMEOUT_SECONDS", 90.0, minimum=1.0)
 SCREENER_TIMEOUT_SECONDS = env_float("SCREENER_TIMEOUT_SECONDS", 10.0, minimum=1.0)
 REFLECTION_TIMEOUT_SECONDS = env_float("REFLECTION_TIMEOUT_SECONDS", 120.0, minimum=1.0)
 LLM_EFFORT = env_choice("LLM_EFFORT", "medium", ("low", "medium", "high", "max"))
@@ -309,6 +311,12 @@ ANALYST_UNCHANGED_ATR_MULTIPLE = env_decimal("ANALYST_UNCHANGED_ATR_MULTIPLE", "
 ANALYST_UNCHANGED_MAX_SECONDS = env_int("ANALYST_UNCHANGED_MAX_SECONDS", 3600, minimum=0)
 # make run / compose: threads of the llm worker (each serves one model call at a time).
 LLM_WORKER_THREADS = env_int("LLM_WORKER_THREADS", 8, minimum=1)
+# The watchlist (issue 20): at most WATCHLIST_MAX_ENABLED instruments trade at once (an import or the top-N selection
+# past it is refused row by row); WATCHLIST_TOP_N > 0 enables the N USDT swaps with the largest 24-hour volume on
+# OKX, refreshed daily at WATCHLIST_TOP_N_HOUR:10 UTC (0 = off: only the instruments a person enabled).
+WATCHLIST_MAX_ENABLED = env_int("WATCHLIST_MAX_ENABLED", 300, minimum=1)
+WATCHLIST_TOP_N = env_int("WATCHLIST_TOP_N", 0, minimum=0)
+WATCHLIST_TOP_N_HOUR = env_int("WATCHLIST_TOP_N_HOUR", 0, minimum=0, maximum=23)
 
 # USD per million tokens. cache_write is the 5-minute write price (1.25x input);
 # cache_read 0.1x input unless the model's page says otherwise. Override the

@@ -430,6 +430,19 @@ def risk_daily_reset(self: Task) -> None:
     risk_day_reset(exchange=live_env().exchange)
 
 
+@app.task(name="tradebot.tasks.watchlist_refresh", bind=True, acks_late=True, max_retries=3)
+def watchlist_refresh(self: Task) -> list[str]:
+    """Beat's daily top-N selection (WATCHLIST_TOP_N > 0); a temporary OKX error retries in 5 minutes."""
+    from market.feeds.base import FeedTemporaryError
+    from tradebot.watchlist import watchlist_top_n_refresh
+
+    try:
+        report = watchlist_top_n_refresh(exchange=live_env().exchange)
+    except FeedTemporaryError as exc:
+        raise self.retry(exc=exc, countdown=300) from exc
+    return report.enabled
+
+
 
 # --- worker warm-up and the connection between tasks -----------------------------------------------------------------
 

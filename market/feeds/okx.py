@@ -323,18 +323,21 @@ class OkxFeed:
     # -- the rest -----------------------------------------------------------
     def ticker(self, inst_id: str) -> Ticker:
         row = self._one("ticker", self._call("ticker", self._market.get_ticker, inst_id))
-        return Ticker(
-            inst_id=str(row.get("instId") or inst_id),
-            ts=_required(parse_ms(row, "ts"), "ts"),
-            last=_required(parse_decimal(row, "last"), "last"),
-            bid=parse_decimal(row, "bidPx"),
-            ask=parse_decimal(row, "askPx"),
-            open_24h=parse_decimal(row, "open24h"),
-            high_24h=parse_decimal(row, "high24h"),
-            low_24h=parse_decimal(row, "low24h"),
-            # For SWAP, vol24h is in contracts and volCcy24h in base currency.
-            volume_24h=parse_decimal(row, "volCcy24h"),
-        )
+        return ticker_from_okx(row, inst_id)
+
+    def tickers(self, inst_type: str = "SWAP") -> list[Ticker]:
+        """Every instrument's ticker of `inst_type` (/market/tickers, one call); a row that does not parse is
+        skipped with a warning, like an odd instrument row."""
+        rows = self._call("tickers", self._market.get_tickers, inst_type)
+        found: list[Ticker] = []
+        for row in rows:
+            if not isinstance(row, dict):
+                raise FeedDataError("OKX tickers: a row is not an object")
+            try:
+                found.append(ticker_from_okx(row, ""))
+            except FeedDataError as e:
+                log.warning("okx.ticker_skipped", inst_id=row.get("instId"), error=str(e))
+        return found
 
     def order_book(self, inst_id: str, depth: int = 5) -> OrderBook:
         row = self._one("books", self._call("books", self._market.get_orderbook, inst_id, sz=str(depth)))
@@ -422,6 +425,21 @@ class OkxFeed:
         """OKX server time; a cheap reachability probe."""
         row = self._one("time", self._call("time", self._public.get_system_time))
         return _required(parse_ms(row, "ts"), "ts")
+
+
+def ticker_from_okx(row: dict[str, Any], inst_id: str) -> Ticker:
+    return Ticker(
+        inst_id=_required(str(row.get("instId") or inst_id) or None, "instId"),
+        ts=_required(parse_ms(row, "ts"), "ts"),
+        last=_required(parse_decimal(row, "last"), "last"),
+        bid=parse_decimal(row, "bidPx"),
+        ask=parse_decimal(row, "askPx"),
+        open_24h=parse_decimal(row, "open24h"),
+        high_24h=parse_decimal(row, "high24h"),
+        low_24h=parse_decimal(row, "low24h"),
+        # For SWAP, vol24h is in contracts and volCcy24h in base currency.
+        volume_24h=parse_decimal(row, "volCcy24h"),
+    )
 
 
 def instrument_spec_from_okx(row: dict[str, Any]) -> InstrumentSpec:

@@ -302,3 +302,23 @@ def test_the_analyst_holds_with_the_reason_when_a_proxy_answers_instead_of_the_a
     anthropic_server.script(proxy_page())
     decision = decide()
     assert decision.action == Action.HOLD and NOT_A_MESSAGE in decision.reasoning
+
+
+def test_the_ledger_equals_what_an_honest_server_billed_for_a_repeated_prefix_and_one_below_the_minimum(
+        anthropic_server, settings):
+    from tests.fakes.anthropic_server import HonestModel
+
+    model = HonestModel(open_rate=0.0)
+    anthropic_server.handler(model.handle)
+    settings.ANALYST_MODEL = "claude-opus-5-5"  # 512-token minimum: the analyst's static part is cached
+    decide()
+    decide()
+    settings.ANALYST_MODEL = "claude-opus-4-6"  # 4,096-token minimum: nothing cached, nothing marked
+    decide()
+    rows = list(LlmCall.objects.order_by("id"))
+    billed = [(c.input_tokens, c.output_tokens, c.cache_write_tokens, c.cache_read_tokens) for c in model.calls]
+    assert [(r.input_tokens, r.output_tokens, r.cache_write_tokens, r.cache_read_tokens) for r in rows] == billed
+    (_, _, write, read), (_, _, write2, read2), (_, _, write3, read3) = billed
+    assert write > 1000 and read == 0 and (write2, read2) == (0, write) and (write3, read3) == (0, 0)
+    assert model.calls[0].thinking_tokens > 0 and model.calls[2].thinking_tokens == 0  # adaptive on 5.5 only
+    assert rows[1].cost_usd < rows[0].cost_usd

@@ -28,6 +28,7 @@ API = "/api/v5"
 CANDLES = f"{API}/market/candles"
 HISTORY_CANDLES = f"{API}/market/history-candles"
 TICKER = f"{API}/market/ticker"
+TICKERS = f"{API}/market/tickers"
 BOOKS = f"{API}/market/books"
 FUNDING_RATE = f"{API}/public/funding-rate"
 OPEN_INTEREST = f"{API}/public/open-interest"
@@ -165,6 +166,19 @@ class OkxMarketFake:
             return Reply(200, {"code": "0", "msg": "", "data": selected[:limit]})
 
         return handle
+
+    def tickers(self, sample_row: dict[str, str], figures: dict[str, tuple[str, str]]) -> None:
+        """Serve /market/tickers?instType=SWAP: `sample_row` (a real ticker row) re-addressed to each instrument of
+        `figures` (inst_id -> (last, volCcy24h)), in OKX's row order (as given); another instType gets no rows."""
+        rows = [{**sample_row, "instType": "SWAP", "instId": inst_id, "last": last, "volCcy24h": vol_ccy}
+                for inst_id, (last, vol_ccy) in figures.items()]
+
+        def handle(req: Received) -> Reply:
+            if not req.query.get("instType"):
+                return Reply(200, {"code": "50014", "msg": "Parameter instType can not be empty.", "data": []})
+            return Reply(200, {"code": "0", "msg": "", "data": rows if req.query["instType"] == "SWAP" else []})
+
+        self.server.route("GET", TICKERS, handle)
 
     def calls(self, path: str) -> list[Received]:
         return self.server.calls("GET", path)

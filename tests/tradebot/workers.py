@@ -31,7 +31,8 @@ class Workers:
 
     def __init__(self, *, redis_url: str, tmp: Path, app_module: str = "tradebot", prefix: str | None = None,
                  pool: str = "solo", concurrency: int = 1, visibility_timeout: int = 3,
-                 extra_env: dict[str, str] | None = None, ready_timeout: float = 90.0) -> None:
+                 extra_env: dict[str, str] | None = None, ready_timeout: float = 90.0,
+                 pools: dict[str, tuple[str, int]] | None = None) -> None:
         db = settings.DATABASES["default"]
         user = db.get("USER") or "postgres"
         auth = f"{user}:{db['PASSWORD']}@" if db.get("PASSWORD") else f"{user}@"
@@ -42,6 +43,7 @@ class Workers:
         self.app_module = app_module
         self.pool = pool
         self.concurrency = concurrency
+        self.pools = pools or {}  # queue -> (pool, concurrency): e.g. {"llm": ("threads", 8)} as runbot starts it
         self.ready_timeout = ready_timeout
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._redis = None
@@ -76,10 +78,11 @@ class Workers:
             path.touch()
             markers[queue] = path.stat().st_size
             log = open(path, "ab")  # noqa: SIM115 - the child writes to it
+            pool, concurrency = self.pools.get(queue, (self.pool, self.concurrency))
             self.procs[queue] = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", self.app_module, "worker", "-Q", queue,
-                 "-n", f"{queue}@{self.prefix[:-1]}", "-P", self.pool,
-                 *(["-c", str(self.concurrency)] if self.pool != "solo" else []),
+                 "-n", f"{queue}@{self.prefix[:-1]}", "-P", pool,
+                 *(["-c", str(concurrency)] if pool != "solo" else []),
                  "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )

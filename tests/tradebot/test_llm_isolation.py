@@ -1,0 +1,133 @@
+"""Queues stay isolated under model latency: real workers as `make run` starts them (one per queue, the llm one on
+a threads pool) on Redis and PostgreSQL, the Claude brain against a slow local Messages API server.
+
+The llm worker's threads are all held by a slow model, with more held calls queued behind them; an approved
+order (risk gate on `default`, the order on `okx`) still reaches the exchange within a second of its analysis,
+long before any held call ends, and the account sync (`okx`), sent while every llm thread is held, starts at once.
+(The one thread that served the order's own analysis is refilled from the queue a moment after it answers, so
+at the order's instant the others are certainly held and that one is being refilled.)
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from journal.models import Cycle, CycleOutcome, CycleState
+from market.models import Instrument
+from tests.conftest import TEST_KEY, missing_service, redis_url
+from tests.fakes.anthropic_server import FakeAnthropic, HonestModel, Received, Reply, ok
+from tests.tradebot.workers import Workers, redis_reachable
+from tradebot.celery import app
+from tradebot.pipeline import cycle_launch
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+INST = "BTC-USDT-SWAP"
+OPEN_AT = datetime(2025, 9, 5, 0, 30, tzinfo=UTC)
+THREADS = 3
+HOLD_SECONDS = 4.0
+
+
+class SlowModel:
+    """The cycle's screener and analyst answer at once; `hold` calls take HOLD_SECONDS. The analyst's answer waits
+    until the other threads are all held, so that when its thread frees a queued hold takes it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holds: list[list[float]] = []  # [start, end] per hold call (end 0 while in flight)
+        self.analyst_started = threading.Event()
+        self.analyst_answered = 0.0
+
+    def in_flight(self, at: float) -> int:
+        with self.lock:
+            return sum(1 for start, end in self.holds if start <= at and (end == 0 or end >= at))
+
+    def handle(self, received: Received) -> Reply:
+        body = received.json()
+        user = "".join(HonestModel._text(m.get("content")) for m in body["messages"])
+        if user.startswith("hold "):
+            window = [time.time(), 0.0]
+            with self.lock:
+                self.holds.append(window)
+            time.sleep(HOLD_SECONDS)
+            window[1] = time.time()
+            return ok(data={"signal": False, "reason": "held"}, model=body["model"])
+        purpose = HonestModel.purpose_of(body)
+        if purpose == "screen":
+            return ok(data={"signal": True, "reason": "pullback"}, model=body["model"])
+        self.analyst_started.set()
+        deadline = time.monotonic() + 20
+        while self.in_flight(time.time()) < THREADS - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        answer = HonestModel(open_rate=1.0)._answer("analyze", user, random.Random(1))
+        self.analyst_answered = time.time()
+        return ok(data=answer, model=body["model"])
+
+
+@pytest.fixture(scope="module")
+def model_server():  # noqa: ANN201
+    with FakeAnthropic() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def workers(django_db_setup, django_db_blocker, tmp_path_factory, model_server):  # noqa: ANN001, ANN201
+    url = redis_url()
+    if not redis_reachable(url):
+        missing_service(f"Redis is not reachable at {url}")
+    with django_db_blocker.unblock():
+        w = Workers(redis_url=url, tmp=tmp_path_factory.mktemp("llm-busy"), app_module="tests.tradebot.llm_busy_app",
+                    pools={"llm": ("threads", THREADS)},
+                    extra_env={"BRAIN": "claude", "ANTHROPIC_API_KEY": TEST_KEY,
+                               "ANTHROPIC_BASE_URL": model_server.url})
+    w.start_all()
+    yield w
+    w.stop_all()
+
+
+def test_an_approved_order_reaches_the_exchange_while_every_llm_thread_waits_on_the_model(
+        workers: Workers, model_server: FakeAnthropic, settings) -> None:  # noqa: ANN001
+    from execution.models import Order
+    from market.feeds import synthetic_feed_from_settings
+    from market.services import instruments_sync
+    from tests.tradebot.llm_busy_app import SYNC_KEY
+
+    settings.BRAIN, settings.ANTHROPIC_API_KEY, settings.ANTHROPIC_BASE_URL = "claude", TEST_KEY, model_server.url
+    model = SlowModel()
+    model_server.handler(model.handle)
+    instruments_sync(feed=synthetic_feed_from_settings(), enable=[INST])
+    cycle = cycle_launch(instrument=Instrument.objects.get(inst_id=INST), as_of=OPEN_AT)
+    assert model.analyst_started.wait(30), workers.worker_logs()
+    # THREADS + 1 hold calls: one on the free thread now, the others queued for the threads as they free.
+    for i in range(THREADS + 1):
+        app.send_task("tests.llm_hold", args=[str(i)], queue="llm")
+    deadline = time.monotonic() + 20
+    while model.in_flight(time.time()) < THREADS and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sync_sent = time.time()
+    app.send_task("tradebot.tasks.account_sync", queue="okx")
+
+    deadline = time.monotonic() + 30
+    ended = (CycleState.DONE, CycleState.FAILED)
+    while Cycle.objects.get(pk=cycle.pk).state not in ended and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cycle.refresh_from_db()
+    assert cycle.outcome == CycleOutcome.TRADED, (cycle.state, cycle.reason, workers.worker_logs())
+    order = Order.objects.get(cycle_id=cycle.pk)
+    placed = order.created_at.timestamp()
+    assert cycle.order["state"] == "FILLED"
+    # The order was written (before the exchange call) and filled while the other llm threads were held, within a
+    # second of the analyst's answer, long before any held call ended: it waited behind no model call.
+    assert model.in_flight(placed) >= THREADS - 1 and model.in_flight(order.updated_at.timestamp()) >= THREADS - 1
+    assert placed - model.analyst_answered < 1.0, placed - model.analyst_answered
+    assert order.updated_at.timestamp() < min(start for start, _ in model.holds) + HOLD_SECONDS
+    # The account sync started at once on its own worker, with the llm threads still held.
+    started = float(workers.redis().lpop(workers.prefix + SYNC_KEY) or 0)
+    assert 0 < started - sync_sent < 2.0 and model.in_flight(started) == THREADS, (started - sync_sent, model.holds)
+    assert Cycle.objects.filter(pk=cycle.pk, stage_times__ANALYZING__queue="llm").exists()
+    workers.wait_idle(timeout=30)
+    assert len(model.holds) == THREADS + 1 and all(end for _, end in model.holds)
