@@ -9,6 +9,7 @@
     .venv/bin/python bench/run.py replay --sqlite               # the replay on SQLite only
     .venv/bin/python bench/run.py pipeline --cycles 100         # cycles per series (>= 50)
     .venv/bin/python bench/run.py instruments300 --instruments 300 --concurrency 1
+    .venv/bin/python bench/run.py streams --messages 300000 --fills 30   # stream throughput, fill -> close
 
 The sections `pipeline` and `instruments300` start real Celery workers (one
 per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
@@ -174,8 +175,13 @@ section("pipeline")(bench_pipeline)
 section("instruments300")(bench_instruments300)
 section("replay")(bench_replay)
 
+# --- streams (#19: bench/streams_bench.py) -------------------------------------------------
+from bench.streams_bench import bench_streams  # noqa: E402
+
+section("streams")(bench_streams)
+
 _VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
-                  "--concurrency": ("concurrency", int)}
+                  "--concurrency": ("concurrency", int), "--messages": ("messages", int), "--fills": ("fills", int)}
 
 
 def _options(argv: list[str]) -> list[str]:

@@ -305,9 +305,11 @@ class StreamApp:
             await self._in(self._db, partial(live_batch_write, batch=batch, instruments=self.instruments))
         if status or final:
             states = [s.state for s in self.streams.values()]
-            if final:
+            if final:  # the process ends: no connection of it is up or coming back (bot status, health)
                 for state in states:
                     state.connected = False
+                    if not state.stopped:
+                        state.stopped, state.error = True, "manage.py stream_okx stopped"
             await self._in(self._db, stream_status_write, states, at=time.time())
 
     async def flushed(self) -> None:

@@ -7,6 +7,7 @@ fields of its `data` row kept as recorded unless a test says which one it change
 from __future__ import annotations
 
 import copy
+import io
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -15,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from django.core.management import call_command
+
 from journal.models import Cycle, CycleState, JournalEvent
 from market.feeds.okx import OkxFeed
 from market.models import Candle, LiveMarket, StreamStatus
+from market.selectors import streams_health
 from market.services import candles_upsert
 from market.feeds.base import Bar
 from tests.fakes.http_server import FakeHttpServer
@@ -190,6 +194,11 @@ def test_a_refused_login_stops_the_private_stream_with_one_clear_error(ws, memor
         time.sleep(0.6)  # a reconnect loop would have logged in again by now (backoff 0.05 s)
         ws.wait_subscribed(PUBLIC, "tickers", BTC)  # the public side goes on
         assert running.streams["public"].state.connected
+        running.flush()
+        health = wait_for(streams_health, what="the health read")  # what `bot status` and the health check show
+        assert health["running"] and not health["ok"]
+        assert health["streams"]["public"] == "up" and health["streams"]["business"] == "up"
+        assert health["streams"]["private"].startswith("private: stopped: OKX refused the WebSocket login (code 60009)")
     assert ws.logins == [(PRIVATE, False)]  # one attempt; the algo connection never tried
     events = list(JournalEvent.objects.filter(kind="stream_login_refused"))
     assert len(events) == 1
@@ -197,6 +206,10 @@ def test_a_refused_login_stops_the_private_stream_with_one_clear_error(ws, memor
     assert "Login failed." in events[0].data["raw"]
     status = StreamStatus.objects.get(name="private")
     assert status.stopped and "refused" in status.error
+    out = io.StringIO()
+    call_command("bot", "status", stdout=out)
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("streams"))
+    assert "private: stopped: OKX refused" in line and "public: stopped: manage.py stream_okx stopped" in line
     for text in JournalEvent.objects.values_list("message", "data"):
         assert "not-the-secret" not in str(text) and PASSPHRASE not in str(text)
 
