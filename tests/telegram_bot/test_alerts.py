@@ -182,3 +182,33 @@ def test_fixtures_have_the_bot_api_envelope() -> None:
         body = fixture(path.stem)
         assert isinstance(body["ok"], bool)
         assert ("result" in body) if body["ok"] else {"error_code", "description"} <= set(body)
+
+
+def test_a_hanging_telegram_costs_a_pass_one_timeout_not_one_per_queued_message(telegram, settings, btc) -> None:
+    """Telegram accepts and never answers: the first send times out and the rest of the pass waits with it
+    (the worker is free again after one timeout; every delivery stays queued and counts the attempt)."""
+    settings.TELEGRAM_SEND_TIMEOUT_SECONDS = 0.5
+    telegram.hang()
+    filled_order()
+    result = alerts_dispatch_run()
+    telegram.hang(False)
+    assert result["retry"] == 3 and result["sent"] == 0
+    assert len(telegram.hung) == 1, "one request (one timeout), not one per chat"
+    assert all(d.status == DeliveryStatus.QUEUED and d.attempts == 1 and "Timed out" in d.last_error
+               for d in AlertDelivery.objects.all())
+
+
+def test_the_retry_backoff_doubles_from_2s_to_a_60s_cap(telegram, settings, btc) -> None:
+    assert (settings.TELEGRAM_RETRY_FIRST_SECONDS, settings.TELEGRAM_RETRY_MAX_SECONDS) == (2.0, 60.0)
+    settings.TELEGRAM_CHAT_IDS, settings.TELEGRAM_ADMIN_CHAT_IDS = (READER,), ()
+    telegram.stop()  # refused
+    filled_order()
+    now = timezone.now()
+    waits = []
+    for _ in range(8):
+        alerts_dispatch_run(now=now)
+        d = AlertDelivery.objects.get()
+        waits.append(round((d.next_attempt_at - timezone.now()).total_seconds()))
+        now = d.next_attempt_at
+    assert waits == [2, 4, 8, 16, 32, 60, 60, 60]
+    assert d.attempts == 8 and d.status == DeliveryStatus.QUEUED
