@@ -193,6 +193,30 @@ def _dispatch_cost(frames: list[str], inst_ids: list[str]) -> float:
     return best
 
 
+def _bare_client_cost(server: ServerProcess, frames: list[str], count: int) -> float:
+    """CPU seconds per frame of the `websockets` client alone (receive and decode, nothing done with it)."""
+    from websockets.asyncio.client import connect
+
+    from tests.fakes.okx_ws_server import PUBLIC
+
+    async def run() -> float:
+        async with connect(f"{server.url}{PUBLIC}", ping_interval=None, compression=None, max_queue=None,
+                           max_size=2**22) as ws:
+            await asyncio.sleep(0.2)  # registered on the server
+            blast = asyncio.get_running_loop().run_in_executor(None, server.call, "blast", PUBLIC, frames, count, None)
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            received = 0
+            async for _ in ws:
+                received += 1
+                if received >= count:
+                    break
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            await blast
+            return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / count
+
+    return asyncio.run(run())
+
+
 def throughput(*, instruments: int, messages: int) -> None:
     from market.models import Instrument
     from tests.fakes.okx_ws_server import PUBLIC
@@ -212,6 +236,7 @@ def throughput(*, instruments: int, messages: int) -> None:
     pinned = _pin({client_cpu})
     try:
         dispatch = _dispatch_cost(frames, inst_ids)  # before the app runs: nothing else in this process meanwhile
+        bare = _bare_client_cost(server, frames, max(chunk, messages // 5 - messages // 5 % chunk))
         app = StreamApp(inst_ids=inst_ids, ws_base=server.url, credentials=None)
         with AppThread(app):
             _pin({client_cpu})  # the app's threads, started meanwhile
@@ -242,8 +267,8 @@ def throughput(*, instruments: int, messages: int) -> None:
                   f"it had {cpu / elapsed:.0%} of the core meanwhile (the machine is shared): "
                   f"{cpu / messages * 1e6:.1f} us of CPU per push = {per_cpu_second:,.0f} pushes per CPU-second")
             print(f"    of which parsing, checking and keeping a push (OkxStream.dispatch alone, best of 15 x 6,000): "
-                  f"{dispatch * 1e6:.1f} us; the rest is the WebSocket library's frame "
-                  f"reading and the event loop")
+                  f"{dispatch * 1e6:.1f} us; the `websockets` client alone receiving the same frames: "
+                  f"{bare * 1e6:.1f} us; the rest: the handler's calls, the database thread's writes")
             print(f"    OKX's ceiling for them: {ceiling:,}/s ({instruments} x (10 tickers + 10 books5) per s, "
                   f"docs-v5); target >= 10x = {10 * ceiling:,}/s: wall {rate / ceiling:.1f}x, per CPU-second "
                   f"{per_cpu_second / ceiling:.1f}x: {'met' if rate >= 10 * ceiling else 'NOT met'}")
