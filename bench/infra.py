@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
-DB_SECTIONS = frozenset({"pipeline", "instruments300", "replay", "llm_cost", "llm_load"})
+DB_SECTIONS = frozenset({"pipeline", "instruments300", "replay", "llm_cost", "llm_load", "streams"})
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Options:
     concurrency: int = 1  # instruments300: processes per worker (1 = solo pool: 4 workers fill 2 cores)
     interval: float = 300.0  # llm_load: seconds between ticks (300 = the real cycle; less compresses time)
     load_cycles: int = 3  # llm_load: ticks (--ticks)
+    messages: int = 300_000  # streams: pushes in the throughput run (#19)
+    fills: int = 30  # streams: pushed fills timed to their journaled close (#19)
     profile: bool = False  # replay: print a cProfile of the synthetic run
     sqlite: bool = False  # the database sections on a scratch SQLite file even when PostgreSQL answers
     pg_url: str = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")

@@ -11,6 +11,7 @@
     .venv/bin/python bench/run.py instruments300 --instruments 300 --concurrency 1
     .venv/bin/python bench/run.py llm_cost [--days 3]                       # LLM cost per instrument-day (issue 20)
     .venv/bin/python bench/run.py llm_load [--instruments 300 --interval 300 --ticks 3 --concurrency 1]
+    .venv/bin/python bench/run.py streams --messages 300000 --fills 30   # stream throughput, fill -> close
 
 The sections `pipeline` and `instruments300` start real Celery workers (one
 per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
@@ -183,8 +184,15 @@ from bench.load_bench import bench_llm_load  # noqa: E402
 section("llm_cost")(bench_llm_cost)
 section("llm_load")(bench_llm_load)
 
+# --- streams (#19: bench/streams_bench.py) -------------------------------------------------
+from bench.streams_bench import bench_streams  # noqa: E402
+
+section("streams")(bench_streams)
+
 _VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
-                  "--concurrency": ("concurrency", int), "--interval": ("interval", float), "--ticks": ("load_cycles", int)}
+                  "--concurrency": ("concurrency", int), "--interval": ("interval", float),
+                  "--ticks": ("load_cycles", int),
+                  "--messages": ("messages", int), "--fills": ("fills", int)}
 
 
 def _options(argv: list[str]) -> list[str]:

@@ -101,12 +101,15 @@ def budget_check(*, now: datetime, mode: str = Mode.LIVE, run_id: str = "") -> B
     if run_id:
         data["run_id"], record_mode = run_id, Mode.REPLAY
     whose = f"replay {run_id} on {data['day']}" if run_id else "today"
+    cents = Decimal("0.01")  # the messages go to a phone (Telegram alerts): dollars and cents
+    spent_text, budget_text = spent.quantize(cents), Decimal(budget).quantize(cents)
     if degraded:
         if not _event_today(KIND_DEGRADE, now, run_id):
             event_record(
                 kind=KIND_DEGRADE,
                 level=EventLevel.WARNING,
-                message=f"LLM budget exhausted: ${spent} of ${budget} {whose}; degrade mode ({settings.LLM_DEGRADE_MODE}) until 00:00 UTC",
+                message=f"LLM budget exhausted: ${spent_text} of ${budget_text} {whose}; degrade mode "
+                        f"({settings.LLM_DEGRADE_MODE}) until 00:00 UTC",
                 data={**data, "mode": settings.LLM_DEGRADE_MODE}, mode=record_mode,
             )
         return state
@@ -114,7 +117,7 @@ def budget_check(*, now: datetime, mode: str = Mode.LIVE, run_id: str = "") -> B
         event_record(
             kind=KIND_WARNING,
             level=EventLevel.WARNING,
-            message=f"LLM spending at {state.fraction:.0%} of the daily budget (${spent} of ${budget}, {whose})",
+            message=f"LLM spending at {state.fraction:.0%} of the daily budget (${spent_text} of ${budget_text}, {whose})",
             data=data, mode=record_mode,
         )
     if not run_id:

@@ -55,6 +55,11 @@ def _atr(snapshot: MarketSnapshot) -> Decimal:
     return Decimal(snapshot.price) * Decimal("0.01")
 
 
+def snapshot_atr(snapshot: MarketSnapshot) -> Decimal:
+    """The ATR the position watch measures moves in (the stream's position-watch trigger uses the same)."""
+    return _atr(snapshot)
+
+
 def _funding_spike(snapshot: MarketSnapshot) -> bool:
     funding = snapshot.funding_rate
     return bool(snapshot.anomalies.funding_spike or (

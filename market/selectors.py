@@ -81,3 +81,36 @@ def returns_1h(*, inst_ids: list[str], until: datetime, hours: int = 168) -> dic
         c = closes.get(inst_id) or {}
         result[inst_id] = [c[b] / c[a] - 1.0 for a, b in pairs] if c else []
     return result
+
+
+def streams_health(*, now: datetime | None = None, fresh_seconds: int | None = None) -> dict[str, object]:
+    """`manage.py stream_okx`'s health, for the health check and `bot status` (one small read, no side effects).
+
+    {"running": any status written within STREAM_FRESH_SECONDS, "ok": running and no problem,
+     "problems": one line per connection that is not up (stopped for good, disconnected, or its
+     status too old: the process is not running), "streams": {name: "up" | the problem}}.
+    No row at all: the stream never ran here (MARKET_DATA_SOURCE is not okx): not running, no problem.
+    """
+    from django.conf import settings
+    from django.utils import timezone
+
+    from market.models import StreamStatus
+
+    now = now or timezone.now()
+    fresh = timedelta(seconds=fresh_seconds or settings.STREAM_FRESH_SECONDS)
+    streams: dict[str, str] = {}
+    running = False
+    for row in StreamStatus.objects.all():
+        age = (now - row.updated_at).total_seconds()
+        running = running or age <= fresh.total_seconds()
+        if age > fresh.total_seconds():
+            streams[row.name] = f"{row.name}: status {age:.0f}s old (manage.py stream_okx is not running)"
+        elif row.stopped:
+            streams[row.name] = f"{row.name}: stopped: {row.error[:200]}"
+        elif not row.connected:
+            streams[row.name] = (f"{row.name}: disconnected, reconnecting ({row.reconnects} reconnects)"
+                                 + (f": {row.error[:200]}" if row.error else ""))
+        else:
+            streams[row.name] = "up"
+    problems = [v for v in streams.values() if v != "up"]
+    return {"running": running, "ok": running and not problems, "problems": problems, "streams": streams}

@@ -220,12 +220,15 @@ def _trade_lines(since: datetime) -> list[AlertLine]:
 
 def _event_lines(since: datetime) -> list[AlertLine]:
     lines = []
-    kinds = [*EVENT_ALERTS, "cycle_failed"]
+    kinds = [*EVENT_ALERTS, "cycle_failed", "account_sync_failed"]
     for e in JournalEvent.objects.filter(mode=Mode.LIVE, kind__in=kinds, created_at__gte=since).order_by("created_at", "id"):
         message = redact(e.message)
-        if e.kind == "cycle_failed":
-            if not any(m in message.lower() for m in UNREACHABLE_MARKERS):
-                continue  # other failures: the repeated-failure alert below
+        if e.kind in ("cycle_failed", "account_sync_failed"):
+            # A cycle or an account sync (every ~15 s, even with no cycle running) that failed because the far end
+            # did not answer: the exchange (or market data) is unreachable. Repeats merge under the cooldown.
+            lowered = message.lower()
+            if not any(m in lowered for m in UNREACHABLE_MARKERS) or "database unavailable" in lowered:
+                continue  # other failures: the repeated-failure alert below (cycles) or the journal (syncs)
             lines.append(AlertLine(key=f"event:{e.pk}", alert_type="exchange_unreachable", severity=Severity.WARN,
                                    text=f"Exchange/market data unreachable\n{_short(message)}"))
             continue

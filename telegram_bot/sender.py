@@ -27,7 +27,6 @@ from telegram_bot.models import AlertDelivery, DeliveryStatus
 from tradebot.logging import get_logger, redact
 
 log = get_logger(__name__)
-MAX_BACKOFF_SECONDS = 300
 CLAIM_STALE = timedelta(minutes=5)  # a SENDING row older than this was left by a dead pass
 BATCH = 50
 
@@ -35,10 +34,12 @@ BATCH = 50
 class TelegramError(Exception):
     """A Bot API call failed; `retryable` says whether trying again later can help."""
 
-    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None,
+                 unreachable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
+        self.unreachable = unreachable  # no answer at all (refused, timed out, 5xx): the next send would wait too
 
 
 def safe_text(text: str) -> str:
@@ -60,7 +61,7 @@ def translate(exc: BaseException) -> TelegramError:
     if isinstance(exc, (tg.BadRequest, tg.Forbidden)):
         return TelegramError(text, retryable=False)
     # NetworkError, TimedOut, InvalidToken (a person may fix the token), a 5xx: try again later.
-    return TelegramError(text, retryable=True)
+    return TelegramError(text, retryable=True, unreachable=isinstance(exc, tg.NetworkError))
 
 
 def telegram_bot_client(*, token: str | None = None, base_url: str | None = None, timeout: float | None = None) -> Any:
@@ -117,7 +118,9 @@ def deliveries_send(*, now: datetime | None = None) -> SendReport:
 
 
 async def _send_all(deliveries: list[AlertDelivery]) -> list[tuple[list[int], TelegramError | None]]:
-    """Send in order; after a 429 the rest of this pass waits too (flood control is per bot)."""
+    """Send in order; after a 429 the rest of this pass waits too (flood control is per bot), and after a send
+    that got no answer (refused, timed out: Telegram unreachable or hanging) too: a pass takes at most one
+    timeout, not one per queued message, so the worker is free again within TELEGRAM_SEND_TIMEOUT_SECONDS."""
     bot = telegram_bot_client()
     results: list[tuple[list[int], TelegramError | None]] = []
     blocked: TelegramError | None = None
@@ -131,7 +134,7 @@ async def _send_all(deliveries: list[AlertDelivery]) -> list[tuple[list[int], Te
                 results.append((await send_parts(bot, chat_id=d.chat_id, parts=parts), None))
             except TelegramError as err:
                 results.append((getattr(err, "sent_ids", []), err))
-                if err.retry_after is not None:
+                if err.retry_after is not None or err.unreachable:
                     blocked = err
     finally:
         try:
@@ -155,7 +158,8 @@ def _record(d: AlertDelivery, ids: list[int], err: TelegramError | None, report:
     d.attempts += 1
     d.last_error = safe_text(str(err))[:1000]
     if err.retryable:
-        wait = err.retry_after if err.retry_after is not None else min(2 ** min(d.attempts, 16), MAX_BACKOFF_SECONDS)
+        wait = err.retry_after if err.retry_after is not None else min(
+            settings.TELEGRAM_RETRY_FIRST_SECONDS * 2 ** min(d.attempts - 1, 30), settings.TELEGRAM_RETRY_MAX_SECONDS)
         d.status, d.next_attempt_at = DeliveryStatus.QUEUED, now + timedelta(seconds=wait)
         d.save()
         report.retry.append(d.pk)

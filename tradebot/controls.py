@@ -70,6 +70,7 @@ class BotStatusReport:
     errors: list[str] = field(default_factory=list)
     account_sync_failures_24h: int = 0  # failed account syncs journaled in the last 24 h (#16)
     streams: list[dict[str, Any]] = field(default_factory=list)
+    streams_health: dict[str, Any] = field(default_factory=dict)  # market.selectors.streams_health (#19)
 
 
 def bot_status(*, exchange: Any | None = None) -> BotStatusReport:
@@ -115,6 +116,7 @@ def bot_status(*, exchange: Any | None = None) -> BotStatusReport:
         brain=brain_name_for_settings(None), exchange=exchange_name, broker=settings.BROKER_KIND,
         equity=equity, today_pnl=pnl or Decimal(0), llm_cost_today=cost or Decimal(0),
         positions=positions, last_cycles=last_cycles, queues=queue_depths(), errors=errors, streams=streams_status(),
+        streams_health=streams_health(),
     )
 
 
@@ -124,6 +126,13 @@ def account_sync_failures(*, since: datetime) -> int:
 
     rows = JournalEvent.objects.filter(kind="account_sync_failed", created_at__gte=since).values_list("data", flat=True)
     return sum(int((d or {}).get("count", 1)) for d in rows)
+
+
+def streams_health() -> dict[str, Any]:
+    """The OKX stream process's health: what `bot status` prints and the health check can call (#19)."""
+    from market.selectors import streams_health as health
+
+    return health()
 
 
 def streams_status() -> list[dict[str, Any]]:

@@ -386,6 +386,10 @@ TELEGRAM_COOLDOWN_SECONDS = env_int("TELEGRAM_COOLDOWN_SECONDS", 60, minimum=0)
 TELEGRAM_DISPATCH_SECONDS = env_int("TELEGRAM_DISPATCH_SECONDS", 5, minimum=1)
 TELEGRAM_SEND_TIMEOUT_SECONDS = env_float("TELEGRAM_SEND_TIMEOUT_SECONDS", 10.0, minimum=0.5)
 TELEGRAM_FAILING_CYCLES = env_int("TELEGRAM_FAILING_CYCLES", 3, minimum=1)
+# A failed send waits TELEGRAM_RETRY_FIRST_SECONDS, doubling per attempt up to TELEGRAM_RETRY_MAX_SECONDS
+# (Telegram's own retry_after on a 429 wins): after an outage the queued alerts go within a minute of its end.
+TELEGRAM_RETRY_FIRST_SECONDS = env_float("TELEGRAM_RETRY_FIRST_SECONDS", 2.0, minimum=0.01)
+TELEGRAM_RETRY_MAX_SECONDS = env_float("TELEGRAM_RETRY_MAX_SECONDS", 60.0, minimum=0.01)
 
 # --- Web / flower ----------------------------------------------------------
 FLOWER_BASIC_AUTH = env_secret("FLOWER_BASIC_AUTH")

@@ -7,7 +7,8 @@ Connections (each an `market.streams.okx_ws.OkxStream`, reconnecting on its own)
 - algo     /ws/v5/business login; orders-algo                      (only with keys).
 
 This module wires the apps together (only `tradebot` may import them all): the public handler
-(market) writes the candle store and the live market rows; its triggers start a cycle through
+(market) writes the candle store and the live market rows; its triggers (the 1H move; the position
+watch's levels, read here from the journal every POSITIONS_EVERY s) start a cycle through
 `cycle_launch` (trigger "stream"); the private handler (execution) queues the account sync
 (tradebot.tasks.account_sync, okx queue), which journals closes and asks for their reviews;
 every problem a connection reports is a JournalEvent with the raw text (secrets redacted).
@@ -34,11 +35,13 @@ from journal.services import event_record
 from market.models import Instrument, StreamStatus
 from market.streams.okx_ws import Credentials, OkxStream, StreamState
 from market.streams.public import PublicStreamHandler, candle_args, candles_gap_fill, live_batch_write, public_args
+from market.streams.triggers import PositionLevels
 from tradebot.logging import get_logger, redact
 
 log = get_logger(__name__)
 ACCOUNT_SYNC_TASK = "tradebot.tasks.account_sync"
 STATUS_EVERY = 2.0  # seconds between status writes
+POSITIONS_EVERY = 5.0  # seconds between reads of the position watch's levels (open trades, last review, ATR)
 LOCKED_RETRIES = 20  # SQLite lock waits of 0.05 s, 0.1 s, ...: about 10 s in all before a write is given up
 
 
@@ -72,6 +75,43 @@ def stream_cycle_start(*, inst_id: str, reason: str) -> int | None:
     event_record(kind="stream_trigger", message=f"{inst_id}: {reason}; cycle {cycle.pk} {cycle.state}",
                  instrument_id=instrument.pk, cycle_id=cycle.pk)
     return cycle.pk
+
+
+def position_levels_read(*, inst_ids: list[str], mode: str) -> dict[str, PositionLevels]:
+    """The position watch's levels of each instrument with a trade open (database thread).
+
+    Review price: the analyst's last review (brain.watch.review_mark_last), else the entry. ATR: the
+    instrument's last full snapshot (brain.watch.snapshot_atr), else 1% of the price, as the watch does.
+    Nothing when the position watch is off (POSITION_WATCH_ENABLED).
+    """
+    from brain.watch import review_mark_last, snapshot_atr
+    from journal.models import Cycle, Trade, TradeStatus
+    from market.schemas import MarketSnapshot
+
+    if not settings.POSITION_WATCH_ENABLED:
+        return {}
+    now = datetime.now(UTC)
+    found: dict[str, PositionLevels] = {}
+    trades = (Trade.objects.filter(mode=mode, run_id="", status=TradeStatus.OPEN, instrument__inst_id__in=inst_ids)
+              .select_related("instrument").order_by("opened_at"))
+    for trade in trades:
+        inst_id = trade.instrument.inst_id
+        mark = review_mark_last(inst_id=inst_id, mode=mode, run_id="", before=now)
+        review = float(mark.price if mark is not None else trade.entry_price)
+        atr = review * 0.01
+        snap = (Cycle.objects.filter(instrument=trade.instrument, mode=mode, run_id="", snapshot__isnull=False)
+                .order_by("-id").values_list("snapshot", flat=True).first())
+        if snap and not snap.get("compact"):
+            try:
+                atr = float(snapshot_atr(MarketSnapshot.model_validate(snap)))
+            except ValueError:
+                pass  # a snapshot of an older shape: the watch's own fallback (1% of the price)
+        found[inst_id] = PositionLevels(
+            review_price=review, atr=atr, stop_loss=float(trade.stop_loss) if trade.stop_loss else None,
+            take_profit=float(trade.take_profit) if trade.take_profit else None,
+            atr_multiple=float(settings.POSITION_WATCH_ATR_MULTIPLE),
+            near_atr=float(settings.POSITION_WATCH_SLTP_NEAR_ATR))
+    return found
 
 
 def account_sync_send(reason: str) -> None:
@@ -206,6 +246,7 @@ class StreamApp:
         self.build()
         assert self.public is not None
         self.public.watches_apply(await self._in(self._db, self.public.watches_read, instruments=self.instruments) or {})
+        await self.positions_refresh()
         log.info("stream_starting", instruments=sorted(self.instruments), streams=sorted(self.streams),
                  private=self.credentials is not None)
         tasks = [asyncio.ensure_future(self._after_login(s) if name == "algo" else s.run())
@@ -237,14 +278,25 @@ class StreamApp:
             await asyncio.sleep(0.1)
         await stream.run()
 
+    async def positions_refresh(self) -> None:
+        """Read the position watch's levels (database thread) and hand them to the triggers (here, the loop)."""
+        assert self.public is not None
+        levels = await self._in(self._db, position_levels_read, inst_ids=sorted(self.instruments),
+                                mode=settings.BOT_MODE)
+        if levels is not None:  # None: the read failed (logged); keep the levels we had
+            self.public.positions_apply(levels)
+
     async def _write_loop(self) -> None:
-        last_status = 0.0
+        last_status = last_positions = time.monotonic()
         while True:
             await asyncio.sleep(self.flush_seconds)
             status = time.monotonic() - last_status >= STATUS_EVERY
             await self._write(status=status)
             if status:
                 last_status = time.monotonic()
+            if time.monotonic() - last_positions >= POSITIONS_EVERY:
+                last_positions = time.monotonic()
+                await self.positions_refresh()
 
     async def _write(self, *, status: bool = True, final: bool = False) -> None:
         assert self.public is not None
@@ -253,9 +305,11 @@ class StreamApp:
             await self._in(self._db, partial(live_batch_write, batch=batch, instruments=self.instruments))
         if status or final:
             states = [s.state for s in self.streams.values()]
-            if final:
+            if final:  # the process ends: no connection of it is up or coming back (bot status, health)
                 for state in states:
                     state.connected = False
+                    if not state.stopped:
+                        state.stopped, state.error = True, "manage.py stream_okx stopped"
             await self._in(self._db, stream_status_write, states, at=time.time())
 
     async def flushed(self) -> None:

@@ -12,7 +12,7 @@ OKX's protocol (docs-v5 "WebSocket"), as this client speaks it:
 - OKX closes a connection that carried nothing for 30 s: we send the text frame "ping" after
   `ping_after` seconds of silence (25 s) and expect "pong" (or anything) within `pong_timeout`.
 
-A dropped connection is reopened with exponential backoff (1 s doubling to 60 s, with jitter;
+A dropped connection is reopened with exponential backoff (1 s doubling to 60 s, with jitter, never over 60 s;
 reset once a new connection has subscribed), logged in again and subscribed again; the
 handler's `on_connected` then fills what was missed (REST). A refused login stops this
 connection for good with one clear message (the key will not get better by retrying).
@@ -172,7 +172,8 @@ class OkxStream:
             if subscribed:
                 delay = self.backoff_first  # the last connection worked: start the backoff over
             self.state.reconnects += 1
-            sleep = delay * (0.8 + 0.4 * random.random())
+            # The jitter spreads many clients' reconnects; the cap holds after it (never more than backoff_max).
+            sleep = min(delay * (0.8 + 0.4 * random.random()), self.backoff_max)
             self.delays.append(sleep)
             log.info("stream_reconnecting", stream=self.name, in_s=round(sleep, 2), reconnects=self.state.reconnects)
             try:

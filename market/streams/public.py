@@ -8,7 +8,8 @@
   is kept in memory and written to `LiveMarket` (one row per instrument) about once a second,
   only for instruments that changed; open interest is also sampled into `OpenInterestSample`
   every `OI_SAMPLE_SECONDS` for the snapshot's live 4-hour change.
-- a ticker is checked by `stream_triggers_check`; what fires goes to `on_trigger(inst_id, reason)`.
+- a ticker is checked by `stream_triggers_check` (the 1H move, and the position watch's levels that
+  `positions_apply` sets for the instruments with a position open); what fires goes to `on_trigger(inst_id, reason)`.
 
 The event loop only validates and keeps (a few microseconds a push); `batch_take` hands what
 changed to the caller, which writes it with `live_batch_write` on its database thread.
@@ -31,7 +32,7 @@ from market.feeds.base import Bar, FeedDataError
 from market.feeds.okx import OKX_BARS, parse_candle_row
 from market.models import TIMEFRAME_SECONDS, Candle, Instrument, LiveMarket, OpenInterestSample
 from market.streams.okx_ws import StreamDataError
-from market.streams.triggers import InstrumentWatch, stream_triggers_check
+from market.streams.triggers import InstrumentWatch, PositionLevels, stream_triggers_check
 
 log = structlog.get_logger(__name__)
 CANDLE_CHANNELS = {f"candle{bar}": tf for tf, bar in OKX_BARS.items()}
@@ -63,6 +64,18 @@ def _num(row: dict[str, Any], key: str, *, required: bool = False) -> str | None
     if not math.isfinite(value):
         raise StreamDataError(f"field {key!r} is not a finite number: {str(raw)[:40]!r}")
     return raw if isinstance(raw, str) else repr(raw)
+
+
+def _level(raw: Any, key: str) -> str:
+    """One book level's price or size, checked as `_num` checks a field (books5 comes up to 10 times a second
+    per instrument: no dict per value on the usual path)."""
+    if type(raw) is str and raw:
+        try:
+            if math.isfinite(float(raw)):
+                return raw
+        except ValueError:
+            pass
+    return _num({key: raw}, key, required=True)  # the same error `_num` gives, or a number sent as a number
 
 
 def _row(data: list[Any]) -> dict[str, Any]:
@@ -174,7 +187,7 @@ class PublicStreamHandler:
             for level in levels[:BOOK_DEPTH]:
                 if not isinstance(level, list) or len(level) < 2:
                     raise StreamDataError(f"a {side} level has the wrong shape: {str(level)[:40]}")
-                kept.append([_num({"px": level[0]}, "px", required=True), _num({"sz": level[1]}, "sz", required=True)])
+                kept.append([_level(level[0], "px"), _level(level[1], "sz")])
             sides.append(kept)
         self.states[inst_id].book = (sides[0], sides[1], _num(row, "ts", required=True))  # type: ignore[arg-type]
         self._dirty.add(inst_id)
@@ -211,6 +224,14 @@ class PublicStreamHandler:
         self._dirty = set()
         batch.oi_samples, self._oi_samples = self._oi_samples, []
         return batch
+
+    def positions_apply(self, levels: dict[str, PositionLevels]) -> None:
+        """The position watch's levels of the instruments with a position open (event-loop side); others: none."""
+        for inst_id, watch in self.watches.items():
+            found = levels.get(inst_id)
+            if found is None and watch.position is not None:
+                watch.active["position_watch"] = False  # closed: a new position starts from a clean edge
+            watch.position = found
 
     def watches_read(self, *, instruments: dict[str, Instrument]) -> dict[str, dict[str, list[tuple[float, float]]]]:
         """The triggers' 1H reference candles from the store (database thread): inst_id -> tf -> (close time, close)."""

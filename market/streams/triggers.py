@@ -7,10 +7,14 @@ the threshold starts one cycle, not one per tick, and fires again only after it 
 inside and crossed out again. The cycle itself still obeys the one-cycle-per-instrument rule
 (`tradebot.cycle.cycle_open` records a SKIPPED cycle when one runs).
 
-Today's trigger is the screener's 1H-move bypass (`ANOMALY_MOVE_1H_PCT`, measured as the
-snapshot measures it: price / the close of the finest candle closed at or before now - 1 h,
-minus 1). Another trigger (the position watch of the scale issue) joins by adding its
-condition to `TRIGGERS` (or passing its own list).
+Two triggers:
+- `move_1h`: the screener's 1H-move bypass (`ANOMALY_MOVE_1H_PCT`, measured as the snapshot
+  measures it: price / the close of the finest candle closed at or before now - 1 h, minus 1);
+- `position_watch`: the position watch's price triggers (brain.watch), for an instrument with a
+  position open: the price moved POSITION_WATCH_ATR_MULTIPLE x the 1H ATR from the analyst's last
+  review, or the stop loss / take profit is within POSITION_WATCH_SLTP_NEAR_ATR x ATR. The levels
+  (`PositionLevels`) come from the journal; the stream process refreshes them every few seconds.
+Another trigger joins by adding its condition to `TRIGGERS` (or passing its own list).
 """
 from __future__ import annotations
 
@@ -20,6 +24,18 @@ from dataclasses import dataclass, field
 
 HOUR = 3600.0
 KEEP_CLOSES = 16  # per timeframe: enough for "the close one hour ago" on 15m (and 1H as the fallback)
+
+
+@dataclass(frozen=True)
+class PositionLevels:
+    """What the position watch compares a live price with (floats: a trigger is a comparison, not an amount)."""
+
+    review_price: float  # the price at the analyst's last review of this instrument (else the entry)
+    atr: float  # the 1H ATR(14) of the instrument's last snapshot, in price units
+    stop_loss: float | None
+    take_profit: float | None
+    atr_multiple: float  # POSITION_WATCH_ATR_MULTIPLE
+    near_atr: float  # POSITION_WATCH_SLTP_NEAR_ATR
 
 
 @dataclass
@@ -32,6 +48,7 @@ class InstrumentWatch:
     closes: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     active: dict[str, bool] = field(default_factory=dict)  # which conditions held at the last tick
     last_price: float | None = None
+    position: PositionLevels | None = None  # set while a position is open (the position watch's levels)
     _ref: tuple[float, float, float | None] | None = None  # (valid from, valid until, reference close)
 
     def candle_closed(self, timeframe: str, close_time: float, close: float) -> None:
@@ -79,7 +96,22 @@ def move_1h_trigger(watch: InstrumentWatch, price: float, now: float) -> str | N
     return None
 
 
-TRIGGERS: list[tuple[str, Trigger]] = [("move_1h", move_1h_trigger)]
+def position_watch_trigger(watch: InstrumentWatch, price: float, now: float) -> str | None:
+    """The position watch's price triggers (brain.watch.position_review_due), on the live price."""
+    levels = watch.position
+    if levels is None or levels.atr <= 0:
+        return None
+    moved = abs(price - levels.review_price) / levels.atr
+    if moved >= levels.atr_multiple:
+        return f"position watch: price moved {moved:.2f} ATR since the last review ({levels.review_price:g} -> {price:g})"
+    near = levels.near_atr * levels.atr
+    for name, level in (("stop loss", levels.stop_loss), ("take profit", levels.take_profit)):
+        if level is not None and abs(price - level) <= near:
+            return f"position watch: {name} {level:g} is {abs(price - level) / levels.atr:.2f} ATR from {price:g}"
+    return None
+
+
+TRIGGERS: list[tuple[str, Trigger]] = [("move_1h", move_1h_trigger), ("position_watch", position_watch_trigger)]
 
 
 def stream_triggers_check(*, watch: InstrumentWatch, price: float, now: float,

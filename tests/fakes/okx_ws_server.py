@@ -231,6 +231,48 @@ class FakeOkxWs:
 
         return self._run(drop())
 
+    def blast_framed(self, path: str, frames: list[str], *, total: int, rate: float | None = None,
+                     chunk: int = 60) -> float:
+        """Send `total` frames (cycling through `frames`) to every connection on `path`, framed here.
+
+        The frames are built once as WebSocket text frames (unmasked, uncompressed: what a server sends)
+        and written `chunk` at a time straight to the sockets, so this server is never what limits the
+        client's rate (the bench's throughput). `rate` paces them (frames per second); else as fast as
+        the client takes them (at most ~4 MB waiting in the socket buffer). Returns the seconds it took.
+        """
+        def frame(text: str) -> bytes:
+            payload = text.encode()
+            n = len(payload)
+            head = bytes([0x81, n]) if n < 126 else (bytes([0x81, 126]) + n.to_bytes(2, "big") if n < 65536
+                                                     else bytes([0x81, 127]) + n.to_bytes(8, "big"))
+            return head + payload
+
+        chunk = max(1, min(chunk, total))
+        framed = [frame(f) for f in frames]
+        blobs = [b"".join(framed[(i + k) % len(framed)] for k in range(chunk)) for i in range(0, len(framed), chunk)]
+
+        async def go() -> float:
+            with self._lock:
+                targets = [c for c in self._conns if c.path == path]
+            started = time.perf_counter()
+            sent = 0
+            for i in itertools.count():
+                if sent >= total:
+                    break
+                blob = blobs[i % len(blobs)]
+                for conn in targets:
+                    conn.ws.transport.write(blob)
+                sent += chunk
+                if rate:
+                    ahead = started + sent / rate - time.perf_counter()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                while any(c.ws.transport.get_write_buffer_size() > 4_000_000 for c in targets):
+                    await asyncio.sleep(0.001)
+            return time.perf_counter() - started
+
+        return self._run(go(), timeout=3600)
+
     def blast(self, path: str, frames: list[str], *, total: int) -> float:
         """Send `total` frames (cycling through `frames`) to every connection on `path` as fast as it can.
 

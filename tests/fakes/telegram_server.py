@@ -3,8 +3,8 @@
 python-telegram-bot talks to it over real HTTP (`base_url=<url>/bot`). Bodies are the
 recorded shapes in tests/fixtures/telegram/. Tests push incoming messages
 (`push_message`), read what the bot sent (`sent`), script sendMessage failures
-(`fail_next`: a 429 with retry_after, a 400), or stop the server and start it again on
-the same port (Telegram unreachable, then back).
+(`fail_next`: a 429 with retry_after, a 400), stop the server and start it again on
+the same port (Telegram unreachable, then back), or hold every sendMessage unanswered (`hang`).
 """
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ class FakeTelegram:
         self._failures: list[Reply] = []
         self.sent: list[dict[str, Any]] = []  # every sendMessage that succeeded: {chat_id, text, at}
         self.send_attempts: list[float] = []  # monotonic time of every sendMessage received
+        self._hanging = threading.Event()  # set: sendMessage is accepted and never answered (Telegram hanging)
+        self.hung: list[float] = []  # monotonic time of every sendMessage held unanswered
         self.server: FakeHttpServer | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -68,6 +70,7 @@ class FakeTelegram:
         return self
 
     def stop(self) -> None:
+        self._hanging.clear()  # the held requests end (their clients gave up long ago)
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -83,7 +86,9 @@ class FakeTelegram:
         return f"http://127.0.0.1:{self._port}/bot"
 
     def reset(self) -> None:
+        self._hanging.clear()
         with self._lock:
+            self.hung.clear()
             self._updates.clear()
             self._failures.clear()
             self.sent.clear()
@@ -109,6 +114,14 @@ class FakeTelegram:
                 msg.pop("entities", None)
             self._updates.append(update)
             return update["update_id"]
+
+    def hang(self, on: bool = True) -> None:
+        """Telegram slow or half-down: every sendMessage is accepted, then never answered (until `hang(False)`,
+        when the held ones get a 502 their clients no longer wait for: never counted as sent)."""
+        if on:
+            self._hanging.set()
+        else:
+            self._hanging.clear()
 
     def fail_next(self, *replies: Reply) -> None:
         """The next sendMessage calls get these replies instead of success."""
@@ -140,6 +153,12 @@ class FakeTelegram:
 
     def _send_message(self, received: Received) -> Reply:
         p = params(received)
+        if self._hanging.is_set():
+            with self._lock:
+                self.hung.append(time.monotonic())
+            while self._hanging.is_set():
+                time.sleep(0.05)
+            return Reply(502, {"ok": False, "error_code": 502, "description": "Bad Gateway"})
         with self._lock:
             self.send_attempts.append(time.monotonic())
             if self._failures:

@@ -105,3 +105,23 @@ def test_collecting_falls_back_to_rest_when_the_stream_is_down_and_says_so(btc) 
     assert sources["candles"] == "rest (the business stream is disconnected)"
     assert sources["ticker"] == "stream"  # the public connection is up: its parts still come from it
     assert candle_calls >= 3 and not market.calls(TICKER)
+
+
+def test_streams_health_names_each_connection_that_is_not_up(settings) -> None:
+    from market.selectors import streams_health
+
+    settings.STREAM_FRESH_SECONDS = 120
+    assert streams_health() == {"running": False, "ok": False, "problems": [], "streams": {}}  # never ran here
+    now = timezone.now()
+    for name, connected, stopped, error in (("public", True, False, ""), ("business", False, False, "ConnectionClosed"),
+                                            ("private", False, True, "OKX refused the WebSocket login (code 60009)")):
+        StreamStatus.objects.create(name=name, connected=connected, stopped=stopped, error=error, reconnects=2,
+                                    updated_at=now)
+    health = streams_health(now=now)
+    assert health["running"] and not health["ok"]
+    assert health["streams"] == {
+        "public": "up", "business": "business: disconnected, reconnecting (2 reconnects): ConnectionClosed",
+        "private": "private: stopped: OKX refused the WebSocket login (code 60009)"}
+    later = streams_health(now=now + timedelta(minutes=10))
+    assert not later["running"] and later["problems"][0] == (
+        "business: status 600s old (manage.py stream_okx is not running)")

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 import time
 from datetime import timedelta
 from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
 from django.utils import timezone
@@ -182,3 +184,133 @@ def test_fixtures_have_the_bot_api_envelope() -> None:
         body = fixture(path.stem)
         assert isinstance(body["ok"], bool)
         assert ("result" in body) if body["ok"] else {"error_code", "description"} <= set(body)
+
+
+def test_a_hanging_telegram_costs_a_pass_one_timeout_not_one_per_queued_message(telegram, settings, btc) -> None:
+    """Telegram accepts and never answers: the first send times out and the rest of the pass waits with it
+    (the worker is free again after one timeout; every delivery stays queued and counts the attempt)."""
+    settings.TELEGRAM_SEND_TIMEOUT_SECONDS = 0.5
+    telegram.hang()
+    filled_order()
+    result = alerts_dispatch_run()
+    telegram.hang(False)
+    assert result["retry"] == 3 and result["sent"] == 0
+    assert len(telegram.hung) == 1, "one request (one timeout), not one per chat"
+    assert all(d.status == DeliveryStatus.QUEUED and d.attempts == 1 and "Timed out" in d.last_error
+               for d in AlertDelivery.objects.all())
+
+
+def test_the_retry_backoff_doubles_from_2s_to_a_60s_cap(telegram, settings, btc) -> None:
+    assert (settings.TELEGRAM_RETRY_FIRST_SECONDS, settings.TELEGRAM_RETRY_MAX_SECONDS) == (2.0, 60.0)
+    settings.TELEGRAM_CHAT_IDS, settings.TELEGRAM_ADMIN_CHAT_IDS = (READER,), ()
+    telegram.stop()  # refused
+    filled_order()
+    now = timezone.now()
+    waits = []
+    for _ in range(8):
+        alerts_dispatch_run(now=now)
+        d = AlertDelivery.objects.get()
+        waits.append(round((d.next_attempt_at - timezone.now()).total_seconds()))
+        now = d.next_attempt_at
+    assert waits == [2, 4, 8, 16, 32, 60, 60, 60]
+    assert d.attempts == 8 and d.status == DeliveryStatus.QUEUED
+
+
+def closed_trade(btc: Instrument, *, exit_reason: str, pnl: str, exit_price: str) -> Trade:
+    now = timezone.now()
+    return Trade.objects.create(instrument=btc, mode=Mode.LIVE, opened_at=now - timedelta(minutes=95), closed_at=now,
+                                duration_seconds=5700, direction="LONG", entry_price=Decimal("61234.5"),
+                                exit_price=Decimal(exit_price), stop_loss=Decimal("60012"), take_profit=Decimal("63100"),
+                                size=Decimal("3"), pnl_usd=Decimal(pnl), pnl_pct=Decimal(pnl) / 600,
+                                exit_reason=exit_reason, status=TradeStatus.CLOSED)
+
+
+def test_every_alert_the_issue_lists_comes_from_what_the_services_journal(telegram, settings, btc, monkeypatch) -> None:
+    """TP hit and a close with its PnL and reason; halt, emergency halt, cooldown and resume; the LLM budget at 80%
+    and degrade mode; cycles failing repeatedly; the exchange unreachable; a playbook refused with its reason.
+    (The fill and the stop loss: tests above; a promotion: the kinds test below.) Each from the service that
+    journals it, each with its severity."""
+    from brain.budget import budget_check
+    from brain.models import PlaybookTrigger
+    from brain.playbook import playbook_current, playbook_save
+    from execution.exchanges.okx import OkxExchange
+    from execution.services import bot_resume, risk_trade_closed
+    from journal.models import Cycle, CycleOutcome, CycleState, LlmCall
+    from tradebot import tasks
+    from tradebot.learning import playbook_candidate_validate
+    from tradebot.stages import CycleWork
+
+    settings.TELEGRAM_COOLDOWN_SECONDS = 0
+    settings.TELEGRAM_CHAT_IDS, settings.TELEGRAM_ADMIN_CHAT_IDS = (READER,), ()
+    now = timezone.now()
+    closed_trade(btc, exit_reason="take_profit", pnl="48.1234", exit_price="63100")
+    closed_trade(btc, exit_reason="signal", pnl="-3.205", exit_price="61180.04")
+    bot_halt(reason="daily loss -3.02%", by="system")
+    bot_resume(by="telegram:ann")
+    settings.MAX_CONSECUTIVE_LOSSES = 1
+    risk_trade_closed(pnl=Decimal("-5"), now=now)  # the loss streak: COOLDOWN
+    bot_halt(reason="drawdown -10.4% from peak", by="system", emergency=True)
+    settings.LLM_DAILY_BUDGET_USD = Decimal("10")
+    LlmCall.objects.create(purpose="analyze", model="claude-opus-4-6", prompt={}, cost_usd=Decimal("8.2"))
+    budget_check(now=now)
+    LlmCall.objects.create(purpose="analyze", model="claude-opus-4-6", prompt={}, cost_usd=Decimal("2"))
+    budget_check(now=now)
+    for _ in range(3):  # COLLECTING fails as a stage does when OKX does not answer
+        cycle = Cycle.objects.create(instrument=btc, as_of=now, state=CycleState.COLLECTING)
+        tasks._fail(CycleWork(cycle=cycle), CycleState.COLLECTING,  # noqa: SLF001 - what a failing stage calls
+                    "FeedTemporaryError: OKX unreachable: ConnectError: [Errno 111] Connection refused", outcome=CycleOutcome.ERROR)
+        cycle.save()
+    with socket.socket() as s:  # the account sync against an OKX that refuses connections
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    okx = OkxExchange(api_key="k" * 8, api_secret="s" * 8, passphrase="p" * 8, base_url=closed, timeout=0.5,
+                      max_retries=0)
+    monkeypatch.setattr(tasks, "live_env", lambda: SimpleNamespace(exchange=okx))  # the worker's exchange handle
+    tasks.account_sync.apply()
+    same = playbook_save(data=playbook_current().playbook, change_summary="no change", triggered_by=PlaybookTrigger.MANUAL)
+    playbook_candidate_validate(candidate_id=same.pk)
+
+    alerts_dispatch_run()
+    texts = [m["text"] for m in telegram.wait_sent(11)]
+    time.sleep(0.2)
+    assert len(telegram.sent) == 11, [m["text"][:60] for m in telegram.sent]
+    heads = sorted(t.split("\n")[0] for t in texts)
+    assert heads == sorted([
+        "TAKE PROFIT hit BTC-USDT-SWAP long", "CLOSED BTC-USDT-SWAP long",
+        "[CRITICAL] HALTED", "RESUMED", "[WARN] COOLDOWN", "[CRITICAL] EMERGENCY HALT",
+        "[WARN] LLM budget", "[WARN] LLM degrade mode",
+        "[CRITICAL] 3 cycles in a row FAILED for BTC-USDT-SWAP",
+        "[WARN] 4x exchange unreachable",  # the three cycles and the account sync, merged into one message
+        "[WARN] Playbook refused"]), heads
+    by_head = {t.split("\n")[0]: t for t in texts}
+    assert by_head["TAKE PROFIT hit BTC-USDT-SWAP long"] == (
+        "TAKE PROFIT hit BTC-USDT-SWAP long\nPnL 48.12 USDT (+8.0%)\nentry 61234.5  exit 63100.0\n"
+        "reason take_profit  held 1h35m")
+    assert "PnL -3.21 USDT" in by_head["CLOSED BTC-USDT-SWAP long"] and "reason signal" in by_head["CLOSED BTC-USDT-SWAP long"]
+    assert "1 consecutive losses" in by_head["[WARN] COOLDOWN"]
+    assert "drawdown -10.4% from peak" in by_head["[CRITICAL] EMERGENCY HALT"]
+    assert by_head["[WARN] LLM budget"] == ("[WARN] LLM budget\nLLM spending at 82% of the daily budget "
+                                            "($8.20 of $10.00, today)")
+    assert "LLM budget exhausted: $10.20 of $10.00 today; degrade mode (rules)" in by_head["[WARN] LLM degrade mode"]
+    assert "Connection refused" in by_head["[CRITICAL] 3 cycles in a row FAILED for BTC-USDT-SWAP"]
+    unreachable = by_head["[WARN] 4x exchange unreachable"]
+    assert unreachable.count("cycle ") == 3 and "COLLECTING: FeedTemporaryError: OKX unreachable" in unreachable
+    assert "account sync failed: ExchangeTemporaryError: OKX transport error: [Errno 111] Connection refused" in unreachable
+    assert f"playbook v{same.version} rejected" in by_head["[WARN] Playbook refused"]
+    assert "nothing to promote" in by_head["[WARN] Playbook refused"]
+
+
+def test_every_alerted_event_kind_is_one_the_apps_journal() -> None:
+    """A kind renamed in the service would silently end its alert: each mapped kind is written somewhere."""
+    import re
+
+    from execution.models import BotStatus
+    from telegram_bot.alerts import EVENT_ALERTS
+
+    root = FIXTURES.parents[1]
+    written = {f"bot_{s.lower()}" for s in BotStatus.values}  # execution.services: kind=f"bot_{to.lower()}"
+    for app in ("execution", "brain", "journal", "market", "tradebot"):
+        for path in (root / app).rglob("*.py"):
+            written |= set(re.findall(r'"([a-z_]+)"', path.read_text()))
+    assert set(EVENT_ALERTS) - written == set()
+    assert {"playbook_promoted", "playbook_rejected"} <= written

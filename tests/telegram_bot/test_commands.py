@@ -19,6 +19,7 @@ from telegram_bot.bot import CommandRunner, bot_application
 from telegram_bot.commands import ChatSession, command_answer
 from tests.fakes.telegram_server import FakeTelegram
 from tests.telegram_bot.conftest import ADMIN, READER, STRANGER
+from tests.tradebot.test_stream_okx import memory_broker  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -178,6 +179,12 @@ def test_flatten_with_its_confirmation_halts_and_closes_every_position(paper) ->
 
 
 @pytest.fixture
+def chats(settings):  # noqa: ANN001, ANN201
+    settings.TELEGRAM_CHAT_IDS = (READER,)
+    settings.TELEGRAM_ADMIN_CHAT_IDS = (ADMIN,)
+
+
+@pytest.fixture
 def paper(btc: Instrument, settings):  # noqa: ANN001, ANN201
     from execution.exchanges.paper import PaperExchange
 
@@ -185,3 +192,68 @@ def paper(btc: Instrument, settings):  # noqa: ANN001, ANN201
     settings.TELEGRAM_ADMIN_CHAT_IDS = (ADMIN,)
     return PaperExchange(start_balance=Decimal("10000"), slippage=Decimal("0.0005"), taker_fee=Decimal("0.0005"),
                          maker_fee=Decimal("0.0002"), maint_margin_rate=Decimal("0.004"))
+
+
+def test_the_other_admin_commands_go_through_the_bots_services_journaled_with_the_chat_user(btc, chats, memory_broker) -> None:
+    from brain.models import PlaybookVersion
+    from execution.services import bot_halt
+    from journal.models import Cycle
+    from tradebot.celery import app
+
+    session = ChatSession()
+
+    def admin(text: str) -> list[str]:
+        return command_answer(chat_id=ADMIN, user="bob_admin", text=text, session=session)
+
+    bot_halt(reason="daily loss", by="system")
+    assert admin("/resume") == ["Bot RUNNING."]
+    assert bot_state().by == "telegram:bob_admin"
+    [started] = admin("/cycle btc-usdt-swap")
+    cycle = Cycle.objects.get()
+    assert started == f"Cycle #{cycle.pk} for BTC-USDT-SWAP sent to the workers."
+    assert cycle.stage_times["trigger"] == "manual"  # as `manage.py bot run-cycle` opens it: the screener bypassed
+    assert JournalEvent.objects.get(kind="telegram_cycle_requested").message.endswith("requested by telegram:bob_admin")
+    assert admin("/reflect") == ["Deep reflection queued. The result comes as an alert (playbook promoted or refused)."]
+    with app.connection_for_read() as conn:
+        queued = conn.SimpleQueue("reflection").get(timeout=2)
+        assert queued.headers["task"] == "telegram_bot.tasks.reflect_now"
+        assert queued.payload[1] == {"requested_by": "telegram:bob_admin"}
+        queued.ack()
+    assert PlaybookVersion.objects.count() <= 1  # queued, not run here
+    assert admin("/resume now") == ["Usage: /resume - back to RUNNING"]
+
+
+def test_performance_and_playbook_answer_with_their_fields(btc, chats) -> None:
+    from brain.models import PlaybookTrigger
+    from brain.playbook import playbook_current, playbook_save
+
+    now = timezone.now()
+    for pnl in ("12.5", "-4.25", "7"):
+        Trade.objects.create(instrument=btc, mode=Mode.LIVE, opened_at=now - timedelta(hours=3), closed_at=now - timedelta(hours=1),
+                             duration_seconds=7200, direction="LONG", entry_price=Decimal("61234.5"),
+                             exit_price=Decimal("61300"), stop_loss=Decimal("60000"), size=Decimal("1"),
+                             pnl_usd=Decimal(pnl), pnl_pct=Decimal("0.01"), exit_reason="signal", status=TradeStatus.CLOSED)
+    session = ChatSession()
+    [perf] = command_answer(chat_id=READER, user="ann", text="/performance 3", session=session)
+    lines = perf.split("\n")
+    assert lines[0] == "Last 3 day(s): 3 trades, 2 won, 1 lost"
+    assert lines[1].startswith("Win rate +66.7%  PF 4.59") and lines[2].startswith("PnL 15.25 USDT")
+    current = playbook_current()
+    playbook_save(data=current.playbook, change_summary="tighter stops in ranging markets",
+                  triggered_by=PlaybookTrigger.MANUAL)
+    [book] = command_answer(chat_id=READER, user="ann", text="/playbook", session=session)
+    assert book.startswith(f"Playbook v{current.version} active since ")
+    assert f"Newer v{current.version + 1}: waiting for validation" in book
+
+
+def test_an_unknown_chat_is_journaled_again_after_an_hour(btc, chats) -> None:
+    session = ChatSession()
+    now = timezone.now()
+    for minutes in (0, 10, 59):
+        assert command_answer(chat_id=STRANGER, user="eve", text="/status", session=session,
+                              now=now + timedelta(minutes=minutes)) == []
+    assert JournalEvent.objects.filter(kind="telegram_unauthorised").count() == 1
+    later = JournalEvent.objects.get()
+    JournalEvent.objects.filter(pk=later.pk).update(created_at=now - timedelta(minutes=61))  # an hour has passed
+    command_answer(chat_id=STRANGER, user="eve", text="/status", session=session, now=now)
+    assert JournalEvent.objects.filter(kind="telegram_unauthorised").count() == 2

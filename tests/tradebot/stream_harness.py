@@ -22,9 +22,18 @@ def btc_instrument() -> Instrument:
 
 
 def wait_for(check: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `check` until it is truthy. The tests' SQLite database is shared-cache in memory: a read while the
+    stream's database thread writes that table is refused at once ("table is locked"); the next poll reads it."""
+    from django.db import OperationalError
+
     deadline = time.monotonic() + timeout
     while True:
-        value = check()
+        try:
+            value = check()
+        except OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:

@@ -18,6 +18,7 @@ def test_the_stack_has_one_worker_per_queue_beat_flower_and_healthchecks() -> No
     for service in ("timescaledb", "redis", "web", "beat", "flower", "stream"):
         assert f"\n  {service}:\n" in text
     assert '"manage.py", "stream_okx"' in text  # the OKX stream process (issue 19)
+    assert "\n  telegram:\n" in text and "exec python manage.py telegram" in text  # alerts and commands (issue 18)
     assert "image: timescale/timescaledb" in text
     assert "--basic-auth" in text and "FLOWER_BASIC_AUTH" in text
     assert text.count("build: .") == 1  # one image, shared through the x-app anchor

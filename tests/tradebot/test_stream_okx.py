@@ -7,6 +7,7 @@ fields of its `data` row kept as recorded unless a test says which one it change
 from __future__ import annotations
 
 import copy
+import io
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -15,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from django.core.management import call_command
+
 from journal.models import Cycle, CycleState, JournalEvent
 from market.feeds.okx import OkxFeed
 from market.models import Candle, LiveMarket, StreamStatus
+from market.selectors import streams_health
 from market.services import candles_upsert
 from market.feeds.base import Bar
 from tests.fakes.http_server import FakeHttpServer
@@ -129,7 +133,8 @@ def test_a_5pct_move_pushed_on_the_ticker_starts_a_cycle_for_that_instrument_onc
         for step in ("1.051", "1.06", "1.052", "1.05"):  # stays beyond it: no more cycles
             tick(ref * Decimal(step))
         wait_for(lambda: running.public.counts["tickers"] == 6, what="six ticks handled")
-        wait_for(lambda: Cycle.objects.filter(instrument=inst).exists(), what="a cycle")
+        # The event follows the cycle's row once its chain is sent (the first send loads the broker's code).
+        wait_for(lambda: JournalEvent.objects.filter(kind="stream_trigger").exists(), what="a cycle")
         time.sleep(0.3)
         cycles = list(Cycle.objects.filter(instrument=inst))
         assert len(cycles) == 1, [(c.state, c.reason) for c in cycles]
@@ -189,6 +194,11 @@ def test_a_refused_login_stops_the_private_stream_with_one_clear_error(ws, memor
         time.sleep(0.6)  # a reconnect loop would have logged in again by now (backoff 0.05 s)
         ws.wait_subscribed(PUBLIC, "tickers", BTC)  # the public side goes on
         assert running.streams["public"].state.connected
+        running.flush()
+        health = wait_for(streams_health, what="the health read")  # what `bot status` and the health check show
+        assert health["running"] and not health["ok"]
+        assert health["streams"]["public"] == "up" and health["streams"]["business"] == "up"
+        assert health["streams"]["private"].startswith("private: stopped: OKX refused the WebSocket login (code 60009)")
     assert ws.logins == [(PRIVATE, False)]  # one attempt; the algo connection never tried
     events = list(JournalEvent.objects.filter(kind="stream_login_refused"))
     assert len(events) == 1
@@ -196,6 +206,10 @@ def test_a_refused_login_stops_the_private_stream_with_one_clear_error(ws, memor
     assert "Login failed." in events[0].data["raw"]
     status = StreamStatus.objects.get(name="private")
     assert status.stopped and "refused" in status.error
+    out = io.StringIO()
+    call_command("bot", "status", stdout=out)
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("streams"))
+    assert "private: stopped: OKX refused" in line and "public: stopped: manage.py stream_okx stopped" in line
     for text in JournalEvent.objects.values_list("message", "data"):
         assert "not-the-secret" not in str(text) and PASSPHRASE not in str(text)
 
@@ -271,3 +285,88 @@ def test_a_stream_trigger_opens_its_cycle_in_the_bots_mode(settings, memory_brok
     settings.BOT_MODE = Mode.DEMO
     cycle_id = stream_cycle_start(inst_id=inst.inst_id, reason="1H move +5.00%")
     assert Cycle.objects.get(pk=cycle_id).mode == Mode.DEMO
+
+
+def test_private_pushes_ask_for_a_sync_and_a_reconnect_logs_in_again_resubscribes_and_asks_for_a_fresh_one(
+        ws, okx_samples, memory_broker) -> None:
+    """Fills (see test_stream_okx_workers), position changes and triggered algo orders each ask for an account sync;
+    after a drop each private connection logs in again, subscribes again and asks for one (what it missed)."""
+    from market.streams.okx_ws import Credentials
+
+    btc_instrument()
+    positions = sample(okx_samples, "ws_positions.okxdoc_push_single.json")  # OKX's documented snapshot push
+    algo = sample(okx_samples, "ws_orders-algo.okxdoc_push.json")  # OKX's documented push: state "live"
+    assert algo["data"][0]["state"] == "live"
+    app = StreamApp(inst_ids=[BTC], ws_base=ws.url, flush_seconds=0.05,
+                    credentials=Credentials(api_key=KEY, secret=SECRET, passphrase=PASSPHRASE))
+    with RunningStream(app) as running:
+        ws.wait_subscribed(PRIVATE, "positions")
+        ws.wait_subscribed(BUSINESS, "orders-algo")
+        private = running.private
+        wait_for(lambda: private.requested == 1, what="the connect's sync")
+        pos_key = ("positions", "")
+        ws.push_raw(PRIVATE, json.dumps(positions), key=pos_key)  # the state after the connect: no sync
+        wait_for(lambda: private.positions is not None, what="the positions snapshot read")
+        changed = copy.deepcopy(positions)
+        changed["data"][0]["pos"] = "3"  # the one field changed: the position grew
+        ws.push_raw(PRIVATE, json.dumps(changed), key=pos_key)
+        wait_for(lambda: private.requested == 2, what="a sync for the changed position")
+        ws.push_raw(BUSINESS, json.dumps(algo), key=("orders-algo", ""))  # placed, not triggered: no sync
+        triggered = copy.deepcopy(algo)
+        triggered["data"][0]["state"] = "effective"  # the one field changed: the stop triggered
+        ws.push_raw(BUSINESS, json.dumps(triggered), key=("orders-algo", ""))
+        wait_for(lambda: private.requested == 3, what="a sync for the triggered algo order")
+        time.sleep(0.6)  # past the coalescing interval: nothing else was asked for
+        assert private.requested == 3
+        assert ws.logins == [(PRIVATE, True), (BUSINESS, True)]
+
+        ws.drop(PRIVATE)
+        wait_for(lambda: ws.connections[PRIVATE] == 2 and ws.subscribed(PRIVATE, "orders")
+                 and ws.subscribed(PRIVATE, "positions") and ws.subscribed(PRIVATE, "account"),
+                 what="the private connection back, logged in and subscribed")
+        wait_for(lambda: private.requested == 4, what="a fresh sync after the private reconnect")
+        ws.drop(BUSINESS)
+        wait_for(lambda: ws.subscribed(BUSINESS, "orders-algo"), what="the algo connection back and subscribed")
+        wait_for(lambda: private.requested == 5, what="a fresh sync after the algo reconnect")
+        assert running.streams["private"].state.reconnects == 1 and running.streams["algo"].state.reconnects == 1
+    assert ws.logins == [(PRIVATE, True), (BUSINESS, True), (PRIVATE, True), (BUSINESS, True)]
+
+
+def test_a_price_crossing_the_position_watchs_trigger_starts_a_cycle_while_the_position_is_open(
+        ws, okx_samples, memory_broker, monkeypatch) -> None:
+    import tradebot.streams as streams
+    from journal.models import Trade, TradeStatus
+    from tests.brain.factories import snapshot
+
+    monkeypatch.setattr(streams, "POSITIONS_EVERY", 0.1)
+    inst = btc_instrument()
+    now = datetime.now(UTC)
+    # The analyst's last review: price 70000, 1H ATR 420 (the factory's 0.6%); the trade it opened.
+    seen = snapshot(price=70000.0, ts=now - timedelta(minutes=5))
+    reviewed = Cycle.objects.create(instrument=inst, as_of=seen.ts, state=CycleState.DONE,
+                                    snapshot=seen.as_jsonable(), decision={"decision": {"action": "OPEN_LONG"}})
+    trade = Trade.objects.create(instrument=inst, cycle=reviewed, opened_at=seen.ts, direction="LONG",
+                                 entry_price=Decimal("70010"), stop_loss=Decimal("68900"), take_profit=Decimal("72000"),
+                                 size=Decimal("1"))
+    arg, data = readdressed(sample(okx_samples, "ws_tickers.capture_cryptofeed_UNI-USD-SWAP_20220513.json"), "tickers")
+
+    def tick(last: str) -> None:
+        data[0]["last"], data[0]["ts"] = last, str(int(time.time() * 1000))  # the fields changed: price and time
+        ws.push(PUBLIC, arg, data)
+
+    with RunningStream(public_app(ws)) as running:
+        ws.wait_subscribed(PUBLIC, "tickers", BTC)
+        wait_for(lambda: running.public.watches[BTC].position is not None, what="the position's levels read")
+        tick("70200")  # 0.48 ATR from the review: nothing
+        tick("70500")  # 1.19 ATR (0.7%, far below the 3% 1H bypass): the position watch fires
+        tick("70520")
+        event = wait_for(lambda: JournalEvent.objects.filter(kind="stream_trigger").first(), what="the triggered cycle")
+        assert "position watch: price moved 1.19 ATR since the last review (70000 -> 70500)" in event.message
+        Trade.objects.filter(pk=trade.pk).update(status=TradeStatus.CLOSED)
+        wait_for(lambda: running.public.watches[BTC].position is None, what="the closed position's levels dropped")
+        tick("70000")
+        tick("70600")  # the same move with nothing open: no cycle
+        wait_for(lambda: running.public.counts["tickers"] == 5, what="five ticks handled")
+        time.sleep(0.2)
+    assert Cycle.objects.filter(instrument=inst).count() == 2
+    assert Cycle.objects.filter(instrument=inst).latest("id").stage_times["trigger"] == "stream"

@@ -58,6 +58,15 @@ class Command(BaseCommand):
         try:
             bot_application(runner=runner, poll_timeout=opts["poll_timeout"]).run_polling(
                 timeout=int(opts["poll_timeout"]), close_loop=False)
+        except Exception as exc:
+            # python-telegram-bot quotes the token in some errors ("The token `...` was rejected by the
+            # server."): a traceback would print it. One clear line instead, the token taken out.
+            from telegram import error as tg
+
+            from telegram_bot.sender import safe_text
+
+            hint = " (check TELEGRAM_BOT_TOKEN)" if isinstance(exc, tg.InvalidToken) else ""
+            raise CommandError(safe_text(f"Telegram bot stopped: {type(exc).__name__}: {exc}{hint}")) from None
         finally:
             stop.set()
             runner.close()

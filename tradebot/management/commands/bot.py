@@ -75,7 +75,9 @@ class Command(BaseCommand):
             w(f"  {c['inst_id']}: " + (f"#{c['cycle']} {c['as_of']} {c['state']}/{c['outcome']} {c['reason']}" if c["cycle"] else "none yet"))
         w("queues     " + "  ".join(f"{q}={'?' if n is None else n}" for q, n in report.queues.items()))
         w(f"account syncs failed (24 h)  {report.account_sync_failures_24h}")
-        w("streams    " + ("none (manage.py stream_okx is not running)" if not report.streams else ""))
+        health = report.streams_health
+        w("streams    " + ("none (manage.py stream_okx is not running)" if not report.streams
+                           else "ok" if health.get("ok") else "; ".join(health.get("problems") or ["not running"])))
         for s in report.streams:
             state = "stopped" if s["stopped"] else "connected" if s["connected"] else "disconnected"
             w(f"  {s['name']}: {state}, {s['messages']} messages, {s['reconnects']} reconnects, last message "
