@@ -177,7 +177,7 @@ section("pipeline")(bench_pipeline)
 section("instruments300")(bench_instruments300)
 section("replay")(bench_replay)
 
-# --- issue 20: LLM cost per instrument-day, and the latency-realistic load (bench/llm_cost_bench.py, bench/load_bench.py)
+# --- issue 20: LLM cost per instrument-day, the latency-realistic load (bench/llm_cost_bench.py, load_bench.py)
 from bench.llm_cost_bench import bench_llm_cost  # noqa: E402
 from bench.load_bench import bench_llm_load  # noqa: E402
 
