@@ -47,6 +47,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_celery_beat",
+    "health_check",  # /health/ (issue 17): its HTML page's template
     "market",
     "journal",
     "brain",
@@ -98,6 +99,10 @@ STATICFILES_FINDERS = [
     "dashboard.finders.PlotlyFinder",
 ]
 DASHBOARD_PING_TIMEOUT_SECONDS = env_float("DASHBOARD_PING_TIMEOUT_SECONDS", 0.5, minimum=0.05)
+# /health/ (issue 17): beat's last tick may be this old (django-celery-beat writes it every 3 minutes), and
+# how long each queue's Celery ping waits for the workers' answers.
+HEALTH_BEAT_MAX_AGE_SECONDS = env_int("HEALTH_BEAT_MAX_AGE_SECONDS", 600, minimum=10)
+HEALTH_PING_TIMEOUT_SECONDS = env_float("HEALTH_PING_TIMEOUT_SECONDS", 1.0, minimum=0.1)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 
