@@ -102,7 +102,7 @@ def risk(f: Filters) -> dict[str, Any]:
     rows = closed_trades(f)
     equity = start_balance() + sum((r["pnl_usd"] for r in rows), ZERO)
     now = timezone.now()
-    today = _day_start(rows[-1]["closed_at"] if f.run_id and rows else now)
+    today = _day_start(rows[-1]["closed_at"] if f.virtual_clock and rows else now)
     today_pnl = sum((r["pnl_usd"] for r in rows if r["closed_at"] >= today), ZERO)
     day_start = bot.day_start_equity or (equity - today_pnl)
     peak = max(bot.peak_equity or ZERO, equity)

@@ -130,8 +130,8 @@ def portfolio(f: Filters) -> dict[str, Any]:
 
 
 def last_prices(f: Filters) -> dict[str, tuple[Decimal | None, datetime | None]]:
-    """The paper exchange's last price per instrument for the live account or the run's (one query)."""
-    account = f.run_id[:40] if f.run_id else "default"
+    """The paper exchange's last price per instrument for the filter's paper account (one query)."""
+    account = f.paper_account
     return {inst: (last, ts) for inst, last, ts in
             PaperPrice.objects.filter(account__name=account).values_list("inst_id", "last", "ts")}
 
@@ -153,7 +153,7 @@ def positions(f: Filters) -> dict[str, Any]:
             "tp_distance": (t.take_profit - last) * sign if last is not None and t.take_profit is not None else None,
             "tp_distance_pct": ((t.take_profit - last) * sign / last) if last and t.take_profit is not None else None,
             # A replay's "now" is its clock (the last price's time), not the wall clock.
-            "in_trade": ((ts if f.run_id and ts else now) - t.opened_at),
+            "in_trade": ((ts if f.virtual_clock and ts else now) - t.opened_at),
         })
     orders = Order.objects.filter(mode=f.mode, run_id=f.run_id).exclude(state__in=TERMINAL_ORDER_STATES)
     if f.inst_id:

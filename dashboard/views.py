@@ -37,9 +37,11 @@ def _runs() -> list[str]:
 
 def _context(request: HttpRequest, f: Filters | None, page: str, **extra: Any) -> dict[str, Any]:
     figures: list[Figure] = extra.pop("figures", [])
+    # One query for the filter's instrument list and each instrument's tick size (prices at its precision).
+    ticks = dict(Instrument.objects.order_by("inst_id").values_list("inst_id", "tick_sz"))
     return {
         "pages": PAGES, "page": page, "f": f or Filters(), "runs": _runs(),
-        "instruments": list(Instrument.objects.order_by("inst_id").values_list("inst_id", flat=True)),
+        "instruments": list(ticks), "ticks": ticks,
         "figures": figures, "figures_json": [fig.as_json() for fig in figures], **extra,
     }
 
@@ -238,11 +240,11 @@ def _control(request: HttpRequest, bot: BotState) -> HttpResponse:
 def report(request: HttpRequest, f: Filters) -> dict[str, Any] | HttpResponse:
     from dashboard.report import run_csv, run_page
 
-    if not f.run_id:
+    if not f.run_id and not f.demo:
         return {"report": None}
     if request.GET.get("format") == "csv":
         text, _ = run_csv(f)
         response = HttpResponse(text, content_type="text/csv")
-        response["Content-Disposition"] = f'attachment; filename="{f.run_id}-trades.csv"'
+        response["Content-Disposition"] = f'attachment; filename="{f.run_id or f.mode}-trades.csv"'
         return response
     return run_page(f)

@@ -97,7 +97,11 @@ def fast_passwords(settings) -> None:  # noqa: ANN001
 
 @pytest.fixture
 def trader(fast_passwords) -> User:  # noqa: ANN001
-    return User.objects.create_user("trader", password=PASSWORD, is_staff=True)
+    from django.contrib.auth.models import Permission
+
+    user = User.objects.create_user("trader", password=PASSWORD, is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_trade"))  # the admin's trade list
+    return user
 
 
 @pytest.fixture
@@ -148,6 +152,8 @@ def _points(chart: dict[str, Any], name: str | None = None) -> int:
 
 def test_every_page_draws_its_charts_with_the_expected_points_and_a_trade_shows_its_entry_and_exit_markers(
         driver, live_server, trader, cockpit_feed) -> None:  # noqa: ANN001
+    from selenium.webdriver.common.by import By
+
     from journal.report import run_report
 
     run = replay_journal(cockpit_feed)
@@ -181,6 +187,16 @@ def test_every_page_draws_its_charts_with_the_expected_points_and_a_trade_shows_
     for page in ("positions", "health", "playbook", "trades", "cycles"):
         _open(driver, f"{base}/dashboard/{page}/{q}", page)
     _open(driver, f"{base}/dashboard/controls/", "controls")
+
+    # The admin's trade list: PnL in view without a horizontal scroll (1400 px wide), totals above the rows.
+    _open(driver, f"{base}/admin/journal/trade/?run_id={run}", "admin-trades")
+    box = driver.execute_script(
+        "const results = document.querySelector('div.results').getBoundingClientRect();"
+        "const pnl = document.querySelector('th.column-net_pnl').getBoundingClientRect();"
+        "return {pnl: pnl.right, results: results.right, page: document.documentElement.scrollWidth,"
+        " view: document.documentElement.clientWidth};")
+    assert box["pnl"] <= min(box["results"], box["view"]) and box["page"] <= box["view"], box
+    assert driver.find_element(By.ID, "trade-totals").text.startswith("Totals")
 
     trade = closed[0]
     charts = _open(driver, f"{base}/dashboard/trades/{trade.pk}/", "trade")
