@@ -174,6 +174,11 @@ section("pipeline")(bench_pipeline)
 section("instruments300")(bench_instruments300)
 section("replay")(bench_replay)
 
+# --- dashboard (issue 17): each cockpit page's server time on 100,000 cycles and 5,000 trades ------
+from bench.dashboard_bench import bench_dashboard  # noqa: E402
+
+section("dashboard")(bench_dashboard)
+
 _VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
                   "--concurrency": ("concurrency", int)}
 

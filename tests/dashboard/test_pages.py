@@ -224,3 +224,18 @@ def test_prices_show_at_the_instruments_precision_and_the_admin_trade_list_has_p
     assert f"<td class=\"field-entry\">{entry}</td>" in admin
     change = admin_client.get(f"/admin/journal/trade/{trade.pk}/change/").content.decode()
     assert f'<div class="readonly">{entry}</div>' in change and f"{trade.entry_price:f}" not in change
+
+
+def test_the_brain_page_counts_each_analysed_cycle_once_in_its_hour(admin_client, journal: str) -> None:
+    from collections import Counter
+
+    logs = ScreenerLog.objects.filter(cycle__run_id=journal).exclude(analyst_action="")
+    expected = Counter((log.cycle.as_of.replace(minute=0, second=0, microsecond=0).isoformat(), log.analyst_action)
+                       for log in logs.select_related("cycle"))
+    assert expected
+    figure = {f["key"]: f for f in _figures(admin_client.get(f"/dashboard/brain/?run={journal}").content.decode())}
+    drawn = Counter()
+    for trace in figure["decisions_per_hour"]["data"]:
+        for x, y in zip(trace["x"], trace["y"], strict=True):
+            drawn[(x, trace["name"])] += y
+    assert drawn == expected
