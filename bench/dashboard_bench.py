@@ -72,6 +72,7 @@ def pad_journal(run_id: str, *, cycles: int, trades: int) -> tuple[int, int]:
             rows_insert(model=ScreenerLog, objs=logs)
             new_cycle_ids += ids
     if add_trades:
+        tick = inst.tick_sz
         every = max(1, len(new_cycle_ids) // add_trades)
         with transaction.atomic():
             ids = ids_reserve(model=Trade, count=add_trades)
@@ -87,9 +88,10 @@ def pad_journal(run_id: str, *, cycles: int, trades: int) -> tuple[int, int]:
                 rows.append(row_new(
                     Trade, id=pk, instrument=inst, cycle_id=cycle_pk, mode=Mode.REPLAY, run_id=run_id,
                     opened_at=opened, closed_at=opened + step * 6, duration_seconds=1800,
-                    direction="LONG" if long else "SHORT", entry_price=entry.quantize(Decimal("0.1")),
-                    exit_price=exit_.quantize(Decimal("0.1")), stop_loss=(entry * (Decimal("0.98") if long else Decimal("1.02"))).quantize(Decimal("0.1")),
-                    take_profit=(entry * (Decimal("1.03") if long else Decimal("0.97"))).quantize(Decimal("0.1")),
+                    direction="LONG" if long else "SHORT", entry_price=entry.quantize(tick),
+                    exit_price=exit_.quantize(tick),
+                    stop_loss=(entry * (Decimal("0.98") if long else Decimal("1.02"))).quantize(tick),
+                    take_profit=(entry * (Decimal("1.03") if long else Decimal("0.97"))).quantize(tick),
                     size=Decimal("5"), leverage=Decimal("2"), pnl_usd=pnl.quantize(Decimal("0.00000001")),
                     pnl_pct=Decimal("0.01"), fees_usd=Decimal("0.4"), funding_usd=Decimal("0"),
                     strategy_used=("trend_pullback", "momentum_breakout", "range_reversion")[i % 3],
@@ -179,7 +181,8 @@ def bench_dashboard() -> None:
     t = time.perf_counter()
     added = pad_journal(run_id, cycles=TARGET_CYCLES, trades=TARGET_TRADES)
     print(f"  journal: {replayed[0]:,} cycles and {replayed[1]:,} trades from a {days:g}-day replay ({wall:.1f} s), "
-          f"{added[0]:,} cycles and {added[1]:,} trades added through the row builders ({time.perf_counter() - t:.1f} s)"
+          f"{added[0]:,} cycles and {added[1]:,} trades added through the row builders "
+          f"({time.perf_counter() - t:.1f} s)"
           f" = {Cycle.objects.filter(run_id=run_id).count():,} cycles, {Trade.objects.filter(run_id=run_id).count():,}"
           " trades", flush=True)
     time_pages(run_id)

@@ -60,7 +60,8 @@ def playbook_errors(exc: pydantic.ValidationError) -> list[str]:
     for error in exc.errors(include_url=False):
         where = ".".join(str(part) for part in error["loc"]) or "the playbook"
         message = error["msg"].removeprefix("Value error, ")
-        given = "" if error["type"] in ("missing", "value_error") else f" (given: {json.dumps(error.get('input'))[:80]})"
+        given = ("" if error["type"] in ("missing", "value_error")
+                 else f" (given: {json.dumps(error.get('input'))[:80]})")
         lines.append(f"{where}: {message}{given}")
     return lines
 

@@ -132,5 +132,6 @@ def filters_parse(params: QueryDict) -> Filters:
             end += timedelta(days=1)  # a date as `to` includes that whole day
     if start is not None and end is not None and end <= start:
         raise FilterError(f"the date range is empty: from {start_text} is not before to {end_text}")
-    return Filters(run_id=run_id, demo=mode == "demo", inst_id=inst_id, instrument_pk=instrument_pk, start=start, end=end,
+    return Filters(run_id=run_id, demo=mode == "demo", inst_id=inst_id,
+                   instrument_pk=instrument_pk, start=start, end=end,
                    start_text=start_text, end_text=end_text)

@@ -51,7 +51,8 @@ def run_page(f: Filters) -> dict[str, Any]:
     figures = [
         Figure("equity", "Equity (realised)", [line(
             "equity", [when(p.ts) for p in curve], [num(p.equity) for p in curve],
-            links=[u if p.trade_id else "" for p, u in zip(curve, trade_urls([p.trade_id for p in curve]), strict=True)])],
+            links=[url if p.trade_id else ""
+                   for p, url in zip(curve, trade_urls([p.trade_id for p in curve]), strict=True)])],
             link=list_url("trades", f, status="closed"), link_label="the closed trades"),
     ]
     name, xs, ys = _price_line(f, report)

@@ -37,16 +37,18 @@ def _day_start(now: datetime) -> datetime:
 def _bucket(field: str, unit: str) -> Any:
     """The hour or day a row falls in, grouped by the database. On SQLite, TruncHour/TruncDay call a Python
     function per row (100,000 screener logs: seconds); there the stored UTC text ("YYYY-MM-DD HH:MM:SS")
-    is cut instead, and `_bucket_time` turns the key back into a time."""
+    is cut instead, and `_bucket_iso` writes the key as the ISO time a chart draws."""
     if connection.vendor == "sqlite":
         return Substr(field, 1, 13 if unit == "hour" else 10)
     return TruncHour(field) if unit == "hour" else TruncDay(field)
 
 
-def _bucket_time(key: Any) -> datetime:
+def _bucket_iso(key: Any) -> str:
+    """The bucket's start as ISO text in UTC (`2025-08-01T13:00:00+00:00`), from either database's key
+    (string work, not strptime: a year has 8,760 hours)."""
     if isinstance(key, datetime):
-        return key
-    return datetime.strptime(key, "%Y-%m-%d %H" if len(key) == 13 else "%Y-%m-%d").replace(tzinfo=UTC)
+        return key.astimezone(UTC).isoformat()
+    return f"{key[:10]}T{key[11:13] or '00'}:00:00+00:00"
 
 
 # --- brain ---------------------------------------------------------------------------------------
@@ -55,9 +57,9 @@ def brain(f: Filters) -> dict[str, Any]:
     hour = _bucket(f.time_field(), "hour")
     per_hour = list(logs.exclude(analyst_action="").annotate(h=hour).values("h", "analyst_action")
                     .annotate(n=Count("id")).order_by("h"))
-    actions: dict[str, dict[Any, int]] = defaultdict(dict)
+    actions: dict[str, dict[str, int]] = defaultdict(dict)
     for row in per_hour:
-        actions[row["analyst_action"]][_bucket_time(row["h"])] = row["n"]
+        actions[row["analyst_action"]][_bucket_iso(row["h"])] = row["n"]
     screener = {(r["bypassed"], r["signal"]): r["n"] for r in logs.values("bypassed", "signal").annotate(n=Count("id"))}
     bypass_reasons = list(logs.filter(bypassed=True).values("bypass_reason").annotate(n=Count("id")).order_by("-n")[:20])
     asked = screener.get((False, True), 0) + screener.get((False, False), 0)
@@ -65,9 +67,9 @@ def brain(f: Filters) -> dict[str, Any]:
     day = _bucket(f.time_field(), "day")
     cost_rows = list(calls.annotate(d=day).values("d", "purpose", "model").annotate(usd=Sum("cost_usd"), n=Count("id"))
                      .order_by("d"))
-    cost: dict[str, dict[Any, Decimal]] = defaultdict(dict)
+    cost: dict[str, dict[str, Decimal]] = defaultdict(dict)
     for row in cost_rows:
-        cost[f"{row['purpose']} / {row['model']}"][_bucket_time(row["d"])] = row["usd"]
+        cost[f"{row['purpose']} / {row['model']}"][_bucket_iso(row["d"])] = row["usd"]
     latency = list(calls.filter(purpose="analyze").exclude(status="pending").order_by("-id")
                    .values("id", f.time_field(), "latency_ms", "cycle_id")[:500])[::-1]
     status = {(r["purpose"], r["status"]): r["n"] for r in calls.values("purpose", "status").annotate(n=Count("id"))}
@@ -81,7 +83,7 @@ def brain(f: Filters) -> dict[str, Any]:
     tkey = f.time_field()
     figures = [
         Figure("decisions_per_hour", "Analyst decisions per hour by action",
-               [bars(action, [when(h) for h in by_hour], list(by_hour.values())) for action, by_hour in sorted(actions.items())],
+               [bars(action, list(by_hour), list(by_hour.values())) for action, by_hour in sorted(actions.items())],
                link=cycles_link, link_label="the cycles", layout={"barmode": "stack"}),
         Figure("bypass_reasons", "Screener bypasses by reason",
                [bars("bypasses", [r["bypass_reason"][:40] or "?" for r in bypass_reasons], [r["n"] for r in bypass_reasons])],
@@ -91,7 +93,7 @@ def brain(f: Filters) -> dict[str, Any]:
                         links=cycle_urls([r["cycle_id"] for r in latency]))],
                link="/admin/journal/llmcall/?purpose__exact=analyze", link_label="LLM calls in the admin"),
         Figure("llm_cost_per_day", "LLM cost per day by purpose and model (USD)",
-               [bars(name, [when(d) for d in days], [num(v) for v in days.values()]) for name, days in sorted(cost.items())],
+               [bars(name, list(days), [num(v) for v in days.values()]) for name, days in sorted(cost.items())],
                link="/admin/journal/llmcall/", link_label="LLM calls in the admin", layout={"barmode": "stack"}),
     ]
     held = sum(status.get(("analyze", s), 0) for s in ("timeout", "error", "skipped"))

@@ -59,10 +59,14 @@ def start_balance() -> Decimal:
     return Decimal(settings.PAPER_START_BALANCE)
 
 
-def closed_trades(f: Filters) -> list[dict[str, Any]]:
-    """The filter's closed trades in closing order, as dicts of the columns the pages use (one query)."""
+EQUITY_COLUMNS = ("id", "closed_at", "pnl_usd", "fees_usd", "funding_usd")
+
+
+def closed_trades(f: Filters, columns: tuple[str, ...] = CLOSED_COLUMNS) -> list[dict[str, Any]]:
+    """The filter's closed trades in closing order, as dicts of `columns` (one query). Ask only for the
+    columns a page uses: each decimal of 5,000 rows is a converter call (on SQLite most of a page's time)."""
     qs = f.trades(Trade.objects.filter(status=TradeStatus.CLOSED, pnl_usd__isnull=False), time_field="closed_at")
-    return list(qs.order_by("closed_at", "id").values(*CLOSED_COLUMNS))
+    return list(qs.order_by("closed_at", "id").values(*columns))
 
 
 def record(row: dict[str, Any]) -> TradeRecord:
@@ -114,7 +118,7 @@ def list_url(name: str, f: Filters, **extra: str) -> str:
 
 
 def portfolio(f: Filters) -> dict[str, Any]:
-    rows = closed_trades(f)
+    rows = closed_trades(f, EQUITY_COLUMNS)
     start = start_balance()
     curve = equity_curve(rows, start)
     pnls = [r["pnl_usd"] for r in rows]

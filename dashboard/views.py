@@ -6,6 +6,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
@@ -13,6 +14,7 @@ from django.core.exceptions import BadRequest
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
+from django.utils.safestring import SafeString, mark_safe
 from django.views.decorators.http import require_http_methods, require_POST
 
 from dashboard import selectors_ops as ops
@@ -35,6 +37,13 @@ def _runs() -> list[str]:
     return [s.removeprefix("replay:") for s in scopes[:RUNS_LISTED]]
 
 
+def figures_script(figures: list[dict[str, Any]]) -> SafeString:
+    """The figures as JSON for `<script type="application/json">`, as `json_script` escapes it (no `<`, `>`, `&`
+    to end the script early), through orjson: 15,000 points with their links took Django's encoder ~0.2 s."""
+    text = orjson.dumps(figures, default=str).decode()
+    return mark_safe(text.replace("<", "\\u003C").replace(">", "\\u003E").replace("&", "\\u0026"))  # noqa: S308
+
+
 def _context(request: HttpRequest, f: Filters | None, page: str, **extra: Any) -> dict[str, Any]:
     figures: list[Figure] = extra.pop("figures", [])
     # One query for the filter's instrument list and each instrument's tick size (prices at its precision).
@@ -42,7 +51,8 @@ def _context(request: HttpRequest, f: Filters | None, page: str, **extra: Any) -
     return {
         "pages": PAGES, "page": page, "f": f or Filters(), "runs": _runs(),
         "instruments": list(ticks), "ticks": ticks,
-        "figures": figures, "figures_json": [fig.as_json() for fig in figures], **extra,
+        "figures": figures, "figures_json": figures_script([fig.as_json() for fig in figures]) if figures else "",
+        **extra,
     }
 
 

@@ -211,7 +211,8 @@ def test_every_page_draws_its_charts_with_the_expected_points_and_a_trade_shows_
     # The markers are drawn in the SVG, not only held in the figure's data.
     drawn = driver.execute_script(
         "const el = document.getElementById('fig-trade_chart');"
-        "return Array.from(el.querySelectorAll('.scatterlayer .trace')).map(g => g.querySelectorAll('path.point').length);")
+        "return Array.from(el.querySelectorAll('.scatterlayer .trace'))"
+        "  .map(g => g.querySelectorAll('path.point').length);")
     assert sum(drawn) >= 2 + 1, drawn  # entry, exit and the deciding cycles' markers
     _open(driver, f"{base}/dashboard/cycles/{trade.cycle_id}/", "cycle")
     assert ARTIFACTS.joinpath("portfolio.png").stat().st_size > 10_000
@@ -237,7 +238,8 @@ def test_halt_from_the_dashboard_shows_in_bot_status_and_the_next_cycle_places_n
     driver.save_screenshot(str(ARTIFACTS / "controls-halted.png"))
     out = StringIO()
     call_command("bot", "status", stdout=out)
-    assert out.getvalue().startswith("state      HALTED") and "by dashboard:trader: FOMC in ten minutes" in out.getvalue()
+    assert out.getvalue().startswith("state      HALTED")
+    assert "by dashboard:trader: FOMC in ten minutes" in out.getvalue()
 
     # The next cycle, at a time the rules brain opens a long on this market (seed 7, test_pipeline_workers.py).
     settings.BRAIN = "rules"

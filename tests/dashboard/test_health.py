@@ -1,6 +1,7 @@
 """`/health/` (django-health-check): JSON with one line per check and a status a load balancer reads (200 / 500).
 
-Here, without workers: what fails is named. With real workers on Redis: tests/dashboard/test_flower_and_health_workers.py.
+Here, without workers: what fails is named. With real workers on Redis:
+tests/dashboard/test_health_and_flower_workers.py.
 """
 from __future__ import annotations
 

@@ -211,7 +211,8 @@ def test_prices_show_at_the_instruments_precision_and_the_admin_trade_list_has_p
     tenth = Decimal("0.1")  # BTC-USDT-SWAP's tick size
     assert trade.instrument.tick_sz == tenth
     entry = f"{trade.entry_price.quantize(tenth)}"
-    for url in (f"/dashboard/trades/?run={journal}", f"/dashboard/trades/{trade.pk}/", f"/dashboard/report/?run={journal}"):
+    for url in (f"/dashboard/trades/?run={journal}", f"/dashboard/trades/{trade.pk}/",
+                f"/dashboard/report/?run={journal}"):
         html = admin_client.get(url).content.decode()
         assert f">{entry}<" in html or f">{entry} →" in html, url
         assert f"{trade.entry_price:f}" not in html, url  # never the column's 10 decimals

@@ -369,8 +369,9 @@ class Command(BaseCommand):
                 w("           a larger --budget walks further.")
         w("")
         w("Browse the journal: `make web` (or `.venv/bin/python manage.py runserver 127.0.0.1:8000`),")
-        w("then open the cockpit on the demo's rows, http://127.0.0.1:8000/dashboard/portfolio/?run=demo, or the admin,")
-        w("http://127.0.0.1:8000/admin/ (create a login first: `.venv/bin/python manage.py createsuperuser`).")
+        w("then open the cockpit on the demo's rows, http://127.0.0.1:8000/dashboard/portfolio/?run=demo,")
+        w("or the admin, http://127.0.0.1:8000/admin/ (create a login first: "
+          "`.venv/bin/python manage.py createsuperuser`).")
 
 
 def demo_performance_snapshot() -> Any:
