@@ -210,7 +210,11 @@ def test_prices_show_at_the_instruments_precision_and_the_admin_trade_list_has_p
     trade = Trade.objects.filter(run_id=journal, status=TradeStatus.CLOSED).order_by("id").first()
     tenth = Decimal("0.1")  # BTC-USDT-SWAP's tick size
     assert trade.instrument.tick_sz == tenth
+    # A whole-dollar entry: at the instrument's precision it still shows its tenths ("96756.0", not "96756").
+    Trade.objects.filter(pk=trade.pk).update(entry_price=trade.entry_price.quantize(Decimal(1)))
+    trade.refresh_from_db()
     entry = f"{trade.entry_price.quantize(tenth)}"
+    assert entry.endswith(".0")
     for url in (f"/dashboard/trades/?run={journal}", f"/dashboard/trades/{trade.pk}/",
                 f"/dashboard/report/?run={journal}"):
         html = admin_client.get(url).content.decode()
