@@ -47,13 +47,13 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_celery_beat",
-    "health_check",  # /health/ (issue 17): its HTML page's template
     "market",
     "journal",
     "brain",
     "execution",
     "tradebot",
     "dashboard",  # the cockpit (issue 17): an interface layer above tradebot
+    "health_check",  # /health/ (issue 17, django-health-check): its HTML page's template
     "telegram_bot",
 ]
 
