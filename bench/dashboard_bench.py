@@ -34,7 +34,8 @@ BATCH = 20_000
 
 def pad_journal(run_id: str, *, cycles: int, trades: int) -> tuple[int, int]:
     """Add compact HOLD cycles (each with its screener log) after the run's last cycle and closed trades
-    among them, through the replay's row builders, until the run holds `cycles` cycles and `trades` trades."""
+    among them, through the replay's row builders, until the run holds `cycles` cycles and `trades` trades
+    (when the replay gave the cycles, the trades go on its own HOLD cycles)."""
     from django.db import transaction
 
     from journal.bulk import ids_reserve, row_new, rows_insert
@@ -47,8 +48,6 @@ def pad_journal(run_id: str, *, cycles: int, trades: int) -> tuple[int, int]:
     price = Decimal(str((last.snapshot or {}).get("price") or "60000"))
     add_cycles = max(0, cycles - have_cycles)
     add_trades = max(0, trades - have_trades)
-    if add_trades and not add_cycles:
-        add_cycles = add_trades * 4  # trades need cycles of their own to open on
     step = timedelta(minutes=5)
     new_cycle_ids: list[int] = []
     t0 = last.as_of
@@ -73,15 +72,26 @@ def pad_journal(run_id: str, *, cycles: int, trades: int) -> tuple[int, int]:
             rows_insert(model=Cycle, objs=rows)
             rows_insert(model=ScreenerLog, objs=logs)
             new_cycle_ids += ids
+    if add_trades and not new_cycle_ids:
+        # A replay long enough for the cycles (a year: 105,120) gets its extra trades on its own HOLD cycles,
+        # spread over the run, each opening at its cycle's time.
+        holds = list(Cycle.objects.filter(run_id=run_id, outcome=CycleOutcome.HOLD).order_by("as_of")
+                     .values_list("id", "as_of"))
+        stride = max(1, len(holds) // add_trades)
+        picked = holds[::stride][:add_trades]
+        new_cycle_ids = [pk for pk, _ in picked]
+        opened_at = [as_of for _, as_of in picked]
+    else:
+        opened_at = [t0 + step * (i + 1) for i in range(len(new_cycle_ids))]
     if add_trades:
         tick = inst.tick_sz
         every = max(1, len(new_cycle_ids) // add_trades)
         with transaction.atomic():
-            ids = ids_reserve(model=Trade, count=add_trades)
+            ids = ids_reserve(model=Trade, count=min(add_trades, len(new_cycle_ids)))
             rows = []
             for i, pk in enumerate(ids):
-                cycle_pk = new_cycle_ids[min(i * every, len(new_cycle_ids) - 1)]
-                opened = t0 + step * (min(i * every, len(new_cycle_ids) - 1) + 1)
+                at = min(i * every, len(new_cycle_ids) - 1)
+                cycle_pk, opened = new_cycle_ids[at], opened_at[at]
                 long = i % 2 == 0
                 entry = price * (1 + Decimal(i % 50 - 25) / 1000)
                 move = entry * Decimal("0.01") * (1 if i % 3 else -1)
