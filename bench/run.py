@@ -168,6 +168,11 @@ def bench_snapshot() -> None:
           f"median {ms(statistics.median(feed_runs))}, p95 {ms(percentile(feed_runs, 0.95))}")
 
 
+# --- dashboard (issue 17): each cockpit page's server time on 100,000 cycles and 5,000 trades ------
+from bench.dashboard_bench import bench_dashboard  # noqa: E402
+
+section("dashboard")(bench_dashboard)
+
 # --- pipeline, instruments300, replay (bench/pipeline_bench.py, bench/replay_bench.py) -----
 from bench import infra  # noqa: E402
 from bench.pipeline_bench import bench_instruments300, bench_pipeline  # noqa: E402

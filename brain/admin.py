@@ -13,9 +13,12 @@ every fold's figures, the test's result and the reason.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import pydantic
 from django import forms
+from django.forms.fields import InvalidJSONInput
 from django.contrib import admin, messages
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -29,7 +32,43 @@ from brain.playbook import (PlaybookError, playbook_activate_forced, playbook_ca
 from brain.playbook_schema import playbook_validate
 
 
+class PrettyJSONField(forms.JSONField):
+    """The playbook as indented JSON in a tall monospace box (not one line), and a syntax error that says where."""
+
+    widget = forms.Textarea(attrs={"rows": 40, "cols": 110, "spellcheck": "false",
+                                   "style": "font-family: monospace; font-size: 12px; width: 90%"})
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, InvalidJSONInput):
+            return value
+        return json.dumps(value, ensure_ascii=False, indent=2, cls=self.encoder)
+
+    def to_python(self, value: Any) -> Any:
+        if isinstance(value, str) and value.strip():
+            try:
+                json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise forms.ValidationError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+                                            code="invalid") from None
+        return super().to_python(value)
+
+
+def playbook_errors(exc: pydantic.ValidationError) -> list[str]:
+    """pydantic's errors as one line per problem, each naming the field by its path in the playbook
+    (`strategy_definitions.trend_pullback.params.leverage: ...`), not pydantic's raw report."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "the playbook"
+        message = error["msg"].removeprefix("Value error, ")
+        given = ("" if error["type"] in ("missing", "value_error")
+                 else f" (given: {json.dumps(error.get('input'))[:80]})")
+        lines.append(f"{where}: {message}{given}")
+    return lines
+
+
 class PlaybookVersionForm(forms.ModelForm):
+    playbook = PrettyJSONField(help_text="The whole playbook as JSON; saving stores a new candidate version.")
+
     class Meta:
         model = PlaybookVersion
         fields = ("playbook", "change_summary")
@@ -39,6 +78,8 @@ class PlaybookVersionForm(forms.ModelForm):
         data = self.cleaned_data["playbook"]
         try:
             clean = playbook_validate(data).model_dump(mode="json")
+        except pydantic.ValidationError as exc:
+            raise forms.ValidationError([f"invalid playbook: {line}" for line in playbook_errors(exc)]) from None
         except ValueError as exc:
             raise forms.ValidationError(f"invalid playbook: {exc}") from None
         if self.instance.pk is not None and clean == playbook_validate(self.instance.playbook).model_dump(mode="json"):

@@ -1,4 +1,4 @@
-"""The filter every page takes: mode (live, or one replay run), a date range and an instrument.
+"""The filter every page takes: mode (live, the demo's, or one replay run), a date range and an instrument.
 
 A bad value (an unknown instrument or run id, a malformed or reversed date range) is a `FilterError`,
 which the views answer with HTTP 400 and the message in the page, never a 500.
@@ -22,7 +22,8 @@ class FilterError(ValueError):
 
 @dataclass(frozen=True)
 class Filters:
-    run_id: str = ""  # "" = the live bot
+    run_id: str = ""  # "" = the live bot (or the demo's, with demo)
+    demo: bool = False  # `make demo`'s rows (mode demo, its own paper account and bot state)
     inst_id: str = ""  # "" = every instrument
     instrument_pk: int | None = None
     start: datetime | None = None  # inclusive
@@ -32,15 +33,26 @@ class Filters:
 
     @property
     def mode(self) -> str:
-        return Mode.REPLAY if self.run_id else Mode.LIVE
+        return Mode.REPLAY if self.run_id else Mode.DEMO if self.demo else Mode.LIVE
 
     @property
     def label(self) -> str:
-        return f"replay {self.run_id}" if self.run_id else "live"
+        return f"replay {self.run_id}" if self.run_id else "demo" if self.demo else "live"
+
+    @property
+    def virtual_clock(self) -> bool:
+        """A replay and the demo run on a virtual clock: their times are the cycles' `as_of`, not the wall clock."""
+        return bool(self.run_id or self.demo)
+
+    @property
+    def paper_account(self) -> str:
+        """The paper account the rows traded (a replay's is named after its run; the demo's is "demo")."""
+        return self.run_id[:40] if self.run_id else "demo" if self.demo else "default"
 
     def query(self, **extra: str) -> str:
         """The filter as a query string (for links between pages), with `extra` parameters added."""
-        params = {"run": self.run_id, "inst": self.inst_id, "from": self.start_text, "to": self.end_text, **extra}
+        run = self.run_id or ("demo" if self.demo else "")
+        params = {"run": run, "inst": self.inst_id, "from": self.start_text, "to": self.end_text, **extra}
         return urlencode({k: v for k, v in params.items() if v})
 
     # --- applying the filter: each table's own columns ---------------------------
@@ -66,6 +78,8 @@ class Filters:
         their cycle (run id, virtual time); the live bot's by mode and their own creation time."""
         if self.run_id:
             qs = qs.filter(mode=Mode.REPLAY, cycle__run_id=self.run_id).filter(self._range("cycle__as_of"))
+        elif self.demo:
+            qs = qs.filter(mode=Mode.DEMO).filter(self._range("cycle__as_of"))
         else:
             qs = qs.filter(mode=Mode.LIVE).filter(self._range("created_at"))
         if self.instrument_pk:
@@ -73,8 +87,8 @@ class Filters:
         return qs
 
     def time_field(self, live_field: str = "created_at") -> str:
-        """The time a cycle-hanging row is bucketed by (virtual time in a replay)."""
-        return "cycle__as_of" if self.run_id else live_field
+        """The time a cycle-hanging row is bucketed by (virtual time in a replay or the demo)."""
+        return "cycle__as_of" if self.virtual_clock else live_field
 
 
 def _parse_day(text: str, name: str) -> datetime:
@@ -88,18 +102,18 @@ def _parse_day(text: str, name: str) -> datetime:
 
 
 def filters_parse(params: QueryDict) -> Filters:
-    """Read and check the filter parameters: `run` (a replay run id; empty or 'live' = live),
+    """Read and check the filter parameters: `run` (a replay run id; empty or 'live' = live; 'demo' = the demo's rows),
     `inst` (an instrument id), `from` and `to` (UTC dates, both inclusive, or ISO times)."""
     run_id = (params.get("run") or "").strip()
-    if run_id == "live":
-        run_id = ""
     mode = (params.get("mode") or "").strip()
-    if mode and mode not in ("live", "replay"):
-        raise FilterError(f"mode={mode!r}: use live, or replay with run=<run id>")
+    if run_id in ("live", "demo"):
+        mode, run_id = mode or run_id, ""
+    if mode and mode not in ("live", "demo", "replay"):
+        raise FilterError(f"mode={mode!r}: use live, demo, or replay with run=<run id>")
     if mode == "replay" and not run_id:
         raise FilterError("mode=replay needs run=<run id>: which replay run?")
-    if mode == "live" and run_id:
-        raise FilterError(f"mode=live with run={run_id!r}: a run id is a replay")
+    if mode in ("live", "demo") and run_id:
+        raise FilterError(f"mode={mode} with run={run_id!r}: a run id is a replay")
     if run_id and not Cycle.objects.filter(mode=Mode.REPLAY, run_id=run_id).exists():
         raise FilterError(f"unknown replay run {run_id!r}: no cycle in the journal has that run id")
     inst_id = (params.get("inst") or "").strip()
@@ -118,5 +132,6 @@ def filters_parse(params: QueryDict) -> Filters:
             end += timedelta(days=1)  # a date as `to` includes that whole day
     if start is not None and end is not None and end <= start:
         raise FilterError(f"the date range is empty: from {start_text} is not before to {end_text}")
-    return Filters(run_id=run_id, inst_id=inst_id, instrument_pk=instrument_pk, start=start, end=end,
+    return Filters(run_id=run_id, demo=mode == "demo", inst_id=inst_id,
+                   instrument_pk=instrument_pk, start=start, end=end,
                    start_text=start_text, end_text=end_text)

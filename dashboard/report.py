@@ -11,12 +11,13 @@ from django.db.models.functions import Mod
 
 from dashboard.charts import Figure, line, markers, num, when
 from dashboard.filters import FilterError, Filters
-from dashboard.selectors_trading import list_url, trade_url
+from dashboard.selectors_trading import list_url, trade_urls
 from journal.models import Cycle
 from journal.report import ReportError, RunReport, run_report, trades_csv
 from market.models import Candle
 
 PRICE_POINTS = 3000  # the price line is thinned to about this many points (a year of 5-minute cycles is 105,120)
+TABLE_TRADES = 200  # the page's trade table; every trade is in the chart, the CSV and the trades list
 
 
 def report_for(f: Filters) -> RunReport:
@@ -50,7 +51,8 @@ def run_page(f: Filters) -> dict[str, Any]:
     figures = [
         Figure("equity", "Equity (realised)", [line(
             "equity", [when(p.ts) for p in curve], [num(p.equity) for p in curve],
-            links=[trade_url(p.trade_id) if p.trade_id else "" for p in curve])],
+            links=[url if p.trade_id else ""
+                   for p, url in zip(curve, trade_urls([p.trade_id for p in curve]), strict=True)])],
             link=list_url("trades", f, status="closed"), link_label="the closed trades"),
     ]
     name, xs, ys = _price_line(f, report)
@@ -59,13 +61,15 @@ def run_page(f: Filters) -> dict[str, Any]:
     figures.append(Figure("price_trades", "Price with the run's entries and exits", [
         line(name, xs, ys, line={"color": "#888"}),
         markers("entries", [when(t.opened_at) for t in entries], [num(t.entry_price) for t in entries],
-                symbol="triangle-up", color="#1f77b4", size=10, links=[trade_url(t.id) for t in entries],
+                symbol="triangle-up", color="#1f77b4", size=10, links=trade_urls([t.id for t in entries]),
                 text=[f"#{t.id} {t.direction} {t.strategy}" for t in entries]),
         markers("exits", [when(t.closed_at) for t in exits], [num(t.exit_price) for t in exits], symbol="x",
-                color="#9467bd", size=10, links=[trade_url(t.id) for t in exits],
+                color="#9467bd", size=10, links=trade_urls([t.id for t in exits]),
                 text=[f"#{t.id} {t.exit_reason}" for t in exits]),
     ], link=list_url("trades", f), link_label="the trades", layout={"height": 420}))
-    return {"report": report, "figures": figures, "csv_query": f.query(format="csv")}
+    return {"report": report, "figures": figures, "csv_query": f.query(format="csv"),
+            "table_trades": report.trades[:TABLE_TRADES], "more_trades": max(0, len(report.trades) - TABLE_TRADES),
+            "trades_link": list_url("trades", f)}
 
 
 def run_csv(f: Filters) -> tuple[str, int]:

@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from datetime import datetime, time as dtime, timedelta
+from datetime import UTC, datetime, time as dtime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.db import connection
 from django.db.models import Count, Max, Sum
-from django.db.models.functions import TruncDay, TruncHour
+from django.db.models.functions import Substr, TruncDay, TruncHour
 from django.utils import timezone
 
 from brain.models import PlaybookVersion
 from brain.playbook import playbook_diff
 from dashboard.charts import Figure, bars, line, markers, num, when
 from dashboard.filters import Filters
-from dashboard.selectors_trading import ZERO, closed_trades, cycle_url, list_url, start_balance, trade_url
+from dashboard.selectors_trading import ZERO, cycle_urls, list_url, start_balance
 from execution.models import BotState, BotStatus, Order
 from execution.selectors import bot_scope
 from journal.models import (
@@ -34,25 +34,42 @@ def _day_start(now: datetime) -> datetime:
     return datetime.combine(now.date(), dtime.min, tzinfo=now.tzinfo)
 
 
+def _bucket(field: str, unit: str) -> Any:
+    """The hour or day a row falls in, grouped by the database. On SQLite, TruncHour/TruncDay call a Python
+    function per row (100,000 screener logs: seconds); there the stored UTC text ("YYYY-MM-DD HH:MM:SS")
+    is cut instead, and `_bucket_iso` writes the key as the ISO time a chart draws."""
+    if connection.vendor == "sqlite":
+        return Substr(field, 1, 13 if unit == "hour" else 10)
+    return TruncHour(field) if unit == "hour" else TruncDay(field)
+
+
+def _bucket_iso(key: Any) -> str:
+    """The bucket's start as ISO text in UTC (`2025-08-01T13:00:00+00:00`), from either database's key
+    (string work, not strptime: a year has 8,760 hours)."""
+    if isinstance(key, datetime):
+        return key.astimezone(UTC).isoformat()
+    return f"{key[:10]}T{key[11:13] or '00'}:00:00+00:00"
+
+
 # --- brain ---------------------------------------------------------------------------------------
 def brain(f: Filters) -> dict[str, Any]:
     logs = f.cycle_rows(ScreenerLog.objects.all())
-    hour = TruncHour(f.time_field())
+    hour = _bucket(f.time_field(), "hour")
     per_hour = list(logs.exclude(analyst_action="").annotate(h=hour).values("h", "analyst_action")
                     .annotate(n=Count("id")).order_by("h"))
-    actions: dict[str, dict[Any, int]] = defaultdict(dict)
+    actions: dict[str, dict[str, int]] = defaultdict(dict)
     for row in per_hour:
-        actions[row["analyst_action"]][row["h"]] = row["n"]
+        actions[row["analyst_action"]][_bucket_iso(row["h"])] = row["n"]
     screener = {(r["bypassed"], r["signal"]): r["n"] for r in logs.values("bypassed", "signal").annotate(n=Count("id"))}
     bypass_reasons = list(logs.filter(bypassed=True).values("bypass_reason").annotate(n=Count("id")).order_by("-n")[:20])
     asked = screener.get((False, True), 0) + screener.get((False, False), 0)
     calls = f.cycle_rows(LlmCall.objects.all(), instrument_field="cycle__instrument_id")
-    day = TruncDay(f.time_field())
+    day = _bucket(f.time_field(), "day")
     cost_rows = list(calls.annotate(d=day).values("d", "purpose", "model").annotate(usd=Sum("cost_usd"), n=Count("id"))
                      .order_by("d"))
-    cost: dict[str, dict[Any, Decimal]] = defaultdict(dict)
+    cost: dict[str, dict[str, Decimal]] = defaultdict(dict)
     for row in cost_rows:
-        cost[f"{row['purpose']} / {row['model']}"][row["d"]] = row["usd"]
+        cost[f"{row['purpose']} / {row['model']}"][_bucket_iso(row["d"])] = row["usd"]
     latency = list(calls.filter(purpose="analyze").exclude(status="pending").order_by("-id")
                    .values("id", f.time_field(), "latency_ms", "cycle_id")[:500])[::-1]
     status = {(r["purpose"], r["status"]): r["n"] for r in calls.values("purpose", "status").annotate(n=Count("id"))}
@@ -66,17 +83,17 @@ def brain(f: Filters) -> dict[str, Any]:
     tkey = f.time_field()
     figures = [
         Figure("decisions_per_hour", "Analyst decisions per hour by action",
-               [bars(action, [when(h) for h in by_hour], list(by_hour.values())) for action, by_hour in sorted(actions.items())],
+               [bars(action, list(by_hour), list(by_hour.values())) for action, by_hour in sorted(actions.items())],
                link=cycles_link, link_label="the cycles", layout={"barmode": "stack"}),
         Figure("bypass_reasons", "Screener bypasses by reason",
                [bars("bypasses", [r["bypass_reason"][:40] or "?" for r in bypass_reasons], [r["n"] for r in bypass_reasons])],
                link=cycles_link, link_label="the cycles"),
         Figure("analyst_latency", "Analyst latency (last 500 calls)",
                [markers("latency ms", [when(r[tkey]) for r in latency], [r["latency_ms"] for r in latency], size=5,
-                        links=[cycle_url(r["cycle_id"]) if r["cycle_id"] else "" for r in latency])],
+                        links=cycle_urls([r["cycle_id"] for r in latency]))],
                link="/admin/journal/llmcall/?purpose__exact=analyze", link_label="LLM calls in the admin"),
         Figure("llm_cost_per_day", "LLM cost per day by purpose and model (USD)",
-               [bars(name, [when(d) for d in days], [num(v) for v in days.values()]) for name, days in sorted(cost.items())],
+               [bars(name, list(days), [num(v) for v in days.values()]) for name, days in sorted(cost.items())],
                link="/admin/journal/llmcall/", link_label="LLM calls in the admin", layout={"barmode": "stack"}),
     ]
     held = sum(status.get(("analyze", s), 0) for s in ("timeout", "error", "skipped"))
@@ -99,11 +116,13 @@ def brain(f: Filters) -> dict[str, Any]:
 def risk(f: Filters) -> dict[str, Any]:
     scope = bot_scope(mode=f.mode, run_id=f.run_id)
     bot = BotState.objects.filter(scope=scope).first() or BotState(scope=scope)
-    rows = closed_trades(f)
-    equity = start_balance() + sum((r["pnl_usd"] for r in rows), ZERO)
+    # Sums in the database (5,000 closed trades are not read to add them up).
+    closed = f.trades(Trade.objects.filter(status=TradeStatus.CLOSED, pnl_usd__isnull=False), time_field="closed_at")
+    totals = closed.aggregate(pnl=Sum("pnl_usd"), last=Max("closed_at"))
+    equity = start_balance() + (totals["pnl"] or ZERO)
     now = timezone.now()
-    today = _day_start(rows[-1]["closed_at"] if f.run_id and rows else now)
-    today_pnl = sum((r["pnl_usd"] for r in rows if r["closed_at"] >= today), ZERO)
+    today = _day_start(totals["last"] if f.virtual_clock and totals["last"] else now)
+    today_pnl = closed.filter(closed_at__gte=today).aggregate(v=Sum("pnl_usd"))["v"] or ZERO
     day_start = bot.day_start_equity or (equity - today_pnl)
     peak = max(bot.peak_equity or ZERO, equity)
     open_trades = list(f.trades(Trade.objects.filter(status=TradeStatus.OPEN))

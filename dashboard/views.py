@@ -6,6 +6,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
@@ -13,6 +14,7 @@ from django.core.exceptions import BadRequest
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
+from django.utils.safestring import SafeString, mark_safe
 from django.views.decorators.http import require_http_methods, require_POST
 
 from dashboard import selectors_ops as ops
@@ -35,12 +37,22 @@ def _runs() -> list[str]:
     return [s.removeprefix("replay:") for s in scopes[:RUNS_LISTED]]
 
 
+def figures_script(figures: list[dict[str, Any]]) -> SafeString:
+    """The figures as JSON for `<script type="application/json">`, as `json_script` escapes it (no `<`, `>`, `&`
+    to end the script early), through orjson: 15,000 points with their links took Django's encoder ~0.2 s."""
+    text = orjson.dumps(figures, default=str).decode()
+    return mark_safe(text.replace("<", "\\u003C").replace(">", "\\u003E").replace("&", "\\u0026"))  # noqa: S308
+
+
 def _context(request: HttpRequest, f: Filters | None, page: str, **extra: Any) -> dict[str, Any]:
     figures: list[Figure] = extra.pop("figures", [])
+    # One query for the filter's instrument list and each instrument's tick size (prices at its precision).
+    ticks = dict(Instrument.objects.order_by("inst_id").values_list("inst_id", "tick_sz"))
     return {
         "pages": PAGES, "page": page, "f": f or Filters(), "runs": _runs(),
-        "instruments": list(Instrument.objects.order_by("inst_id").values_list("inst_id", flat=True)),
-        "figures": figures, "figures_json": [fig.as_json() for fig in figures], **extra,
+        "instruments": list(ticks), "ticks": ticks,
+        "figures": figures, "figures_json": figures_script([fig.as_json() for fig in figures]) if figures else "",
+        **extra,
     }
 
 
@@ -238,11 +250,11 @@ def _control(request: HttpRequest, bot: BotState) -> HttpResponse:
 def report(request: HttpRequest, f: Filters) -> dict[str, Any] | HttpResponse:
     from dashboard.report import run_csv, run_page
 
-    if not f.run_id:
+    if not f.run_id and not f.demo:
         return {"report": None}
     if request.GET.get("format") == "csv":
         text, _ = run_csv(f)
         response = HttpResponse(text, content_type="text/csv")
-        response["Content-Disposition"] = f'attachment; filename="{f.run_id}-trades.csv"'
+        response["Content-Disposition"] = f'attachment; filename="{f.run_id or f.mode}-trades.csv"'
         return response
     return run_page(f)

@@ -8,9 +8,11 @@ app does not import execution.)
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 from django.contrib import admin
+from django.db.models import Count, Q, Sum
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
@@ -32,6 +34,20 @@ def pretty_json(value: Any) -> SafeString:
         return mark_safe("<span>-</span>")  # noqa: S308 - a constant
     text = json.dumps(value, indent=2, sort_keys=True, default=str)
     return format_html('<pre style="white-space: pre-wrap; max-width: 70em; margin: 0">{}</pre>', text)
+
+
+def at_tick(value: Decimal | None, tick: Decimal | None) -> str:
+    """A price at its instrument's precision (tick size 0.1 -> one decimal), not the column's 10 decimals."""
+    if value is None:
+        return "-"
+    if tick is None or not tick:
+        return f"{value.normalize():f}"
+    places = max(0, -tick.normalize().as_tuple().exponent)
+    return f"{value.quantize(Decimal(1).scaleb(-places)):f}"
+
+
+def money(value: Decimal | None) -> str:
+    return "-" if value is None else f"{value:,.2f}"
 
 
 def admin_link(model: str, pk: Any, label: str | None = None) -> SafeString:
@@ -64,7 +80,7 @@ class ReadOnlyJournalAdmin(admin.ModelAdmin):
 
 class TradeInline(admin.TabularInline):
     model = Trade
-    fields = ("link", "direction", "status", "entry_price", "exit_price", "pnl_usd", "exit_reason")
+    fields = ("link", "direction", "status", "entry", "exit", "net_pnl", "exit_reason")
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -73,6 +89,18 @@ class TradeInline(admin.TabularInline):
     @admin.display(description="trade")
     def link(self, obj: Trade) -> SafeString:
         return admin_link("journal.trade", obj.pk, f"trade {obj.pk}")
+
+    @admin.display(description="entry")
+    def entry(self, obj: Trade) -> str:
+        return at_tick(obj.entry_price, obj.instrument.tick_sz)
+
+    @admin.display(description="exit")
+    def exit(self, obj: Trade) -> str:
+        return at_tick(obj.exit_price, obj.instrument.tick_sz)
+
+    @admin.display(description="PnL (USDT)")
+    def net_pnl(self, obj: Trade) -> str:
+        return money(obj.pnl_usd)
 
     def has_add_permission(self, request: Any, obj: Any = None) -> bool:
         return False
@@ -145,8 +173,10 @@ class CycleAdmin(ReadOnlyJournalAdmin):
 
 @admin.register(Trade)
 class TradeAdmin(ReadOnlyJournalAdmin):
-    list_display = ("id", "instrument", "direction", "status", "opened_at", "closed_at", "entry_price", "exit_price",
-                    "pnl_usd", "strategy_used", "market_regime", "exit_reason", "mode", "run_id")
+    # PnL right after the side and status, prices at the instrument's precision: the list fits a laptop's
+    # screen without a horizontal scroll (the regime stays a filter); totals of the filtered rows above it.
+    list_display = ("id", "instrument", "direction", "status", "net_pnl", "entry", "exit", "opened_at", "closed_at",
+                    "strategy_used", "exit_reason", "mode", "run_id")
     list_filter = ("status", "direction", "mode", "instrument", "strategy_used", "market_regime", "exit_reason",
                    ("opened_at", admin.DateFieldListFilter), ("closed_at", admin.DateFieldListFilter))
     search_fields = ("=id", "instrument__inst_id", "strategy_used", "reasoning", "client_order_id", "okx_order_id", "run_id")
@@ -156,8 +186,44 @@ class TradeAdmin(ReadOnlyJournalAdmin):
     readonly_fields = ("cycle_link", "order_link", "indicators_entry_pretty", "indicators_exit_pretty",
                        "research_pretty", "self_review_pretty")
 
+    # Shown through the methods below (at the instrument's precision, money with 2 decimals), in their place.
+    PRICE_FIELDS = {"entry_price": "entry", "exit_price": "exit", "stop_loss": "sl", "take_profit": "tp",
+                    "pnl_usd": "net_pnl"}
+
+    def get_exclude(self, request: Any, obj: Any = None) -> tuple[str, ...]:
+        return (*self.exclude, *self.PRICE_FIELDS)
+
     def get_readonly_fields(self, request: Any, obj: Any = None) -> list[str]:
-        return [f.name for f in Trade._meta.fields if f.name not in self.exclude] + list(self.readonly_fields)
+        names = [self.PRICE_FIELDS.get(f.name, f.name) for f in Trade._meta.fields if f.name not in self.exclude]
+        return names + list(self.readonly_fields)
+
+    def changelist_view(self, request: Any, extra_context: dict[str, Any] | None = None) -> Any:
+        # Totals of the rows the list's filters select (every page of them), in one aggregate query.
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None)
+        if context is not None and "cl" in context:
+            context["trade_totals"] = trade_totals(context["cl"].queryset)
+        return response
+
+    @admin.display(description="PnL (USDT)", ordering="pnl_usd")
+    def net_pnl(self, obj: Trade) -> str:
+        return money(obj.pnl_usd)
+
+    @admin.display(description="entry", ordering="entry_price")
+    def entry(self, obj: Trade) -> str:
+        return at_tick(obj.entry_price, obj.instrument.tick_sz)
+
+    @admin.display(description="exit", ordering="exit_price")
+    def exit(self, obj: Trade) -> str:
+        return at_tick(obj.exit_price, obj.instrument.tick_sz)
+
+    @admin.display(description="stop loss")
+    def sl(self, obj: Trade) -> str:
+        return at_tick(obj.stop_loss, obj.instrument.tick_sz)
+
+    @admin.display(description="take profit")
+    def tp(self, obj: Trade) -> str:
+        return at_tick(obj.take_profit, obj.instrument.tick_sz)
 
     @admin.display(description="cycle")
     def cycle_link(self, obj: Trade) -> SafeString:
@@ -184,6 +250,18 @@ class TradeAdmin(ReadOnlyJournalAdmin):
     @admin.display(description="self review")
     def self_review_pretty(self, obj: Trade) -> SafeString:
         return pretty_json(obj.self_review)
+
+
+def trade_totals(rows: Any) -> dict[str, Any]:
+    """Count, closed, wins, net PnL, fees and funding of a trade queryset (one query), and the win rate."""
+    totals = rows.order_by().aggregate(
+        trades=Count("id"), closed=Count("id", filter=Q(status="closed")),
+        wins=Count("id", filter=Q(status="closed", pnl_usd__gt=0)), pnl=Sum("pnl_usd"), fees=Sum("fees_usd"),
+        funding=Sum("funding_usd"))
+    totals["win_rate"] = f"{100 * totals['wins'] / totals['closed']:.1f}%" if totals["closed"] else "-"
+    for key in ("pnl", "fees", "funding"):
+        totals[key] = money(totals[key] or Decimal(0))
+    return totals
 
 
 @admin.register(ScreenerLog)

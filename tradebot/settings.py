@@ -54,6 +54,7 @@ INSTALLED_APPS = [
     "execution",
     "tradebot",
     "dashboard",  # the cockpit (issue 17): an interface layer above tradebot
+    "health_check",  # /health/ (issue 17, django-health-check): its HTML page's template
     "telegram_bot",
 ]
 
@@ -99,6 +100,10 @@ STATICFILES_FINDERS = [
     "dashboard.finders.PlotlyFinder",
 ]
 DASHBOARD_PING_TIMEOUT_SECONDS = env_float("DASHBOARD_PING_TIMEOUT_SECONDS", 0.5, minimum=0.05)
+# /health/ (issue 17): beat's last tick may be this old (django-celery-beat writes it every 3 minutes), and
+# how long each queue's Celery ping waits for the workers' answers.
+HEALTH_BEAT_MAX_AGE_SECONDS = env_int("HEALTH_BEAT_MAX_AGE_SECONDS", 600, minimum=10)
+HEALTH_PING_TIMEOUT_SECONDS = env_float("HEALTH_PING_TIMEOUT_SECONDS", 1.0, minimum=0.1)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 

@@ -9,4 +9,6 @@ urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
     path("admin/", admin.site.urls),
     path("dashboard/", include("dashboard.urls")),
+    # For load balancers and the compose healthchecks (issue 17): database, broker, beat, a worker per queue.
+    path("health/", include("dashboard.health")),
 ]

@@ -26,10 +26,16 @@ def money(value: Any) -> str:
 
 
 @register.filter
-def price(value: Any) -> str:
+def price(value: Any, tick: Any = None) -> str:
+    """A price at its instrument's precision when the tick size is given (`x|price:trade.instrument.tick_sz`:
+    tick 0.1 -> one decimal); otherwise without trailing zeros, at most 6 decimals (indicators, ratios)."""
     d = _dec(value)
     if d is None or not d.is_finite():
         return "–"
+    step = _dec(tick)
+    if step is not None and step.is_finite() and step > 0:
+        places = max(0, -step.normalize().as_tuple().exponent)
+        return f"{d.quantize(Decimal(1).scaleb(-places)):f}"
     text = f"{d:f}"
     text = text.rstrip("0").rstrip(".") if "." in text else text
     whole, _, frac = text.partition(".")

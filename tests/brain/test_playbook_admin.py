@@ -61,3 +61,23 @@ def test_an_invalid_admin_edit_is_refused_and_changes_nothing(admin_client: Clie
                                   {"playbook": json.dumps(v1.playbook), "change_summary": "nothing"})
     assert "the playbook is unchanged" in unchanged.content.decode()
     assert list(PlaybookVersion.objects.values_list("version", "status")) == [(v1.version, PlaybookStatus.ACTIVE)]
+
+
+def test_the_editor_shows_the_playbook_as_indented_json_and_errors_name_the_field(admin_client: Client) -> None:
+    v1 = playbook_current()
+    page = html.unescape(admin_client.get(f"/admin/brain/playbookversion/{v1.pk}/change/").content.decode())
+    assert '{\n  "market_regime_rules": {\n    "' in page  # one key a line, not a one-line blob
+    data = copy.deepcopy(v1.playbook)
+    data["strategy_definitions"]["trend_pullback"]["params"]["leverage"] = 500
+    data["market_regime_rules"]["ranging"]["max_position_pct"] = "lots"
+    text = html.unescape(admin_client.post(f"/admin/brain/playbookversion/{v1.pk}/change/",
+                                           {"playbook": json.dumps(data), "change_summary": "x"}).content.decode())
+    assert "invalid playbook: strategy_definitions.trend_pullback.params.leverage: Input should be less than or " \
+           "equal to 20 (given: 500)" in text
+    assert 'invalid playbook: market_regime_rules.ranging.max_position_pct: Input should be a valid number' in text
+    assert "validation errors for Playbook" not in text  # not pydantic's raw report
+    broken = admin_client.post(f"/admin/brain/playbookversion/{v1.pk}/change/",
+                               {"playbook": '{\n  "market_regime_rules": {,\n}', "change_summary": "x"})
+    assert "not valid JSON: Expecting property name enclosed in double quotes at line 2, column 27" \
+           in html.unescape(broken.content.decode())
+    assert list(PlaybookVersion.objects.values_list("version", flat=True)) == [v1.version]

@@ -173,3 +173,74 @@ def test_each_pages_query_count_is_bounded_and_does_not_grow_with_the_rows_shown
     _grow_journal(journal, trades=300, cycles=1500)
     large = {url: _queries(admin_client, url) for url in urls}
     assert large == small
+
+
+def test_the_demos_rows_are_their_own_mode_on_every_page_and_its_week_becomes_a_performance_snapshot(
+        admin_client, journal: str) -> None:
+    from journal.models import LlmCall, PerformanceSnapshot, RiskRejection
+    from tradebot.management.commands.demo import demo_performance_snapshot
+
+    # The replay's rows relabelled as `make demo` writes them: mode demo, no run id, a virtual clock.
+    for model in (Cycle, Trade):
+        model.objects.filter(run_id=journal).update(mode=Mode.DEMO, run_id="")
+    for model in (ScreenerLog, LlmCall, RiskRejection):
+        model.objects.filter(cycle__mode=Mode.DEMO).update(mode=Mode.DEMO)
+    closed = list(Trade.objects.filter(mode=Mode.DEMO, status=TradeStatus.CLOSED).order_by("closed_at", "id"))
+    assert closed
+    for query in ("run=demo", "mode=demo"):
+        html = admin_client.get(f"/dashboard/portfolio/?{query}").content.decode()
+        assert '<option value="demo" selected>' in html
+        equity = {f["key"]: f for f in _figures(html)}["equity"]["data"][0]
+        assert equity["customdata"] == [f"/dashboard/trades/{t.pk}/" for t in closed]
+    for page in PAGES:
+        assert admin_client.get(f"/dashboard/{page}/?run=demo").status_code == 200, page
+    live = {f["key"]: f for f in _figures(admin_client.get("/dashboard/portfolio/").content.decode())}
+    assert live["equity"]["data"][0]["y"] == []  # the demo never shows as the live bot
+    assert admin_client.get("/dashboard/portfolio/?mode=demo&run=x").status_code == 400
+
+    snapshot = demo_performance_snapshot()
+    assert snapshot.mode == Mode.DEMO and snapshot.total_trades == len(closed)
+    assert snapshot.total_pnl == sum(t.pnl_usd for t in closed)
+    page = admin_client.get("/admin/journal/performancesnapshot/").content.decode()
+    assert f"/admin/journal/performancesnapshot/{snapshot.pk}/change/" in page
+
+
+def test_prices_show_at_the_instruments_precision_and_the_admin_trade_list_has_pnl_first_and_totals(
+        admin_client, journal: str) -> None:
+    trade = Trade.objects.filter(run_id=journal, status=TradeStatus.CLOSED).order_by("id").first()
+    tenth = Decimal("0.1")  # BTC-USDT-SWAP's tick size
+    assert trade.instrument.tick_sz == tenth
+    # A whole-dollar entry: at the instrument's precision it still shows its tenths ("96756.0", not "96756").
+    Trade.objects.filter(pk=trade.pk).update(entry_price=trade.entry_price.quantize(Decimal(1)))
+    trade.refresh_from_db()
+    entry = f"{trade.entry_price.quantize(tenth)}"
+    assert entry.endswith(".0")
+    for url in (f"/dashboard/trades/?run={journal}", f"/dashboard/trades/{trade.pk}/",
+                f"/dashboard/report/?run={journal}"):
+        html = admin_client.get(url).content.decode()
+        assert f">{entry}<" in html or f">{entry} →" in html, url
+        assert f"{trade.entry_price:f}" not in html, url  # never the column's 10 decimals
+    admin = admin_client.get(f"/admin/journal/trade/?run_id={journal}").content.decode()
+    headers = re.findall(r'<th scope="col" class="[^"]*column-(\w+)', admin)
+    assert headers.index("net_pnl") < headers.index("entry") < headers.index("opened_at"), headers
+    closed = Trade.objects.filter(run_id=journal, status=TradeStatus.CLOSED)
+    total = sum(t.pnl_usd for t in closed)
+    assert f"net PnL <b>{total:,.2f}</b> USDT" in admin and f"{closed.count()} closed" in admin
+    assert f"<td class=\"field-entry\">{entry}</td>" in admin
+    change = admin_client.get(f"/admin/journal/trade/{trade.pk}/change/").content.decode()
+    assert f'<div class="readonly">{entry}</div>' in change and f"{trade.entry_price:f}" not in change
+
+
+def test_the_brain_page_counts_each_analysed_cycle_once_in_its_hour(admin_client, journal: str) -> None:
+    from collections import Counter
+
+    logs = ScreenerLog.objects.filter(cycle__run_id=journal).exclude(analyst_action="")
+    expected = Counter((log.cycle.as_of.replace(minute=0, second=0, microsecond=0).isoformat(), log.analyst_action)
+                       for log in logs.select_related("cycle"))
+    assert expected
+    figure = {f["key"]: f for f in _figures(admin_client.get(f"/dashboard/brain/?run={journal}").content.decode())}
+    drawn = Counter()
+    for trace in figure["decisions_per_hour"]["data"]:
+        for x, y in zip(trace["x"], trace["y"], strict=True):
+            drawn[(x, trace["name"])] += y
+    assert drawn == expected

@@ -23,6 +23,9 @@ def test_the_stack_has_one_worker_per_queue_beat_flower_and_healthchecks() -> No
     assert "--basic-auth" in text and "FLOWER_BASIC_AUTH" in text
     assert text.count("build: .") == 1  # one image, shared through the x-app anchor
     assert text.count("healthcheck:") >= 6
+    # web and beat are checked through /health/ (issue 17), the workers by their own Celery ping.
+    assert "http://127.0.0.1:8000/health/?format=json" in text
+    assert '"manage.py", "health_check", "health-beat", "--no-http"' in text
 
 
 def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
@@ -32,5 +35,7 @@ def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
     shutil.copy(ROOT / "docker-compose.yml", tmp_path / "docker-compose.yml")
     shutil.copy(ROOT / "Dockerfile", tmp_path / "Dockerfile")
     (tmp_path / ".env").write_text("FLOWER_BASIC_AUTH=admin:secret\n")
-    result = subprocess.run([tool, "config", "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([tool, "config"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    # The resolved file keeps the healthchecks that use /health/.
+    assert "/health/?format=json" in result.stdout and "health-beat" in result.stdout

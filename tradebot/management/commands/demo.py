@@ -339,6 +339,7 @@ class Command(BaseCommand):
         reviews = post_trade.count()
         reviewed = post_trade.exclude(status__in=("requested", "failed")).count()  # as the trading loop counts them
         days = walked.total_seconds() / 86400
+        performance = demo_performance_snapshot()
         w = self.stdout.write
         w("")
         w(f"demo finished in {elapsed:.0f}s")
@@ -346,6 +347,11 @@ class Command(BaseCommand):
         w(f"cycles     {cycles.count()}  {outcomes}")
         w(f"trades     {Trade.objects.filter(mode=Mode.DEMO).count()} opened, {closed.count()} closed, PnL {pnl:.2f} USDT")
         w(f"reflection {ReflectionLog.objects.count()} entries ({reviews} post-trade)")
+        if performance is not None:
+            w(f"performance {performance.total_trades} closed trades in the demo's week, win rate "
+              f"{performance.win_rate if performance.win_rate is not None else '-'}, equity "
+              f"{'-' if performance.equity is None else f'{performance.equity:.2f}'} USDT "
+              "(a weekly performance snapshot, mode demo)")
         if closed.count() < trades or reviewed < 1:
             why = {"budget": f"the time budget ran out after {days:.1f} virtual days",
                    "data": f"the data ended after {days:.1f} virtual days",
@@ -363,4 +369,23 @@ class Command(BaseCommand):
                 w("           a larger --budget walks further.")
         w("")
         w("Browse the journal: `make web` (or `.venv/bin/python manage.py runserver 127.0.0.1:8000`),")
-        w("then open http://127.0.0.1:8000/admin/ (create a login first: `.venv/bin/python manage.py createsuperuser`).")
+        w("then open the cockpit on the demo's rows, http://127.0.0.1:8000/dashboard/portfolio/?run=demo,")
+        w("or the admin, http://127.0.0.1:8000/admin/ (create a login first: "
+          "`.venv/bin/python manage.py createsuperuser`).")
+
+
+def demo_performance_snapshot() -> Any:
+    """A weekly performance snapshot of the demo (mode demo, its paper account's equity) at the end of its
+    virtual clock, so the admin's performance page has the demo's figures; None when no demo cycle ran.
+
+    Beat's hourly/daily/weekly snapshots are not part of the demo (it drives the cycles itself), and they would
+    count the wall clock's last week, which a demo on a virtual clock never trades in."""
+    from execution.exchanges.paper import PaperExchange
+    from journal.models import Cycle, Mode
+    from tradebot.performance import performance_snapshot_record
+
+    last = Cycle.objects.filter(mode=Mode.DEMO).order_by("-as_of").values_list("as_of", flat=True).first()
+    if last is None:
+        return None
+    return performance_snapshot_record(period="weekly", exchange=PaperExchange(account_name=DEMO_ACCOUNT),
+                                       mode=Mode.DEMO, now=last + timedelta(seconds=1))
