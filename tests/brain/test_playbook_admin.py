@@ -61,3 +61,18 @@ def test_an_invalid_admin_edit_is_refused_and_changes_nothing(admin_client: Clie
                                   {"playbook": json.dumps(v1.playbook), "change_summary": "nothing"})
     assert "the playbook is unchanged" in unchanged.content.decode()
     assert list(PlaybookVersion.objects.values_list("version", "status")) == [(v1.version, PlaybookStatus.ACTIVE)]
+
+
+def test_an_admin_add_is_a_candidate_whose_validation_is_queued(admin_client: Client,
+                                                                 django_capture_on_commit_callbacks) -> None:
+    v1 = playbook_current()
+    data = copy.deepcopy(v1.playbook)
+    data["time_filters"]["avoid_hours_utc"] = [13, 14]
+    with django_capture_on_commit_callbacks() as queued:
+        response = admin_client.post("/admin/brain/playbookversion/add/",
+                                     {"playbook": json.dumps(data), "change_summary": "avoid the US open"})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    new = PlaybookVersion.objects.get(version=v1.version + 1)
+    assert new.status == PlaybookStatus.CANDIDATE and new.triggered_by == PlaybookTrigger.MANUAL
+    assert [c["path"] for c in new.changes] == ["time_filters.avoid_hours_utc"]
+    assert len(queued) == 1 and playbook_current().pk == v1.pk  # validated before it trades
