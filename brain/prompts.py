@@ -217,8 +217,10 @@ def _trades_section(trades: list[TradeView], limit: int = 10) -> str:  # limit: 
 
 
 def playbook_section(playbook: dict, version: int) -> str:
-    # Compact JSON: the model reads it fine and it is the largest cached block.
-    return f'<playbook version="{version}">\n{json.dumps(playbook, separators=(",", ":"))}\n</playbook>'
+    # Compact JSON: the model reads it fine and it is the largest cached block. Keys sorted: PostgreSQL's jsonb
+    # gives a stored playbook's keys back in its own order, so the same playbook read back (or freshly saved)
+    # must still give the same bytes (the cache is a byte-exact prefix; validation rebuilds prompts from it).
+    return f'<playbook version="{version}">\n{json.dumps(playbook, separators=(",", ":"), sort_keys=True)}\n</playbook>'
 
 
 def analyst_prompt(

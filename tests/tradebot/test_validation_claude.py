@@ -19,6 +19,7 @@ from market.feeds.synthetic import SyntheticFeed
 from tests.fakes.anthropic_server import FakeAnthropic, Received, Reply, ok
 from tradebot.learning import Verdict, playbook_candidate_validate
 from tradebot.replay import replay_run
+from tradebot.replay_learn import ReplayLearner
 from tradebot.validation_claude import NO_KEY_REASON, cycles_pick, prompt_for
 
 BTC = "BTC-USDT-SWAP"
@@ -31,9 +32,13 @@ N = 4
 
 
 def analyst(received: Received) -> Reply:
-    """The analyst: a long at the cycle's price; a short when the playbook holds the new lesson."""
+    """The analyst: a long at the cycle's price; a short when the playbook holds the new lesson. Reviews: a loss."""
     body = received.json()
     system = "".join(block["text"] for block in body["system"])
+    if "Analyze this completed trade" in system:
+        review = {"outcome": "loss", "execution_quality": "good", "entry_timing": "good", "exit_timing": "good",
+                  "lesson": "stops work", "should_update_playbook": False}
+        return ok(data=review, model=body["model"], input_tokens=1, output_tokens=1)
     user = body["messages"][0]["content"]
     price = float(re.search(r"^price ([0-9.]+) bid", user, re.MULTILINE).group(1))
     short = LESSON in system
@@ -55,10 +60,17 @@ def test_claude_aware_validation_rebuilds_the_prompts_refuses_over_budget_and_re
     settings.PLAYBOOK_CLAUDE_VALIDATION_CYCLES = N
     settings.PLAYBOOK_CLAUDE_VALIDATION_HORIZON_HOURS = 6
     settings.PLAYBOOK_CLAUDE_VALIDATION_MIN_TRADES = 2
+    settings.REFLECTION_INTERVAL_TRADES = settings.REFLECTION_INTERVAL_HOURS = 1000  # reviews only while recording
     anthropic_server.handler(analyst)
     feed = SyntheticFeed(seed=7, start=START - timedelta(days=40), end=END + timedelta(hours=12))
+    learner = ReplayLearner(feed=feed, brain="claude", cycle=CYCLE)
     replay_run(inst_id=BTC, start=START, end=END, feed=feed, brain="claude", cycle=CYCLE, run_id=RUN,
-               full_snapshots="analyzed")
+               full_snapshots="analyzed", learn=learner)
+    # replay --learn's reviews asked Claude on the replay's clock: each call on one of the run's cycles, so it
+    # counts in that run's budget on its virtual day (brain.budget), not in the live bot's day.
+    reviews = LlmCall.objects.filter(purpose="post_trade")
+    assert learner.reviews >= 1 and reviews.count() == learner.reviews
+    assert {r.cycle.run_id for r in reviews} == {RUN} and {r.mode for r in reviews} == {Mode.REPLAY}
     v1 = playbook_current()
     recorded_bodies = [r.json() for r in anthropic_server.requests]
     sent = {(tuple(b["text"] for b in body["system"]), body["messages"][0]["content"]) for body in recorded_bodies}
@@ -124,3 +136,14 @@ def test_claude_aware_validation_rebuilds_the_prompts_refuses_over_budget_and_re
     assert Cycle.objects.filter(run_id=RUN, brain_context__isnull=False).count() >= N
     page = admin_client.get(f"/admin/brain/playbookversion/{candidate.pk}/change/").content.decode()
     assert 'id="claude-verdict"' in page and "OPEN_SHORT (asked)" in page and "OPEN_LONG (recorded)" in page
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_a_playbook_read_back_from_postgresql_gives_the_same_prompt_bytes_as_when_it_was_saved() -> None:
+    from brain.prompts import playbook_section
+
+    saved = playbook_current()  # v1 as just stored: its keys in the order they were written
+    again = PlaybookVersion.objects.get(pk=saved.pk)  # jsonb hands keys back in its own order
+    assert list(again.playbook) != list(saved.playbook)  # (so this test means something)
+    assert playbook_section(again.playbook, again.version) == playbook_section(saved.playbook, saved.version)
