@@ -183,7 +183,10 @@ def trade_review_run(*, trade_id: int, brain_name: str | None = None) -> Reflect
     ReflectionLog.objects.filter(pk=running.pk).update(input_prompt=redact(prompt))
     try:
         # No transaction is open across the brain call (it may be an LLM call).
-        review = brain.review_trade(trade=view, mode=trade.mode)
+        # A replay's call is tied to the trade's cycle, so it counts in that run's budget on its virtual day
+        # (brain.budget); a live one is on the wall clock either way and stays off the cycle's page.
+        review = brain.review_trade(trade=view, mode=trade.mode,
+                                    cycle_id=trade.cycle_id if trade.mode == Mode.REPLAY else None)
     except Exception as exc:
         # Left `running`, the row would block every retry until its lease expired and nobody would see why.
         _trade_review_failed(row=running, trade=trade, brain_name=brain.name, exc=exc)
@@ -438,7 +441,9 @@ def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mod
     try:
         # No transaction is open across the brain call (it may be a 20 s LLM call).
         reflection = brain.reflect(trades=views, playbook=observed, version=current.version,
-                                   performance=performance, mode=mode)
+                                   performance=performance, mode=mode,
+                                   # a replay's: on the run's budget, the virtual day of its latest trade
+                                   cycle_id=trades[-1].cycle_id if mode == Mode.REPLAY else None)
     except Exception as exc:  # noqa: BLE001 - a failed reflection must leave the playbook in force, recorded
         reason = redact(f"the {brain.name} brain failed: {type(exc).__name__}: {exc}")
         _finish(row, status=ReflectionStatus.FAILED, output={"error": reason, "brain": brain.name})
