@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
-DB_SECTIONS = frozenset({"pipeline", "instruments300", "replay"})
+DB_SECTIONS = frozenset({"pipeline", "instruments300", "replay", "learning", "validation"})
 
 
 @dataclass

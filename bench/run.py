@@ -9,6 +9,8 @@
     .venv/bin/python bench/run.py replay --sqlite               # the replay on SQLite only
     .venv/bin/python bench/run.py pipeline --cycles 100         # cycles per series (>= 50)
     .venv/bin/python bench/run.py instruments300 --instruments 300 --concurrency 1
+    .venv/bin/python bench/run.py learning --days 60           # replay --learn vs v1 on the last 60 days of 2022
+    .venv/bin/python bench/run.py validation                    # one validation, 3 folds x 30 days x 2 instruments
 
 The sections `pipeline` and `instruments300` start real Celery workers (one
 per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
@@ -173,6 +175,12 @@ from bench.replay_bench import bench_replay  # noqa: E402
 section("pipeline")(bench_pipeline)
 section("instruments300")(bench_instruments300)
 section("replay")(bench_replay)
+
+# --- learning, validation (issue 15: bench/learning_bench.py) -----------------------------------------
+from bench.learning_bench import bench_learning, bench_validation  # noqa: E402
+
+section("learning")(bench_learning)
+section("validation")(bench_validation)
 
 _VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
                   "--concurrency": ("concurrency", int)}
