@@ -47,10 +47,10 @@ def candles_csv(path: Path, market: SyntheticMarket, *, mirror_after: datetime |
     return path
 
 
-def replay_learn(csv: Path) -> dict[str, Any]:
+def replay_learn(csv: Path, *, learn: bool = True) -> dict[str, Any]:
     out = StringIO()
     call_command("replay", "--inst", BTC, "--csv", str(csv), "--from", START.isoformat(), "--to", END.isoformat(),
-                 "--cycle", "1H", "--learn", "--json", stdout=out)
+                 "--cycle", "1H", *(["--learn"] if learn else []), "--json", stdout=out)
     return json.loads(out.getvalue())
 
 
@@ -69,10 +69,10 @@ def before_t(run: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def trades(run: dict[str, Any], *, after: bool) -> list[tuple[str, str, str]]:
+def trades(run: dict[str, Any], *, after: bool, at: datetime = T) -> list[tuple[str, str, str]]:
     rows = Trade.objects.filter(mode=Mode.REPLAY, run_id=run["run_id"]).order_by("opened_at", "id")
     # A bar's time is its open: one at T is already the changed future.
-    rows = rows.filter(opened_at__gte=T) if after else rows.filter(closed_at__lt=T)
+    rows = rows.filter(opened_at__gte=at) if after else rows.filter(closed_at__lt=at)
     return [(t.opened_at.isoformat(), str(t.entry_price), str(t.pnl_usd)) for t in rows]
 
 
@@ -95,8 +95,9 @@ def test_replay_learn_reflects_and_promotes_on_its_clock_and_never_reads_the_fut
                                                          triggered_by=PlaybookTrigger.MANUAL).version,
                                    by="test", reason="a losing strategy to learn from")
     # Days of candles after the replay's end: a validation that read past its own time would find whole folds there.
-    market = SyntheticMarket(7, START - timedelta(days=12), END + timedelta(days=3), (BTC,))
-    first = replay_learn(candles_csv(tmp_path / "a.csv", market))
+    market = SyntheticMarket(7, START - timedelta(days=15), END + timedelta(days=3), (BTC,))
+    csv = candles_csv(tmp_path / "a.csv", market)
+    first = replay_learn(csv)
     second = replay_learn(candles_csv(tmp_path / "b.csv", market, mirror_after=T))
 
     learned = before_t(first)
@@ -106,6 +107,15 @@ def test_replay_learn_reflects_and_promotes_on_its_clock_and_never_reads_the_fut
     assert before_t(second) == learned  # the future changed; nothing learned before it did
     assert trades(second, after=False) == trades(first, after=False)
     assert trades(second, after=True) != trades(first, after=True)  # ... and the bot did see a different future
+
+    # Until its first promotion the learning run trades exactly as the same replay without learning: its reviews,
+    # reflections and validation replays (run inside it) leave the run itself alone.
+    promoted_at = datetime.fromisoformat(next(v["promoted_at"] for v in first["learning"]["versions"][1:]
+                                              if v["verdict"] == "promoted"))
+    plain = replay_learn(csv, learn=False)
+    assert "learning" not in plain and trades(plain, after=False, at=promoted_at) == trades(first, after=False,
+                                                                                           at=promoted_at)
+    assert trades(plain, after=True, at=promoted_at) != trades(first, after=True, at=promoted_at)
 
     # The run's versions are its own: the bot's active version is unchanged, its promotions are the run's.
     assert playbook_current().pk == bot.pk
