@@ -209,11 +209,11 @@ def playbook_activate_forced(*, version: int, by: str, reason: str) -> PlaybookV
         row = PlaybookVersion.objects.select_for_update().filter(version=version).first()
         if row is None:
             raise PlaybookError(f"playbook version {version} does not exist")
-        if row.status == PlaybookStatus.ACTIVE:
-            raise PlaybookError(f"playbook v{version} is active already")
         if row.run_id:
             raise PlaybookError(f"playbook v{version} was learned inside replay {row.run_id}: copy it into a candidate of "
                                 f"the bot's own (`playbook rollback {version}`), then validate or force that one")
+        if row.status == PlaybookStatus.ACTIVE:
+            raise PlaybookError(f"playbook v{version} is active already")
         live_active = PlaybookVersion.objects.filter(status=PlaybookStatus.ACTIVE, run_id="")
         previous = list(live_active.values_list("version", flat=True))
         live_active.update(status=PlaybookStatus.RETIRED)

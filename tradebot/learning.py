@@ -311,6 +311,9 @@ def _validate_once(*, candidate_id: int, days: int | None, inst_ids: list[str] |
     candidate = PlaybookVersion.objects.filter(pk=candidate_id).first()
     if candidate is None:
         raise ValidationError(f"playbook candidate {candidate_id} does not exist")
+    if candidate.run_id and against is None:  # only that replay's learner judges it (against what the run trades)
+        raise ValidationError(f"playbook v{candidate.version} was learned inside replay {candidate.run_id}: copy it into "
+                              f"a candidate of the bot's own (`playbook rollback {candidate.version}`) to validate it")
     if candidate.status != PlaybookStatus.CANDIDATE:
         raise ValidationError(f"playbook v{candidate.version} is {candidate.status}, not a candidate")
     current = _current_of(candidate, against)

@@ -123,3 +123,11 @@ def test_replay_learn_reflects_and_promotes_on_its_clock_and_never_reads_the_fut
     assert runs.count() == first["learning"]["candidates"] >= 1
     promoted = [v for v in first["learning"]["versions"][1:] if v["verdict"] == "promoted"]
     assert runs.filter(status=PlaybookStatus.ACTIVE).count() == (1 if promoted else 0)
+    # A person cannot validate or force it for the bot as it is: it is copied into a candidate of the bot's first.
+    from django.core.management import CommandError
+
+    own = runs.order_by("version").first()
+    for argv in (["validate", str(own.version)], ["activate", str(own.version), "--force", "--reason", "x"]):
+        with pytest.raises(CommandError, match=f"learned inside replay {first['run_id']}"):
+            call_command("playbook", *argv, stdout=StringIO())
+    assert playbook_current().pk == bot.pk
