@@ -19,7 +19,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
-DB_SECTIONS = frozenset({"pipeline", "instruments300", "replay", "llm_cost", "llm_load", "streams"})
+DB_SECTIONS = frozenset({"pipeline", "instruments300", "replay", "llm_cost", "llm_load", "streams",
+                         "learning", "validation"})
 
 
 @dataclass

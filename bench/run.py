@@ -12,6 +12,8 @@
     .venv/bin/python bench/run.py llm_cost [--days 3]                       # LLM cost per instrument-day (issue 20)
     .venv/bin/python bench/run.py llm_load [--instruments 300 --interval 300 --ticks 3 --concurrency 1]
     .venv/bin/python bench/run.py streams --messages 300000 --fills 30   # stream throughput, fill -> close
+    .venv/bin/python bench/run.py learning --days 60           # replay --learn vs v1 on the last 60 days of 2022
+    .venv/bin/python bench/run.py validation                    # one validation, 3 folds x 30 days x 2 instruments
 
 The sections `pipeline` and `instruments300` start real Celery workers (one
 per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
@@ -193,6 +195,12 @@ section("llm_load")(bench_llm_load)
 from bench.streams_bench import bench_streams  # noqa: E402
 
 section("streams")(bench_streams)
+
+# --- learning, validation (issue 15: bench/learning_bench.py) -----------------------------------------
+from bench.learning_bench import bench_learning, bench_validation  # noqa: E402
+
+section("learning")(bench_learning)
+section("validation")(bench_validation)
 
 _VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
                   "--concurrency": ("concurrency", int), "--interval": ("interval", float),

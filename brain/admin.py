@@ -9,7 +9,9 @@ validation is "activate without validation" on a version's page: a person's
 explicit action that needs a reason and is journaled with the user name.
 "Compare" shows a unified diff of any two versions (the same `playbook_diff`
 as `manage.py playbook diff A B`). A version's page shows its validation:
-every fold's figures, the test's result and the reason.
+every fold's figures, the test's result and the reason, and (Claude the analyst)
+the re-decided cycles of the Claude-aware validation: its cost estimate, calls and
+each cycle's two decisions and simulated results.
 """
 from __future__ import annotations
 
@@ -110,14 +112,16 @@ class DiffForm(forms.Form):
 @admin.register(PlaybookVersion)
 class PlaybookVersionAdmin(admin.ModelAdmin):
     form = PlaybookVersionForm
-    list_display = ("version", "status", "triggered_by", "change_summary", "verdict", "created_at", "compare", "activate")
+    list_display = ("version", "status", "triggered_by", "run_id", "change_summary", "verdict", "created_at", "compare",
+                    "activate")
     list_filter = ("status", "triggered_by")
+    search_fields = ("run_id",)
     readonly_fields = ("version", "status", "triggered_by", "parent_version", "performance_at_update", "validation_report",
                        "changes_report", "evidence", "validated_against", "activated_at", "activated_by", "activation_reason",
-                       "validation", "created_at")
-    fields = ("version", "status", "triggered_by", "parent_version", "change_summary", "changes_report", "evidence", "playbook",
-              "performance_at_update", "validation_report", "validated_against", "activated_at", "activated_by",
-              "activation_reason", "validation", "created_at")
+                       "validation", "created_at", "run_id", "claude_report")
+    fields = ("version", "status", "triggered_by", "run_id", "parent_version", "change_summary", "changes_report", "evidence",
+              "playbook", "performance_at_update", "validation_report", "claude_report", "validated_against", "activated_at",
+              "activated_by", "activation_reason", "validation", "created_at")
 
     def get_urls(self) -> list[Any]:
         view = self.admin_site.admin_view(self.diff_view)
@@ -166,6 +170,31 @@ class PlaybookVersionAdmin(admin.ModelAdmin):
             v.get("verdict", "-"), (v.get("current") or {}).get("version"), v.get("reason", ""), test.get("method", "-"),
             test.get("p_candidate_better"), test.get("threshold"), test.get("days"), test.get("closed_trades"),
             test.get("min_trades"), folds)
+
+    @admin.display(description="Claude-aware validation (re-decided cycles)")
+    def claude_report(self, obj: PlaybookVersion) -> str:
+        c = (obj.validation or {}).get("claude")
+        if not c:
+            return "-"
+        test, est = c.get("test") or {}, c.get("estimate") or {}
+
+        def side(r: dict[str, Any]) -> str:
+            extra = r.get("exit") or ("rejected: " + ", ".join(r["rejected"]) if r.get("rejected") else "")
+            return f"{r.get('action', '?')} ({r.get('source', '?')}) {r.get('pnl', '?')} {extra}".strip()
+
+        cycles = format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                                  ((r["cycle_id"], r["as_of"], r["inst_id"], side(r["active"]), side(r["candidate"]))
+                                   for r in c.get("cycles") or []))
+        return format_html(
+            '<p id="claude-verdict"><strong>{}</strong>: {}</p>'
+            "<p>estimate before any call: {} calls, ${} ({}); {} calls made, ${} spent</p>"
+            "<p>{}: P(candidate better) {} (threshold {}), {} cycles, {} simulated trades (minimum {}); pnl active {} "
+            "candidate {}</p><table><tr><th>cycle</th><th>as of</th><th>instrument</th><th>active</th>"
+            "<th>candidate</th></tr>{}</table>",
+            c.get("verdict", "-"), c.get("reason", ""), est.get("calls", "-"), est.get("usd", "-"), est.get("model", "-"),
+            c.get("calls", 0), c.get("spent_usd", "0"), test.get("method", "-"), test.get("p_candidate_better"),
+            test.get("threshold"), test.get("cycles"), test.get("simulated_trades"), test.get("min_trades"),
+            test.get("active_pnl"), test.get("candidate_pnl"), cycles)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # history is kept; a bad version is rolled back by a new one

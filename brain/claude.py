@@ -13,7 +13,7 @@ from django.conf import settings
 from brain.llm import CallSpec, LlmResult, llm_call_structured, model_caps
 from brain.playbook_schema import playbook_validate
 from brain.prompts import (
-    DEEP_REFLECTION_SYSTEM, POST_TRADE_SYSTEM, SCREENER_SYSTEM_PROMPT, Prompt, analyst_prompt,
+    DEEP_REFLECTION_SYSTEM, POST_TRADE_SYSTEM, SCREENER_SYSTEM_PROMPT, Prompt, analyst_inputs, analyst_prompt,
     deep_reflection_prompt, post_trade_prompt, screener_prompt,
 )
 from brain.schemas import (
@@ -67,6 +67,8 @@ class ClaudeBrain:
         self.client = client
         self.last_result: LlmResult | None = None  # usage of the last call, for the screener log
         self.last_prompt: Prompt | None = None
+        # (cycle id, brain.prompts.analyst_inputs) of the last decision: the stage stores them on the cycle.
+        self.last_inputs: tuple[int | None, dict] | None = None
 
     def screen(self, *, snapshot: MarketSnapshot, context: BrainContext, cycle_id: int | None = None, mode: str = "live") -> ScreenResult:
         result = llm_call_structured(spec=call_spec("screen"), system_static=[SCREENER_SYSTEM_PROMPT], user=screener_prompt(snapshot),
@@ -80,9 +82,11 @@ class ClaudeBrain:
                cycle_id: int | None = None, mode: str = "live") -> Decision:
         from brain.news import upcoming_events
 
+        upcoming = upcoming_events(now=context.now, hours=24)
         prompt = analyst_prompt(snapshot=snapshot, context=context, research=research, playbook=self.playbook,
-                                playbook_version=self.playbook_version, upcoming=upcoming_events(now=context.now, hours=24))
+                                playbook_version=self.playbook_version, upcoming=upcoming)
         self.last_prompt = prompt
+        self.last_inputs = (cycle_id, analyst_inputs(context=context, upcoming=upcoming))
         result = llm_call_structured(spec=call_spec("analyze"), system_static=prompt.static, user=prompt.user,
                                      output_type=Decision, cycle_id=cycle_id, mode=mode, client=self.client)
         self.last_result = result

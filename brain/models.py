@@ -47,6 +47,10 @@ class PlaybookVersion(models.Model):
     activated_at = models.DateTimeField(null=True, blank=True)
     activated_by = models.CharField(max_length=150, blank=True, default="", help_text="validation, or the person who forced it")
     activation_reason = models.TextField(blank=True, default="")
+    # Issue 15 (replay --learn): the replay run that learned this version; its statuses are that run's
+    # (active = what the run ended trading). Blank: the bot's own versions, the only ones live trading reads.
+    run_id = models.CharField(max_length=64, blank=True, default="", db_index=True,
+                              help_text="The replay run that learned it (blank: the bot's own)")
 
     class Meta:
         ordering = ["-version"]

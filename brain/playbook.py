@@ -14,6 +14,10 @@ a CANDIDATE. v1 (the seed) is the only version that starts active; after it a
 version becomes active only by validation (`playbook_promote`, a
 compare-and-swap on the version it was validated against) or by a person's
 forced, journaled activation (`playbook_activate_forced`, needing a reason).
+
+Versions learned inside a replay (`manage.py replay --learn`) carry that run's id (`run_id`): their
+statuses are the run's own (the run's promotions go through the same compare-and-swap, on the run's
+active version), and the live bot never reads them (`playbook_current` is the bot's own active version).
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ def playbook_default() -> dict:
 
 def playbook_current() -> PlaybookVersion:
     """The active version with the highest number; creates v1 when there is none."""
-    current = PlaybookVersion.objects.filter(status=PlaybookStatus.ACTIVE).order_by("-version").first()
+    current = PlaybookVersion.objects.filter(status=PlaybookStatus.ACTIVE, run_id="").order_by("-version").first()
     if current is not None:
         return current
     try:
@@ -59,7 +63,7 @@ def playbook_current() -> PlaybookVersion:
                                  status=PlaybookStatus.ACTIVE)
     except IntegrityError:
         # Another process created v1 at the same moment: use theirs.
-        return PlaybookVersion.objects.filter(status=PlaybookStatus.ACTIVE).order_by("-version").first()  # type: ignore[return-value]
+        return PlaybookVersion.objects.filter(status=PlaybookStatus.ACTIVE, run_id="").order_by("-version").first()  # type: ignore[return-value]
 
 
 def playbook_model(version: PlaybookVersion) -> Playbook:
@@ -76,17 +80,21 @@ def playbook_save(
     validation: dict | None = None,
     changes: list[dict[str, Any]] | None = None,
     evidence: dict[str, Any] | None = None,
+    run_id: str = "",
+    parent: PlaybookVersion | None = None,
 ) -> PlaybookVersion:
     """Validate and store a new version (number = highest + 1).
 
     Only the seed (triggered_by init) is saved ACTIVE; everything else is a
     CANDIDATE that waits for validation (or a person's forced activation).
+    `run_id`: a replay run's own version (replay --learn), whose parent is `parent` (the version
+    that run trades); otherwise the parent is the bot's active version.
     """
     if triggered_by not in PlaybookTrigger.values:
         raise PlaybookError(f"triggered_by must be one of {PlaybookTrigger.values}, got {triggered_by!r}")
     if status not in (PlaybookStatus.ACTIVE, PlaybookStatus.CANDIDATE):
         raise PlaybookError(f"a new version is active or candidate, not {status!r}")
-    if status == PlaybookStatus.ACTIVE and triggered_by != PlaybookTrigger.INIT:
+    if status == PlaybookStatus.ACTIVE and (triggered_by != PlaybookTrigger.INIT or run_id):
         # Every change is gated: a new version trades only after validation or a person's forced activation.
         raise PlaybookError("only the seed v1 starts active; a new version is a candidate (validated, or forced by a person)")
     try:
@@ -94,7 +102,7 @@ def playbook_save(
     except ValueError as exc:
         raise PlaybookError(f"invalid playbook: {exc}") from exc
     with transaction.atomic():
-        previous = PlaybookVersion.objects.select_for_update().filter(status=PlaybookStatus.ACTIVE).order_by("-version").first()
+        previous = PlaybookVersion.objects.select_for_update().filter(status=PlaybookStatus.ACTIVE, run_id="").order_by("-version").first()
         number = (PlaybookVersion.objects.aggregate(m=Max("version"))["m"] or 0) + 1
         if status == PlaybookStatus.ACTIVE and previous is not None:
             previous.status = PlaybookStatus.RETIRED
@@ -107,11 +115,12 @@ def playbook_save(
             performance_at_update=performance,
             status=status,
             validation=validation,
-            parent_version=previous.version if previous else None,
+            parent_version=parent.version if parent is not None else (previous.version if previous else None),
             changes=changes,
             evidence=evidence,
             activated_at=timezone.now() if status == PlaybookStatus.ACTIVE else None,
             activated_by="seed" if status == PlaybookStatus.ACTIVE else "",
+            run_id=run_id,
         )
     log.info("playbook_saved", version=number, status=status, triggered_by=triggered_by)
     return saved
@@ -138,8 +147,11 @@ def playbook_promote(*, candidate: PlaybookVersion, against: int, validation: di
 
     The conditional UPDATE on the active row is the swap: when a person (or another promotion)
     activated something else while the validation ran, it matches no row and nothing changes;
-    the caller validates again against the new active version.
+    the caller validates again against the new active version. A replay run's own candidate
+    (`run_id`) swaps against that run's active version instead (`_promote_in_run`).
     """
+    if candidate.run_id:
+        return _promote_in_run(candidate=candidate, against=against, validation=validation)
     with transaction.atomic():
         swapped = PlaybookVersion.objects.filter(version=against, status=PlaybookStatus.ACTIVE).update(status=PlaybookStatus.RETIRED)
         if not swapped:
@@ -148,6 +160,35 @@ def playbook_promote(*, candidate: PlaybookVersion, against: int, validation: di
             status=PlaybookStatus.ACTIVE, validation=validation, validated_against=against, activated_at=timezone.now(),
             activated_by="validation", activation_reason=str(validation.get("reason", ""))[:2000])
         if not won:  # decided meanwhile (a redelivered task): leave everything as it was
+            transaction.set_rollback(True)
+            return False
+    candidate.refresh_from_db()
+    return True
+
+
+def playbook_run_active(*, run_id: str) -> PlaybookVersion | None:
+    """The version a replay run promoted last (None: the run still trades the version it started with)."""
+    return PlaybookVersion.objects.filter(run_id=run_id, status=PlaybookStatus.ACTIVE).order_by("-version").first()
+
+
+def _promote_in_run(*, candidate: PlaybookVersion, against: int, validation: dict) -> bool:
+    """Compare-and-swap within a replay run: v`against` must still be what the run trades.
+
+    The run trades its newest ACTIVE version of its own, else the version it started with (the
+    bot's, never touched here). Nothing outside the run changes.
+    """
+    run_id = candidate.run_id
+    with transaction.atomic():
+        held = PlaybookVersion.objects.filter(run_id=run_id, status=PlaybookStatus.ACTIVE)
+        if held.exists():
+            if not held.filter(version=against).update(status=PlaybookStatus.RETIRED):
+                return False
+        elif PlaybookVersion.objects.filter(version=against, run_id=run_id).exists():
+            return False  # against was the run's own and is no longer active
+        won = PlaybookVersion.objects.filter(pk=candidate.pk, status=PlaybookStatus.CANDIDATE).update(
+            status=PlaybookStatus.ACTIVE, validation=validation, validated_against=against, activated_at=timezone.now(),
+            activated_by=f"validation (replay {run_id})"[:150], activation_reason=str(validation.get("reason", ""))[:2000])
+        if not won:
             transaction.set_rollback(True)
             return False
     candidate.refresh_from_db()
@@ -168,10 +209,14 @@ def playbook_activate_forced(*, version: int, by: str, reason: str) -> PlaybookV
         row = PlaybookVersion.objects.select_for_update().filter(version=version).first()
         if row is None:
             raise PlaybookError(f"playbook version {version} does not exist")
+        if row.run_id:
+            raise PlaybookError(f"playbook v{version} was learned inside replay {row.run_id}: copy it into a candidate of "
+                                f"the bot's own (`playbook rollback {version}`), then validate or force that one")
         if row.status == PlaybookStatus.ACTIVE:
             raise PlaybookError(f"playbook v{version} is active already")
-        previous = list(PlaybookVersion.objects.filter(status=PlaybookStatus.ACTIVE).values_list("version", flat=True))
-        PlaybookVersion.objects.filter(status=PlaybookStatus.ACTIVE).update(status=PlaybookStatus.RETIRED)
+        live_active = PlaybookVersion.objects.filter(status=PlaybookStatus.ACTIVE, run_id="")
+        previous = list(live_active.values_list("version", flat=True))
+        live_active.update(status=PlaybookStatus.RETIRED)
         row.status, row.activated_at, row.activated_by, row.activation_reason = PlaybookStatus.ACTIVE, timezone.now(), by, reason
         row.save(update_fields=["status", "activated_at", "activated_by", "activation_reason"])
         event_record(kind="playbook_forced_activation", level="warning",

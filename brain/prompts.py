@@ -210,15 +210,17 @@ def trade_line(t: TradeView) -> str:
     )
 
 
-def _trades_section(trades: list[TradeView], limit: int = 10) -> str:
+def _trades_section(trades: list[TradeView], limit: int = 10) -> str:  # limit: PROMPT_TRADES
     shown = trades[:limit]
     body = "\n".join(trade_line(t) for t in shown) or "none yet"
     return f'<recent_trades count="{len(shown)}">\n{body}\n</recent_trades>'
 
 
 def playbook_section(playbook: dict, version: int) -> str:
-    # Compact JSON: the model reads it fine and it is the largest cached block.
-    return f'<playbook version="{version}">\n{json.dumps(playbook, separators=(",", ":"))}\n</playbook>'
+    # Compact JSON: the model reads it fine and it is the largest cached block. Keys sorted: PostgreSQL's jsonb
+    # gives a stored playbook's keys back in its own order, so the same playbook read back (or freshly saved)
+    # must still give the same bytes (the cache is a byte-exact prefix; validation rebuilds prompts from it).
+    return f'<playbook version="{version}">\n{json.dumps(playbook, separators=(",", ":"), sort_keys=True)}\n</playbook>'
 
 
 def analyst_prompt(
@@ -247,6 +249,29 @@ def analyst_prompt(
     user = "\n".join(v for v in dynamic.values() if v) + f"\nDecide now for {snapshot.inst_id}."
     sections = {name: approx_tokens(text) for name, text in {**static, **dynamic}.items() if text}
     return Prompt(static=list(static.values()), user=user, sections=sections)
+
+
+# How many recent trades the analyst prompt shows (`_trades_section`).
+PROMPT_TRADES = 10
+
+
+def analyst_inputs(*, context: BrainContext, upcoming: list[dict[str, str]]) -> dict:
+    """What the analyst prompt reads besides the snapshot, research and playbook, as JSON (Cycle.brain_context).
+
+    Claude-aware validation rebuilds the prompt from it (`analyst_prompt_rebuild`). Only what the
+    prompt shows is kept: the trades it lists, without their indicator and research JSON.
+    """
+    shown = [t.model_copy(update={"indicators_entry": None, "indicators_exit": None, "research_context": None,
+                                  "reasoning": ""}) for t in context.recent_trades[:PROMPT_TRADES]]
+    return {"context": context.model_copy(update={"recent_trades": shown}).model_dump(mode="json"),
+            "upcoming": list(upcoming)}
+
+
+def analyst_prompt_rebuild(*, snapshot: MarketSnapshot, inputs: dict, research: ResearchResult | None, playbook: dict,
+                           playbook_version: int) -> Prompt:
+    """A recorded cycle's analyst prompt with another playbook: byte-equal to the original for the same playbook."""
+    return analyst_prompt(snapshot=snapshot, context=BrainContext.model_validate(inputs["context"]), research=research,
+                          playbook=playbook, playbook_version=playbook_version, upcoming=inputs.get("upcoming") or [])
 
 
 def post_trade_prompt(trade: TradeView) -> str:

@@ -183,7 +183,10 @@ def trade_review_run(*, trade_id: int, brain_name: str | None = None) -> Reflect
     ReflectionLog.objects.filter(pk=running.pk).update(input_prompt=redact(prompt))
     try:
         # No transaction is open across the brain call (it may be an LLM call).
-        review = brain.review_trade(trade=view, mode=trade.mode)
+        # A replay's call is tied to the trade's cycle, so it counts in that run's budget on its virtual day
+        # (brain.budget); a live one is on the wall clock either way and stays off the cycle's page.
+        review = brain.review_trade(trade=view, mode=trade.mode,
+                                    cycle_id=trade.cycle_id if trade.mode == Mode.REPLAY else None)
     except Exception as exc:
         # Left `running`, the row would block every retry until its lease expired and nobody would see why.
         _trade_review_failed(row=running, trade=trade, brain_name=brain.name, exc=exc)
@@ -236,10 +239,16 @@ def _consumed_trade_ids(mode: str) -> set[int]:
     return ids
 
 
-def trades_pending_reflection(*, mode: str = Mode.LIVE, run_id: str = "") -> list[int]:
-    """Closed trades not yet in any deep reflection (finished or running), oldest first."""
+def trades_pending_reflection(*, mode: str = Mode.LIVE, run_id: str = "", until: datetime | None = None) -> list[int]:
+    """Closed trades not yet in any deep reflection (finished or running), oldest first.
+
+    `until`: only trades closed by then (a reflection inside a replay at virtual time t sees nothing later).
+    """
     consumed = _consumed_trade_ids(mode)  # trade ids are unique across runs, so one set serves every run
-    return [pk for pk in _closed_trades(mode, run_id).order_by("closed_at", "id").values_list("pk", flat=True) if pk not in consumed]
+    closed = _closed_trades(mode, run_id)
+    if until is not None:
+        closed = closed.filter(closed_at__lte=until)
+    return [pk for pk in closed.order_by("closed_at", "id").values_list("pk", flat=True) if pk not in consumed]
 
 
 def deep_reflection_due(*, now: datetime, mode: str = Mode.LIVE, run_id: str = "") -> tuple[bool, str]:
@@ -262,9 +271,10 @@ def deep_reflection_due(*, now: datetime, mode: str = Mode.LIVE, run_id: str = "
 # --- deep reflection: claim, run, finish ------------------------------------------------
 
 
-def _claim(*, mode: str, run_id: str = "") -> tuple[ReflectionLog | None, bool]:
+def _claim(*, mode: str, run_id: str = "", base: PlaybookVersion | None = None,
+           until: datetime | None = None) -> tuple[ReflectionLog | None, bool]:
     """(the running row we now hold, resumed?) or (None, False) when another process holds it."""
-    current = playbook_current()
+    current = base or playbook_current()
     with transaction.atomic():
         # Serialise claimers on the active playbook row (PostgreSQL row lock; SQLite has one writer).
         PlaybookVersion.objects.select_for_update().filter(pk=current.pk).first()
@@ -278,7 +288,7 @@ def _claim(*, mode: str, run_id: str = "") -> tuple[ReflectionLog | None, bool]:
             running.output_json = {"lease": _new_lease(), "resumed_from": (running.output_json or {}).get("lease"), "run_id": run_id}
             running.save(update_fields=["output_json"])
             return running, True
-        pending = trades_pending_reflection(mode=mode, run_id=run_id)
+        pending = trades_pending_reflection(mode=mode, run_id=run_id, until=until)
         row = ReflectionLog.objects.create(
             reflection_type=ReflectionType.PERIODIC, mode=mode, status=ReflectionStatus.RUNNING, trade_ids=pending,
             old_version=current.version, output_json={"lease": _new_lease(), "run_id": run_id},
@@ -391,18 +401,22 @@ def _change_summary(reflection: DeepReflection, dropped: list[dict[str, Any]]) -
 
 
 def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mode: str = Mode.LIVE,
-                        brain_name: str | None = None, run_id: str = "") -> DeepReflectionOutcome:
+                        brain_name: str | None = None, run_id: str = "", base: PlaybookVersion | None = None,
+                        until: datetime | None = None, owner_run_id: str = "") -> DeepReflectionOutcome:
     """Reflect on the trades since the last deep reflection; store the result as a CANDIDATE playbook.
 
     `mode`/`run_id` choose whose trades: the bot's own (live, "") by default, or
     one replay run's (mode replay, its run id), e.g. to learn from a backtest.
+    Inside a replay (`tradebot.replay_learn`): `base` is the version the run trades (default: the
+    bot's active one), `until` the virtual time (only trades closed by then are read) and
+    `owner_run_id` makes the candidate that run's own version (never one the live bot reads).
     """
     now = now or timezone.now()
     if not force:
         due, why = deep_reflection_due(now=now, mode=mode, run_id=run_id)
         if not due:
             return DeepReflectionOutcome(status="not_due", reason=why)
-    row, resumed = _claim(mode=mode, run_id=run_id)
+    row, resumed = _claim(mode=mode, run_id=run_id, base=base, until=until)
     if row is None:
         return DeepReflectionOutcome(status="busy", reason="another deep reflection is running (its lease is alive)")
     ids = [int(i) for i in row.trade_ids]
@@ -416,7 +430,7 @@ def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mod
         outcome.status, outcome.reason = ReflectionStatus.NO_TRADES, reason
         return outcome
 
-    current = PlaybookVersion.objects.filter(version=row.old_version).first() or playbook_current()
+    current = PlaybookVersion.objects.filter(version=row.old_version).first() or base or playbook_current()
     # The reflection starts from the version plus the statistics observed on it since (they are not versions).
     observed = playbook_observed(current)
     views = [trade_view_from_row(t) for t in trades]
@@ -427,7 +441,9 @@ def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mod
     try:
         # No transaction is open across the brain call (it may be a 20 s LLM call).
         reflection = brain.reflect(trades=views, playbook=observed, version=current.version,
-                                   performance=performance, mode=mode)
+                                   performance=performance, mode=mode,
+                                   # a replay's: on the run's budget, the virtual day of its latest trade
+                                   cycle_id=trades[-1].cycle_id if mode == Mode.REPLAY else None)
     except Exception as exc:  # noqa: BLE001 - a failed reflection must leave the playbook in force, recorded
         reason = redact(f"the {brain.name} brain failed: {type(exc).__name__}: {exc}")
         _finish(row, status=ReflectionStatus.FAILED, output={"error": reason, "brain": brain.name})
@@ -478,7 +494,8 @@ def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mod
     with transaction.atomic():
         saved = playbook_save(data=candidate, change_summary=_change_summary(reflection, dropped), triggered_by=PlaybookTrigger.REFLECTION,
                               performance={**headline, "trade_ids": ids, "reflection_log_id": row.pk}, status=PlaybookStatus.CANDIDATE,
-                              changes=changed, evidence=evidence)
+                              changes=changed, evidence=evidence, run_id=owner_run_id,
+                              parent=current if owner_run_id else None)
         if not _finish(row, status=ReflectionStatus.DONE, output=output, changes=changes, new_version=saved.version):
             # Someone else finished this reflection meanwhile: undo our candidate (never applied twice).
             transaction.set_rollback(True)

@@ -211,7 +211,7 @@ def health(f: Filters, *, ping_timeout: float) -> dict[str, Any]:
 
 # --- playbook ------------------------------------------------------------------------------------
 def playbook(f: Filters) -> dict[str, Any]:
-    versions = list(PlaybookVersion.objects.order_by("version"))
+    versions = list(PlaybookVersion.objects.filter(run_id="").order_by("version"))  # a replay --learn run's: its own
     by_number = {v.version: v for v in versions}
     timeline = []
     cited: set[int] = set()

@@ -74,6 +74,10 @@ class Cycle(models.Model):
     client_order_id = models.CharField(max_length=32, blank=True, default="", db_index=True)
     order = models.JSONField(null=True, blank=True, help_text="The order as execution reported it (state, fill, fee)")
     error = models.TextField(blank=True, default="")
+    # Issue 15: what the LLM analyst read besides the snapshot and research (positions, account, recent
+    # trades, upcoming news), so Claude-aware validation can rebuild the exact prompt with another playbook.
+    brain_context = models.JSONField(null=True, blank=True,
+                                     help_text="The analyst prompt's inputs beyond the snapshot (LLM brain only)")
 
     class Meta:
         ordering = ["-as_of", "-id"]

@@ -246,7 +246,9 @@ def cmd_playbook(ctx: CommandContext) -> str:
     current = playbook_current()
     lines = [f"Playbook v{current.version} active since {current.created_at:%Y-%m-%d %H:%M} ({current.triggered_by})"]
     lines.append(f"Last change: {current.change_summary[:500] or 'none recorded'}")
-    latest = PlaybookVersion.objects.exclude(pk=current.pk).filter(version__gt=current.version).order_by("-version").first()
+    # The bot's own versions (a replay --learn run's are that run's).
+    latest = (PlaybookVersion.objects.exclude(pk=current.pk).filter(version__gt=current.version, run_id="")
+              .order_by("-version").first())
     if latest is not None:
         state = "waiting for validation" if latest.status == PlaybookStatus.CANDIDATE else latest.status
         reason = ((latest.validation or {}).get("reason") or "")[:300]

@@ -18,8 +18,12 @@ Promotion rule (`promotion_decide`, pure, over the folds' trades):
   tie (the same returns every day) gives P = 0: a tie never promotes;
 - no fold's max drawdown may be worse than the active version's by more than
   PLAYBOOK_MAX_DRAWDOWN_MARGIN.
-When the analyst is Claude the rules replay cannot judge what the model reads:
-the candidate is not promoted automatically, and the reason says why.
+When the analyst is Claude and the candidate changes what the model reads, it is
+also judged by re-deciding recorded cycles (`tradebot.validation_claude`): a change
+of the rules brain's parameters must pass the rules folds first, a change of text
+alone (which a rules replay cannot tell apart) is judged by the re-decision alone.
+Without ANTHROPIC_API_KEY such a candidate is not promoted automatically, and the
+reason says so.
 
 Promotion is compare-and-swap (`brain.playbook.playbook_promote`): the
 candidate replaces the version it was validated against only if that version
@@ -245,18 +249,20 @@ def _evidence_window(candidate: PlaybookVersion) -> tuple[datetime, datetime] | 
         return None
 
 
-def _claude_gate(changes: list[dict[str, Any]]) -> str | None:
-    """Why a rules replay cannot decide alone: the analyst is Claude and reads what the candidate changes."""
-    if not changes:
-        return None
-    if settings.BRAIN == "claude" and not settings.ANTHROPIC_API_KEY:
-        return ("the analyst is Claude and the candidate changes what the model reads, but ANTHROPIC_API_KEY is unset: "
-                "it cannot be re-decided, so it is not promoted automatically (a person may force it)")
-    if brain_name_for_settings() == "claude":
-        return ("the analyst is Claude and the candidate changes what the model reads: the rules replay cannot judge it and "
-                "Claude-aware validation (re-deciding recorded cycles) is not part of this build, so it is not promoted "
-                "automatically (a person may force it)")
-    return None
+def analyst_is_claude(analyst: str | None = None) -> bool:
+    """Whether the analyst that trades is (meant to be) Claude: BRAIN=claude even without a key, or auto with one."""
+    if analyst is not None:
+        return analyst == "claude"
+    return settings.BRAIN == "claude" or brain_name_for_settings() == "claude"
+
+
+def _current_of(candidate: PlaybookVersion, against: PlaybookVersion | None) -> PlaybookVersion:
+    """What the candidate is judged against: the bot's active version, or (a replay's own candidate) the run's."""
+    if candidate.run_id:
+        from brain.playbook import playbook_run_active
+
+        return playbook_run_active(run_id=candidate.run_id) or against or playbook_current()
+    return playbook_current()
 
 
 def playbook_candidate_validate(
@@ -269,42 +275,60 @@ def playbook_candidate_validate(
     cycle: timedelta = timedelta(minutes=5),
     folds: int | None = None,
     on_fold: Callable[[int, int], None] | None = None,
+    against: PlaybookVersion | None = None,
+    analyst: str | None = None,
+    cycles_source: tuple[str, str] = (Mode.LIVE, ""),
 ) -> ValidationOutcome:
     """Validate the candidate (PlaybookVersion pk) out of sample against the active version; promote, reject or wait.
 
     `on_fold(done, total)` is called after each fold (progress; tests use it to act mid-validation).
+    A replay's own candidate (`run_id`, replay --learn) is judged against that run's active version
+    (`against`: the version the run started with, until it promoted one). `analyst` ("claude" or
+    "rules"; default: the settings') says who reads the playbook; `cycles_source` (mode, run id) whose
+    recorded analyst cycles Claude-aware validation re-decides.
     """
     for _attempt in range(MAX_REVALIDATIONS):
         outcome = _validate_once(candidate_id=candidate_id, days=days, inst_ids=inst_ids, feed=feed, end=end, cycle=cycle,
-                                 folds=folds, on_fold=on_fold)
+                                 folds=folds, on_fold=on_fold, against=against, analyst=analyst,
+                                 cycles_source=cycles_source)
         if outcome is not None:
             return outcome
     candidate = PlaybookVersion.objects.get(pk=candidate_id)
     reason = f"the active version changed during each of {MAX_REVALIDATIONS} validations; the candidate waits"
     PlaybookVersion.objects.filter(pk=candidate_id).update(validation={**(candidate.validation or {}), "reason": reason,
                                                                        "verdict": Verdict.WAITING})
-    return ValidationOutcome(candidate.version, playbook_current().version, False, reason, candidate.validation or {}, Verdict.WAITING)
+    return ValidationOutcome(candidate.version, _current_of(candidate, against).version, False, reason,
+                             candidate.validation or {}, Verdict.WAITING)
 
 
 def _validate_once(*, candidate_id: int, days: int | None, inst_ids: list[str] | None, feed: MarketFeed | None,
                    end: datetime | None, cycle: timedelta, folds: int | None,
-                   on_fold: Callable[[int, int], None] | None) -> ValidationOutcome | None:
+                   on_fold: Callable[[int, int], None] | None, against: PlaybookVersion | None = None,
+                   analyst: str | None = None,
+                   cycles_source: tuple[str, str] = (Mode.LIVE, "")) -> ValidationOutcome | None:
     days = days or settings.PLAYBOOK_VALIDATION_DAYS
     count = folds or settings.PLAYBOOK_VALIDATION_FOLDS
     candidate = PlaybookVersion.objects.filter(pk=candidate_id).first()
     if candidate is None:
         raise ValidationError(f"playbook candidate {candidate_id} does not exist")
+    if candidate.run_id and against is None:  # only that replay's learner judges it (against what the run trades)
+        raise ValidationError(f"playbook v{candidate.version} was learned inside replay {candidate.run_id}: copy it into "
+                              f"a candidate of the bot's own (`playbook rollback {candidate.version}`) to validate it")
     if candidate.status != PlaybookStatus.CANDIDATE:
         raise ValidationError(f"playbook v{candidate.version} is {candidate.status}, not a candidate")
-    current = playbook_current()
+    current = _current_of(candidate, against)
     inst_ids = inst_ids or validation_instruments()
     source = "given"
     if feed is None:
         feed, source, _span = validation_feed(inst_ids=inst_ids)
     changes = playbook_trading_changes(current.playbook, candidate.playbook)
     evidence = _evidence_window(candidate)
+    claude = bool(changes) and analyst_is_claude(analyst)
+    rules_read = any(c["read_by"] == "rules" for c in changes)
     placed: list[tuple[datetime, datetime]] = []
-    if feed is not None and changes:  # nothing to replay for a candidate equal to the active version
+    # Nothing to replay for a candidate equal to the active version, nor (Claude the analyst) for a change
+    # of text alone, which the rules brain does not read.
+    if feed is not None and changes and (rules_read or not claude):
         ranges = [feed.data_range(i) for i in inst_ids]  # type: ignore[attr-defined]
         data_start, data_end = max(r[0] for r in ranges), min(r[1] for r in ranges)
         if end is not None:
@@ -323,9 +347,19 @@ def _validate_once(*, candidate_id: int, days: int | None, inst_ids: list[str] |
         reason = "not enough evidence: no stored candles for " + ", ".join(inst_ids)
     if not changes:
         verdict, reason = Verdict.REJECTED, f"the trading content equals the active v{current.version}: nothing to promote"
-    gate = _claude_gate(changes) if verdict == Verdict.PROMOTED else None
-    if gate is not None:
-        verdict, reason = Verdict.WAITING, f"{gate}; the rules folds say: {reason}"
+    claude_figures: dict[str, Any] | None = None
+    if claude and (verdict == Verdict.PROMOTED or not rules_read):
+        from tradebot.validation_claude import claude_validate
+
+        rules_said = (f"the rules folds say: {reason}" if rules_read else
+                      "no rules folds: the candidate changes only text the model reads, which the rules brain does not read")
+        judged = claude_validate(candidate=candidate, current=current, feed=feed, evidence=evidence,
+                                 end=end or market_now(inst_ids=inst_ids), mode=cycles_source[0], run_id=cycles_source[1],
+                                 inst_ids=inst_ids)
+        claude_figures = {"verdict": judged.verdict, "reason": judged.reason, **judged.figures}
+        verdict, reason = judged.verdict, f"{judged.reason}; {rules_said}"
+    elif claude:
+        reason = f"{reason}; the Claude re-decision was not run (the rules folds decide first)"
     figures = {
         "verdict": verdict,
         "promoted": verdict == Verdict.PROMOTED,
@@ -339,6 +373,7 @@ def _validate_once(*, candidate_id: int, days: int | None, inst_ids: list[str] |
         "candidate": {"version": candidate.version},
         "changes": [c["path"] for c in changes],
         "validated_at": timezone.now().isoformat(),
+        "claude": claude_figures,
     }
     if verdict == Verdict.PROMOTED:
         if not playbook_promote(candidate=candidate, against=current.version, validation=figures):
@@ -359,7 +394,9 @@ def _validate_once(*, candidate_id: int, days: int | None, inst_ids: list[str] |
     kind = {Verdict.PROMOTED: "playbook_promoted", Verdict.REJECTED: "playbook_rejected", Verdict.WAITING: "playbook_waiting"}[verdict]
     event_record(kind=kind, level="info" if verdict == Verdict.PROMOTED else "warning",
                  message=f"playbook v{candidate.version} {verdict} (against v{current.version}): {reason}",
-                 data={"candidate": candidate.version, "current": current.version, "verdict": verdict})
+                 data={"candidate": candidate.version, "current": current.version, "verdict": verdict,
+                       "run_id": candidate.run_id},
+                 mode=Mode.REPLAY if candidate.run_id else Mode.LIVE)
     return ValidationOutcome(candidate_version=candidate.version, current_version=current.version,
                              promoted=verdict == Verdict.PROMOTED, reason=reason, figures=figures, verdict=verdict)
 

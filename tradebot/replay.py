@@ -262,6 +262,7 @@ def replay_run(
     progress: Callable[[int, int], None] | None = None,
     playbook_version: int | None = None,
     full_snapshots: str = "acted",
+    learn: Any = None,
 ) -> ReplaySummary:
     """Run every cycle in [start, end) and return the summary (the journal holds the rest).
 
@@ -270,7 +271,8 @@ def replay_run(
     cycles keep the full snapshot JSON — "acted" (default: the decision was not
     HOLD, so it went to the risk gate) or "analyzed" (every cycle that reached
     ANALYZING; with a position open that is every cycle, ~6 KB each); the others
-    keep the compact one.
+    keep the compact one. `learn`: a `tradebot.replay_learn.ReplayLearner`, told after each cycle
+    (reviews, deep reflections and validated promotion on the replay's clock: `replay --learn`).
     """
     if full_snapshots not in ("acted", "analyzed"):
         raise ReplayError(f"full_snapshots must be 'acted' or 'analyzed', got {full_snapshots!r}")
@@ -315,6 +317,9 @@ def replay_run(
         env.brain = brain_for_settings(brain, playbook=pinned.playbook, playbook_version=pinned.version)
     summary = ReplaySummary(run_id=run_id, inst_id=inst_id, start=start, end=end, brain=brain,
                             source=getattr(feed, "name", "replay"), full_snapshots=full_snapshots)
+    if learn is not None:
+        learn.begin(run_id=run_id, inst_id=inst_id, env=env, start=start)
+        run.learn = learn
     times: list[datetime] = []
     t = start + cycle  # the first cycle sees the first full cycle of bars
     while t <= end:
@@ -402,6 +407,7 @@ class _RunState:
     balances: Any = None
     positions: list[Any] = field(default_factory=list)
     last_snapshot: MarketSnapshot | None = None  # the latest cycle's (for a stop's or take-profit's exit indicators)
+    learn: Any = None  # replay --learn: tradebot.replay_learn.ReplayLearner, told after each cycle
 
     def bot_view(self) -> Any:
         """`execution.selectors.bot_state` of this run, read again only after something changed it."""
@@ -621,6 +627,8 @@ def _run_cycles(placeholders: list[Cycle], env: StageEnv, walker: _BarWalker, su
             log_row.snapshot_json = compact if snapshot is not None else None  # the cycle row has the full one
             screener_logs.append(log_row)
         summary.count(cycle)
+        if run.learn is not None and run.learn.after_cycle(cycle.as_of):
+            run.trades_stale = True  # a review wrote the run's trades (self_review)
 
 
 def _run_cycle(cycle: Cycle, env: StageEnv) -> CycleWork:

@@ -363,6 +363,12 @@ PLAYBOOK_PROMOTION_PROBABILITY = env_float("PLAYBOOK_PROMOTION_PROBABILITY", 0.8
 PLAYBOOK_MAX_DRAWDOWN_MARGIN = env_decimal("PLAYBOOK_MAX_DRAWDOWN_MARGIN", "0.02", minimum=Decimal("0"))
 # The cycle length of the validation replays (the live cycle by default; 3600 = 1H cycles, 12x fewer).
 PLAYBOOK_VALIDATION_CYCLE_SECONDS = env_int("PLAYBOOK_VALIDATION_CYCLE_SECONDS", 300, minimum=60)
+# Claude-aware validation (tradebot/validation_claude.py): when the analyst is Claude, a candidate that changes
+# what the model reads is also judged by re-deciding this many recorded analyst cycles, each decision simulated
+# on the stored candles until it closes or this horizon, with at least this many simulated trades (both versions).
+PLAYBOOK_CLAUDE_VALIDATION_CYCLES = env_int("PLAYBOOK_CLAUDE_VALIDATION_CYCLES", 40, minimum=1)
+PLAYBOOK_CLAUDE_VALIDATION_HORIZON_HOURS = env_int("PLAYBOOK_CLAUDE_VALIDATION_HORIZON_HOURS", 48, minimum=1)
+PLAYBOOK_CLAUDE_VALIDATION_MIN_TRADES = env_int("PLAYBOOK_CLAUDE_VALIDATION_MIN_TRADES", 10, minimum=1)
 
 # --- Telegram (issue 18: alerts and commands; `manage.py telegram`) --------
 # Without a token nothing Telegram runs. Chat ids: integers, comma-separated; admin chats may also

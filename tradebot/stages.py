@@ -46,7 +46,7 @@ HALT_STATES = frozenset({"HALTED", "EMERGENCY_HALT", "COOLDOWN"})
 # replay writes per batch.
 CYCLE_FIELDS = (
     "state", "outcome", "reason", "error", "ended_at", "stage_times", "snapshot", "screener_result", "research",
-    "decision", "risk_verdict", "client_order_id", "order", "brain", "playbook_version",
+    "decision", "risk_verdict", "client_order_id", "order", "brain", "playbook_version", "brain_context",
 )
 
 
@@ -384,6 +384,10 @@ def analyze(work: CycleWork, env: StageEnv) -> bool:
         cycle_id=work.cycle.pk, mode=env.mode, brain=brain,
     )
     env.review_marks[work.inst_id] = review_mark(work.snapshot, str(decision.action))
+    inputs = getattr(brain, "last_inputs", None)
+    if inputs is not None and inputs[0] == work.cycle.pk:
+        # What the LLM analyst read besides the snapshot: Claude-aware validation rebuilds its prompt from it.
+        work.cycle.brain_context = inputs[1]
     work._decision = decision
     work.cycle.brain = getattr(brain, "name", "") or ""
     work.cycle.playbook_version = getattr(brain, "playbook_version", None)

@@ -81,3 +81,18 @@ def test_the_editor_shows_the_playbook_as_indented_json_and_errors_name_the_fiel
     assert "not valid JSON: Expecting property name enclosed in double quotes at line 2, column 27" \
            in html.unescape(broken.content.decode())
     assert list(PlaybookVersion.objects.values_list("version", flat=True)) == [v1.version]
+
+
+def test_an_admin_add_is_a_candidate_whose_validation_is_queued(admin_client: Client,
+                                                                 django_capture_on_commit_callbacks) -> None:
+    v1 = playbook_current()
+    data = copy.deepcopy(v1.playbook)
+    data["time_filters"]["avoid_hours_utc"] = [13, 14]
+    with django_capture_on_commit_callbacks() as queued:
+        response = admin_client.post("/admin/brain/playbookversion/add/",
+                                     {"playbook": json.dumps(data), "change_summary": "avoid the US open"})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    new = PlaybookVersion.objects.get(version=v1.version + 1)
+    assert new.status == PlaybookStatus.CANDIDATE and new.triggered_by == PlaybookTrigger.MANUAL
+    assert [c["path"] for c in new.changes] == ["time_filters.avoid_hours_utc"]
+    assert len(queued) == 1 and playbook_current().pk == v1.pk  # validated before it trades

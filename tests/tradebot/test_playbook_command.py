@@ -92,3 +92,31 @@ def test_reflect_command_with_no_trades_changes_nothing(db, settings) -> None:
     call_command("reflect", "--deep", stdout=out)
     assert "no_trades" in out.getvalue()
     assert playbook_current().pk == v1.pk
+
+
+def test_a_rollback_queues_its_validation_and_does_not_trade_until_that_promotes_it(db, settings,
+                                                                                    django_capture_on_commit_callbacks
+                                                                                    ) -> None:
+    from tradebot.celery import app
+    import tradebot.tasks  # noqa: F401 - registers the validation task, as a worker does
+
+    settings.BRAIN = "rules"
+    settings.MARKET_DATA_SOURCE = "okx"  # not the synthetic market: validation replays stored candles (none here)
+    v1 = playbook_current()
+    data = copy.deepcopy(v1.playbook)
+    data["strategy_definitions"]["momentum_breakout"]["params"]["enabled"] = False
+    v2 = playbook_save(data=data, change_summary="breakouts off", triggered_by="manual")
+    run("activate", "2", "--force", "--reason", "breakouts bleed")
+    with django_capture_on_commit_callbacks() as queued:
+        run("rollback", "1")
+    v3 = PlaybookVersion.objects.get(version=3)
+    assert len(queued) == 1 and playbook_current().pk == v2.pk
+    before, app.conf.task_always_eager = app.conf.task_always_eager, True
+    try:
+        queued[0]()  # the queued task, run as a reflection worker would
+    finally:
+        app.conf.task_always_eager = before
+    v3.refresh_from_db()
+    # Its validation ran: with no stored candles there is no evidence, so it waits; v2 keeps trading.
+    assert v3.validation["verdict"] == "waiting" and v3.validation["reason"].startswith("not enough evidence")
+    assert v3.status == PlaybookStatus.CANDIDATE and playbook_current().pk == v2.pk

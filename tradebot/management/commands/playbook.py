@@ -88,8 +88,9 @@ class Command(BaseCommand):
             self._validate(opts)
         else:
             for row in PlaybookVersion.objects.order_by("version"):
+                scope = f"  [replay {row.run_id}]" if row.run_id else ""  # a replay --learn run's own version
                 self.stdout.write(f"v{row.version:<4} {row.status:<9} {row.triggered_by:<10} {row.created_at:%Y-%m-%d %H:%M}  "
-                                  f"{(row.change_summary or '').splitlines()[0][:90] if row.change_summary else ''}")
+                                  f"{(row.change_summary or '').splitlines()[0][:90] if row.change_summary else ''}{scope}")
 
     def _activate(self, opts: dict[str, Any]) -> None:
         if not opts["force"]:

@@ -1,8 +1,10 @@
 """`manage.py replay --inst BTC-USDT-SWAP --from DATE --to DATE [--csv PATH | --synthetic] [--brain rules|claude]
-[--cycle 5m] [--json] [--trades-csv PATH]`.
+[--cycle 5m] [--json] [--trades-csv PATH] [--learn]`.
 
 The text output is the run's summary (one figure a line), then the backtest report of `journal.report`
-(trades, results per instrument, strategy, exit reason, day and month, balances, ratios, drawdown, buy-and-hold)."""
+(trades, results per instrument, strategy, exit reason, day and month, balances, ratios, drawdown, buy-and-hold).
+`--learn` (tradebot.replay_learn): post-trade reviews, deep reflections and validated promotion inside the
+replay on its own clock; the output then lists each version, when it was promoted and why (`learning` in --json)."""
 from __future__ import annotations
 
 import json
@@ -26,6 +28,18 @@ def parse_date(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def learning_lines(report: dict[str, Any]) -> list[str]:
+    """The learning section: counts, then one line per version (proposed, verdict, promoted, why)."""
+    lines = [f"learning: {report['reviews']} post-trade reviews, {report['reflections']} deep reflections, "
+             f"{report['candidates']} candidates: {report['promoted']} promoted, {report['rejected']} rejected, "
+             f"{report['waiting']} waiting; ends on v{report['final_version']}"]
+    for v in report["versions"]:
+        promoted = f", promoted {v['promoted_at']}" if v["promoted_at"] and v["verdict"] != "start" else ""
+        changes = f" [{', '.join(v['changes'])}]" if v["changes"] else ""
+        lines.append(f"  v{v['version']} proposed {v['proposed_at']}: {v['verdict']}{promoted}{changes}: {v['reason']}")
+    return lines
+
+
 class Command(BaseCommand):
     help = "Replay history through the same cycle stages on a virtual clock (paper exchange, no broker)."
 
@@ -40,6 +54,9 @@ class Command(BaseCommand):
         parser.add_argument("--cycle", default="5m", help="cycle length: 5m, 15m, 1H ...")
         parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
         parser.add_argument("--trades-csv", metavar="PATH", help="also write the run's per-trade list to this CSV file")
+        parser.add_argument("--learn", action="store_true",
+                            help="review trades, reflect and promote validated versions inside the replay "
+                                 "(no lookahead)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
         try:
@@ -61,15 +78,25 @@ class Command(BaseCommand):
             elif not opts["json"]:
                 self.stderr.write(f"\r{done}/{total} cycles", ending="")
 
+        learner, snapshots = None, "acted"
+        if opts["learn"]:
+            from tradebot.replay_learn import ReplayLearner
+
+            learner = ReplayLearner(feed=feed, brain=opts["brain"], cycle=cycle)
+            if opts["brain"] == "claude":  # Claude-aware validation re-decides the run's analysed cycles: keep them
+                snapshots = "analyzed"
         try:
             summary = replay_run(inst_id=opts["inst"], start=opts["start"], end=opts["end"], feed=feed,
-                                 brain=opts["brain"], cycle=cycle, progress=progress)
+                                 brain=opts["brain"], cycle=cycle, progress=progress, learn=learner,
+                                 full_snapshots=snapshots)
         except (ReplayError, FeedError) as exc:
             raise CommandError(str(exc)) from exc
         finally:
             if bar is not None:
                 bar.close()
         data = summary.as_dict()
+        if learner is not None:
+            data["learning"] = learner.report()
         # Until the last cycle (no `until`): a trade its stop closed at the very end counts, as in the summary.
         report = run_report(mode=Mode.REPLAY, run_id=summary.run_id, since=summary.start)
         if opts["json"]:
@@ -78,8 +105,12 @@ class Command(BaseCommand):
             self.stderr.write("")
             width = max(len(k) for k in data)
             for key, value in data.items():
-                self.stdout.write(f"{key.ljust(width)}  {value}")
+                if key != "learning":
+                    self.stdout.write(f"{key.ljust(width)}  {value}")
             self.stdout.write("")  # the summary ends at the first blank line; the report follows
+            if learner is not None:
+                self.stdout.write("\n".join(learning_lines(data["learning"])))
+                self.stdout.write("")
             self.stdout.write("\n".join(report_lines(report)))
         if opts["trades_csv"]:
             try:
