@@ -13,10 +13,12 @@ person disabled in the admin stays disabled.
 from __future__ import annotations
 
 import json
+import logging
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, InterfaceError, transaction
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
+from django_celery_beat.schedulers import DatabaseScheduler
 
 from market.models import Instrument
 
@@ -92,3 +94,25 @@ def beat_sync() -> list[PeriodicTask]:
         description="Day-start equity for the daily loss limit; ends a daily-loss HALT",
     ))
     return [e for e in entries if e.enabled]
+
+
+class OutageProofScheduler(DatabaseScheduler):
+    """django-celery-beat's scheduler surviving a database outage (#16; `beat_scheduler` in tradebot.celery).
+
+    Every five minutes (and whenever an entry changed) it reads all entries again; with the database down that
+    read raised out of beat's loop and beat died (a restart then failed the same way until the database was
+    back). Here a failed read keeps the entries read before and is tried again at the next tick: one log line,
+    the ticks go on (each cycle_start retries or records its own gap), and the entries are read again once the
+    database answers.
+    """
+
+    @property
+    def schedule(self) -> dict:  # type: ignore[override]
+        try:
+            return super().schedule
+        except (DatabaseError, InterfaceError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            logging.getLogger("celery.beat").warning(
+                "beat kept its entries: the database is unavailable (%s: %s); read again at the next tick",
+                type(exc).__name__, first)
+            return self._schedule

@@ -101,6 +101,11 @@ def _stage_age(cycle: Cycle, now: datetime) -> float:
     return (now - since).total_seconds()
 
 
+# The triggers whose cycles are on the real-time tick grid (beat's ticks, runbot's first cycle at start): only
+# between those is a missing tick a gap to record (a manual, stream or replay cycle is off the grid).
+REALTIME_TRIGGERS = ("beat", "start")
+
+
 def _skipped(*, instrument: Instrument, mode: str, run_id: str, as_of: datetime, reason: str, now: datetime,
              times: dict[str, object]) -> Cycle:
     skipped = Cycle.objects.create(
@@ -173,7 +178,8 @@ def cycle_open(
             reason = (f"late: the tick was sent {(now - sent_at).total_seconds():.0f}s ago, more than one interval "
                       f"({tick_every}s)")
             return _skipped(as_of=as_of, reason=reason, times=times, **kw)
-        if tick_every and newest is not None and (newest.stage_times or {}).get("trigger") in ("beat", "gap"):
+        on_grid = (*REALTIME_TRIGGERS, "gap")
+        if tick_every and newest is not None and (newest.stage_times or {}).get("trigger") in on_grid:
             missed = round((as_of - newest.as_of).total_seconds() / tick_every) - 1
             if missed >= 1:
                 first = newest.as_of + timedelta(seconds=tick_every)
