@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 from django_celery_beat.schedulers import DatabaseScheduler
 
@@ -108,11 +109,19 @@ class OutageProofScheduler(DatabaseScheduler):
 
     @property
     def schedule(self) -> dict:  # type: ignore[override]
-        try:
-            return super().schedule
-        except (DatabaseError, InterfaceError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            logging.getLogger("celery.beat").warning(
-                "beat kept its entries: the database is unavailable (%s: %s); read again at the next tick",
-                type(exc).__name__, first)
-            return self._schedule
+        while True:
+            try:
+                return super().schedule
+            except (OperationalError, InterfaceError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if self._schedule is not None:
+                    logging.getLogger("celery.beat").warning(
+                        "beat kept its entries: the database is unavailable (%s: %s); read again at the next tick",
+                        type(exc).__name__, first)
+                    return self._schedule
+                # Starting with the database down: nothing to tick yet, so wait for it (one line a try).
+                logging.getLogger("celery.beat").warning(
+                    "beat waits for the database to read its entries (%s: %s); trying again in 2 s",
+                    type(exc).__name__, first)
+                self._initial_read = True
+                time.sleep(2)

@@ -101,7 +101,8 @@ class OneLineErrors(logging.Filter):
     """Beat's "Message Error" while the broker is down: one line with the error, not a traceback per tick."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.levelno >= logging.ERROR:
+        # ERROR only: beat crashing (CRITICAL, "beat raised exception") keeps its traceback.
+        if record.exc_info and record.levelno == logging.ERROR:
             exc = record.exc_info[1]
             record.msg = "beat could not send a task (the next cycle records the missed tick): %s: %s"
             record.args = (type(exc).__name__, exc)

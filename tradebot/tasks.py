@@ -333,11 +333,15 @@ def cycle_start(self: Task, inst_id: str, as_of: str | None = None, trigger: str
         if as_of:
             return cycle_launch(instrument=instrument, as_of=datetime.fromisoformat(as_of), trigger=trigger,
                                 mode=settings.BOT_MODE).pk
-        # Beat's ticks and runbot's first cycle at start are on the real-time clock: late ones are SKIPPED, and the
-        # ticks missed since the newest cycle (an outage, or the bot stopped) are recorded as a gap first.
+        # Beat's ticks and runbot's first cycle at start are on the real-time clock: the ticks missed since the
+        # newest cycle (an outage, or the bot stopped) are recorded as a gap first, and a beat tick that waited more
+        # than an interval is SKIPPED ("late"). Runbot's first cycle is for the moment it runs, however long its
+        # workers took to start (the time they took is part of the gap it records).
         realtime = trigger in REALTIME_TRIGGERS
-        return cycle_launch(instrument=instrument, as_of=sent_at or timezone.now(), trigger=trigger,
-                            mode=settings.BOT_MODE, sent_at=sent_at if realtime else None, tick_every=every if realtime else None).pk
+        beat = trigger == "beat"
+        return cycle_launch(instrument=instrument, as_of=(sent_at if beat else None) or timezone.now(), trigger=trigger,
+                            mode=settings.BOT_MODE, sent_at=sent_at if beat else None,
+                            tick_every=every if realtime else None).pk
     except _DB_DOWN as exc:
         _db_down_retry(self, exc, deadline=(sent_at.timestamp() + every) if sent_at else None, what="cycle_start")
         return None

@@ -170,6 +170,16 @@ def test_beat_keeps_its_entries_and_ticking_through_a_database_outage(btc: Instr
     monkeypatch.setattr(scheduler, "schedule_changed", lambda: True)
     monkeypatch.setattr(scheduler, "all_as_schedule", db_down)
     assert set(scheduler.schedule) == entries
+    monkeypatch.undo()
+    # Beat started while the database is down: it waits for it (one line a try) instead of dying on its first read.
+    import tradebot.beat
+
+    starting = OutageProofScheduler(app=app, lazy=True)
+    real_read, waits = starting.all_as_schedule, []
+    reads = iter([db_down, db_down, real_read])
+    monkeypatch.setattr(starting, "all_as_schedule", lambda: next(reads)())
+    monkeypatch.setattr(tradebot.beat.time, "sleep", waits.append)
+    assert set(starting.schedule) == entries and waits == [2, 2]
 
 
 def test_the_ticks_missed_while_runbot_was_stopped_are_recorded_by_its_first_cycle_at_start(
@@ -182,7 +192,9 @@ def test_the_ticks_missed_while_runbot_was_stopped_are_recorded_by_its_first_cyc
     broker_dirs_ensure()  # the embedded broker takes the first cycle's chain
     now = timezone.now().replace(microsecond=0)
     tick(btc, now - timedelta(seconds=4 * EVERY + 17))  # the last tick before runbot stopped; three missed since
-    started = {SENT_AT_HEADER: now.isoformat()}
+    # Sent when runbot started, run when its workers were up: the first cycle is for the moment it runs, so the
+    # workers' start (two intervals here) is inside the gap it records, not a hole between the gap and it.
+    started = {SENT_AT_HEADER: (now - timedelta(seconds=2 * EVERY)).isoformat()}
     first_id = tasks.cycle_start.apply(args=["BTC-USDT-SWAP"], kwargs={"trigger": "start"}, headers=started,
                                        throw=True).get()
     gap = Cycle.objects.get(stage_times__trigger="gap")
