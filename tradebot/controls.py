@@ -96,7 +96,7 @@ def bot_status(*, exchange: Any | None = None) -> BotStatusReport:
         ]
     except Exception as exc:  # noqa: BLE001 - an unreachable exchange is reported, not fatal
         errors.append(f"exchange: {type(exc).__name__}: {exc}")
-    from execution.services import exchange_outage_began
+    from execution.outages import exchange_outage_began
 
     outage = exchange_outage_began(mode=settings.BOT_MODE)
     if outage is not None:  # what the workers found (#16): said plainly, with what protects the positions

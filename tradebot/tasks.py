@@ -212,7 +212,7 @@ def _stage_run_locked(task: Task, cycle_id: int, stage: str, *, resume_states: f
         except ExchangeUnreachable as exc:
             # Fail fast, no retry (retries only held the instrument's next ticks back): no new entry is attempted,
             # the open positions stay protected by their exchange-side stops, verified when it answers again (#16).
-            from execution.services import exchange_unreachable_record
+            from execution.outages import exchange_unreachable_record
 
             exchange_unreachable_record(error=str(exc), where=stage, mode=cycle.mode)
             go_on = _fail(work, stage, f"exchange unreachable ({exc}); no new entry, open positions keep their "
@@ -390,7 +390,7 @@ def account_sync(self: Task) -> list[int]:
         log.error("account_sync_failed", error=type(exc).__name__, pending=_SYNC_FAILURES["count"])
         return []
     except ExchangeUnreachable as exc:
-        from execution.services import exchange_unreachable_record
+        from execution.outages import exchange_unreachable_record
 
         _sync_failure_count("exchange unreachable")
         log.error("account_sync_failed", error=redact(f"exchange unreachable: {exc}")[:300],

@@ -291,7 +291,8 @@ def _closed_port() -> str:
 def test_an_unreachable_okx_fails_at_once_without_retries_and_its_order_is_canceled_never_sent(db) -> None:
     from execution.exchanges.base import ExchangeUnreachable
     from execution.models import Order, OrderState
-    from execution.services import exchange_outage_began, order_place
+    from execution.outages import exchange_outage_began
+    from execution.services import order_place
     from journal.models import JournalEvent
 
     slept: list[float] = []
@@ -316,7 +317,8 @@ def test_the_first_sync_after_an_outage_verifies_every_positions_exchange_side_s
 
     from django.core.management import call_command
 
-    from execution.services import account_sync, exchange_outage_began, exchange_unreachable_record
+    from execution.outages import exchange_outage_began, exchange_unreachable_record
+    from execution.services import account_sync
     from journal.models import EventLevel, JournalEvent
 
     def position(inst: str, sl: str | None) -> dict:
