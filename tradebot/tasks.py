@@ -202,7 +202,8 @@ def _stage_run_locked(task: Task, cycle_id: int, stage: str, *, resume_states: f
             _context_take(work)
         started = time.perf_counter()
         try:
-            go_on = stage_timed(work, live_env(), stage)
+            # Only COLLECTING reads the market: the brain's and the gate's workers never build a feed.
+            go_on = stage_timed(work, live_env(feed=stage == S.COLLECTING), stage)
             if stage == S.SCREENING and go_on:
                 _context_keep(work)
         except Retry:
