@@ -184,6 +184,9 @@ class PaperAccount(models.Model):
     name = models.CharField(max_length=40, unique=True, default="default",
                             help_text="default: the live bot (make run); demo: make demo; a replay run id")
     cash = models.DecimalField(**MONEY)
+    # Which clock the account's prices follow, fixed by its first price: "wall" (a live bot: real time) or
+    # "virtual" (a replay, the demo, a test's fixed times). The two never mix in one account (#16).
+    clock = models.CharField(max_length=8, blank=True, default="", help_text="wall or virtual (set by the first price)")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, Exists, F, OuterRef, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from brain.schemas import Decision
+from brain.schemas import Action, Decision
 from execution.exchanges.base import (
     AccountState,
     ClosedPosition,
@@ -29,6 +29,7 @@ from execution.exchanges.base import (
     ExchangeOrder,
     ExchangeRejected,
     ExchangeUnknownOutcome,
+    ExchangeUnreachable,
     Position,
 )
 from execution.models import (
@@ -46,6 +47,7 @@ from execution.models import (
     row_as_read,
     transition,
 )
+from execution.outages import exchange_outage_end, exchange_unreachable_record
 from execution.risk import ApprovedOrder, BotStateView, MarketRef, RiskVerdict, approval_is_genuine, risk_check
 from execution.selectors import bot_scope, bot_state, bot_state_view
 from execution.validation import to_decimal
@@ -303,6 +305,16 @@ def order_place(
     except ExchangeRejected as exc:
         _reject(order, exc)
         return order
+    except ExchangeUnreachable as exc:
+        # Not even a connection: the order never left. Canceled, so nothing sends it late; no new entry (#16).
+        exchange_unreachable_record(error=str(exc), where="order", mode=order.mode)
+        order.refresh_from_db()
+        if order.state == OrderState.PENDING:
+            transition(order, OrderState.CANCELED, table=ORDER_TRANSITIONS, now=timezone.now(),
+                       note=f"exchange unreachable, never sent: {exc}")
+            order.error_message = redact(f"exchange unreachable, never sent: {exc}")[:500]
+            order.save()
+        return order
     except ExchangeUnknownOutcome as exc:
         _note(order, f"outcome unknown, left PENDING: {exc}")
         event_record(kind="order_unknown_outcome", message=f"{order.client_order_id}: {exc}", level=EventLevel.ERROR, cycle_id=cycle_id)
@@ -531,6 +543,89 @@ class SyncResult:
     open_positions: int
     closed_trade_ids: list[int] = field(default_factory=list)
     orders_updated: list[str] = field(default_factory=list)
+    trades_recovered: list[int] = field(default_factory=list)  # opening fills journaled late (#16)
+
+
+def order_in_flight_seconds() -> float:
+    """How long a PENDING order may still be in the hands of the EXECUTING stage that wrote it: the stage task's
+    hard time limit plus a hop (the cycle's stage limit). Past it no worker can still be sending it (Celery's hard
+    limit ends the task), so the account sync looks it up and settles it, or marks it never sent."""
+    return float(settings.CELERY_TASK_TIME_LIMIT + settings.CYCLE_STAGE_GRACE_SECONDS)
+
+
+def _never_sent(order: Order) -> bool:
+    """A PENDING order the exchange does not know, past the stage limit: its worker died before the call went out.
+
+    Marked CANCELED, so nothing sends it late (a redelivered EXECUTING finds it final); the cycle that decided it
+    has been swept INTERRUPTED by then. True when this call marked it.
+    """
+    with transaction.atomic():
+        row = Order.objects.select_for_update().filter(pk=order.pk, state=OrderState.PENDING).first()
+        if row is None:
+            return False
+        note = "never reached the exchange: its worker was lost before the call; not sent late"
+        transition(row, OrderState.CANCELED, table=ORDER_TRANSITIONS, now=timezone.now(), note=note)
+        row.error_message = note
+        row.save()
+    event_record(kind="order_never_sent", message=f"{row.client_order_id}: {note}", level=EventLevel.WARNING,
+                 cycle_id=row.cycle_id, mode=row.mode)
+    return True
+
+
+def order_fill_journal(*, order: Order, exchange: Exchange) -> Trade | None:
+    """The Trade of a filled opening order whose trade was never journaled (its worker died between the two
+    writes), from the exchange's own record of the order; None when there is nothing to journal.
+
+    A fill with an open trade of the same instrument and direction is left alone: it may have been added to that
+    trade, and adding it again would double the size (journaled as a warning for a person to look at).
+    """
+    if order.action not in (Action.OPEN_LONG, Action.OPEN_SHORT) or order.filled_size <= 0:
+        return None
+    if Trade.objects.filter(client_order_id=order.client_order_id).exists():
+        return None
+    direction = Direction.LONG if order.pos_side == "long" else Direction.SHORT
+    if Trade.objects.filter(instrument__inst_id=order.inst_id, direction=direction, mode=order.mode,
+                            run_id=order.run_id, status=TradeStatus.OPEN).exists():
+        note = (f"filled without a trade of its own while an open {direction} trade of {order.inst_id} exists: "
+                "not journaled twice (a person should look)")
+        if note not in order.error_message:  # said once, not at every sync
+            _note(order, note)
+            event_record(kind="fill_without_trade", level=EventLevel.WARNING, cycle_id=order.cycle_id, mode=order.mode,
+                         message=f"{order.client_order_id} {note}")
+        return None
+    try:
+        fill = exchange.get_order(inst_id=order.inst_id, client_order_id=order.client_order_id)
+    except ExchangeError as exc:
+        log.warning("fill_lookup_failed", clOrdId=order.client_order_id, error=str(exc))
+        return None
+    if fill is None or fill.filled_size <= 0:
+        return None
+    trade = trade_open_record(order=order, fill=fill, context=dict(order.trade_context))
+    if trade is not None:
+        event_record(kind="trade_recovered", level=EventLevel.WARNING, cycle_id=order.cycle_id, mode=order.mode,
+                     message=f"{order.client_order_id}: the exchange filled it and its trade was never journaled "
+                             f"(its worker was lost); trade {trade.pk} opened from the exchange's fill")
+    return trade
+
+
+# How far back the sync looks for an opening fill without its trade (a worker lost between the two writes).
+FILL_JOURNAL_LOOKBACK = timedelta(days=2)
+
+
+def _fills_journal(*, exchange: Exchange, mode: str, before: datetime) -> list[int]:
+    """Every opening order the exchange filled has its Trade (`order_fill_journal`), for the orders past the
+    in-flight window (`before`): a younger one may be between the fill's write and the trade's right now."""
+    since = timezone.now() - FILL_JOURNAL_LOOKBACK
+    missing = list(Order.objects.filter(
+        mode=mode, run_id="", action__in=(Action.OPEN_LONG, Action.OPEN_SHORT), filled_size__gt=0,
+        state__in=(OrderState.FILLED, OrderState.PARTIALLY_FILLED), created_at__gte=since, created_at__lt=before,
+    ).exclude(Exists(Trade.objects.filter(client_order_id=OuterRef("client_order_id")))).order_by("created_at"))
+    recovered: list[int] = []
+    for order in missing:
+        trade = order_fill_journal(order=order, exchange=exchange)
+        if trade is not None:
+            recovered.append(trade.pk)
+    return recovered
 
 
 # (inst_id, closed_at) -> the indicators per timeframe of the caller's latest snapshot at or before
@@ -549,8 +644,10 @@ def account_sync(*, exchange: Exchange, mode: str = Mode.LIVE, run_id: str | Non
     now = exchange.now()
     account = exchange.account()
     positions = exchange.positions()
+    if run_id is None:  # the live (or demo) bot: the first answer after an outage verifies the positions' stops
+        exchange_outage_end(positions=positions, mode=mode)
     result = SyncResult(equity=account.equity, available_balance=account.available_balance, open_positions=len(positions))
-    in_flight = timezone.now() - timedelta(seconds=60)
+    in_flight = timezone.now() - timedelta(seconds=order_in_flight_seconds())
     orders = Order.objects.filter(state__in=[OrderState.SUBMITTED, OrderState.PARTIALLY_FILLED, OrderState.PENDING], mode=mode)
     trades = Trade.objects.filter(status=TradeStatus.OPEN, mode=mode)
     if run_id is not None:
@@ -564,11 +661,15 @@ def account_sync(*, exchange: Exchange, mode: str = Mode.LIVE, run_id: str | Non
             log.warning("order_lookup_failed", clOrdId=order.client_order_id, error=str(exc))
             continue
         if found is None:
+            if order.state == OrderState.PENDING and _never_sent(order):
+                result.orders_updated.append(order.client_order_id)
             continue
         before = order.state
         order = _settle(order, found, _StoredApproval(order), dict(order.trade_context))
         if order.state != before:
             result.orders_updated.append(order.client_order_id)
+    if run_id is None:  # a replay runs in one process: nothing of it is lost between a fill and its trade
+        result.trades_recovered = _fills_journal(exchange=exchange, mode=mode, before=in_flight)
     live = {(p.inst_id, p.pos_side) for p in positions}
     open_trades = list(trades.select_related("instrument").order_by("opened_at"))
     pending = [t for t in open_trades if (t.instrument.inst_id, "long" if t.direction == Direction.LONG else "short") not in live]
@@ -634,13 +735,16 @@ def trade_close_record(*, trade: Trade, closed: ClosedPosition, exit_indicators:
     trade.pnl_pct = (closed.realized_pnl / margin).quantize(Decimal("1e-8")) if margin else None
     trade.fees_usd = closed.fee + closed.liq_penalty
     trade.funding_usd = closed.funding
-    trade.exit_reason = reason
+    # A person's flatten reason can be a sentence: cut to the column, or PostgreSQL refuses the close and every
+    # later account sync failed on it, leaving the trade open after its position had closed (#16).
+    trade.exit_reason = reason[:_EXIT_REASON_MAX]
     trade.status = TradeStatus.CLOSED
     # Only what a close changes: the other columns (the entry's JSON among them) are as read.
     trade.save(update_fields=_CLOSE_FIELDS)
     return trade
 
 
+_EXIT_REASON_MAX = Trade._meta.get_field("exit_reason").max_length
 _CLOSE_FIELDS = ("indicators_exit", "exit_price", "closed_at", "duration_seconds", "pnl_usd", "pnl_pct", "fees_usd",
                  "funding_usd", "exit_reason", "status", "updated_at")
 

@@ -13,10 +13,13 @@ person disabled in the admin stays disabled.
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
+from django_celery_beat.schedulers import DatabaseScheduler
 
 from market.models import Instrument
 
@@ -103,3 +106,33 @@ def beat_sync() -> list[PeriodicTask]:
     else:
         PeriodicTask.objects.filter(name=WATCHLIST_ENTRY).delete()  # created afresh (enabled) when turned on
     return [e for e in entries if e.enabled]
+
+
+class OutageProofScheduler(DatabaseScheduler):
+    """django-celery-beat's scheduler surviving a database outage (#16; `beat_scheduler` in tradebot.celery).
+
+    Every five minutes (and whenever an entry changed) it reads all entries again; with the database down that
+    read raised out of beat's loop and beat died (a restart then failed the same way until the database was
+    back). Here a failed read keeps the entries read before and is tried again at the next tick: one log line,
+    the ticks go on (each cycle_start retries or records its own gap), and the entries are read again once the
+    database answers.
+    """
+
+    @property
+    def schedule(self) -> dict:  # type: ignore[override]
+        while True:
+            try:
+                return super().schedule
+            except (OperationalError, InterfaceError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if self._schedule is not None:
+                    logging.getLogger("celery.beat").warning(
+                        "beat kept its entries: the database is unavailable (%s: %s); read again at the next tick",
+                        type(exc).__name__, first)
+                    return self._schedule
+                # Starting with the database down: nothing to tick yet, so wait for it (one line a try).
+                logging.getLogger("celery.beat").warning(
+                    "beat waits for the database to read its entries (%s: %s); trying again in 2 s",
+                    type(exc).__name__, first)
+                self._initial_read = True
+                time.sleep(2)

@@ -50,7 +50,8 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_hijack_root_logger=False,
-    beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler",
+    # django-celery-beat's DatabaseScheduler, surviving a database outage (tradebot.beat, #16).
+    beat_scheduler="tradebot.beat:OutageProofScheduler",
     timezone="UTC",
     enable_utc=True,
     broker_connection_retry_on_startup=True,
@@ -100,7 +101,8 @@ class OneLineErrors(logging.Filter):
     """Beat's "Message Error" while the broker is down: one line with the error, not a traceback per tick."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.levelno >= logging.ERROR:
+        # ERROR only: beat crashing (CRITICAL, "beat raised exception") keeps its traceback.
+        if record.exc_info and record.levelno == logging.ERROR:
             exc = record.exc_info[1]
             record.msg = "beat could not send a task (the next cycle records the missed tick): %s: %s"
             record.args = (type(exc).__name__, exc)
@@ -110,6 +112,43 @@ class OneLineErrors(logging.Filter):
 
 
 logging.getLogger("celery.beat").addFilter(OneLineErrors())
+
+
+def _outage_errors() -> tuple[type[BaseException], ...]:
+    """What a lost database, broker or exchange raises (imported late: the filter is installed at import time)."""
+    import kombu.exceptions
+    import redis.exceptions
+    from django.db import InterfaceError, OperationalError
+
+    from execution.exchanges.base import ExchangeUnreachable
+
+    return (OperationalError, InterfaceError, kombu.exceptions.OperationalError, redis.exceptions.ConnectionError,
+            ExchangeUnreachable, ConnectionError)
+
+
+class OutageOneLine(logging.Filter):
+    """A task or the consumer failing because the database, the broker or the exchange is gone: one line with the
+    error, not a traceback per failure (an outage of a minute otherwise printed dozens). Other errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            try:
+                outage = isinstance(exc, _outage_errors())
+            except Exception:  # noqa: BLE001 - Django not set up yet: leave the record as it is
+                outage = False
+            if outage:
+                first = (str(exc).strip().splitlines() or [""])[0]
+                record.msg = f"{record.getMessage()} [{type(exc).__name__}: {first}]"
+                record.args = None
+                record.exc_info = None
+                record.exc_text = None
+        return True
+
+
+for _name in ("celery.app.trace", "celery.worker.consumer.consumer", "celery.worker.request",
+              "django_celery_beat.schedulers"):
+    logging.getLogger(_name).addFilter(OutageOneLine())
 
 CYCLE_START_TASK = "tradebot.tasks.cycle_start"
 SENT_AT_HEADER = "tb_sent_at"

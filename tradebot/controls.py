@@ -97,6 +97,12 @@ def bot_status(*, exchange: Any | None = None) -> BotStatusReport:
         ]
     except Exception as exc:  # noqa: BLE001 - an unreachable exchange is reported, not fatal
         errors.append(f"exchange: {type(exc).__name__}: {exc}")
+    from execution.outages import exchange_outage_began
+
+    outage = exchange_outage_began(mode=settings.BOT_MODE)
+    if outage is not None:  # what the workers found (#16): said plainly, with what protects the positions
+        errors.append(f"exchange unreachable since {outage:%Y-%m-%d %H:%M:%S} UTC: no new entries; open positions are "
+                      "protected by their exchange-side stops (verified when it answers again)")
     pnl = Trade.objects.filter(mode=Mode.LIVE, status=TradeStatus.CLOSED, closed_at__gte=midnight).aggregate(v=Sum("pnl_usd"))["v"]
     cost = LlmCall.objects.filter(mode=Mode.LIVE, created_at__gte=midnight).aggregate(v=Sum("cost_usd"))["v"]
     last_cycles = []

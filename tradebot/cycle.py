@@ -101,6 +101,11 @@ def _stage_age(cycle: Cycle, now: datetime) -> float:
     return (now - since).total_seconds()
 
 
+# The triggers whose cycles are on the real-time tick grid (beat's ticks, runbot's first cycle at start): only
+# between those is a missing tick a gap to record (a manual, stream or replay cycle is off the grid).
+REALTIME_TRIGGERS = ("beat", "start")
+
+
 def _skipped(*, instrument: Instrument, mode: str, run_id: str, as_of: datetime, reason: str, now: datetime,
              times: dict[str, object]) -> Cycle:
     skipped = Cycle.objects.create(
@@ -169,17 +174,19 @@ def cycle_open(
             reason = (f"out of order: a tick for {as_of.isoformat()} after cycle {newest.pk} for "
                       f"{newest.as_of.isoformat()}")
             return _skipped(as_of=as_of, reason=reason, times=times, **kw)
-        if sent_at is not None and tick_every and (now - sent_at).total_seconds() > tick_every:
-            reason = (f"late: the tick was sent {(now - sent_at).total_seconds():.0f}s ago, more than one interval "
-                      f"({tick_every}s)")
-            return _skipped(as_of=as_of, reason=reason, times=times, **kw)
-        if tick_every and newest is not None and (newest.stage_times or {}).get("trigger") in ("beat", "gap"):
+        # The ticks missed since the newest cycle first (also before a late tick: its own row follows them).
+        on_grid = (*REALTIME_TRIGGERS, "gap")
+        if tick_every and newest is not None and (newest.stage_times or {}).get("trigger") in on_grid:
             missed = round((as_of - newest.as_of).total_seconds() / tick_every) - 1
             if missed >= 1:
                 first = newest.as_of + timedelta(seconds=tick_every)
                 reason = (f"{missed} tick(s) from {first.isoformat()} to {as_of.isoformat()} never ran: the broker or "
                           "the database was unavailable, or the bot was stopped")
                 _skipped(as_of=first, reason=reason, times={"trigger": "gap", "missed_ticks": missed}, **kw)
+        if sent_at is not None and tick_every and (now - sent_at).total_seconds() > tick_every:
+            reason = (f"late: the tick was sent {(now - sent_at).total_seconds():.0f}s ago, more than one interval "
+                      f"({tick_every}s)")
+            return _skipped(as_of=as_of, reason=reason, times=times, **kw)
         return Cycle.objects.create(
             instrument=instrument, mode=mode, run_id=run_id, as_of=as_of, state=S.IDLE, stage_times=times
         )

@@ -524,7 +524,11 @@ def execute(work: CycleWork, env: StageEnv) -> bool:
     redelivery_possible = work.cycle.pk is not None and env.mode != Mode.REPLAY
     existing = Order.objects.filter(cycle_id=work.cycle.pk).order_by("id").first() if redelivery_possible else None
     if existing is not None and existing.state in TERMINAL_ORDER_STATES:
-        # A previous delivery of this task finished the order before its worker died: never a second.
+        # A previous delivery of this task finished the order before its worker died: never a second. If it died
+        # between the fill's write and the trade's, the trade is journaled now from the exchange's fill (#16).
+        from execution.services import order_fill_journal
+
+        order_fill_journal(order=existing, exchange=env.exchange)
         _order_record(work, existing)
         return True
     # An unfinished order of ours (the worker died mid-call) is completed below through

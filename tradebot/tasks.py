@@ -21,11 +21,13 @@ from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
+from execution.exchanges.base import ExchangeUnreachable
 from journal.models import Cycle, CycleOutcome, CycleState, EventLevel
 from journal.services import event_record
 from market.models import Instrument
 from tradebot.celery import CYCLE_START_TASK, SENT_AT_HEADER, app
 from tradebot.cycle import (
+    REALTIME_TRIGGERS,
     Claim,
     cycle_end,
     cycle_locks_forget,
@@ -49,8 +51,11 @@ _ENV: StageEnv | None = None
 _PAPER_VENUE: bool | None = None  # whether exchange_from_settings() picked the paper exchange in this process
 
 
-def live_env() -> StageEnv:
+def live_env(*, feed: bool = True) -> StageEnv:
     """The feed (built once per worker process) and a fresh exchange handle for this task.
+
+    `feed=False`: a task that needs only the exchange (the account sync, the daily reset) never waits for
+    or fails on market data (with MARKET_DATA_SOURCE=auto and OKX unreachable the feed cannot be built).
 
     The exchange handle is re-made per task so a reset paper account (admin,
     tests) is picked up instead of a stale row id, and OKX's live-trading guard
@@ -63,9 +68,11 @@ def live_env() -> StageEnv:
     from execution.exchanges.paper import PaperExchange
 
     if _ENV is None:
+        _ENV = StageEnv(feed=None, exchange=None, mode=settings.BOT_MODE)
+    if feed and _ENV.feed is None:
         from market.feeds import feed_from_settings
 
-        _ENV = StageEnv(feed=feed_from_settings(), exchange=None, mode=settings.BOT_MODE)
+        _ENV.feed = feed_from_settings()  # raises (MarketUnavailable) while there is none: tried again next task
     if _PAPER_VENUE is None:
         _ENV.exchange = exchange_from_settings()
         _PAPER_VENUE = isinstance(_ENV.exchange, PaperExchange)
@@ -195,13 +202,22 @@ def _stage_run_locked(task: Task, cycle_id: int, stage: str, *, resume_states: f
             _context_take(work)
         started = time.perf_counter()
         try:
-            go_on = stage_timed(work, live_env(), stage)
+            # Only COLLECTING reads the market: the brain's and the gate's workers never build a feed.
+            go_on = stage_timed(work, live_env(feed=stage == S.COLLECTING), stage)
             if stage == S.SCREENING and go_on:
                 _context_keep(work)
         except Retry:
             raise
         except SoftTimeLimitExceeded:
             go_on = _fail(work, stage, "time limit exceeded", outcome=CycleOutcome.ERROR)
+        except ExchangeUnreachable as exc:
+            # Fail fast, no retry (retries only held the instrument's next ticks back): no new entry is attempted,
+            # the open positions stay protected by their exchange-side stops, verified when it answers again (#16).
+            from execution.outages import exchange_unreachable_record
+
+            exchange_unreachable_record(error=str(exc), where=stage, mode=cycle.mode)
+            go_on = _fail(work, stage, f"exchange unreachable ({exc}); no new entry, open positions keep their "
+                          "exchange-side stops", outcome=CycleOutcome.ERROR)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a journaled cycle end
             if getattr(exc, "retryable", False) and task.request.retries < MAX_RETRIES:
                 _persist(cycle, claimed_state, snapshot_read=snapshot_read)
@@ -306,7 +322,9 @@ def cycle_start(self: Task, inst_id: str, as_of: str | None = None, trigger: str
     from tradebot.pipeline import cycle_launch
 
     every = int(settings.DECISION_CYCLE_SECONDS)
-    sent_raw = getattr(self.request, SENT_AT_HEADER, None)
+    # A worker puts a message's own headers on the request; an eager call keeps them in `request.headers`.
+    headers = getattr(self.request, "headers", None) or {}
+    sent_raw = getattr(self.request, SENT_AT_HEADER, None) or headers.get(SENT_AT_HEADER)
     sent_at = datetime.fromisoformat(sent_raw) if sent_raw else None
     try:
         instrument = Instrument.objects.filter(inst_id=inst_id).first()
@@ -316,25 +334,40 @@ def cycle_start(self: Task, inst_id: str, as_of: str | None = None, trigger: str
         if as_of:
             return cycle_launch(instrument=instrument, as_of=datetime.fromisoformat(as_of), trigger=trigger,
                                 mode=settings.BOT_MODE).pk
-        realtime = trigger == "beat"
-        return cycle_launch(instrument=instrument, as_of=sent_at or timezone.now(), trigger=trigger,
-                            mode=settings.BOT_MODE, sent_at=sent_at if realtime else None, tick_every=every if realtime else None).pk
+        # Beat's ticks and runbot's first cycle at start are on the real-time clock: the ticks missed since the
+        # newest cycle (an outage, or the bot stopped) are recorded as a gap first, and a beat tick that waited more
+        # than an interval is SKIPPED ("late"). Runbot's first cycle is for the moment it runs, however long its
+        # workers took to start (the time they took is part of the gap it records).
+        realtime = trigger in REALTIME_TRIGGERS
+        beat = trigger == "beat"
+        return cycle_launch(instrument=instrument, as_of=(sent_at if beat else None) or timezone.now(), trigger=trigger,
+                            mode=settings.BOT_MODE, sent_at=sent_at if beat else None,
+                            tick_every=every if realtime else None).pk
     except _DB_DOWN as exc:
         _db_down_retry(self, exc, deadline=(sent_at.timestamp() + every) if sent_at else None, what="cycle_start")
         return None
 
 
-_SYNC_FAILURES = {"count": 0, "first": ""}  # failed syncs this process has not journaled yet (the database was down)
+# Failed syncs this process has not journaled yet: the database was down, or the exchange unreachable (an outage
+# is one journal event of its own; its failed syncs are one event with their count when a sync succeeds again).
+_SYNC_FAILURES = {"count": 0, "first": "", "why": ""}
+
+
+def _sync_failure_count(why: str) -> None:
+    _SYNC_FAILURES["count"] = int(_SYNC_FAILURES["count"]) + 1
+    _SYNC_FAILURES["first"] = _SYNC_FAILURES["first"] or timezone.now().isoformat()
+    _SYNC_FAILURES["why"] = _SYNC_FAILURES["why"] or why
 
 
 def account_sync_failures_journal() -> None:
-    """Journal the syncs that failed while the database was down, once it answers again (one event with the count)."""
+    """Journal the syncs that failed while the database was down (or the exchange unreachable), once a sync
+    succeeds again: one event with the count."""
     if not _SYNC_FAILURES["count"]:
         return
-    n, first = _SYNC_FAILURES["count"], _SYNC_FAILURES["first"]
-    event_record(kind="account_sync_failed", message=f"{n} account sync(s) failed since {first}: database unavailable",
+    n, first, why = _SYNC_FAILURES["count"], _SYNC_FAILURES["first"], _SYNC_FAILURES["why"]
+    event_record(kind="account_sync_failed", message=f"{n} account sync(s) failed since {first}: {why}",
                  level=EventLevel.ERROR, mode=settings.BOT_MODE, data={"count": n, "since": first})
-    _SYNC_FAILURES.update(count=0, first="")
+    _SYNC_FAILURES.update(count=0, first="", why="")
 
 
 @app.task(name="tradebot.tasks.account_sync", bind=True, acks_late=True, max_retries=0)
@@ -351,12 +384,20 @@ def account_sync(self: Task) -> list[int]:
     from tradebot.reflection import trade_reviews_request
 
     try:
-        result = sync(exchange=live_env().exchange, mode=settings.BOT_MODE)
+        result = sync(exchange=live_env(feed=False).exchange, mode=settings.BOT_MODE)
         account_sync_failures_journal()
     except _DB_DOWN as exc:
-        _SYNC_FAILURES["count"] += 1
-        _SYNC_FAILURES["first"] = _SYNC_FAILURES["first"] or timezone.now().isoformat()
+        _sync_failure_count("database unavailable")
         log.error("account_sync_failed", error=type(exc).__name__, pending=_SYNC_FAILURES["count"])
+        return []
+    except ExchangeUnreachable as exc:
+        from execution.outages import exchange_unreachable_record
+
+        _sync_failure_count("exchange unreachable")
+        log.error("account_sync_failed", error=redact(f"exchange unreachable: {exc}")[:300],
+                  pending=_SYNC_FAILURES["count"])
+        with contextlib.suppress(DatabaseError):
+            exchange_unreachable_record(error=str(exc), where="account sync", mode=settings.BOT_MODE)
         return []
     except Exception as exc:  # noqa: BLE001 - the next sync (every ACCOUNT_SYNC_SECONDS) tries again
         message = redact(f"{type(exc).__name__}: {exc}")[:500]
@@ -420,14 +461,14 @@ def reflection_playbook_validate(self: Task, candidate_id: int) -> bool | None:
 def reflection_performance_snapshot(self: Task, period: str) -> int:
     from tradebot.performance import performance_snapshot_record
 
-    return performance_snapshot_record(period=period, exchange=live_env().exchange).pk
+    return performance_snapshot_record(period=period, exchange=live_env(feed=False).exchange).pk
 
 
 @app.task(name="tradebot.tasks.risk_daily_reset", bind=True, acks_late=True)
 def risk_daily_reset(self: Task) -> None:
     from tradebot.reflection import risk_day_reset
 
-    risk_day_reset(exchange=live_env().exchange)
+    risk_day_reset(exchange=live_env(feed=False).exchange)
 
 
 @app.task(name="tradebot.tasks.watchlist_refresh", bind=True, acks_late=True, max_retries=3)
@@ -448,15 +489,28 @@ def watchlist_refresh(self: Task) -> list[str]:
 
 
 def _warm_up(**_: Any) -> None:
-    """Build the feed and one snapshot before the first task, so the first cycle is not the slow one."""
-    try:
-        env = live_env()
-        feed = env.feed
-        inst = Instrument.objects.filter(trading_enabled=True).values_list("inst_id", flat=True).first()
-        if feed is not None and inst:
-            from market.snapshot import snapshot_build
+    """Before the first task, what that worker's stages load lazily, so the first cycle is not the slow one (and a
+    worker started again after a crash is back at full speed when it says ready).
 
-            snapshot_build(feed=feed, inst_id=inst)
+    `okx` (COLLECTING, EXECUTING): the feed, one snapshot and the execution services; `llm` (SCREENING .. ANALYZING):
+    the brain's modules; `default` (RISK_CHECK, JOURNALING): the risk gate's services. Nothing is written. On a
+    busy machine a cold first stage took ~20 s, more than a stage's time limit.
+    """
+    consumed = set(app.amqp.queues.consume_from or ()) or {"okx", "llm", "default"}
+    try:
+        if consumed & {"okx", "default"}:
+            import execution.services  # noqa: F401 - the order path and the risk gate's bookkeeping
+        if "llm" in consumed:
+            import brain.rules  # noqa: F401 - the offline brain (Claude's SDK loads with its first call)
+            import brain.services  # noqa: F401 - the screener, the analyst, research
+            import brain.watch  # noqa: F401
+        if "okx" in consumed:
+            env = live_env()
+            inst = Instrument.objects.filter(trading_enabled=True).values_list("inst_id", flat=True).first()
+            if env.feed is not None and inst:
+                from market.snapshot import snapshot_build
+
+                snapshot_build(feed=env.feed, inst_id=inst)
     except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs time on the first task
         log.warning("worker_warm_up_failed", error=redact(str(exc)))
 

@@ -12,6 +12,7 @@ from execution.exchanges.base import (
     ExchangeRejected,
     ExchangeTemporaryError,
     ExchangeUnknownOutcome,
+    ExchangeUnreachable,
     LiveTradingRefused,
     Position,
     UnapprovedOrder,
@@ -22,7 +23,8 @@ log = structlog.get_logger(__name__)
 
 __all__ = [
     "AccountState", "ClosedPosition", "Exchange", "ExchangeError", "ExchangeOrder", "ExchangeRejected",
-    "ExchangeTemporaryError", "ExchangeUnknownOutcome", "LiveTradingRefused", "Position", "UnapprovedOrder",
+    "ExchangeTemporaryError", "ExchangeUnknownOutcome", "ExchangeUnreachable", "LiveTradingRefused", "Position",
+    "UnapprovedOrder",
     "exchange_from_settings",
 ]
 

@@ -35,6 +35,16 @@ class ExchangeTemporaryError(ExchangeError):
     retryable = True
 
 
+class ExchangeUnreachable(ExchangeTemporaryError):
+    """No connection to the exchange at all (refused, no route, DNS, connect timeout): the request never left.
+
+    Not retried inside a stage: retries only held the instrument's next ticks back (#16). The stage fails fast, the
+    cycle ends FAILED "exchange unreachable", and the positions stay protected by their exchange-side stops.
+    """
+
+    retryable = False
+
+
 class ExchangeRejected(ExchangeError):
     """The exchange refused the request (51008 insufficient margin, other 51xxx, bad params): do not retry."""
 

@@ -7,7 +7,9 @@
 - Errors: timeouts, transport errors, non-JSON bodies and 50001/50004/50011/50013/50026-type codes
   are temporary and retried with exponential backoff; everything else (51008 insufficient margin
   and the other 51xxx, auth errors) is `ExchangeRejected` and never retried. OKX reports a failed
-  order as top-level code "1" with the reason in data[].sCode/sMsg.
+  order as top-level code "1" with the reason in data[].sCode/sMsg. No connection at all (refused, DNS,
+  no route, the connect timeout: at most CONNECT_TIMEOUT seconds) is `ExchangeUnreachable`, raised at once
+  without retries: the request never left, and waiting inside a stage only held the next ticks back (#16).
 - A placement whose outcome is unknown (timeout, 50004, any temporary error) is followed by a lookup
   by clOrdId BEFORE anything else; it is re-sent only when OKX says the order does not exist, so an
   order is never placed twice.
@@ -35,6 +37,7 @@ from execution.exchanges.base import (
     ExchangeRejected,
     ExchangeTemporaryError,
     ExchangeUnknownOutcome,
+    ExchangeUnreachable,
     LiveTradingRefused,
     Position,
 )
@@ -43,6 +46,7 @@ from redaction import redact
 
 log = structlog.get_logger(__name__)
 ZERO = Decimal("0")
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection (OKX answers in well under one); the other phases: `timeout`
 TEMPORARY_CODES = frozenset({"50001", "50004", "50011", "50013", "50026", "50040", "50061", "51149"})
 ORDER_NOT_FOUND = frozenset({"51603"})
 NO_POSITION = frozenset({"51023", "51169"})
@@ -122,7 +126,8 @@ class OkxExchange(Exchange):
         self.trade = Trade.TradeAPI(api_key, api_secret, passphrase, None, self.flag, domain=base_url, debug=False)
         self.account_api = Account.AccountAPI(api_key, api_secret, passphrase, None, self.flag, domain=base_url, debug=False)
         for client in (self.trade, self.account_api):
-            client.timeout = httpx.Timeout(timeout)  # python-okx sets none of its own
+            # python-okx sets none of its own; an unreachable host fails within the connect timeout.
+            client.timeout = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
         self._guard_live()
 
     # --- plumbing --------------------------------------------------------------
@@ -134,6 +139,9 @@ class OkxExchange(Exchange):
         """One request; OKX's answer translated into data rows or one of our exceptions."""
         try:
             body = fn(**params)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise ExchangeUnreachable(redact(f"OKX connection failed: {type(exc).__name__}: {exc}"),
+                                      code="unreachable") from exc
         except httpx.TimeoutException as exc:
             raise ExchangeTemporaryError(f"OKX request timed out: {type(exc).__name__}", code="timeout") from exc
         except httpx.HTTPError as exc:
@@ -166,6 +174,8 @@ class OkxExchange(Exchange):
         while True:
             try:
                 return self._call(fn, **params)
+            except ExchangeUnreachable:
+                raise  # no connection at all: fail fast, the caller decides (see the module docstring)
             except ExchangeTemporaryError as exc:
                 if attempt >= self.max_retries:
                     raise
@@ -225,6 +235,10 @@ class OkxExchange(Exchange):
                 if found is None:
                     raise
                 return found
+            except ExchangeUnreachable:
+                if not may_exist:
+                    raise  # not even a connection: this order never left, nothing to look up (a retry is the stage's)
+                continue  # an earlier attempt may have landed: still unknown, look again on the next attempt
             except ExchangeTemporaryError as exc:
                 log.warning("okx_place_unknown_outcome", clOrdId=order.client_order_id, code=exc.code)
                 may_exist, last_error = True, exc

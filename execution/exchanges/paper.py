@@ -17,7 +17,12 @@ Model (documented, tested by hand-computed cases in tests/execution/test_paper_e
   with E entry, Q = contracts*ctVal, M margin, mmr = PAPER_MAINT_MARGIN_RATE. The position closes at
   the liquidation price and the remaining maintenance margin is the liquidation penalty, so the
   position loses exactly its margin (a bar that opens beyond it fills there too: margin lost);
-- the clock is the time of the last bar/price given (`process_bar`/`set_price`), so replays work.
+- the clock is the time of the last bar/price given (`process_bar`/`set_price`), so replays work. It never
+  moves backwards, and an account's first price fixes which clock it follows: "wall" (a live bot's real time)
+  or "virtual" (a replay, the demo, fixed test times). A shared account then refuses a price from the other
+  clock (`ClockMixed`): a wall account a time far from now, a virtual account a jump from its past to now. A
+  real-time cycle that set the clock forward and virtual times used after it had left a filled order without
+  its trade and a trade open after its position closed (#16).
 
 `exclusive=True` (the replay: this instance is the ONLY writer of its account) keeps the book in
 memory between its own writes: a bar that triggers nothing (no funding time, no SL/TP/liquidation
@@ -82,6 +87,18 @@ class _Book:
     cash: Decimal
     positions: list[PaperPosition]
     orders: list[PaperOrder]
+
+
+class ClockMixed(ExchangeRejected):
+    """A price from the other clock than the account's (wall vs virtual): refused, nothing written."""
+
+
+def wall_tolerance_seconds() -> float:
+    """How far from real time a live price may be and still be real time: a tick waits at most one interval
+    (older ones are SKIPPED as late), a stage resumed after a lost worker runs up to its limit later; twice
+    that, at least ten minutes."""
+    stage = settings.CELERY_TASK_TIME_LIMIT + settings.CYCLE_STAGE_GRACE_SECONDS
+    return float(max(600, 2 * settings.DECISION_CYCLE_SECONDS + stage))
 
 
 class PaperExchange(Exchange):
@@ -624,7 +641,35 @@ class PaperExchange(Exchange):
         the full path decides (and refuses an unknown instrument).
         """
         mine = Q(account_id=self._account_id) if self._account_id is not None else Q(account__name=self._account_name)
-        return self._price_write(mine, inst_id, price=price, ts=ts)
+        # Only on an account already on this price's clock; anything else (a first price, a mixed one) goes the
+        # full path, which fixes or checks the account's clock under its lock (`_clock_admit`).
+        clock = "wall" if self._wall_like(ts) else "virtual"
+        return self._price_write(mine & Q(account__clock=clock), inst_id, price=price, ts=ts)
+
+    @staticmethod
+    def _wall_like(ts: datetime) -> bool:
+        return abs((ts - timezone.now()).total_seconds()) <= wall_tolerance_seconds()
+
+    def _clock_admit(self, account: PaperAccount, ts: datetime) -> None:
+        """Under the account's lock: fix the account's clock with its first price, refuse a price of the other."""
+        wall_like = self._wall_like(ts)
+        if not account.clock:
+            account.clock = "wall" if wall_like else "virtual"
+            PaperAccount.objects.filter(pk=account.pk).update(clock=account.clock)
+            return
+        if account.clock == "wall" and not wall_like:
+            raise ClockMixed(
+                f"paper account {account.name!r} follows the wall clock: a price at {ts.isoformat()} "
+                f"({(ts - timezone.now()).total_seconds():+.0f}s from now) is a virtual time, refused (live and "
+                "virtual times never mix in one account; a replay or the demo has its own)", code="clock")
+        if account.clock == "virtual" and wall_like:
+            latest = PaperPrice.objects.filter(account_id=account.pk, ts__isnull=False).order_by("-ts").values_list(
+                "ts", flat=True).first()
+            if latest is not None and (ts - latest).total_seconds() > wall_tolerance_seconds():
+                raise ClockMixed(
+                    f"paper account {account.name!r} follows a virtual clock (at {latest.isoformat()}): a price at "
+                    f"the wall time {ts.isoformat()} is refused (live and virtual times never mix in one account)",
+                    code="clock")
 
     @staticmethod
     def _price_write(mine: Q, inst_id: str, *, price: Decimal, ts: datetime) -> bool:
@@ -655,6 +700,8 @@ class PaperExchange(Exchange):
         self._changed()
         with transaction.atomic():
             account = self._locked_account()
+            if not self.exclusive:  # a replay's account is its own, always on its virtual clock
+                self._clock_admit(account, ts)
             # The open positions are read once, under the account lock (funding and triggers use them).
             positions = list(PaperPosition.objects.filter(account=account, inst_id=inst_id, status="open"))
             if not positions and self._price_only(account, inst_id, ts=ts, close=close):

@@ -4,8 +4,11 @@
 "okx" (public REST via python-okx), "synthetic" (the seeded SYN market),
 "replay" (the replay directory in `settings.MARKET_REPLAY_DIR`: candles that
 `manage.py demo` fetched from OKX, replayed on the cycle's virtual clock) or
-"auto": OKX when a short probe answers, otherwise the synthetic market. It
-always logs which source is in use and why.
+"auto": OKX when a short probe answers. When it does not, "auto" raises
+`MarketUnavailable` saying so: synthetic data is never presented as the market
+unless it was asked for ("synthetic"), so a command exits non-zero and a
+worker's cycle fails instead of trading made-up prices (#16). It always logs
+which source is in use and why.
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ import structlog
 
 log = structlog.get_logger(__name__)
 SOURCES = ("auto", "okx", "synthetic", "replay")
+
+
+class MarketUnavailable(FeedError):
+    """No market data: OKX did not answer and synthetic data was not asked for."""
 
 
 def okx_feed_from_settings(*, timeout: float | None = None) -> MarketFeed:
@@ -60,14 +67,15 @@ def feed_from_settings(*, source: str | None = None) -> MarketFeed:
         probe.system_time()  # type: ignore[attr-defined]
     except FeedError as e:
         probe.close()  # type: ignore[attr-defined]
-        log.warning("market_data.source", source="synthetic", seed=settings.SYNTHETIC_SEED,
-                    reason=f"OKX at {settings.OKX_BASE_URL} did not answer a {probe_timeout}s probe: {e}")
-        return synthetic_feed_from_settings()
+        reason = f"OKX at {settings.OKX_BASE_URL} did not answer a {probe_timeout}s probe: {e}"
+        log.warning("market_data.unavailable", source="auto", reason=reason)
+        raise MarketUnavailable(f"no market data: {reason}. Synthetic data is used only when asked for "
+                                "(--source synthetic, or MARKET_DATA_SOURCE=synthetic)") from e
     probe.close()  # type: ignore[attr-defined]
     log.info("market_data.source", source="okx", base_url=settings.OKX_BASE_URL,
              reason=f"OKX answered the probe in {round((time.monotonic() - started) * 1000)} ms")
     return okx_feed_from_settings()
 
 
-__all__ = ["feed_from_settings", "okx_feed_from_settings", "replay_feed_from_settings", "synthetic_feed_from_settings",
-           "SOURCES"]
+__all__ = ["MarketUnavailable", "feed_from_settings", "okx_feed_from_settings", "replay_feed_from_settings",
+           "synthetic_feed_from_settings", "SOURCES"]

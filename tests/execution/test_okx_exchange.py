@@ -277,3 +277,69 @@ def test_exchange_from_settings_picks_okx_only_with_all_three_keys(okx: OkxTrade
         assert isinstance(chosen, OkxExchange) and chosen.flag == "1"
         chosen.positions()
         assert okx.server.calls("GET", POSITIONS)[0].headers["x-simulated-trading"] == "1"
+
+
+# --- OKX unreachable (#16) ---------------------------------------------------------------------------------------
+def _closed_port() -> str:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nothing listens there, a connect is refused at once
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_unreachable_okx_fails_at_once_without_retries_and_its_order_is_canceled_never_sent(db) -> None:
+    from execution.exchanges.base import ExchangeUnreachable
+    from execution.models import Order, OrderState
+    from execution.outages import exchange_outage_began
+    from execution.services import order_place
+    from journal.models import JournalEvent
+
+    slept: list[float] = []
+    ex = OkxExchange(api_key="k" * 10, api_secret="s" * 10, passphrase="p" * 10, base_url=_closed_port(), timeout=2.0,
+                     max_retries=3, backoff=0.5, sleep=slept.append)
+    with pytest.raises(ExchangeUnreachable, match="OKX connection failed"):
+        ex.positions()
+    with pytest.raises(ExchangeUnreachable):
+        ex.place_order(an_order())
+    assert slept == []  # no backoff: the stage fails fast and the next tick is not held back
+    order = order_place(approved=an_order(), cycle_id=None, exchange=ex)
+    assert order.state == OrderState.CANCELED and "exchange unreachable, never sent" in order.error_message
+    assert Order.objects.get().state == OrderState.CANCELED  # nothing can send it late
+    order_place(approved=an_order(stop_loss=63600.0), cycle_id=None, exchange=ex)
+    events = JournalEvent.objects.filter(kind="exchange_unreachable")
+    assert events.count() == 1 and "protected by their exchange-side stops" in events.get().message  # one per outage
+    assert exchange_outage_began() is not None
+
+
+def test_the_first_sync_after_an_outage_verifies_every_positions_exchange_side_stop(okx: OkxTradeFake, db) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from execution.outages import exchange_outage_began, exchange_unreachable_record
+    from execution.services import account_sync
+    from journal.models import EventLevel, JournalEvent
+
+    def position(inst: str, sl: str | None) -> dict:
+        algo = [{"algoId": "1", "tpTriggerPx": "70000", **({"slTriggerPx": sl} if sl else {})}]
+        return {"instId": inst, "posSide": "long", "pos": "1", "avgPx": "65000", "notionalUsd": "650", "lever": "2",
+                "upl": "0", "margin": "325", "liqPx": "", "markPx": "65000", "closeOrderAlgo": algo, "posId": inst,
+                "cTime": "1746947317401"}
+
+    assert exchange_unreachable_record(error="OKX connection failed: ConnectError", where="SCREENING")
+    assert not exchange_unreachable_record(error="OKX connection failed: ConnectError", where="account sync")
+    with override_settings(OKX_API_KEY="k" * 10, OKX_API_SECRET="s" * 10, OKX_PASSPHRASE="p" * 10,
+                           OKX_BASE_URL=okx.server.url):
+        out = StringIO()
+        call_command("bot", "status", stdout=out)
+        assert "exchange unreachable since" in out.getvalue() and "exchange-side stops" in out.getvalue()
+    okx.positions = [position(BTC, "63000"), position("ETH-USDT-SWAP", None)]
+    account_sync(exchange=exchange(okx))
+    back = JournalEvent.objects.get(kind="exchange_reachable")
+    assert back.level == EventLevel.ERROR
+    assert "1 of 2 open position(s) have NO exchange-side stop loss: ETH-USDT-SWAP long" in back.message
+    assert [p["stop_loss"] for p in back.data["positions"]] == ["63000", None]
+    assert exchange_outage_began() is None
+    account_sync(exchange=exchange(okx))  # no outage open: nothing more to verify
+    assert JournalEvent.objects.filter(kind="exchange_reachable").count() == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from market.feeds import feed_from_settings
+from market.feeds import MarketUnavailable, feed_from_settings
 from market.feeds.base import FeedDataError, FeedPermanentError, FeedTemporaryError
 from market.feeds.okx import OkxFeed, RateLimiter, call_with_retries
 from market.feeds.synthetic import SyntheticFeed
@@ -285,8 +285,33 @@ def test_auto_uses_okx_when_the_probe_answers(okx, settings) -> None:
     assert isinstance(feed, OkxFeed) and feed.base_url == okx.url
 
 
-def test_auto_falls_back_to_the_synthetic_market_when_okx_is_down(okx, settings) -> None:
+def test_auto_never_falls_back_to_the_synthetic_market_when_okx_is_down(okx, settings) -> None:
+    # #16: a made-up market must not be presented as the market; synthetic only when asked for.
     okx.reply(TIME, Reply(503, "<html>maintenance</html>"))
     settings.OKX_BASE_URL = okx.url
-    feed = feed_from_settings(source="auto")
-    assert isinstance(feed, SyntheticFeed) and feed.name == "synthetic"
+    with pytest.raises(MarketUnavailable, match="no market data: OKX at .* did not answer") as caught:
+        feed_from_settings(source="auto")
+    assert "--source synthetic" in str(caught.value)
+    assert isinstance(feed_from_settings(source="synthetic"), SyntheticFeed)
+
+
+@pytest.mark.django_db
+def test_snapshot_without_market_data_says_so_and_exits_non_zero_unless_synthetic_is_asked_for(
+        okx, settings, capsys) -> None:
+    from django.core.management import CommandError, call_command
+
+    from market.models import Candle
+
+    okx.reply(TIME, Reply(503, "<html>maintenance</html>"))
+    settings.OKX_BASE_URL = okx.url
+    settings.MARKET_DATA_SOURCE = "auto"
+    assert not Candle.objects.exists()  # an empty database
+    for command in (["snapshot", "--inst", BTC], ["backfill", "--inst", BTC, "--limit", "5", "--no-progress"]):
+        with pytest.raises(CommandError, match="no market data") as caught:  # Django exits 1 on a CommandError
+            call_command(*command)
+        assert "--source synthetic" in str(caught.value)
+    printed = capsys.readouterr().out
+    assert "price" not in printed and "synthetic" not in printed, printed
+    assert not Candle.objects.exists(), "backfill stored synthetic candles as the market"
+    call_command("snapshot", "--inst", BTC, "--source", "synthetic")
+    assert "(source synthetic)" in capsys.readouterr().out

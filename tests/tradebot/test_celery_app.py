@@ -16,5 +16,5 @@ def test_the_app_speaks_json_only_and_takes_one_task_at_a_time() -> None:
     assert conf.task_serializer == "json" and conf.accept_content == ["json"]
     assert conf.worker_prefetch_multiplier == 1
     assert conf.task_soft_time_limit < conf.task_time_limit
-    assert conf.beat_scheduler == "django_celery_beat.schedulers:DatabaseScheduler"
+    assert conf.beat_scheduler == "tradebot.beat:OutageProofScheduler"  # django-celery-beat's, outage-proof (#16)
     assert {q.name for q in conf.task_queues} == set(QUEUES) == {"okx", "llm", "reflection", "default"}

@@ -1,4 +1,8 @@
-"""`manage.py snapshot --inst BTC-USDT-SWAP [--json]`: print the market snapshot."""
+"""`manage.py snapshot --inst BTC-USDT-SWAP [--json] [--source auto|okx|synthetic]`: print the market snapshot.
+
+Without market data (OKX unreachable) it says so and exits non-zero: the synthetic market is printed only when
+asked for (`--source synthetic` or MARKET_DATA_SOURCE=synthetic), never as if it were the market (#16).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -57,8 +61,8 @@ class Command(BaseCommand):
                             help="market data source (default MARKET_DATA_SOURCE)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
-        feed = feed_from_settings(source=opts["source"])
         try:
+            feed = feed_from_settings(source=opts["source"])
             snapshot = snapshot_build(feed=feed, inst_id=opts["inst"])
         except (FeedError, SnapshotUnavailable) as e:
             raise CommandError(f"no snapshot for {opts['inst']}: {e}") from e

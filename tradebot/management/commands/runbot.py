@@ -231,11 +231,14 @@ class CycleLines:
         self.since = timezone.now()
 
     def print_new(self) -> None:
-        from django.db import DatabaseError
+        from django.db import DatabaseError, close_old_connections
         from django.db.models import Sum
 
         from journal.models import Cycle, Mode, Trade
 
+        # A request boundary for this long-lived loop: a session the server ended (a PostgreSQL restart) is
+        # dropped and the next query connects again; without it every later read failed until runbot restarted.
+        close_old_connections()
         try:
             ended = list(Cycle.objects.filter(mode=Mode.LIVE, ended_at__gt=self.since).select_related("instrument")
                          .order_by("ended_at", "id")[:200])
