@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
-DB_SECTIONS = frozenset({"pipeline", "instruments300", "replay"})
+DB_SECTIONS = frozenset({"pipeline", "instruments300", "replay", "search"})
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Options:
     cycles: int = 60  # pipeline: cycles per series
     instruments: int = 300  # instruments300: how many instruments
     concurrency: int = 1  # instruments300: processes per worker (1 = solo pool: 4 workers fill 2 cores)
+    trials: int = 10  # search: trials per measurement (<= 10: Optuna's random start, the same in both)
     profile: bool = False  # replay: print a cProfile of the synthetic run
     sqlite: bool = False  # the database sections on a scratch SQLite file even when PostgreSQL answers
     pg_url: str = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
@@ -194,4 +195,17 @@ def workers_start(*, feed: str, pool: str = "solo", concurrency: int = 1, instru
                       prefix=f"tbbench{os.getpid()}:", pool=pool, concurrency=concurrency,
                       visibility_timeout=3600, extra_env=extra, ready_timeout=300.0)
     workers.start_all()
+    return workers
+
+
+def workers_start_queues(named: dict[str, str]):  # noqa: ANN201 - tests.tradebot.workers.Workers
+    """Real Celery workers of the project's own app (`-A tradebot`), named by the keys, on the queues of the values
+    (`search`: one or two on `reflection`); more join with `.start_as(...)`."""
+    from tests.tradebot.workers import Workers
+
+    tmp = Path(tempfile.mkdtemp(prefix="workers-", dir=ENV.tmp))
+    workers = Workers(redis_url=OPTIONS.redis_url, tmp=tmp, prefix=f"tbbench{os.getpid()}:", visibility_timeout=3600,
+                      extra_env={"NUMBA_CACHE_DIR": os.environ["NUMBA_CACHE_DIR"], "CELERY_VISIBILITY_TIMEOUT": "3600"},
+                      ready_timeout=300.0)
+    workers.start_as(**named)
     return workers

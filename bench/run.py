@@ -9,6 +9,7 @@
     .venv/bin/python bench/run.py replay --sqlite               # the replay on SQLite only
     .venv/bin/python bench/run.py pipeline --cycles 100         # cycles per series (>= 50)
     .venv/bin/python bench/run.py instruments300 --instruments 300 --concurrency 1
+    .venv/bin/python bench/run.py search --trials 10                # trials per minute, one vs two workers
 
 The sections `pipeline` and `instruments300` start real Celery workers (one
 per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
@@ -174,8 +175,13 @@ section("pipeline")(bench_pipeline)
 section("instruments300")(bench_instruments300)
 section("replay")(bench_replay)
 
+# --- search (issue 15: manage.py optimize; bench/search_bench.py) -----------------------------------------------------
+from bench.search_bench import bench_search  # noqa: E402
+
+section("search")(bench_search)
+
 _VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
-                  "--concurrency": ("concurrency", int)}
+                  "--concurrency": ("concurrency", int), "--trials": ("trials", int)}
 
 
 def _options(argv: list[str]) -> list[str]:

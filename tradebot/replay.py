@@ -262,6 +262,7 @@ def replay_run(
     progress: Callable[[int, int], None] | None = None,
     playbook_version: int | None = None,
     full_snapshots: str = "acted",
+    playbook: dict | None = None,
 ) -> ReplaySummary:
     """Run every cycle in [start, end) and return the summary (the journal holds the rest).
 
@@ -270,7 +271,8 @@ def replay_run(
     cycles keep the full snapshot JSON — "acted" (default: the decision was not
     HOLD, so it went to the risk gate) or "analyzed" (every cycle that reached
     ANALYZING; with a position open that is every cycle, ~6 KB each); the others
-    keep the compact one.
+    keep the compact one. `playbook` replays with a playbook that is not stored
+    (a parameter-search trial's, labelled `playbook_version`: the version it changes).
     """
     if full_snapshots not in ("acted", "analyzed"):
         raise ReplayError(f"full_snapshots must be 'acted' or 'analyzed', got {full_snapshots!r}")
@@ -305,7 +307,11 @@ def replay_run(
                    snapshot_provider=snapshots, sync_candles=False, recent_trades_provider=run.recent_trades,
                    account_provider=run.account, bot_provider=run.bot_view, defer_journal=True)
     run.scope = env.scope
-    if playbook_version is not None:
+    if playbook is not None:
+        from brain.base import brain_for_settings
+
+        env.brain = brain_for_settings(brain, playbook=playbook, playbook_version=playbook_version)
+    elif playbook_version is not None:
         from brain.base import brain_for_settings
         from brain.models import PlaybookVersion
 
