@@ -559,8 +559,12 @@ def search_trial_run(*, ticket_id: int, worker: str, dispatch: str, tick: Any = 
             run_ids=outcome["run_ids"])
         raise
     except optuna.exceptions.UpdateFinishedTrialError:
-        # The watcher failed it meanwhile (no heartbeat in time): the ticket stays lost, another replaces it.
+        # The watcher failed it meanwhile (its heartbeat came too late: a starved worker): the ticket stays lost
+        # and another replaces it; say that its worker was alive after all.
         log.warning("search_trial_finished_meanwhile", study=row.name, ticket=ticket_id)
+        SearchTrial.objects.filter(pk=ticket_id, state=S.LOST).update(
+            reason=f"its heartbeat was late by more than {settings.SEARCH_TRIAL_GRACE_SECONDS} s (a busy worker, "
+                   f"alive after all): failed and replaced; its result was not counted", run_ids=outcome["run_ids"])
     return SearchTrial.objects.filter(pk=ticket_id).values_list("state", flat=True).first()
 
 

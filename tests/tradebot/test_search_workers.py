@@ -25,7 +25,8 @@ from tradebot.models import SearchStudy, SearchTrial, SearchTrialState
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 S = SearchTrialState
 WORKER_ENV = {
-    "SEARCH_HEARTBEAT_SECONDS": "1", "SEARCH_TRIAL_GRACE_SECONDS": "3", "INSTRUMENTS": "BTC-USDT-SWAP",
+    # A 1 s heartbeat, lost after 8 s without one (shorter gets a live worker's trial failed on a loaded machine).
+    "SEARCH_HEARTBEAT_SECONDS": "1", "SEARCH_TRIAL_GRACE_SECONDS": "8", "INSTRUMENTS": "BTC-USDT-SWAP",
     # The stored candles (search_market's), as the study and the validation read them: not the synthetic market.
     "MARKET_DATA_SOURCE": "replay", "MARKET_REPLAY_DIR": "/nonexistent-replay-dir",
     # The validation the search's candidate gets on a worker: one short fold, and it waits for more trades.
@@ -48,7 +49,7 @@ def workers(django_db_setup, django_db_blocker, tmp_path_factory):  # noqa: ANN0
 
 @pytest.fixture
 def scalping(workers, settings) -> PlaybookVersion:
-    settings.SEARCH_HEARTBEAT_SECONDS, settings.SEARCH_TRIAL_GRACE_SECONDS = 1, 3
+    settings.SEARCH_HEARTBEAT_SECONDS, settings.SEARCH_TRIAL_GRACE_SECONDS = 1, 8
     settings.SEARCH_WORKER_PING_SECONDS = 2.0
     active = search_market(settings)
     settings.SEARCH_TRAINING_WINDOWS = 1  # one replay a trial: the test is about where trials run, not what they find
