@@ -554,10 +554,15 @@ def search_trial_run(*, ticket_id: int, worker: str, dispatch: str, tick: Any = 
     try:
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[mirror], gc_after_trial=False)
     except KeyboardInterrupt:
-        SearchTrial.objects.filter(pk=ticket_id, state=S.RUNNING).update(
-            state=S.INTERRUPTED, reason="stopped by Ctrl-C: its replays are not scored", finished_at=timezone.now(),
-            run_ids=outcome["run_ids"])
+        _interrupted(ticket_id, outcome["run_ids"])
         raise
+    except Exception as exc:
+        # Ctrl-C inside one of Optuna's own writes can make its bookkeeping fail after it (Optuna then raises
+        # something else): still a Ctrl-C for the person, not a traceback.
+        if not _from_ctrl_c(exc):
+            raise
+        _interrupted(ticket_id, outcome["run_ids"])
+        raise KeyboardInterrupt from exc
     except optuna.exceptions.UpdateFinishedTrialError:
         # The watcher failed it meanwhile (its heartbeat came too late: a starved worker): the ticket stays lost
         # and another replaces it; say that its worker was alive after all.
@@ -566,6 +571,23 @@ def search_trial_run(*, ticket_id: int, worker: str, dispatch: str, tick: Any = 
             reason=f"its heartbeat was late by more than {settings.SEARCH_TRIAL_GRACE_SECONDS} s (a busy worker, "
                    f"alive after all): failed and replaced; its result was not counted", run_ids=outcome["run_ids"])
     return SearchTrial.objects.filter(pk=ticket_id).values_list("state", flat=True).first()
+
+
+def _interrupted(ticket_id: int, run_ids: list[str]) -> None:
+    SearchTrial.objects.filter(pk=ticket_id, state=S.RUNNING).update(
+        state=S.INTERRUPTED, reason="stopped by Ctrl-C: its replays are not scored", finished_at=timezone.now(),
+        run_ids=run_ids)
+
+
+def _from_ctrl_c(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _first_error(exc: Exception) -> str:

@@ -119,12 +119,21 @@ def study_claim(*, study: SearchStudy, who: str) -> None:
 
 
 def _interrupt(study: SearchStudy, ticket: SearchTrial, reason: str) -> None:
-    updated = SearchTrial.objects.filter(pk=ticket.pk, state=S.RUNNING).update(
+    SearchTrial.objects.filter(pk=ticket.pk, state=S.RUNNING).update(
         state=S.INTERRUPTED, finished_at=timezone.now(), reason=reason)
-    if updated and ticket.number is not None:
-        optuna = _optuna()
+    _optuna_fail(study, ticket.number)
+
+
+def _optuna_fail(study: SearchStudy, number: int | None) -> None:
+    """An interrupted trial is failed in Optuna too (when Ctrl-C left it running there); best effort."""
+    if number is None:
+        return
+    optuna = _optuna()
+    try:
         loaded = optuna.load_study(study_name=study.optuna_name, storage=search_storage(heartbeat=False))
-        loaded.tell(ticket.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        loaded.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    except Exception as exc:  # noqa: BLE001 - the next command's study_claim tries again; the rows say interrupted
+        log.warning("search_trial_fail_not_told", study=study.name, number=number, error=str(exc)[:300])
 
 
 def lease_refresh(study: SearchStudy, who: str) -> None:
@@ -254,6 +263,9 @@ def search_stop(*, study: SearchStudy, who: str) -> dict[str, int]:
         state=S.CANCELLED, finished_at=now, reason="the command stopped (Ctrl-C) before it ran")
     for ticket in SearchTrial.objects.filter(study=study, state=S.RUNNING, dispatch="in-process"):
         _interrupt(study, ticket, "stopped by Ctrl-C: its replays are not scored")
+    for number in SearchTrial.objects.filter(study=study, state=S.INTERRUPTED, dispatch="in-process",
+                                             worker=f"in-process:{who}").values_list("number", flat=True):
+        _optuna_fail(study, number)
     progress = progress_read(study)
     SearchStudy.objects.filter(pk=study.pk, coordinator=who).update(
         status=SearchStudyStatus.STOPPED, coordinator="", coordinator_seen_at=None,

@@ -152,12 +152,14 @@ def market(transactional_db, settings) -> PlaybookVersion:
 
 
 def interrupt_after_first_trial() -> threading.Thread:
-    """Ctrl-C (a real SIGINT to this process) once the first trial has finished and the second runs."""
+    """Ctrl-C (a real SIGINT to this process) once the first trial has finished and the second replays (its
+    parameters chosen: in the tests' shared-cache in-memory SQLite a table lock is refused at once, not waited
+    for, and an Optuna write cut short by Ctrl-C can leave its table locked for the resumed run)."""
     def watch() -> None:
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                if SearchTrial.objects.filter(seq=2, state=SearchTrialState.RUNNING, number__isnull=False).exists():
+                if SearchTrial.objects.filter(seq=2, state=SearchTrialState.RUNNING, params__isnull=False).exists():
                     os.kill(os.getpid(), signal.SIGINT)
                     return
                 time.sleep(0.05)
