@@ -157,6 +157,10 @@ def interrupt_after_first_trial() -> threading.Thread:
     for, and an Optuna write cut short by Ctrl-C can leave its table locked for the resumed run)."""
     def watch() -> None:
         try:
+            # This thread's reads must not lock the tables the search writes (shared cache: a writer that meets
+            # a reader's table lock fails at once): read uncommitted takes no read locks.
+            with connection.cursor() as cur:
+                cur.execute("PRAGMA read_uncommitted = 1")
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 if SearchTrial.objects.filter(seq=2, state=SearchTrialState.RUNNING, params__isnull=False).exists():
