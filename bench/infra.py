@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 DB_SECTIONS = frozenset({"pipeline", "instruments300", "replay", "llm_cost", "llm_load", "streams",
-                         "learning", "validation"})
+                         "learning", "validation", "search"})
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Options:
     load_cycles: int = 3  # llm_load: ticks (--ticks)
     messages: int = 300_000  # streams: pushes in the throughput run (#19)
     fills: int = 30  # streams: pushed fills timed to their journaled close (#19)
+    trials: int = 10  # search: trials per measurement (<= 10: Optuna's random start, the same in both)
     profile: bool = False  # replay: print a cProfile of the synthetic run
     sqlite: bool = False  # the database sections on a scratch SQLite file even when PostgreSQL answers
     pg_url: str = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
@@ -199,4 +200,17 @@ def workers_start(*, feed: str, pool: str = "solo", concurrency: int = 1, instru
                       prefix=f"tbbench{os.getpid()}:", pool=pool, concurrency=concurrency,
                       visibility_timeout=3600, extra_env=extra, ready_timeout=300.0)
     workers.start_all()
+    return workers
+
+
+def workers_start_queues(named: dict[str, str]):  # noqa: ANN201 - tests.tradebot.workers.Workers
+    """Real Celery workers of the project's own app (`-A tradebot`), named by the keys, on the queues of the values
+    (`search`: one or two on `reflection`); more join with `.start_as(...)`."""
+    from tests.tradebot.workers import Workers
+
+    tmp = Path(tempfile.mkdtemp(prefix="workers-", dir=ENV.tmp))
+    workers = Workers(redis_url=OPTIONS.redis_url, tmp=tmp, prefix=f"tbbench{os.getpid()}:", visibility_timeout=3600,
+                      extra_env={"NUMBA_CACHE_DIR": os.environ["NUMBA_CACHE_DIR"], "CELERY_VISIBILITY_TIMEOUT": "3600"},
+                      ready_timeout=300.0)
+    workers.start_as(**named)
     return workers

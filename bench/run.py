@@ -14,6 +14,7 @@
     .venv/bin/python bench/run.py streams --messages 300000 --fills 30   # stream throughput, fill -> close
     .venv/bin/python bench/run.py learning --days 60           # replay --learn vs v1 on the last 60 days of 2022
     .venv/bin/python bench/run.py validation                    # one validation, 3 folds x 30 days x 2 instruments
+    .venv/bin/python bench/run.py search --trials 10                # trials per minute, one vs two workers
 
 The sections `pipeline` and `instruments300` start real Celery workers (one
 per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
@@ -202,10 +203,15 @@ from bench.learning_bench import bench_learning, bench_validation  # noqa: E402
 section("learning")(bench_learning)
 section("validation")(bench_validation)
 
+# --- search (issue 15: manage.py optimize; bench/search_bench.py) -----------------------------------------------------
+from bench.search_bench import bench_search  # noqa: E402
+
+section("search")(bench_search)
+
 _VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
                   "--concurrency": ("concurrency", int), "--interval": ("interval", float),
                   "--ticks": ("load_cycles", int),
-                  "--messages": ("messages", int), "--fills": ("fills", int)}
+                  "--messages": ("messages", int), "--fills": ("fills", int), "--trials": ("trials", int)}
 
 
 def _options(argv: list[str]) -> list[str]:

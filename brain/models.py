@@ -9,6 +9,7 @@ class PlaybookTrigger(models.TextChoices):
     REFLECTION = "reflection"
     MANUAL = "manual"
     ROLLBACK = "rollback"  # a copy of an older version (a candidate like any other)
+    SEARCH = "search"  # the best trial of a parameter search (manage.py optimize), a candidate like any other
 
 
 class PlaybookStatus(models.TextChoices):

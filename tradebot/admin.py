@@ -1,11 +1,11 @@
-"""Bot controls in the admin: halt, halt and flatten, resume (the same services as `manage.py bot`)."""
+"""Bot controls in the admin (halt, halt and flatten, resume: the services of `manage.py bot`) and the searches."""
 from __future__ import annotations
 
 from typing import Any
 
 from django.contrib import admin, messages
 
-from tradebot.models import BotControl
+from tradebot.models import BotControl, SearchStudy, SearchTrial
 
 
 @admin.register(BotControl)
@@ -53,3 +53,57 @@ class BotControlAdmin(admin.ModelAdmin):
 
         view = bot_resume(by=self._who(request))
         self.message_user(request, f"bot {view.state}")
+
+
+# --- parameter search (issue 15): read-only mirrors of the Optuna study and its trials --------------------------------
+
+
+class _ReadOnly(admin.ModelAdmin):
+    """Written by `manage.py optimize` and the trial tasks only: the admin lists and shows."""
+
+    def has_add_permission(self, request: Any) -> bool:
+        return False
+
+    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+
+class SearchTrialInline(admin.TabularInline):
+    model = SearchTrial
+    fields = ("seq", "number", "state", "value", "params", "worker", "started_at", "finished_at", "reason")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    ordering = ("seq",)
+
+    def has_add_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(SearchStudy)
+class SearchStudyAdmin(_ReadOnly):
+    list_display = ("name", "strategy", "status", "trials_done", "trials_target", "best_value", "baseline_value",
+                    "best_trial", "candidate_version", "updated_at")
+    list_filter = ("status", "strategy")
+    search_fields = ("name", "strategy")
+    readonly_fields = ("name", "optuna_name", "strategy", "inst_ids", "bounds", "base_version", "training", "source",
+                       "cycle_seconds", "trials_target", "seed", "status", "coordinator", "coordinator_seen_at",
+                       "baseline_value", "best_trial", "best_value", "best_params", "candidate_version", "message",
+                       "created_at", "updated_at")
+    inlines = (SearchTrialInline,)
+
+    @admin.display(description="finished trials")
+    def trials_done(self, obj: SearchStudy) -> int:
+        return obj.trials.filter(state__in=("complete", "pruned", "failed")).count()
+
+
+@admin.register(SearchTrial)
+class SearchTrialAdmin(_ReadOnly):
+    list_display = ("study", "seq", "number", "state", "value", "worker", "dispatch", "started_at", "finished_at")
+    list_filter = ("state", "dispatch", "study__name")
+    readonly_fields = ("study", "seq", "number", "state", "params", "value", "figures", "run_ids", "reason", "dispatch",
+                       "worker", "queued_at", "started_at", "finished_at")

@@ -235,8 +235,10 @@ def _replay_fold(*, fold: FoldResult, versions: dict[str, int], inst_ids: list[s
     for side, version in versions.items():
         for inst_id in inst_ids:
             run_id = f"validate-{side[:4]}-v{version}-{uuid.uuid4().hex[:8]}"[:64]
-            replay_run(inst_id=inst_id, start=fold.start, end=fold.end, feed=feed, brain="rules", cycle=cycle, run_id=run_id,
-                       playbook_version=version)
+            summary = replay_run(inst_id=inst_id, start=fold.start, end=fold.end, feed=feed, brain="rules", cycle=cycle,
+                                 run_id=run_id, playbook_version=version)
+            if summary.interrupted:  # Ctrl-C cut the fold short: a partial fold is never judged
+                raise KeyboardInterrupt
             fold.run_ids[side].append(run_id)
             getattr(fold, side).extend(_closed(run_id))
 

@@ -263,6 +263,7 @@ def replay_run(
     playbook_version: int | None = None,
     full_snapshots: str = "acted",
     learn: Any = None,
+    playbook: dict | None = None,
 ) -> ReplaySummary:
     """Run every cycle in [start, end) and return the summary (the journal holds the rest).
 
@@ -273,6 +274,8 @@ def replay_run(
     ANALYZING; with a position open that is every cycle, ~6 KB each); the others
     keep the compact one. `learn`: a `tradebot.replay_learn.ReplayLearner`, told after each cycle
     (reviews, deep reflections and validated promotion on the replay's clock: `replay --learn`).
+    `playbook` replays with a playbook that is not stored
+    (a parameter-search trial's, labelled `playbook_version`: the version it changes).
     """
     if full_snapshots not in ("acted", "analyzed"):
         raise ReplayError(f"full_snapshots must be 'acted' or 'analyzed', got {full_snapshots!r}")
@@ -307,7 +310,11 @@ def replay_run(
                    snapshot_provider=snapshots, sync_candles=False, recent_trades_provider=run.recent_trades,
                    account_provider=run.account, bot_provider=run.bot_view, defer_journal=True)
     run.scope = env.scope
-    if playbook_version is not None:
+    if playbook is not None:
+        from brain.base import brain_for_settings
+
+        env.brain = brain_for_settings(brain, playbook=playbook, playbook_version=playbook_version)
+    elif playbook_version is not None:
         from brain.base import brain_for_settings
         from brain.models import PlaybookVersion
 

@@ -370,6 +370,26 @@ PLAYBOOK_CLAUDE_VALIDATION_CYCLES = env_int("PLAYBOOK_CLAUDE_VALIDATION_CYCLES",
 PLAYBOOK_CLAUDE_VALIDATION_HORIZON_HOURS = env_int("PLAYBOOK_CLAUDE_VALIDATION_HORIZON_HOURS", 48, minimum=1)
 PLAYBOOK_CLAUDE_VALIDATION_MIN_TRADES = env_int("PLAYBOOK_CLAUDE_VALIDATION_MIN_TRADES", 10, minimum=1)
 
+# --- Parameter search (issue 15: `manage.py optimize`) ----------------------
+# A new study asks for this many finished trials unless --trials says otherwise.
+SEARCH_TRIALS = env_int("SEARCH_TRIALS", 50, minimum=1)
+# The objective: SEARCH_TRAINING_DAYS before the validation's PLAYBOOK_VALIDATION_DAYS, in this many windows
+# (walk-forward: the validation folds come after them and never overlap them).
+SEARCH_TRAINING_DAYS = env_int("SEARCH_TRAINING_DAYS", 30, minimum=1)
+SEARCH_TRAINING_WINDOWS = env_int("SEARCH_TRAINING_WINDOWS", 3, minimum=1)
+# The trials' replay cycle (seconds); the validation's by default.
+SEARCH_CYCLE_SECONDS = env_int("SEARCH_CYCLE_SECONDS", PLAYBOOK_VALIDATION_CYCLE_SECONDS, minimum=60)
+# A trial with fewer closed trades over its training windows is pruned (too little to rank), not scored.
+SEARCH_MIN_TRADES = env_int("SEARCH_MIN_TRADES", 10, minimum=0)
+# A worker running a trial writes a heartbeat this often; a trial silent for the grace period lost its worker
+# (SIGKILL, power loss): it is marked lost and another trial replaces it.
+SEARCH_HEARTBEAT_SECONDS = env_int("SEARCH_HEARTBEAT_SECONDS", 10, minimum=1)
+SEARCH_TRIAL_GRACE_SECONDS = env_int("SEARCH_TRIAL_GRACE_SECONDS", 60, minimum=2)
+if SEARCH_TRIAL_GRACE_SECONDS <= SEARCH_HEARTBEAT_SECONDS:
+    raise ImproperSetting("SEARCH_TRIAL_GRACE_SECONDS must be greater than SEARCH_HEARTBEAT_SECONDS")
+# How long optimize waits for reflection workers to answer a ping before it runs the trials itself.
+SEARCH_WORKER_PING_SECONDS = env_float("SEARCH_WORKER_PING_SECONDS", 1.0, minimum=0.05)
+
 # --- Telegram (issue 18: alerts and commands; `manage.py telegram`) --------
 # Without a token nothing Telegram runs. Chat ids: integers, comma-separated; admin chats may also
 # halt/flatten/resume/reflect/run a cycle (and get the alerts, like the allowed chats).

@@ -457,6 +457,19 @@ def reflection_playbook_validate(self: Task, candidate_id: int) -> bool | None:
     return outcome.promoted
 
 
+@app.task(name="tradebot.tasks.reflection_search_trial", bind=True, acks_late=False, soft_time_limit=3 * 3600,
+          time_limit=3 * 3600 + 300)
+def reflection_search_trial(self: Task, ticket_id: int) -> str | None:
+    """One parameter-search trial (`manage.py optimize`): the replays of its training windows.
+
+    Acknowledged on receipt like the other reflection tasks (a trial outlasts Redis's visibility timeout); a
+    worker that dies loses its trial only: its heartbeat stops, the command marks it lost and asks another.
+    """
+    from tradebot.search import search_trial_run
+
+    return search_trial_run(ticket_id=ticket_id, worker=self.request.hostname or "worker", dispatch="worker")
+
+
 @app.task(name="tradebot.tasks.reflection_performance_snapshot", bind=True, acks_late=True)
 def reflection_performance_snapshot(self: Task, period: str) -> int:
     from tradebot.performance import performance_snapshot_record

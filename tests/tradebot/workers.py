@@ -72,22 +72,27 @@ class Workers:
 
     def start(self, *queues: str) -> None:
         """Start workers (in parallel) and wait until each says it is ready."""
+        self.start_as(**{queue: queue for queue in queues})
+
+    def start_as(self, **named: str) -> None:
+        """Start workers named by the keys, each consuming the queue its value names (two on one queue:
+        `start_as(reflection="reflection", reflection2="reflection")`); `kill(name)` stops one."""
         markers = {}
-        for queue in queues:
-            path = self.log_path(queue)
+        for name, queue in named.items():
+            path = self.log_path(name)
             path.touch()
-            markers[queue] = path.stat().st_size
+            markers[name] = path.stat().st_size
             log = open(path, "ab")  # noqa: SIM115 - the child writes to it
             pool, concurrency = self.pools.get(queue, (self.pool, self.concurrency))
-            self.procs[queue] = subprocess.Popen(
+            self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", self.app_module, "worker", "-Q", queue,
-                 "-n", f"{queue}@{self.prefix[:-1]}", "-P", pool,
+                 "-n", f"{name}@{self.prefix[:-1]}", "-P", pool,
                  *(["-c", str(concurrency)] if pool != "solo" else []),
                  "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + self.ready_timeout
-        waiting = set(queues)
+        waiting = set(named)
         while waiting and time.monotonic() < deadline:
             for queue in list(waiting):
                 text = self.log_path(queue).read_bytes()[markers[queue]:]
@@ -161,8 +166,8 @@ class Workers:
             time.sleep(0.05)
 
     def worker_logs(self) -> str:
-        return "\n".join(f"--- {q}\n" + self.log_path(q).read_text(errors="replace")[-4000:]
-                         for q in QUEUES if self.log_path(q).exists())
+        return "\n".join(f"--- {path.stem.removeprefix('worker-')}\n" + path.read_text(errors="replace")[-4000:]
+                         for path in sorted(self.tmp.glob("worker-*.log")))
 
 
 def redis_reachable(url: str) -> bool:
