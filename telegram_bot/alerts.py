@@ -22,7 +22,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from execution.models import Order, OrderState
-from journal.models import Cycle, CycleState, JournalEvent, Mode, Trade, TradeStatus
+from journal.models import Cycle, CycleState, EventLevel, JournalEvent, Mode, Trade, TradeStatus
 from market.models import Instrument
 from telegram_bot.formatting import duration, money, pct, price, size
 from telegram_bot.models import Alert, AlertDelivery, AlertKey, AlertStatus, ScanCursor, Severity
@@ -48,6 +48,10 @@ EVENT_ALERTS: dict[str, tuple[str, str, str]] = {
     "playbook_promoted": ("playbook_promoted", Severity.INFO, "Playbook promoted"),
     "playbook_rejected": ("playbook_refused", Severity.WARN, "Playbook refused"),
     "live_trading_confirmed": ("live_trading", Severity.CRITICAL, "LIVE TRADING"),
+    # execution.outages: one event when an outage begins (merged with the failed cycles' lines below) and one when
+    # the exchange answers again with every open position's exchange-side stops checked (CRITICAL when one lacks them).
+    "exchange_unreachable": ("exchange_unreachable", Severity.WARN, "Exchange unreachable"),
+    "exchange_reachable": ("exchange_reachable", Severity.INFO, "Exchange answers again"),
 }
 # A failed cycle whose error says the far end did not answer: the exchange (or market data) is unreachable.
 UNREACHABLE_MARKERS = ("unreachable", "connect", "timeout", "timed out", "feederror", "exchangeerror", "network",
@@ -233,6 +237,8 @@ def _event_lines(since: datetime) -> list[AlertLine]:
                                    text=f"Exchange/market data unreachable\n{_short(message)}"))
             continue
         alert_type, severity, title = EVENT_ALERTS[e.kind]
+        if e.kind == "exchange_reachable" and e.level == EventLevel.ERROR:
+            severity, title = Severity.CRITICAL, "Exchange answers again: a position lacks its exchange-side stop"
         lines.append(AlertLine(key=f"event:{e.pk}", alert_type=alert_type, severity=severity, text=f"{title}\n{_short(message)}"))
     return lines
 

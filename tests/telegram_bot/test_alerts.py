@@ -68,6 +68,19 @@ def test_a_closed_trade_says_pnl_and_exit_reason_and_a_stop_is_a_warning(telegra
     assert Alert.objects.get().alert_type == "sl_hit"
 
 
+def test_the_exchange_answering_again_is_critical_when_a_position_lacks_its_exchange_side_stop(telegram) -> None:
+    from execution.exchanges.base import Position
+    from execution.outages import exchange_outage_end, exchange_unreachable_record
+
+    exchange_unreachable_record(error="ConnectError", where="account sync")
+    exchange_outage_end(positions=[Position(inst_id="BTC-USDT-SWAP", pos_side="long", size=Decimal("3"),
+                                            avg_px=Decimal("61234.5"), stop_loss=None, take_profit=None)])
+    alerts_dispatch_run()
+    heads = sorted({m["text"].split("\n")[0] for m in telegram.wait_sent(6)})  # each alert to each of 3 chats
+    assert heads == ["[CRITICAL] Exchange answers again: a position lacks its exchange-side stop",
+                     "[WARN] Exchange unreachable"], heads
+
+
 def test_the_cooldown_merges_repeated_alerts_of_one_type(telegram, btc: Instrument) -> None:
     filled_order(1)
     alerts_dispatch_run()
@@ -265,7 +278,7 @@ def test_every_alert_the_issue_lists_comes_from_what_the_services_journal(telegr
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     okx = OkxExchange(api_key="k" * 8, api_secret="s" * 8, passphrase="p" * 8, base_url=closed, timeout=0.5,
                       max_retries=0)
-    monkeypatch.setattr(tasks, "live_env", lambda: SimpleNamespace(exchange=okx))  # the worker's exchange handle
+    monkeypatch.setattr(tasks, "live_env", lambda **_: SimpleNamespace(exchange=okx))  # the worker's exchange handle
     tasks.account_sync.apply()
     same = playbook_save(data=playbook_current().playbook, change_summary="no change", triggered_by=PlaybookTrigger.MANUAL)
     playbook_candidate_validate(candidate_id=same.pk)
@@ -295,7 +308,8 @@ def test_every_alert_the_issue_lists_comes_from_what_the_services_journal(telegr
     assert "Connection refused" in by_head["[CRITICAL] 3 cycles in a row FAILED for BTC-USDT-SWAP"]
     unreachable = by_head["[WARN] 4x exchange unreachable"]
     assert unreachable.count("cycle ") == 3 and "COLLECTING: FeedTemporaryError: OKX unreachable" in unreachable
-    assert "account sync failed: ExchangeTemporaryError: OKX transport error: [Errno 111] Connection refused" in unreachable
+    assert ("exchange unreachable (account sync: OKX connection failed: ConnectError: [Errno 111] Connection refused): "
+            "no new entries until it answers; open positions are protected by their exchange-side stops") in unreachable
     assert f"playbook v{same.version} rejected" in by_head["[WARN] Playbook refused"]
     assert "nothing to promote" in by_head["[WARN] Playbook refused"]
 
