@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,18 @@ def redis_url() -> str:
 
 
 TEST_KEY = "sk-ant-test-key-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _account_sync_failures_reset():  # noqa: ANN202 - a generator fixture
+    """The worker process counts failed account syncs until one reaches the database (tradebot.tasks); a test that
+    failed a sync must not hand its count to the next test."""
+    yield
+    tasks = sys.modules.get("tradebot.tasks")
+    if tasks is not None:
+        tasks._SYNC_FAILURES.update(count=0, first="", why="")  # noqa: SLF001 - the process-wide counter
+
+
 
 
 def reset_fake_server(server) -> None:  # noqa: ANN001 - any tests.fakes server
