@@ -31,13 +31,17 @@ static: venv
 demo: venv static
 	$(PY) manage.py demo
 
-# Two passes: the whole suite on SQLite, then the PostgreSQL/Redis/Celery
-# tests against the local servers. Set REQUIRE_SERVICES=1 (CI does) to turn a
-# missing PostgreSQL or Redis into a failure instead of a skip.
-test: venv test-sqlite test-postgres test-faults
+# Three passes: the whole suite on SQLite (TEST_WORKERS processes), then the
+# PostgreSQL/Redis/Celery tests against the local servers, with the fault suite
+# (its own private servers) running beside both (scripts/test-all says why).
+# Set REQUIRE_SERVICES=1 (CI does) to turn a missing PostgreSQL or Redis into a
+# failure instead of a skip; TEST_SERIAL=1 runs the passes one after the other.
+TEST_WORKERS ?= 2
+test: venv
+	PY=$(PY) scripts/test-all
 
 test-sqlite: venv
-	$(PY) -m pytest -m "not postgres and not faults" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not postgres and not faults" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-postgres: venv
 	DATABASE_URL=$(PG_TEST_URL) REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/0} $(PY) -m pytest -m "postgres and not faults" $(PYTEST_ARGS)

@@ -27,6 +27,7 @@ import pytest
 
 from tests.conftest import missing_service
 from tests.faults.bot import (
+    ACCOUNT_SYNC,
     INTERVAL,
     ROOT,
     SLACK,
@@ -159,6 +160,10 @@ def test_a_worker_killed_in_executing_before_the_exchange_took_the_order_sends_i
     row = _kill_at_hold(bot, hold="executing_before", worker="okx", state="EXECUTING", end_session=True,
                         fault="SIGKILL okx worker in EXECUTING after the intent row, before the exchange call",
                         before=bot.flatten)
+    # The first account sync past the order's in-flight time (the stage limit) settles it; on a loaded machine a sync
+    # can expire in the queue (it is every ACCOUNT_SYNC s, expiring after as long), so allow a few of them.
+    bot.wait_for("the lost order settled by an account sync", "SELECT 1 FROM execution_order WHERE cycle_id = %s "
+                 "AND state <> 'PENDING'", (row["caught_cycle"]["id"],), timeout=STAGE_LIMIT + 6 * ACCOUNT_SYNC)
     cid = bot.sql("SELECT client_order_id, state, error_message FROM execution_order WHERE cycle_id = %s",
                   (row["caught_cycle"]["id"],))
     assert len(cid) == 1, cid  # the intent row was written before the kill
@@ -167,6 +172,10 @@ def test_a_worker_killed_in_executing_before_the_exchange_took_the_order_sends_i
 
 
 def test_a_worker_killed_in_executing_after_the_fill_gets_its_trade_journaled_once(bot: Bot) -> None:
+    # No order of an earlier drill may still wait for its settlement: that settlement is an order update the hold
+    # below would catch instead of this drill's fill.
+    bot.wait_for("earlier orders settled", "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM execution_order "
+                 "WHERE state = 'PENDING')", timeout=STAGE_LIMIT + 6 * ACCOUNT_SYNC)
     row = _kill_at_hold(bot, hold="executing_after", worker="okx", state="EXECUTING", end_session=False,
                         fault="SIGKILL okx worker in EXECUTING after the exchange call (filled, no trade yet)",
                         before=bot.flatten)
