@@ -36,6 +36,7 @@ class Options:
     messages: int = 300_000  # streams: pushes in the throughput run (#19)
     fills: int = 30  # streams: pushed fills timed to their journaled close (#19)
     trials: int = 10  # search: trials per measurement (<= 10: Optuna's random start, the same in both)
+    wake_rate: float = 0.25  # llm_cost: the share of position checks the local model answers "wake"
     profile: bool = False  # replay: print a cProfile of the synthetic run
     sqlite: bool = False  # the database sections on a scratch SQLite file even when PostgreSQL answers
     pg_url: str = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")

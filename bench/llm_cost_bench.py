@@ -7,7 +7,8 @@ characters / 3.6 (1.3x that for Haiku 5.5's tokenizer), a cache entry exists
 only for a prefix marked with cache_control that reaches the model's minimum,
 and is read only by a byte-identical prefix within 5 minutes of its last use
 on the replay's own clock (the time in the prompt); the screener signals on
-20% of its calls, the analyst opens on 15% of its calls while flat
+20% of its calls, the position watch's routine check wakes the analyst on
+25% of its calls (`--wake-rate`), the analyst opens on 15% of its calls while flat
 ("opens") or never ("never opens"); thinking tokens by purpose and effort,
 billed as output. Run for the current 5.5 models and for the seed's Opus 4.6 /
 Haiku 4.5. The figures come from the ledger (what `llm cost` sums); the
@@ -16,6 +17,7 @@ thinking tokens (the API's usage folds them into output_tokens).
 
     .venv/bin/python bench/run.py llm_cost            # 3 days
     .venv/bin/python bench/run.py llm_cost --days 1   # a quicker look
+    .venv/bin/python bench/run.py llm_cost --wake-rate 0.1   # a position check that wakes the analyst less often
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ def one_run(*, label: str, models: dict[str, str], open_rate: float, start: date
 
     for name, value in models.items():
         setattr(settings, name, value)
-    model = HonestModel(pass_rate=0.2, open_rate=open_rate, clock=PromptClock())
+    model = HonestModel(pass_rate=0.2, open_rate=open_rate, wake_rate=infra.OPTIONS.wake_rate, clock=PromptClock())
     server.handler(model.handle)
     run_id = f"bench-llm-{uuid.uuid4().hex[:8]}"
     summary = replay_run(inst_id=INST, start=start, end=end, feed=feed, brain="claude", cycle=timedelta(minutes=5),
@@ -109,7 +111,8 @@ def bench_llm_cost() -> None:
     settings.LLM_DAILY_BUDGET_USD = Decimal("1000")  # the figure is what it costs, not where a budget stops it
     print(f"llm_cost: replay of {INST} {start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M} ({days:g} days, "
           f"{int(days * 288)} five-minute cycles), --brain claude against the local Messages API server "
-          f"(characters/3.6, cache only for a repeated prefix, screener pass 0.2); journal on {infra.ENV.database}; "
+          f"(characters/3.6, cache only for a repeated prefix, screener pass 0.2, position check wakes {infra.OPTIONS.wake_rate:g}); "
+          f"POSITION_WATCH_PERIODIC_CHECK={settings.POSITION_WATCH_PERIODIC_CHECK}; journal on {infra.ENV.database}; "
           f"{infra.load()}")
     with FakeAnthropic() as server:
         settings.ANTHROPIC_BASE_URL = server.url

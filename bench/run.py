@@ -9,7 +9,7 @@
     .venv/bin/python bench/run.py replay --sqlite               # the replay on SQLite only
     .venv/bin/python bench/run.py pipeline --cycles 100         # cycles per series (>= 50)
     .venv/bin/python bench/run.py instruments300 --instruments 300 --concurrency 1
-    .venv/bin/python bench/run.py llm_cost [--days 3]                       # LLM cost per instrument-day (issue 20)
+    .venv/bin/python bench/run.py llm_cost [--days 3 --wake-rate 0.25]      # LLM cost per instrument-day (issue 20)
     .venv/bin/python bench/run.py llm_load [--instruments 300 --interval 300 --ticks 3 --concurrency 1]
     .venv/bin/python bench/run.py streams --messages 300000 --fills 30   # stream throughput, fill -> close
     .venv/bin/python bench/run.py learning --days 60           # replay --learn vs v1 on the last 60 days of 2022
@@ -211,7 +211,8 @@ section("search")(bench_search)
 _VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
                   "--concurrency": ("concurrency", int), "--interval": ("interval", float),
                   "--ticks": ("load_cycles", int),
-                  "--messages": ("messages", int), "--fills": ("fills", int), "--trials": ("trials", int)}
+                  "--messages": ("messages", int), "--fills": ("fills", int), "--trials": ("trials", int),
+                  "--wake-rate": ("wake_rate", float)}
 
 
 def _options(argv: list[str]) -> list[str]:

@@ -12,26 +12,34 @@ from django.conf import settings
 
 from brain.llm import CallSpec, LlmResult, llm_call_structured, model_caps
 from brain.playbook_schema import playbook_validate
+from datetime import datetime
+
 from brain.prompts import (
-    DEEP_REFLECTION_SYSTEM, POST_TRADE_SYSTEM, SCREENER_SYSTEM_PROMPT, Prompt, analyst_inputs, analyst_prompt,
-    deep_reflection_prompt, post_trade_prompt, screener_prompt,
+    DEEP_REFLECTION_SYSTEM, POSITION_CHECK_SYSTEM, POST_TRADE_SYSTEM, SCREENER_SYSTEM_PROMPT, Prompt, analyst_inputs,
+    analyst_prompt, deep_reflection_prompt, position_check_prompt, post_trade_prompt, screener_prompt,
 )
 from brain.schemas import (
-    BrainContext, DeepReflection, DeepReflectionAnswer, Decision, ResearchResult, ScreenResult, TradeReview, TradeView,
+    BrainContext, DeepReflection, DeepReflectionAnswer, Decision, PositionCheck, PositionView, ResearchResult,
+    ScreenResult, TradeReview, TradeView,
 )
+from brain.watch import ReviewMark
 from market.schemas import MarketSnapshot
 
 # Thinking tokens count against max_tokens: a thinking model needs room to think.
 THINKING_MIN_MAX_TOKENS = 2048
+POSITION_CHECK_MIN_MAX_TOKENS = 200
 
 
 def call_spec(purpose: str) -> CallSpec:
     """Model and parameters for a purpose, from settings only (effort and thinking budget per purpose's model)."""
     budget = 0
-    if purpose == "screen":
+    if purpose in ("screen", "position_check"):
+        # The position check is the screener model's too; its answer's reason needs a little more room.
         model, max_tokens, timeout, temp, effort = (settings.SCREENER_MODEL, settings.SCREENER_MAX_TOKENS,
                                                     settings.SCREENER_TIMEOUT_SECONDS, settings.ANALYST_TEMPERATURE,
                                                     settings.SCREENER_EFFORT)
+        if purpose == "position_check":
+            max_tokens = max(max_tokens, POSITION_CHECK_MIN_MAX_TOKENS)
     elif purpose == "analyze":
         model, max_tokens, timeout, temp, effort = (settings.ANALYST_MODEL, settings.ANALYST_MAX_TOKENS,
                                                     settings.ANALYST_TIMEOUT_SECONDS, settings.ANALYST_TEMPERATURE,
@@ -78,6 +86,17 @@ class ClaudeBrain:
             return result.value
         return ScreenResult(signal=False, reason=f"screener {result.status}: {result.reason}"[:2000])
 
+    def check_position(self, *, snapshot: MarketSnapshot, position: PositionView, last: ReviewMark, now: datetime,
+                       cycle_id: int | None = None, mode: str = "live") -> PositionCheck:
+        """The position watch's routine check on the screener model; a check without a valid answer wakes the analyst."""
+        result = llm_call_structured(spec=call_spec("position_check"), system_static=[POSITION_CHECK_SYSTEM],
+                                     user=position_check_prompt(snapshot=snapshot, position=position, last=last, now=now),
+                                     output_type=PositionCheck, cycle_id=cycle_id, mode=mode, client=self.client)
+        self.last_result = result
+        if result.value is not None:
+            return result.value
+        return PositionCheck(wake=True, reason=f"position check {result.status}: {result.reason}"[:2000])
+
     def decide(self, *, snapshot: MarketSnapshot, context: BrainContext, research: ResearchResult | None = None,
                cycle_id: int | None = None, mode: str = "live") -> Decision:
         from brain.news import upcoming_events
@@ -87,8 +106,10 @@ class ClaudeBrain:
                                 playbook_version=self.playbook_version, upcoming=upcoming)
         self.last_prompt = prompt
         self.last_inputs = (cycle_id, analyst_inputs(context=context, upcoming=upcoming))
+        # The analyst's prefix is cached only when a read is plausible (brain.llm.cache_read_plausible).
         result = llm_call_structured(spec=call_spec("analyze"), system_static=prompt.static, user=prompt.user,
-                                     output_type=Decision, cycle_id=cycle_id, mode=mode, client=self.client)
+                                     output_type=Decision, cycle_id=cycle_id, mode=mode, client=self.client,
+                                     cache_when="read_plausible")
         self.last_result = result
         decision = result.value
         if decision is None:

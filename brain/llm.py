@@ -12,8 +12,11 @@
 - Prompt caching: the static system blocks end with `cache_control` only when
   they reach the model's minimum cacheable length (`ModelCaps.cache_min_tokens`):
   below it the API caches nothing and says nothing (both counters 0), so a
-  breakpoint there only misleads. Cache writes and reads are recorded per call
-  from the API's usage.
+  breakpoint there only misleads. With `cache_when="read_plausible"` (the
+  analyst) also only when a read is plausible (`cache_read_plausible`): a write
+  costs 1.25x the input price and is worth it only if another call of the
+  prefix comes within the cache's 5 minutes. Cache writes and reads are
+  recorded per call from the API's usage.
 - Extended thinking with a token budget on the 4.x models when a purpose's
   `thinking_budget` setting is above 0 (the 5.5 models think adaptively;
   `effort` is their control).
@@ -33,7 +36,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
@@ -110,6 +113,30 @@ def cache_worth_marking(blocks: list[str], model: str) -> bool:
     reach it by the model's, and a breakpoint on one that falls short costs nothing.
     """
     return bool(blocks) and prefix_tokens_estimate(blocks, model) >= 0.9 * model_caps(model).cache_min_tokens
+
+
+CACHE_TTL_SECONDS = 300  # the API's default (ephemeral) cache: 5 minutes, refreshed by each read
+
+
+def cache_read_plausible(*, purpose: str, model: str, now: datetime, run_id: str = "", cycle_id: int | None = None) -> bool:
+    """Whether another call of this purpose's prefix is expected within the cache's TTL.
+
+    Judged from the ledger: a call of the same purpose and model in the last TTL means the calls are that dense
+    now (several instruments on one tick, a short cycle interval), so the next one will likely read what this one
+    writes. One instrument whose analyst calls are an hour apart finds none, and writes nothing it would never
+    read. Live, on the wall clock over every call (the API's cache is shared by any caller of the same prefix);
+    a replay (`run_id`), on its cycles' virtual times. A call exactly one TTL earlier does not count: its entry
+    has expired by then.
+    """
+    since = now - timedelta(seconds=CACHE_TTL_SECONDS)
+    calls = LlmCall.objects.filter(purpose=purpose, model=model)
+    if run_id:
+        calls = calls.filter(cycle__run_id=run_id, cycle__as_of__gt=since, cycle__as_of__lte=now)
+    else:
+        calls = calls.filter(created_at__gt=since, created_at__lte=now)
+    if cycle_id is not None:
+        calls = calls.exclude(cycle_id=cycle_id)
+    return calls.exists()
 
 
 @dataclass(frozen=True)
@@ -290,12 +317,14 @@ def llm_call_structured(
     mode: str = "live",
     now: datetime | None = None,
     client: anthropic.Anthropic | None = None,
+    cache_when: str = "long_enough",
 ) -> LlmResult[T]:
     """Ask for `output_type`; never raises for model or network trouble.
 
     `system_static` are the cacheable blocks (system prompt, output format,
-    playbook): the last one carries `cache_control`. `user` is the part that
-    changes every cycle.
+    playbook): the last one carries `cache_control` when they reach the model's
+    minimum and, with `cache_when="read_plausible"`, when `cache_read_plausible`
+    too. `user` is the part that changes every cycle.
     """
     result: LlmResult[T] = LlmResult(value=None, status="error", model=spec.model)
     budget_clock = _budget_clock(mode=mode, cycle_id=cycle_id, now=now)
@@ -311,7 +340,10 @@ def llm_call_structured(
 
     caps = model_caps(spec.model)
     system = [{"type": "text", "text": block} for block in system_static]
-    if system and cache_worth_marking(system_static, spec.model):
+    if system and cache_worth_marking(system_static, spec.model) and (
+            cache_when != "read_plausible" or cache_read_plausible(
+                purpose=spec.purpose, model=spec.model, now=budget_clock["now"], run_id=budget_clock.get("run_id", ""),
+                cycle_id=cycle_id)):
         system[-1]["cache_control"] = {"type": "ephemeral"}
     output_config: dict[str, Any] = {"format": output_schema(output_type)}
     if caps.effort and spec.effort:

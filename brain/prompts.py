@@ -12,10 +12,12 @@ import html
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 
 from django.conf import settings
 
-from brain.schemas import BrainContext, ResearchResult, TradeView
+from brain.schemas import BrainContext, PositionView, ResearchResult, TradeView
+from brain.watch import ReviewMark, indicator, snapshot_atr
 from market.schemas import IndicatorSet, MarketSnapshot
 
 SCREENER_SYSTEM_PROMPT = """You are a quick crypto market screener.
@@ -72,6 +74,56 @@ def screener_prompt(snapshot: MarketSnapshot) -> str:
         f"price_vs_ema20_15m: {_f(_rel(m15.close, m15.ema_20), 4)}  atr_ratio_1h: {_f(h1.atr_ratio)}",
     ]
     return "<snapshot>\n" + "\n".join(lines) + "\n</snapshot>"
+
+
+POSITION_CHECK_SYSTEM = """You watch an open crypto swap position between the analyst's reviews.
+The position is protected by exchange-side stop loss and take profit; the analyst is a costly model.
+Wake the analyst ONLY if the facts below call for reconsidering the position now, e.g.: the trade's
+thesis looks broken (momentum or trend turned against it), a profit worth protecting is at risk, the
+trade has stalled near entry for many hours, or volatility changed sharply.
+Otherwise answer wake = false and let the stop and the target work.
+Respond ONLY with JSON: {"wake": true/false, "reason": "..."} (reason under 30 words)."""
+
+
+def _change(then: float | None, now: float | None, digits: int = 1) -> str:
+    return f"{_f(then, digits)} -> {_f(now, digits)}"
+
+
+def position_check_prompt(*, snapshot: MarketSnapshot, position: PositionView, last: ReviewMark, now: datetime) -> str:
+    """A frozen view of the position and the market for the screener model's routine check (brain.watch)."""
+    price, entry = Decimal(snapshot.price), Decimal(position.entry_price)
+    sign = Decimal(1) if position.side == "long" else Decimal(-1)
+    atr = snapshot_atr(snapshot)
+    risk = abs(entry - Decimal(position.stop_loss)) if position.stop_loss is not None else Decimal(0)
+    pnl_r = f"{sign * (price - entry) / risk:+.2f} R" if risk > 0 else "n/a (no stop loss)"
+
+    def distance(level: Decimal | None) -> str:
+        if level is None:
+            return "none"
+        gap = abs(price - Decimal(level))
+        return f"{level} ({gap / atr:.2f} ATR, {gap / price * 100:.2f}% away)" if atr > 0 else f"{level}"
+
+    held = f"{(now - position.opened_at).total_seconds() / 3600:.1f} h" if position.opened_at else "n/a"
+    lines = [
+        f"symbol: {snapshot.inst_id}",
+        f"time_utc: {now:%Y-%m-%d %H:%M}",
+        f"position: {position.side} entry {entry} notional ${position.notional_usd} leverage {position.leverage}x held {held}",
+        f"price: {price}  pnl: {pnl_r}  unrealized ${position.unrealized_pnl}",
+        f"stop_loss: {distance(position.stop_loss)}",
+        f"take_profit: {distance(position.take_profit)}",
+        f"atr_1h: {atr:.2f}",
+        f"last_analyst_review: {last.as_of:%Y-%m-%d %H:%M} ({(now - last.as_of).total_seconds() / 60:.0f} min ago), "
+        f"said {last.action or 'n/a'} at price {last.price}; position checks since: {last.checks}",
+        f"since the review: price {_pct(float((price - last.price) / last.price)) if last.price else 'n/a'}"
+        + (f" ({abs(price - last.price) / atr:.2f} ATR)" if atr > 0 else ""),
+        f"regime_1h: {last.regime} -> {snapshot.regime}",
+        f"rsi_15m: {_change(last.rsi_15m, indicator(snapshot, '15m', 'rsi_14'))}  "
+        f"rsi_1h: {_change(last.rsi_1h, indicator(snapshot, '1H', 'rsi_14'))}",
+        f"macd_hist_1h: {_change(last.macd_hist_1h, indicator(snapshot, '1H', 'macd_hist'), 2)}  "
+        f"adx_1h: {_change(last.adx_1h, indicator(snapshot, '1H', 'adx_14'))}",
+        f"change_1h: {_pct(snapshot.price_change_1h_pct)}  funding_rate: {snapshot.funding_rate}",
+    ]
+    return "<position_check>\n" + "\n".join(lines) + "\n</position_check>\nWake the analyst?"
 
 
 def _rel(a: float | None, b: float | None) -> float | None:

@@ -38,6 +38,15 @@ class ScreenResult(BaseModel):
     reason: str = Field(max_length=2000)
 
 
+class PositionCheck(BaseModel):
+    """The screener model's answer to the position watch's routine check: is the analyst worth waking?"""
+
+    model_config = ConfigDict(frozen=True)
+
+    wake: bool
+    reason: str = Field(max_length=2000)
+
+
 class Analysis(BaseModel):
     model_config = ConfigDict(frozen=True)
 

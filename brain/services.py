@@ -17,8 +17,10 @@ from django.db.models import BooleanField, Case, Q, Value, When
 from brain.base import Brain, brain_for_settings, brain_name_for_settings
 from brain.budget import budget_check
 from brain.news import news_event_near
-from brain.schemas import OPENING_ACTIONS, BrainContext, Decision, ResearchResult, ScreenResult
-from brain.watch import ReviewMark, position_review_due
+from brain.schemas import (
+    OPENING_ACTIONS, BrainContext, Decision, PositionCheck, PositionView, ResearchResult, ScreenResult,
+)
+from brain.watch import ReviewMark, position_review_due, review_mark_checked
 from journal.bulk import row_new
 from journal.models import EventLevel, ScreenerLog
 from journal.services import event_record
@@ -39,6 +41,10 @@ class ScreeningOutcome:
     screener_log_id: int | None
     # With `defer_log`: the ScreenerLog row, built but not saved (the replay bulk-inserts its rows).
     pending_log: ScreenerLog | None = None
+    # The position watch's routine check, when one was asked: its answer as JSON (kept on the cycle) and, when it
+    # said no, the review mark with the check counted (a replay keeps it in memory; live reads the cycles back).
+    position_check: dict | None = None
+    review_mark: ReviewMark | None = None
 
 
 def _wall_now() -> datetime:
@@ -104,21 +110,36 @@ def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: 
     the row unsaved in `pending_log`, without its snapshot JSON: the caller saves it (in bulk)
     and decides how much of the snapshot to keep.
     `watch=True` (the LLM brain with POSITION_WATCH_ENABLED): with a position open the analyst is
-    asked only when the position watch (brain.watch) has a trigger since `last_review`; otherwise
-    the review is skipped, journaled on the ScreenerLog row with its reason.
+    asked only when the position watch (brain.watch) has a trigger since `last_review`, or when its
+    routine review's position check (`position_check_run`) says wake; otherwise the review is skipped,
+    journaled on the ScreenerLog row with its reason.
     """
     instrument = instrument if instrument is not None and instrument.inst_id == snapshot.inst_id else _instrument(snapshot.inst_id)
     watch_skip = ""
     open_positions = context.positions_for(snapshot.inst_id)
-    if watch and open_positions and not context.manual_trigger:
-        trigger, watch_skip = position_review_due(snapshot=snapshot, position=open_positions[0], last=last_review,
-                                                  now=context.now)
-        bypass = f"position watch: {trigger}" if trigger else ""
-    else:
-        bypass = screener_bypass_reason(snapshot=snapshot, context=context)
+    check: dict | None = None
+    mark: ReviewMark | None = None
+    log_bypass = ""
     screen: ScreenResult | None = None
     tokens = latency = 0
     cost, model = Decimal(0), ""
+    if watch and open_positions and not context.manual_trigger:
+        verdict = position_review_due(snapshot=snapshot, position=open_positions[0], last=last_review, now=context.now)
+        bypass = f"position watch: {verdict.reason}" if verdict.action == "analyst" else ""
+        watch_skip = verdict.reason if verdict.action == "skip" else ""
+        log_bypass = "position watch"
+        if verdict.action == "check" and last_review is not None:
+            answer, check, (tokens, cost, model, latency) = position_check_run(
+                snapshot=snapshot, position=open_positions[0], last=last_review, now=context.now, brain=brain,
+                cycle_id=cycle_id, mode=mode)
+            log_bypass = "position check"
+            if answer.wake:
+                bypass = f"position check: wake: {answer.reason}"
+            else:
+                watch_skip = f"position check: no: {answer.reason}"
+                mark = review_mark_checked(last_review, at=context.now)
+    else:
+        bypass = screener_bypass_reason(snapshot=snapshot, context=context)
     if watch_skip:
         # The position is protected by its exchange-side SL/TP: neither the screener nor the analyst is asked.
         proceed, reason = False, watch_skip
@@ -147,7 +168,8 @@ def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: 
     if instrument is not None:
         fields = dict(
             instrument=instrument, cycle_id=cycle_id, mode=mode, signal=proceed if bypass else bool(screen and screen.signal),
-            bypassed=bool(bypass or watch_skip), bypass_reason=(bypass or ("position watch" if watch_skip else ""))[:200],
+            bypassed=bool(bypass or watch_skip),
+            bypass_reason=(log_bypass if check is not None else bypass or (log_bypass if watch_skip else ""))[:200],
             reason=reason,
             snapshot_json=None if defer_log else snapshot.as_jsonable(),
             model=model[:60], tokens_used=tokens, latency_ms=latency, cost_usd=cost,
@@ -162,7 +184,39 @@ def screening_run(*, snapshot: MarketSnapshot, context: BrainContext, cycle_id: 
     else:
         log.warning("screener_log_without_instrument", inst_id=snapshot.inst_id)
     return ScreeningOutcome(proceed=proceed, bypassed=bool(bypass or watch_skip), reason=reason, screen=screen,
-                            screener_log_id=log_id, pending_log=pending)
+                            screener_log_id=log_id, pending_log=pending, position_check=check, review_mark=mark)
+
+
+def position_check_run(*, snapshot: MarketSnapshot, position: PositionView, last: ReviewMark, now: datetime,
+                       brain: Brain | None, cycle_id: int | None, mode: str,
+                       ) -> tuple[PositionCheck, dict, tuple[int, Decimal, str, int]]:
+    """The position watch's routine check on the screener model: (answer, its JSON, (tokens, cost, model, latency ms)).
+
+    Never raises: a check that cannot be asked or answered (no brain that checks, budget, timeout, invalid answer,
+    an exception) wakes the analyst, the safe side.
+    """
+    tokens = latency = 0
+    cost, model, status = Decimal(0), "", "ok"
+    try:
+        brain = brain or brain_in_use()
+        checker = getattr(brain, "check_position", None)
+        if checker is None:
+            answer, status = PositionCheck(wake=True, reason="no position check on this brain"), "skipped"
+        else:
+            t0 = time.monotonic()
+            answer = checker(snapshot=snapshot, position=position, last=last, now=now, cycle_id=cycle_id, mode=mode)
+            latency = int((time.monotonic() - t0) * 1000)
+            usage = getattr(brain, "last_result", None)
+            if usage is not None:
+                tokens, cost, model, latency = usage.tokens, usage.cost_usd, usage.model, usage.latency_ms or latency
+                status = usage.status
+    except Exception as exc:  # the check must never break the cycle: wake the analyst instead
+        log.exception("position_check_failed", inst_id=snapshot.inst_id)
+        answer = PositionCheck(wake=True, reason=redact(f"position check failed: {type(exc).__name__}: {exc}")[:2000])
+        status = "error"
+    data = {"wake": answer.wake, "reason": answer.reason, "status": status, "model": model, "cost_usd": str(cost),
+            "checks_before": last.checks}
+    return answer, data, (tokens, cost, model, latency)
 
 
 def screener_feedback_apply(*, row: ScreenerLog, action: str) -> None:

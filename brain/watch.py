@@ -8,9 +8,14 @@ instrument (its last *review*: the last cycle that reached the analyst):
   take profit protect it; the analyst is asked again only when a trigger fires:
   the price moved POSITION_WATCH_ATR_MULTIPLE x the 1H ATR since the review, the
   stop loss or take profit is within POSITION_WATCH_SLTP_NEAR_ATR x ATR, the 1H
-  regime changed, a funding spike began, a news window is open, a >3% 1H move,
-  or POSITION_WATCH_MAX_INTERVAL_SECONDS passed. Otherwise the review is skipped
-  and journaled with its reason (a ScreenerLog row, like a screener's "no").
+  regime changed, a funding spike began, a news window is open, a >3% 1H move.
+  Without a trigger, once POSITION_WATCH_MAX_INTERVAL_SECONDS passed since the
+  review (or since the last position check), the review is routine: with
+  POSITION_WATCH_PERIODIC_CHECK the screener model is first asked a short
+  position check (brain.services) and the analyst only when it says wake, the
+  check fails, or the review is POSITION_WATCH_MAX_UNREVIEWED_SECONDS old (the
+  hard maximum). Otherwise the review is skipped and journaled with its reason
+  (a ScreenerLog row, like a screener's "no").
 - The unchanged skip. Flat, after the analyst said HOLD: while the snapshot has
   not changed materially (price within ANALYST_UNCHANGED_ATR_MULTIPLE x ATR of
   the HOLD's, same regime, same funding-spike state, same RSI zone, no news
@@ -23,7 +28,7 @@ deciding every cycle. Functions here are pure over frozen views, apart from
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -44,6 +49,22 @@ class ReviewMark:
     action: str
     funding_spike: bool
     rsi_zone: str  # "low" (<30), "high" (>70) or "mid", on 15m
+    # Indicators the position check compares with (None from a compact journal snapshot).
+    rsi_15m: float | None = None
+    rsi_1h: float | None = None
+    macd_hist_1h: float | None = None
+    adx_1h: float | None = None
+    # Position checks that said "no" since this review: the last one's time and how many.
+    checked_at: datetime | None = None
+    checks: int = 0
+
+
+@dataclass(frozen=True)
+class WatchVerdict:
+    """What the position watch does this cycle: ask the analyst, ask the position check first, or skip."""
+
+    action: str  # "analyst", "check" or "skip"
+    reason: str
 
 
 def _atr(snapshot: MarketSnapshot) -> Decimal:
@@ -74,9 +95,22 @@ def _rsi_zone(snapshot: MarketSnapshot) -> str:
     return "low" if rsi < 30 else "high" if rsi > 70 else "mid"
 
 
+def indicator(snapshot: MarketSnapshot, tf: str, name: str) -> float | None:
+    view = snapshot.timeframes.get(tf)
+    value = getattr(view.indicators, name, None) if view is not None else None
+    return None if value is None else float(value)
+
+
 def review_mark(snapshot: MarketSnapshot, action: str) -> ReviewMark:
     return ReviewMark(as_of=snapshot.ts, price=Decimal(snapshot.price), regime=str(snapshot.regime), action=str(action),
-                      funding_spike=_funding_spike(snapshot), rsi_zone=_rsi_zone(snapshot))
+                      funding_spike=_funding_spike(snapshot), rsi_zone=_rsi_zone(snapshot),
+                      rsi_15m=indicator(snapshot, "15m", "rsi_14"), rsi_1h=indicator(snapshot, "1H", "rsi_14"),
+                      macd_hist_1h=indicator(snapshot, "1H", "macd_hist"), adx_1h=indicator(snapshot, "1H", "adx_14"))
+
+
+def review_mark_checked(mark: ReviewMark, *, at: datetime) -> ReviewMark:
+    """The mark after a position check said "no" at `at` (the analyst's review itself is unchanged)."""
+    return replace(mark, checked_at=at, checks=mark.checks + 1)
 
 
 def review_mark_from_cycle(*, as_of: datetime, snapshot: dict[str, Any] | None, decision: dict[str, Any] | None) -> ReviewMark | None:
@@ -99,12 +133,21 @@ def review_mark_last(*, inst_id: str, mode: str, run_id: str, before: datetime) 
     """The instrument's last review in the journal (the newest cycle before `before` that has a decision)."""
     from journal.models import Cycle
 
-    row = (Cycle.objects.filter(instrument__inst_id=inst_id, mode=mode, run_id=run_id, as_of__lt=before,
-                                decision__isnull=False)
+    cycles = Cycle.objects.filter(instrument__inst_id=inst_id, mode=mode, run_id=run_id, as_of__lt=before)
+    row = (cycles.filter(decision__isnull=False)
            .order_by("-as_of", "-id").values("as_of", "snapshot", "decision").first())
     if row is None:
         return None
-    return review_mark_from_cycle(as_of=row["as_of"], snapshot=row["snapshot"], decision=row["decision"])
+    mark = review_mark_from_cycle(as_of=row["as_of"], snapshot=row["snapshot"], decision=row["decision"])
+    if mark is None:
+        return None
+    # The position checks since that review that said "no" (SCREENING keeps each check on its cycle).
+    checks = (cycles.filter(as_of__gt=row["as_of"], screener_result__has_key="position_check")
+              .order_by("as_of").values_list("as_of", "screener_result"))
+    for as_of, screened in checks:
+        if not (screened.get("position_check") or {}).get("wake", True):
+            mark = review_mark_checked(mark, at=as_of)
+    return mark
 
 
 def _common_triggers(snapshot: MarketSnapshot, last: ReviewMark, now: datetime) -> list[str]:
@@ -125,27 +168,40 @@ def _common_triggers(snapshot: MarketSnapshot, last: ReviewMark, now: datetime) 
 
 
 def position_review_due(*, snapshot: MarketSnapshot, position: PositionView, last: ReviewMark | None,
-                        now: datetime) -> tuple[str, str]:
-    """(trigger, skip reason): a non-empty trigger asks the analyst; otherwise the reason it is not asked."""
+                        now: datetime) -> WatchVerdict:
+    """Whether the analyst is asked (a trigger, or the hard maximum), the position check first, or neither.
+
+    The triggers come first: a material change always reaches the analyst directly. Without one, the max
+    interval (counted from the review, or from the last check that said no) makes a routine review: a
+    position check when POSITION_WATCH_PERIODIC_CHECK is on and the review is younger than the hard maximum.
+    """
     if last is None:
-        return "no earlier review of this position", ""
+        return WatchVerdict("analyst", "no earlier review of this position")
     atr = _atr(snapshot)
     price = Decimal(snapshot.price)
     age = (now - last.as_of).total_seconds()
-    if age >= settings.POSITION_WATCH_MAX_INTERVAL_SECONDS:
-        return f"max interval: {age / 60:.0f} min since the last review", ""
     moved = abs(price - last.price) / atr if atr > 0 else Decimal(0)
     if moved >= settings.POSITION_WATCH_ATR_MULTIPLE:
-        return f"price moved {moved:.2f} ATR since the last review ({last.price} -> {price})", ""
+        return WatchVerdict("analyst", f"price moved {moved:.2f} ATR since the last review ({last.price} -> {price})")
     near = settings.POSITION_WATCH_SLTP_NEAR_ATR * atr
     for name, level in (("stop loss", position.stop_loss), ("take profit", position.take_profit)):
         if level is not None and abs(price - Decimal(level)) <= near:
-            return f"{name} near: {level} is {abs(price - Decimal(level)) / atr:.2f} ATR from {price}", ""
+            return WatchVerdict("analyst", f"{name} near: {level} is {abs(price - Decimal(level)) / atr:.2f} ATR from {price}")
     common = _common_triggers(snapshot, last, now)
     if common:
-        return common[0], ""
-    return "", (f"position watch: no trigger ({moved:.2f} ATR since the review at {last.as_of:%H:%M}, "
-                f"{age / 60:.0f} of {settings.POSITION_WATCH_MAX_INTERVAL_SECONDS / 60:.0f} min; SL/TP not near)")
+        return WatchVerdict("analyst", common[0])
+    interval = settings.POSITION_WATCH_MAX_INTERVAL_SECONDS
+    since = (now - (last.checked_at or last.as_of)).total_seconds()
+    if since >= interval:
+        if not settings.POSITION_WATCH_PERIODIC_CHECK:
+            return WatchVerdict("analyst", f"max interval: {age / 60:.0f} min since the last review")
+        if age >= settings.POSITION_WATCH_MAX_UNREVIEWED_SECONDS:
+            return WatchVerdict("analyst", f"hard maximum: {age / 3600:.1f} h since the last review "
+                                           f"({last.checks} position check(s) said no)")
+        return WatchVerdict("check", f"routine review: {age / 60:.0f} min since the last review, no trigger")
+    checked = f", checked at {last.checked_at:%H:%M}" if last.checked_at else ""
+    return WatchVerdict("skip", f"position watch: no trigger ({moved:.2f} ATR since the review at {last.as_of:%H:%M}"
+                                f"{checked}, {since / 60:.0f} of {interval / 60:.0f} min; SL/TP not near)")
 
 
 def analyst_unchanged_reason(*, snapshot: MarketSnapshot, last: ReviewMark | None, now: datetime) -> str:

@@ -311,6 +311,10 @@ POSITION_WATCH_ENABLED = env_bool("POSITION_WATCH_ENABLED", True)
 POSITION_WATCH_ATR_MULTIPLE = env_decimal("POSITION_WATCH_ATR_MULTIPLE", "1.0", minimum=Decimal("0"))
 POSITION_WATCH_SLTP_NEAR_ATR = env_decimal("POSITION_WATCH_SLTP_NEAR_ATR", "0.5", minimum=Decimal("0"))
 POSITION_WATCH_MAX_INTERVAL_SECONDS = env_int("POSITION_WATCH_MAX_INTERVAL_SECONDS", 3600, minimum=60)
+# The routine review at the max interval (no trigger) first asks the screener model a short position check; the
+# analyst is woken only when it says so, a check fails, or the last analyst review is older than the hard maximum.
+POSITION_WATCH_PERIODIC_CHECK = env_bool("POSITION_WATCH_PERIODIC_CHECK", True)
+POSITION_WATCH_MAX_UNREVIEWED_SECONDS = env_int("POSITION_WATCH_MAX_UNREVIEWED_SECONDS", 14400, minimum=60)
 ANALYST_SKIP_UNCHANGED = env_bool("ANALYST_SKIP_UNCHANGED", True)
 ANALYST_UNCHANGED_ATR_MULTIPLE = env_decimal("ANALYST_UNCHANGED_ATR_MULTIPLE", "0.5", minimum=Decimal("0"))
 ANALYST_UNCHANGED_MAX_SECONDS = env_int("ANALYST_UNCHANGED_MAX_SECONDS", 3600, minimum=0)

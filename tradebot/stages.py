@@ -340,12 +340,15 @@ def screen(work: CycleWork, env: StageEnv) -> bool:
     work.screen_proceed = outcome.proceed
     if outcome.pending_log is not None:
         work.extra["screener_log"] = outcome.pending_log
+    if outcome.review_mark is not None:  # a position check said no: counted (live reads it back from the cycle)
+        env.review_marks[work.inst_id] = outcome.review_mark
     work.cycle.screener_result = {
         "proceed": outcome.proceed,
         "bypassed": outcome.bypassed,
         "reason": outcome.reason,
         "signal": None if outcome.screen is None else outcome.screen.signal,
         "screener_log_id": outcome.screener_log_id,
+        **({"position_check": outcome.position_check} if outcome.position_check is not None else {}),
     }
     if not outcome.proceed:
         return _end(work, CycleOutcome.NO_SIGNAL, f"no signal: {outcome.reason}")

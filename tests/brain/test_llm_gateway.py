@@ -5,6 +5,8 @@ import json
 import time
 from decimal import Decimal
 
+from django.db.models import F
+
 import pytest
 
 from brain.claude import ClaudeBrain
@@ -145,11 +147,14 @@ def test_thinking_tokens_are_billed_as_output_on_a_5_5_model(anthropic_server, s
 
 
 def test_the_static_prefix_is_cached_and_holds_the_playbook_on_a_model_whose_minimum_it_reaches(anthropic_server, settings):
-    # Opus 5.5 caches prefixes of 512 tokens and more; the analyst's static part is ~2,000.
+    # Opus 5.5 caches prefixes of 512 tokens and more; the analyst's static part is ~2,000. The first call has no
+    # other within the cache's 5 minutes (no read plausible): unmarked; the second, right after it, is marked.
     settings.ANALYST_MODEL = "claude-opus-5-5"
-    anthropic_server.script(ok(data=GOOD, model="claude-opus-5-5"))
+    anthropic_server.script(ok(data=GOOD, model="claude-opus-5-5"), ok(data=GOOD, model="claude-opus-5-5"))
     decide()
-    body = anthropic_server.bodies()[0]
+    decide()
+    first, body = anthropic_server.bodies()
+    assert all("cache_control" not in block for block in first["system"])
     system = body["system"]
     assert system[-1]["cache_control"] == {"type": "ephemeral"}
     assert "<playbook" in system[-1]["text"] and "<output_format>" in system[1]["text"]
@@ -310,7 +315,8 @@ def test_the_ledger_equals_what_an_honest_server_billed_for_a_repeated_prefix_an
 
     model = HonestModel(open_rate=0.0)
     anthropic_server.handler(model.handle)
-    settings.ANALYST_MODEL = "claude-opus-5-5"  # 512-token minimum: the analyst's static part is cached
+    settings.ANALYST_MODEL = "claude-opus-5-5"  # 512-token minimum: the analyst's static part is cached ...
+    decide()  # ... but not by the first call: no other within 5 minutes, so no read is plausible
     decide()
     decide()
     settings.ANALYST_MODEL = "claude-opus-4-6"  # 4,096-token minimum: nothing cached, nothing marked
@@ -318,7 +324,44 @@ def test_the_ledger_equals_what_an_honest_server_billed_for_a_repeated_prefix_an
     rows = list(LlmCall.objects.order_by("id"))
     billed = [(c.input_tokens, c.output_tokens, c.cache_write_tokens, c.cache_read_tokens) for c in model.calls]
     assert [(r.input_tokens, r.output_tokens, r.cache_write_tokens, r.cache_read_tokens) for r in rows] == billed
-    (_, _, write, read), (_, _, write2, read2), (_, _, write3, read3) = billed
+    (_, _, write1, read1), (_, _, write, read), (_, _, write2, read2), (_, _, write3, read3) = billed
+    assert (write1, read1) == (0, 0)
     assert write > 1000 and read == 0 and (write2, read2) == (0, write) and (write3, read3) == (0, 0)
-    assert model.calls[0].thinking_tokens > 0 and model.calls[2].thinking_tokens == 0  # adaptive on 5.5 only
-    assert rows[1].cost_usd < rows[0].cost_usd
+    assert model.calls[0].thinking_tokens > 0 and model.calls[3].thinking_tokens == 0  # adaptive on 5.5 only
+    assert rows[2].cost_usd < rows[1].cost_usd
+
+
+def test_the_analysts_prefix_is_marked_only_when_another_call_came_within_the_cache_ttl(anthropic_server, settings):
+    # A write never read costs 1.25x: one instrument reviewed hourly marks nothing; calls minutes apart (several
+    # instruments on one tick, a short interval) mark the prefix, so the next call reads it.
+    from datetime import timedelta
+
+    settings.ANALYST_MODEL = "claude-opus-5-5"
+    anthropic_server.handler(lambda request: ok(data=GOOD, model="claude-opus-5-5"))
+    decide()
+    LlmCall.objects.update(created_at=F("created_at") - timedelta(minutes=60))  # that call an hour ago
+    decide()
+    LlmCall.objects.filter(pk=LlmCall.objects.order_by("-id")[0].pk).update(created_at=F("created_at") - timedelta(minutes=5, seconds=1))
+    decide()  # the last call 5 min 1 s ago: its cache entry has expired
+    decide()  # the last call a moment ago: a read is plausible
+    marked = ["cache_control" in body["system"][-1] for body in anthropic_server.bodies()]
+    assert marked == [False, False, False, True]
+
+
+def test_a_replays_analyst_prefix_is_marked_by_its_virtual_clock(anthropic_server, settings, instrument):
+    from datetime import timedelta
+
+    from journal.models import Cycle, Mode
+
+    settings.ANALYST_MODEL = "claude-opus-5-5"
+    anthropic_server.handler(lambda request: ok(data=GOOD, model="claude-opus-5-5"))
+    btc, start = instrument, f.NOW
+    # Virtual minutes since the run's previous analyst call: none, 60, 2 (a short interval), 5 (expired), 0 (another
+    # cycle at the same time, as a second instrument on the same tick is).
+    offsets = [0, 60, 62, 67, 67]
+    for minutes in offsets:
+        cycle = Cycle.objects.create(instrument=btc, as_of=start + timedelta(minutes=minutes), mode=Mode.REPLAY,
+                                     run_id="cache-run")
+        decide(cycle_id=cycle.pk, mode=Mode.REPLAY)
+    marked = ["cache_control" in body["system"][-1] for body in anthropic_server.bodies()]
+    assert marked == [False, False, True, False, True]

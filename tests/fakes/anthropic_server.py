@@ -139,7 +139,8 @@ class Latency:
 REALISTIC_LATENCY = {"screen": Latency(1.0, 0.3), "analyze": Latency(20.0, 0.35, 0.05, 60.0),
                      "post_trade": Latency(12.0, 0.3), "deep_reflection": Latency(40.0, 0.3)}
 # Thinking tokens when thinking is on (adaptive on the 5.5 models; a budget on 4.x): medians by purpose and effort.
-THINKING_MEDIAN = {("screen", "low"): 60, ("screen", "medium"): 180, ("analyze", "low"): 400,
+THINKING_MEDIAN = {("screen", "low"): 60, ("screen", "medium"): 180, ("position_check", "low"): 60,
+                   ("position_check", "medium"): 180, ("analyze", "low"): 400,
                    ("analyze", "medium"): 1200, ("analyze", "high"): 2500, ("post_trade", "medium"): 700,
                    ("deep_reflection", "medium"): 2500}
 
@@ -169,7 +170,8 @@ class HonestModel:
       expires on (wall clock by default; a replay passes its virtual time, taken from the prompt).
     - Thinking: when the request asks for it (adaptive, or a budget), a log-normal number of thinking tokens by
       purpose and effort (`THINKING_MEDIAN`), capped by the budget, billed as output like the API does.
-    - Answers: the screener signals on `pass_rate` of the calls; the analyst, with no position open for the symbol,
+    - Answers: the screener signals on `pass_rate` of the calls; the position check wakes the analyst on
+      `wake_rate` of its calls; the analyst, with no position open for the symbol,
       opens on `open_rate` of its calls (a long or short the risk gate accepts: stop 1.5% away, target 3%, 2% of
       equity, 2x) and otherwise holds; with a position it holds. Draws come from a random generator seeded by
       `seed` and the prompt, so a replay gets the same answers twice.
@@ -177,12 +179,12 @@ class HonestModel:
     Every call is kept in `calls` (purpose, tokens, latency) for the benchmarks to compare with the ledger.
     """
 
-    def __init__(self, *, pass_rate: float = 0.2, open_rate: float = 0.15, seed: int = 20,
+    def __init__(self, *, pass_rate: float = 0.2, open_rate: float = 0.15, wake_rate: float = 0.25, seed: int = 20,
                  latency: dict[str, Latency] | None = None, time_scale: float = 1.0,
                  clock: Callable[[Received], float] | None = None) -> None:
         import time as _time
 
-        self.pass_rate, self.open_rate, self.seed = pass_rate, open_rate, seed
+        self.pass_rate, self.open_rate, self.wake_rate, self.seed = pass_rate, open_rate, wake_rate, seed
         self.latency = latency or {}
         self.time_scale = time_scale
         self.clock = clock or (lambda _req: _time.monotonic())
@@ -230,6 +232,8 @@ class HonestModel:
         props = (((body.get("output_config") or {}).get("format") or {}).get("schema") or {}).get("properties") or {}
         if "signal" in props:
             return "screen"
+        if "wake" in props:
+            return "position_check"
         if "decision" in props:
             return "analyze"
         if "updated_playbook_json" in props:
@@ -243,6 +247,10 @@ class HonestModel:
             signal = rng.random() < self.pass_rate
             return {"signal": signal, "reason": "pullback to the 15m EMA20 in a 1H uptrend" if signal
                     else "no setup: price mid-range, momentum flat"}
+        if purpose == "position_check":
+            wake = rng.random() < self.wake_rate
+            return {"wake": wake, "reason": "momentum turned against the position since the review" if wake
+                    else "the position's plan holds: price between stop and target, nothing material changed"}
         if purpose == "analyze":
             symbol = (re.search(r"Decide now for (\S+)\.", user) or re.search(r"symbol (\S+)", user))
             symbol_id = symbol.group(1) if symbol else "BTC-USDT-SWAP"

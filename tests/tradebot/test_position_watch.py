@@ -36,11 +36,14 @@ def btc(db) -> Instrument:
 
 
 class Analyst:
-    """Answers every analyst call with HOLD and every screener call with a pass; counts them."""
+    """Answers every analyst call with HOLD, every screener call with a pass and every position check with `wake`
+    (or `check_reply`, e.g. an error); counts them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, wake: bool = False, check_reply: Reply | None = None) -> None:
         self.analyses: list[str] = []
+        self.checks: list[dict[str, Any]] = []
         self.screens = 0
+        self.wake, self.check_reply = wake, check_reply
 
     def __call__(self, request: Received) -> Reply:
         body = request.json()
@@ -48,6 +51,12 @@ class Analyst:
         if "<market_snapshot>" in user:
             self.analyses.append(user)
             return ok(data=HOLD, model=body["model"])
+        if "<position_check>" in user:
+            self.checks.append(body)
+            if self.check_reply is not None:
+                return self.check_reply
+            return ok(data={"wake": self.wake, "reason": "stop still far" if not self.wake else "momentum turned"},
+                      model=body["model"], input_tokens=300, output_tokens=25)
         self.screens += 1
         return ok(data={"signal": True, "reason": "setup"}, model=body["model"])
 
@@ -88,6 +97,7 @@ def _cycle(btc: Instrument, env: StageEnv, at: Any, price: float) -> Cycle:
 def test_a_position_whose_price_does_not_move_is_reviewed_only_at_the_max_interval(
         btc: Instrument, anthropic_server: FakeAnthropic, settings, mode: str) -> None:
     settings.POSITION_WATCH_MAX_INTERVAL_SECONDS = 3600
+    settings.POSITION_WATCH_PERIODIC_CHECK = False  # the routine review goes to the analyst itself (test_position_check)
     analyst = Analyst()
     anthropic_server.handler(analyst)
     env = _env(mode, position=True)
@@ -95,7 +105,7 @@ def test_a_position_whose_price_does_not_move_is_reviewed_only_at_the_max_interv
     reviewed = [i for i, c in enumerate(cycles) if c.decision]
     # The first cycle reviews (no review of the position yet), then one every 60 minutes (12 cycles).
     assert reviewed == [0, 12, 24]
-    assert len(analyst.analyses) == 3 and analyst.screens == 0  # the screener is not asked with a position open
+    assert len(analyst.analyses) == 3 and analyst.screens == 0 and not analyst.checks  # no screener, no check
     skipped = [c for i, c in enumerate(cycles) if i not in reviewed]
     assert all(c.outcome == CycleOutcome.NO_SIGNAL and "position watch: no trigger" in c.reason for c in skipped)
     # Every skip is journaled with its reason, like a screener's "no".
