@@ -193,7 +193,7 @@ class LlmCall(models.Model):
 
     cycle = models.ForeignKey(Cycle, null=True, blank=True, on_delete=models.SET_NULL, related_name="llm_calls")
     mode = models.CharField(max_length=10, choices=Mode.choices, default=Mode.LIVE)
-    purpose = models.CharField(max_length=20, db_index=True, help_text="screen, analyze, post_trade, deep_reflection, research")
+    purpose = models.CharField(max_length=20, db_index=True, help_text="screen, position_check, analyze, post_trade, deep_reflection, research, validation")
     provider = models.CharField(max_length=20, default="anthropic")
     model = models.CharField(max_length=60)
     attempt = models.PositiveSmallIntegerField(default=1)
