@@ -104,7 +104,8 @@ def cycle_run_timed(instrument: Any, as_of: datetime, workers: Any, timeout: flo
 def paper_reset() -> None:
     """Close what the last cycle opened and let the bot run again (outside the timing)."""
     from execution.exchanges import exchange_from_settings
-    from execution.services import bot_resume, positions_flatten
+    from execution.services import positions_flatten
+    from execution.bot import bot_resume
 
     # A unique reason: the close's client order id derives from it and the paper clock, which stands still here.
     positions_flatten(exchange=exchange_from_settings(), reason=f"bench reset {uuid.uuid4().hex[:8]}")

@@ -193,7 +193,7 @@ def controls(request: HttpRequest) -> HttpResponse:
 
 
 def _control(request: HttpRequest, bot: BotState) -> HttpResponse:
-    from execution.services import bot_resume
+    from execution.bot import bot_resume
     from journal.services import event_record
     from tradebot.controls import bot_halt_and_flatten
 

@@ -1,6 +1,6 @@
 """What OKX's private streams push (orders, positions, account on /private; orders-algo on /business).
 
-The exchange's own numbers are reconciled by one service, `execution.services.account_sync`;
+The exchange's own numbers are reconciled by one service, `execution.sync.account_sync`;
 the stream's job is to make it run at once instead of at the next 15-second beat:
 - `orders`: a fill (fillSz > 0, or state filled / partially_filled) or an order ending
   (canceled) requests a sync;

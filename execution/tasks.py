@@ -5,7 +5,8 @@ from celery import shared_task
 from django.utils import timezone
 
 from execution.exchanges import ExchangeTemporaryError, exchange_from_settings
-from execution.services import account_sync, risk_daily_reset
+from execution.bot import risk_daily_reset
+from execution.sync import account_sync
 
 
 @shared_task(bind=True, autoretry_for=(ExchangeTemporaryError,), retry_backoff=True, max_retries=3, soft_time_limit=60)

@@ -295,7 +295,7 @@ def _flatten(*, by: str, exchange: Any | None) -> str:
 
 
 def cmd_resume(ctx: CommandContext) -> str:
-    from execution.services import bot_resume
+    from execution.bot import bot_resume
 
     if ctx.args:
         raise UsageError

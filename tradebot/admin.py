@@ -49,7 +49,7 @@ class BotControlAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resume the live bot")
     def resume(self, request: Any, queryset: Any) -> None:
-        from execution.services import bot_resume
+        from execution.bot import bot_resume
 
         view = bot_resume(by=self._who(request))
         self.message_user(request, f"bot {view.state}")

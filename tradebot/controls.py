@@ -20,7 +20,7 @@ log = get_logger(__name__)
 
 def bot_halt_and_flatten(*, reason: str, by: str, flatten: bool, exchange: Any | None = None) -> dict[str, Any]:
     """Halt new orders; with `flatten`, also close every position and cancel algo orders."""
-    from execution.services import bot_halt
+    from execution.bot import bot_halt
 
     view = bot_halt(reason=reason, by=by)
     result: dict[str, Any] = {"state": str(view.state), "reason": view.reason}

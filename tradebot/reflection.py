@@ -1,7 +1,7 @@
 """Glue between the close paths, the brain's reflection and execution's daily reset.
 
 Post-trade reviews. Execution closes a journal Trade in one place
-(`execution.services.trade_close_record`, called by `account_sync`), but
+(`execution.sync.trade_close_record`, called by `account_sync`), but
 several paths get there: the beat's account sync (SL/TP/liquidation), the
 brain's own CLOSE order (EXECUTING: `order_place` syncs after a close), a
 flatten (`bot halt --flatten`). Execution may not import this layer, so each
@@ -256,6 +256,6 @@ def risk_day_reset(*, exchange: Any, now: Any = None) -> None:
     from django.utils import timezone
 
     from execution.selectors import account_state
-    from execution.services import risk_daily_reset
+    from execution.bot import risk_daily_reset
 
     risk_daily_reset(now=now or timezone.now(), equity=account_state(exchange=exchange).equity)

@@ -439,9 +439,9 @@ class _RunState:
 
     def exit_indicators(self, inst_id: str, closed_at: datetime) -> dict[str, Any] | None:
         """The indicators of the last cycle's snapshot at a close the exchange made, as a live account
-        sync takes them from that cycle's row (`execution.services._exit_indicators`): the replay's rows
+        sync takes them from that cycle's row (`execution.sync._exit_indicators`): the replay's rows
         are written per batch, and most keep a compact snapshot."""
-        from execution.services import EXIT_SNAPSHOT_MAX_AGE
+        from execution.sync import EXIT_SNAPSHOT_MAX_AGE
 
         snapshot = self.last_snapshot
         if snapshot is None or snapshot.inst_id != inst_id:
@@ -518,7 +518,8 @@ def _sync_if_needed(env: StageEnv, run: _RunState) -> None:
     Between those, a sync of this run would only re-read the same numbers (no order is in
     flight in a replay: the paper exchange settles each order within `order_place`).
     """
-    from execution.services import account_sync, bot_peak_raise
+    from execution.bot import bot_peak_raise
+    from execution.sync import account_sync
 
     exchange = env.exchange
     equity = run.balances_now().equity
@@ -540,7 +541,7 @@ def _sync_if_needed(env: StageEnv, run: _RunState) -> None:
 
 def _new_day(as_of: datetime, env: StageEnv, run: _RunState) -> None:
     """00:00 UTC, as the live beat does it: the risk gate's day starts with the equity then."""
-    from execution.services import risk_daily_reset
+    from execution.bot import risk_daily_reset
 
     if as_of.date() == run.last_day:
         return
@@ -616,7 +617,7 @@ def _run_cycles(placeholders: list[Cycle], env: StageEnv, walker: _BarWalker, su
         if cycle.client_order_id:
             run.trades_stale = True
             if (cycle.order or {}).get("action") in ("CLOSE", "REDUCE"):
-                # order_place synced the account after its reducing order (execution.services.account_sync):
+                # order_place synced the account after its reducing order (execution.sync.account_sync):
                 # the next cycle need not sync again for what that order closed.
                 run.closes_synced = env.exchange.closes
         if cycle.decision and cycle.outcome not in (CycleOutcome.HOLD, CycleOutcome.HALTED):

@@ -452,7 +452,7 @@ def bot_now(work: CycleWork, env: StageEnv) -> Any:
     so that was the 00:00 UTC reset. The lift writes only when it is due.
     """
     from execution.selectors import bot_state
-    from execution.services import bot_state_refresh
+    from execution.bot import bot_state_refresh
 
     current = env.bot_provider() if env.bot_provider is not None else bot_state(scope=env.scope)
     return bot_state_refresh(now=work.cycle.as_of, scope=env.scope, current=current)
@@ -529,7 +529,7 @@ def execute(work: CycleWork, env: StageEnv) -> bool:
     if existing is not None and existing.state in TERMINAL_ORDER_STATES:
         # A previous delivery of this task finished the order before its worker died: never a second. If it died
         # between the fill's write and the trade's, the trade is journaled now from the exchange's fill (#16).
-        from execution.services import order_fill_journal
+        from execution.sync import order_fill_journal
 
         order_fill_journal(order=existing, exchange=env.exchange)
         _order_record(work, existing)

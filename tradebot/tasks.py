@@ -380,7 +380,7 @@ def account_sync(self: Task) -> list[int]:
     A failed sync is one log line and an `account_sync_failed` event (counted in `bot status`); while the
     database is down the failures are counted here and journaled by the first sync that reaches it.
     """
-    from execution.services import account_sync as sync
+    from execution.sync import account_sync as sync
     from tradebot.reflection import trade_reviews_request
 
     try:
@@ -513,6 +513,7 @@ def _warm_up(**_: Any) -> None:
     try:
         if consumed & {"okx", "default"}:
             import execution.services  # noqa: F401 - the order path and the risk gate's bookkeeping
+            import execution.sync  # noqa: F401 - the account sync
         if "llm" in consumed:
             import brain.rules  # noqa: F401 - the offline brain (Claude's SDK loads with its first call)
             import brain.services  # noqa: F401 - the screener, the analyst, research

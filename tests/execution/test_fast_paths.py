@@ -15,7 +15,9 @@ from django.test.utils import CaptureQueriesContext
 
 from execution.exchanges.paper import PaperExchange
 from execution.models import BotState, Order, OrderState
-from execution.services import _OUTCOME_FIELDS, _note, _order_intent, _settle, account_sync, order_place, risk_daily_reset, risk_trade_closed
+from execution.services import _OUTCOME_FIELDS, _note, _order_intent, _settle, order_place
+from execution.bot import risk_daily_reset, risk_trade_closed
+from execution.sync import account_sync
 from market.feeds.base import Bar
 from tests.execution.helpers import BTC, T0, approve, decision
 

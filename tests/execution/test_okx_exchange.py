@@ -243,7 +243,7 @@ def test_real_money_is_refused_without_the_setting_and_a_persons_confirmation(ok
     with override_settings(OKX_LIVE_TRADING=True):
         with pytest.raises(LiveTradingRefused):
             exchange(okx, demo=False)  # the setting alone is not enough
-        from execution.services import live_trading_confirm
+        from execution.bot import live_trading_confirm
 
         live_trading_confirm(by="alice")
         live = exchange(okx, demo=False)
@@ -318,7 +318,7 @@ def test_the_first_sync_after_an_outage_verifies_every_positions_exchange_side_s
     from django.core.management import call_command
 
     from execution.outages import exchange_outage_began, exchange_unreachable_record
-    from execution.services import account_sync
+    from execution.sync import account_sync
     from journal.models import EventLevel, JournalEvent
 
     def position(inst: str, sl: str | None) -> dict:

@@ -12,7 +12,8 @@ from django.utils import timezone
 import execution.services as services
 from execution.exchanges.paper import ClockMixed, PaperExchange
 from execution.models import Order, OrderState, PaperAccount, PaperOrder
-from execution.services import account_sync, order_place
+from execution.services import order_place
+from execution.sync import account_sync
 from journal.models import JournalEvent, Trade, TradeStatus
 from tests.execution.helpers import BTC, T0, approve, decision
 

@@ -12,18 +12,9 @@ from execution.exchanges.paper import PaperExchange
 from execution.models import ORDER_TRANSITIONS, BotStatus, InvalidTransition, Order, OrderState, PaperOrder, transition
 from execution.risk import MarketRef
 from execution.selectors import account_state, bot_state
-from execution.services import (
-    account_sync,
-    bot_halt,
-    bot_peak_raise,
-    bot_resume,
-    bot_state_refresh,
-    order_place,
-    positions_flatten,
-    risk_daily_reset,
-    risk_gate_run,
-    risk_trade_closed,
-)
+from execution.services import order_place, positions_flatten, risk_gate_run
+from execution.bot import bot_halt, bot_peak_raise, bot_resume, bot_state_refresh, risk_daily_reset, risk_trade_closed
+from execution.sync import account_sync
 from journal.models import RiskRejection, Trade
 from market.feeds.base import Bar
 from tests.execution.helpers import BTC, T0, account, approve, decision

@@ -13,7 +13,7 @@ import pytest
 from django.utils import timezone
 
 from execution.models import Order, OrderState
-from execution.services import bot_halt
+from execution.bot import bot_halt
 from journal.models import JournalEvent, Mode, Trade, TradeStatus
 from market.models import Instrument
 from telegram_bot.alerts import silent_until
@@ -247,7 +247,7 @@ def test_every_alert_the_issue_lists_comes_from_what_the_services_journal(telegr
     from brain.models import PlaybookTrigger
     from brain.playbook import playbook_current, playbook_save
     from execution.exchanges.okx import OkxExchange
-    from execution.services import bot_resume, risk_trade_closed
+    from execution.bot import bot_resume, risk_trade_closed
     from journal.models import Cycle, CycleOutcome, CycleState, LlmCall
     from tradebot import tasks
     from tradebot.learning import playbook_candidate_validate

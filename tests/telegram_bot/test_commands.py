@@ -196,7 +196,7 @@ def paper(btc: Instrument, settings):  # noqa: ANN001, ANN201
 
 def test_the_other_admin_commands_go_through_the_bots_services_journaled_with_the_chat_user(btc, chats, memory_broker) -> None:
     from brain.models import PlaybookVersion
-    from execution.services import bot_halt
+    from execution.bot import bot_halt
     from journal.models import Cycle
     from tradebot.celery import app
 

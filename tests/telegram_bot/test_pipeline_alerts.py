@@ -147,7 +147,7 @@ def test_halt_from_an_admin_chat_stops_the_next_order_and_others_change_nothing(
     assert halted[0]["text"] == "[CRITICAL] HALTED\nbot HALTED: going out (by telegram:bob_admin)"
     assert JournalEvent.objects.filter(kind="telegram_admin_refused", data__chat_id=READER).count() == 1
     assert JournalEvent.objects.filter(kind="telegram_unauthorised", data__chat_id=STRANGER).count() == 1
-    from execution.services import bot_resume
+    from execution.bot import bot_resume
 
     bot_resume(by="tester")
 
@@ -159,7 +159,7 @@ def test_telegram_unreachable_for_a_minute_delays_no_cycle_and_loses_no_alert(te
     half: Telegram accepts and never answers (each send waits for its timeout). Cycles run back to back all the
     while; then Telegram comes back and every alert arrives exactly once. TELEGRAM_OUTAGE_CLOCK=1 runs a real minute.
     """
-    from execution.services import bot_halt, bot_resume
+    from execution.bot import bot_halt, bot_resume
     from telegram_bot.models import Alert, AlertStatus
 
     minute, timeout = 60 / CLOCK, 10 / CLOCK

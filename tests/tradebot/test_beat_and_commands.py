@@ -94,14 +94,14 @@ def test_account_syncs_that_failed_while_the_database_was_down_are_journaled_onc
         instruments, monkeypatch) -> None:
     from django.db import OperationalError
 
-    import execution.services
+    import execution.sync
     from journal.models import JournalEvent
     from tradebot import tasks
 
     def db_down(**_):  # noqa: ANN003, ANN202 - what psycopg raises with PostgreSQL stopped
         raise OperationalError("connection refused")
 
-    monkeypatch.setattr(execution.services, "account_sync", db_down)
+    monkeypatch.setattr(execution.sync, "account_sync", db_down)
     assert tasks.account_sync.run() == [] and tasks.account_sync.run() == []
     assert not JournalEvent.objects.filter(kind="account_sync_failed").exists()  # the database "was down"
     monkeypatch.undo()

@@ -194,7 +194,7 @@ def test_a_worker_killed_during_executing_is_restarted_and_the_cycle_completes_o
 def test_a_halt_between_stages_stops_the_order(workers: Workers, btc: Instrument) -> None:
     from celery import chain
 
-    from execution.services import bot_halt, bot_resume
+    from execution.bot import bot_halt, bot_resume
 
     cycle = cycle_open(instrument=btc, as_of=OPEN_AT, trigger="test")
     first, rest = STAGES[:5], STAGES[5:]

@@ -44,7 +44,7 @@ class Command(BaseCommand):
             if "flatten" in result:
                 self.stdout.write(f"flatten: {result['flatten']}")
         elif action == "resume":
-            from execution.services import bot_resume
+            from execution.bot import bot_resume
 
             view = bot_resume(by=by)
             self.stdout.write(f"bot {view.state}")
@@ -134,7 +134,7 @@ class Command(BaseCommand):
     def _confirm_live(self, by: str) -> None:
         from django.conf import settings
 
-        from execution.services import live_trading_confirm
+        from execution.bot import live_trading_confirm
 
         if not settings.OKX_LIVE_TRADING:
             raise CommandError("OKX_LIVE_TRADING is not true: set it (and OKX_DEMO=false) before confirming")
