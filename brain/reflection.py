@@ -27,6 +27,7 @@ conditional UPDATE (`status=running`), so a candidate is never stored twice.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from brain.base import brain_for_settings
@@ -268,6 +270,69 @@ def deep_reflection_due(*, now: datetime, mode: str = Mode.LIVE, run_id: str = "
     return False, f"{len(pending)} trades and {hours:.1f} h since the last deep reflection: not due"
 
 
+def reflection_window(*, pending: list[int], version: int, mode: str = Mode.LIVE, run_id: str = "",
+                      until: datetime | None = None) -> list[int]:
+    """The trades a deep reflection judges, oldest first: those since the last reflection, and before them the latest
+    earlier closed trades of the version it reflects on, REFLECTION_WINDOW_TRADES in all (closed by `until`).
+
+    Without the earlier ones a reflection every REFLECTION_INTERVAL_HOURS sees the one or two trades of its last
+    hours, too few for any verdict on a strategy; with them each reflection judges the version's recent record.
+    No new trade, no window: a reflection with nothing new to see does not run (`deep_reflection_run`).
+    """
+    room = settings.REFLECTION_WINDOW_TRADES - len(pending)
+    if not pending or room <= 0:
+        return list(pending)
+    earlier = _closed_trades(mode, run_id).filter(playbook_version=version).exclude(pk__in=pending)
+    if until is not None:
+        earlier = earlier.filter(closed_at__lte=until)
+    first = _closed_trades(mode, run_id).filter(pk=pending[0]).values_list("closed_at", flat=True).first()
+    if first is not None:
+        earlier = earlier.filter(closed_at__lte=first)
+    older = list(earlier.order_by("-closed_at", "-id").values_list("pk", flat=True)[:room])
+    return [*reversed(older), *pending]
+
+
+def _change_key(current: dict[str, Any], playbook: dict[str, Any]) -> frozenset[tuple[str, str]]:
+    """What a change does to `current`: each changed trading field with its new value. The lessons a change carries
+    (its explanation, citing the trades it saw) do not make it another change, unless lessons are all it changes."""
+    changes = [(c["path"], json.dumps(c["new"], sort_keys=True, default=str))
+               for c in playbook_trading_changes(current, playbook)]
+    rules = frozenset(c for c in changes if not c[0].startswith("lessons_learned"))
+    return rules or frozenset(changes)
+
+
+def _proposed_before(*, candidate: dict[str, Any], current: PlaybookVersion, run_id: str, mode: str,
+                     until: datetime | None) -> str | None:
+    """Why this change is not proposed again, or None: the same trading content was already proposed against the
+    version now in force (waiting for its validation, or rejected by it) and fewer than REFLECTION_WINDOW_TRADES
+    trades of that version have closed since that proposal's evidence ended: the same evidence would give the same
+    verdict, and a validation costs minutes of replay (and model calls with Claude)."""
+    earlier = (PlaybookVersion.objects.filter(run_id=run_id)
+               .filter(Q(status=PlaybookStatus.CANDIDATE)
+                       | Q(status=PlaybookStatus.REJECTED, validated_against=current.version))
+               .order_by("-version"))
+    wanted = _change_key(current.playbook, candidate)
+    for version in earlier:
+        try:
+            if _change_key(current.playbook, version.playbook) != wanted:
+                continue
+        except ValueError:
+            continue
+        since = (version.evidence or {}).get("to")
+        new = _closed_trades(mode, run_id).filter(playbook_version=current.version)
+        if since:
+            new = new.filter(closed_at__gt=datetime.fromisoformat(since))
+        if until is not None:
+            new = new.filter(closed_at__lte=until)
+        count = new.count()
+        if count < settings.REFLECTION_WINDOW_TRADES:
+            state = "rejected by validation" if version.status == PlaybookStatus.REJECTED else "waiting for validation"
+            return (f"the same change to v{current.version} was proposed as v{version.version} ({state}); "
+                    f"{count} of v{current.version}'s trades closed since its evidence, "
+                    f"{settings.REFLECTION_WINDOW_TRADES} needed to propose it again")
+    return None
+
+
 # --- deep reflection: claim, run, finish ------------------------------------------------
 
 
@@ -290,7 +355,8 @@ def _claim(*, mode: str, run_id: str = "", base: PlaybookVersion | None = None,
             return running, True
         pending = trades_pending_reflection(mode=mode, run_id=run_id, until=until)
         row = ReflectionLog.objects.create(
-            reflection_type=ReflectionType.PERIODIC, mode=mode, status=ReflectionStatus.RUNNING, trade_ids=pending,
+            reflection_type=ReflectionType.PERIODIC, mode=mode, status=ReflectionStatus.RUNNING,
+            trade_ids=reflection_window(pending=pending, version=current.version, mode=mode, run_id=run_id, until=until),
             old_version=current.version, output_json={"lease": _new_lease(), "run_id": run_id},
         )
         return row, False
@@ -485,6 +551,13 @@ def deep_reflection_run(*, now: datetime | None = None, force: bool = False, mod
         reason = (f"no change to the trading content of playbook v{current.version} (statistics recorded as observation "
                   f"{observation.pk}): {reflection.summary}")
         _finish(row, status=ReflectionStatus.NO_CHANGE, output=output, changes=changes)
+        outcome.status, outcome.reason = ReflectionStatus.NO_CHANGE, reason
+        return outcome
+    repeated = _proposed_before(candidate=candidate, current=current, run_id=owner_run_id, mode=mode, until=until)
+    if repeated is not None:
+        reason = f"playbook v{current.version} stays in force: {repeated}"
+        _finish(row, status=ReflectionStatus.NO_CHANGE, output={**output, "repeated": repeated}, changes=changes)
+        event_record(kind="reflection_repeated", message=reason, mode=mode)
         outcome.status, outcome.reason = ReflectionStatus.NO_CHANGE, reason
         return outcome
     _explain(changed, reflection, ids)

@@ -357,6 +357,9 @@ RESEARCH_CACHE_SECONDS = env_int("RESEARCH_CACHE_SECONDS", 3600, minimum=0)
 # --- Self-learning -----------------------------------------------------------
 REFLECTION_INTERVAL_TRADES = env_int("REFLECTION_INTERVAL_TRADES", 20, minimum=1)
 REFLECTION_INTERVAL_HOURS = env_int("REFLECTION_INTERVAL_HOURS", 6, minimum=1)
+# A deep reflection judges the trades since the last one and, before them, the latest earlier trades of the version
+# it reflects on: this many in all (a 6 h reflection at ~2.5 trades a day would otherwise judge one or two trades).
+REFLECTION_WINDOW_TRADES = env_int("REFLECTION_WINDOW_TRADES", 20, minimum=1)
 PLAYBOOK_VALIDATION_DAYS = env_int("PLAYBOOK_VALIDATION_DAYS", 30, minimum=1)
 # Issue 15: walk-forward validation. The PLAYBOOK_VALIDATION_DAYS are split into this many out-of-sample folds ...
 PLAYBOOK_VALIDATION_FOLDS = env_int("PLAYBOOK_VALIDATION_FOLDS", 3, minimum=1)

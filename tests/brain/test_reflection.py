@@ -258,3 +258,52 @@ def test_a_candidate_lists_the_trading_fields_it_changes_why_and_the_trades_and_
     assert sorted(by_path["lessons_learned"]["evidence_trade_ids"]) == breakout_ids
     assert candidate.evidence["from"] == min(t.opened_at for t in losing_breakouts).isoformat()
     assert candidate.evidence["to"] == max(t.closed_at for t in losing_breakouts).isoformat()
+
+
+def _losing_breakout(instrument: Instrument, i: int, version: int) -> Trade:
+    trade = make_trade(instrument, i, "-25")
+    Trade.objects.filter(pk=trade.pk).update(playbook_version=version)
+    return trade
+
+
+def test_a_reflection_judges_the_new_trades_with_the_versions_earlier_ones_and_not_another_versions(
+        db, instrument, rules) -> None:
+    v1 = playbook_current()
+    for i in range(4):  # too few of one strategy for a verdict: statistics only
+        _losing_breakout(instrument, i, v1.version)
+    other = _losing_breakout(instrument, 5, v1.version + 7)  # another version's trade: never in v1's window
+    Trade.objects.filter(pk=other.pk).update(strategy_used="trend_pullback", pnl_usd=Decimal("40"))
+    first = deep_reflection_run(force=True)
+    assert first.status == "no_change" and first.candidate_version is None, first.reason
+    new = [_losing_breakout(instrument, 6 + i, v1.version) for i in range(2)]
+    outcome = deep_reflection_run(force=True)
+    assert outcome.status == "done", outcome.reason  # 4 earlier + 2 new breakouts of v1: switched off
+    row = ReflectionLog.objects.get(pk=outcome.log_id)
+    earlier = list(Trade.objects.filter(playbook_version=v1.version).exclude(pk__in=[t.pk for t in new])
+                   .order_by("closed_at").values_list("pk", flat=True))
+    assert len(earlier) == 4 and row.trade_ids == [*earlier, *(t.pk for t in new)] and other.pk not in row.trade_ids
+    candidate = PlaybookVersion.objects.get(version=outcome.candidate_version)
+    assert candidate.playbook["strategy_definitions"]["momentum_breakout"]["params"]["enabled"] is False
+
+
+def test_a_change_rejected_against_the_active_version_is_proposed_again_only_after_a_window_of_new_trades(
+        db, instrument, rules, settings) -> None:
+    settings.REFLECTION_WINDOW_TRADES = 6
+    v1 = playbook_current()
+    for i in range(6):
+        _losing_breakout(instrument, i, v1.version)
+    proposed = deep_reflection_run(force=True)
+    assert proposed.status == "done", proposed.reason
+    PlaybookVersion.objects.filter(version=proposed.candidate_version).update(
+        status=PlaybookStatus.REJECTED, validated_against=v1.version)
+    _losing_breakout(instrument, 10, v1.version)
+    again = deep_reflection_run(force=True)
+    assert again.status == "no_change" and again.candidate_version is None
+    assert f"proposed as v{proposed.candidate_version} (rejected by validation)" in again.reason
+    assert "1 of v1's trades closed since its evidence, 6 needed" in again.reason
+    assert PlaybookVersion.objects.count() == 2
+    assert JournalEvent.objects.filter(kind="reflection_repeated").count() == 1
+    for i in range(5):  # six new trades of v1 since that evidence: new evidence, proposed again
+        _losing_breakout(instrument, 11 + i, v1.version)
+    renewed = deep_reflection_run(force=True)
+    assert renewed.status == "done" and renewed.candidate_version not in (None, proposed.candidate_version), renewed.reason
