@@ -156,8 +156,8 @@ def test_a_worker_killed_in_analyzing_loses_the_stage_and_the_instrument_trades_
 
 
 def test_a_worker_killed_in_executing_before_the_exchange_took_the_order_sends_it_at_most_once(bot: Bot) -> None:
-    row = _kill_at_hold(bot, hold="executing_before", worker="okx", state="EXECUTING", end_session=True,
-                        fault="SIGKILL okx worker in EXECUTING after the intent row, before the exchange call",
+    row = _kill_at_hold(bot, hold="executing_before", worker="orders", state="EXECUTING", end_session=True,
+                        fault="SIGKILL orders worker in EXECUTING after the intent row, before the exchange call",
                         before=bot.flatten)
     cid = bot.sql("SELECT client_order_id, state, error_message FROM execution_order WHERE cycle_id = %s",
                   (row["caught_cycle"]["id"],))
@@ -167,8 +167,8 @@ def test_a_worker_killed_in_executing_before_the_exchange_took_the_order_sends_i
 
 
 def test_a_worker_killed_in_executing_after_the_fill_gets_its_trade_journaled_once(bot: Bot) -> None:
-    row = _kill_at_hold(bot, hold="executing_after", worker="okx", state="EXECUTING", end_session=False,
-                        fault="SIGKILL okx worker in EXECUTING after the exchange call (filled, no trade yet)",
+    row = _kill_at_hold(bot, hold="executing_after", worker="orders", state="EXECUTING", end_session=False,
+                        fault="SIGKILL orders worker in EXECUTING after the exchange call (filled, no trade yet)",
                         before=bot.flatten)
     orders = bot.sql("SELECT client_order_id, state FROM execution_order WHERE cycle_id = %s",
                      (row["caught_cycle"]["id"],))
@@ -263,7 +263,7 @@ def test_runbot_interrupted_during_a_cycle_after_a_postgresql_restart_records_it
             # Until every worker is in its warm shutdown (beat is stopped first): then the held stage finishes,
             # and nothing takes the cycle's next stage.
             deadline = time.monotonic() + 60
-            while log.read_bytes()[stop_mark:].count(b"Warm shutdown") < 4 and time.monotonic() < deadline:
+            while log.read_bytes()[stop_mark:].count(b"Warm shutdown") < len(QUEUES) and time.monotonic() < deadline:
                 time.sleep(0.2)
         out = _interrupt(proc, log, 0)
         said = [line for line in out.splitlines() if line.startswith(("stopped", "stopping", "database unavailable"))]
