@@ -45,6 +45,10 @@ pytestmark = [pytest.mark.faults]
 
 # The outage length; FAULT_OUTAGE_SECONDS shortens it where the suite's time matters more (same paths run).
 OUTAGE_SECONDS = int(os.environ.get("FAULT_OUTAGE_SECONDS", "30"))
+# Only an outage of two intervals certainly loses a tick: a shorter one may end while beat still retries its send
+# (about 5 s) or while the tick's cycle_start still retries within its interval, and then no gap row is due (every
+# tick is still a cycle or a gap: the invariants check that either way).
+LOSES_A_TICK = OUTAGE_SECONDS >= 2 * INTERVAL
 REPORT = Path(os.environ["FAULT_REPORT"]) if os.environ.get("FAULT_REPORT") else None
 FREED_WITHIN = INTERVAL + STAGE_LIMIT + 2  # the sweep comes with the first tick past the stage limit (+ beat's jitter)
 TRADES_WITHIN = INTERVAL + SLACK  # one interval, plus the cycle's own run time on a loaded machine
@@ -211,7 +215,7 @@ def test_redis_stopped_30_s_during_a_cycle_loses_no_tick_unrecorded(bot: Bot, se
     _, redis = servers
     row = _outage(bot, fault=f"Redis stopped {OUTAGE_SECONDS} s during a cycle", stop=redis.stop, start=redis.start,
                   measure=_reconnects)
-    assert row["gap_rows"] >= 1, row  # the ticks beat could not send are one recorded gap
+    assert row["gap_rows"] >= 1 or not LOSES_A_TICK, row  # the ticks beat could not send are one recorded gap
     reconnect = row["worker_reconnect_s"]
     assert all(s is not None and s <= 5.0 for s in reconnect.values()), reconnect  # retried every 0.5-2 s, forever
 
@@ -219,7 +223,7 @@ def test_redis_stopped_30_s_during_a_cycle_loses_no_tick_unrecorded(bot: Bot, se
 def test_postgresql_stopped_30_s_during_a_cycle_loses_no_tick_unrecorded(bot: Bot, servers) -> None:  # noqa: ANN001
     pg, _ = servers
     row = _outage(bot, fault=f"PostgreSQL stopped {OUTAGE_SECONDS} s during a cycle", stop=pg.stop, start=pg.start)
-    assert row["gap_rows"] >= 1, row
+    assert row["gap_rows"] >= 1 or not LOSES_A_TICK, row
 
 
 def _runbot(bot: Bot, log: Path) -> subprocess.Popen[bytes]:
