@@ -126,8 +126,6 @@ def _context_take(work: CycleWork) -> None:
             work.extra["brain"] = kept[2]
 
 
-
-
 def _persist(cycle: Cycle, claimed_state: str, *, snapshot_read: Any = None) -> bool:
     """Write the cycle back only if nobody ended it meanwhile (a stale-sweep or an interrupt).
 
@@ -495,7 +493,6 @@ def watchlist_refresh(self: Task) -> list[str]:
     except FeedTemporaryError as exc:
         raise self.retry(exc=exc, countdown=300) from exc
     return report.enabled
-
 
 
 # --- worker warm-up and the connection between tasks -----------------------------------------------------------------
