@@ -4,7 +4,7 @@ against a slow local Messages API server.
 
 The llm worker's threads are all held by a slow model, with more held calls queued behind them, and the okx worker
 is held as a tick's COLLECTING tasks hold it, with more queued behind it. An approved order (risk gate on
-`default`, the order on `orders`) still reaches the exchange within a second of its analysis, long before any held
+`default`, the order on `orders`) still reaches the exchange within 2 s of its analysis, long before any held
 call ends, and the account sync (`orders`), sent while every llm thread and the okx worker are held, starts at
 once. (The one llm thread that served the order's own analysis is refilled from the queue a moment after it
 answers, so at the order's instant the others are certainly held and that one is being refilled.) With the order
@@ -144,10 +144,13 @@ def test_an_approved_order_and_the_account_sync_wait_for_no_model_call_and_no_co
     order = Order.objects.get(cycle_id=cycle.pk)
     placed, filled = order.created_at.timestamp(), order.updated_at.timestamp()
     assert cycle.order["state"] == "FILLED"
-    # The order was written (before the exchange call) and filled while the other llm threads were held, within a
-    # second of the analyst's answer, long before any held call ended: it waited behind no model call.
+    # The order was written (before the exchange call) and filled while the other llm threads were held, within the
+    # issue's 2 s of the analyst's answer (about 0.6 s here; up to 1.3 s seen on the loaded 2-core machine: the
+    # analysis's write-back, the risk gate and two hops come first), long before any held call or the okx holds
+    # ended: it waited behind no model call and no COLLECTING (routed to the okx queue, it was placed only after
+    # every held model call had ended).
     assert model.in_flight(placed) >= THREADS - 1 and model.in_flight(filled) >= THREADS - 1
-    assert placed - model.analyst_answered < 1.0, placed - model.analyst_answered
+    assert placed - model.analyst_answered < 2.0, (placed - model.analyst_answered, cycle.stage_times)
     assert filled < min(start for start, _ in model.holds) + HOLD_SECONDS
     assert cycle.stage_times["EXECUTING"]["queue"] == "orders"
     assert Cycle.objects.filter(pk=cycle.pk, stage_times__ANALYZING__queue="llm").exists()
