@@ -248,7 +248,7 @@ class Command(BaseCommand):
         env.setdefault("PLAYBOOK_VALIDATION_DAYS", "3")
         env.setdefault("PLAYBOOK_VALIDATION_CYCLE_SECONDS", "900")
         procs = []
-        for name, queues in (("demo", "okx,llm,default"), ("demo-reflection", "reflection")):
+        for name, queues in (("demo", "okx,orders,llm,default"), ("demo-reflection", "reflection")):
             log_path = Path(settings.VAR_DIR) / f"{name}-worker.log"
             log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it
             proc = subprocess.Popen(
