@@ -1,8 +1,10 @@
 """The `llm_load` section (issue 20): N instruments on real workers against a model with realistic latency.
 
 Workers as `make run` starts them: one per queue on Redis and PostgreSQL, the
-llm one on a threads pool of LLM_WORKER_THREADS (8), the others prefork with
-`--concurrency` processes (1, runbot's default; 2 is compose's okx and default).
+llm one on a threads pool of LLM_WORKER_THREADS (8), the orders one (EXECUTING/
+CONFIRMING, the account sync) prefork with ORDERS_WORKER_CONCURRENCY (2)
+processes, the others prefork with `--concurrency` processes (1, runbot's
+default; 2 is compose's okx and default).
 The brain is Claude against the local Messages API server of the tests
 (`HonestModel` with REALISTIC_LATENCY: screener p50 1 s, analyst p50 20 s with
 5% at 60 s, honest usage), screener pass rate 0.2, analyst opening 15% of flat
@@ -66,13 +68,15 @@ def bench_llm_load() -> None:
     scale = interval / 300.0
     conc = max(1, infra.OPTIONS.concurrency)
     threads = int(settings.LLM_WORKER_THREADS)
+    orders_conc = int(settings.ORDERS_WORKER_CONCURRENCY)
     sync_every = settings.ACCOUNT_SYNC_SECONDS * scale
     ids = [f"S{i:03d}-USDT-SWAP" for i in range(1, n + 1)]
     first = OPEN_AT
     last = first + timedelta(minutes=5 * (ticks - 1))
     print(f"llm_load: {n} instruments, {ticks} ticks every {interval:g} s (virtual 5 minutes; "
           f"model latency x{scale:g}),"
-          f" workers okx/default/reflection prefork x{conc}, llm threads x{threads}; Claude brain on the local server "
+          f" workers okx/default/reflection prefork x{conc}, orders prefork x{orders_conc}, llm threads x{threads}; "
+          f"Claude brain on the local server "
           f"(screener p50 {1 * scale:g} s, analyst p50 {20 * scale:g} s, 5% at {60 * scale:g} s); account sync every "
           f"{sync_every:g} s; PostgreSQL {infra.ENV.db_name}; {infra.load()}")
     took = backfill(ids, last)
@@ -88,7 +92,8 @@ def bench_llm_load() -> None:
                  "LLM_DAILY_BUDGET_USD": "100000", "DECISION_CYCLE_SECONDS": str(max(10, int(interval)))}
         workers = Workers(redis_url=infra.OPTIONS.redis_url, tmp=tmp, app_module="bench.worker_app",
                           prefix=f"tbload{os.getpid()}:", pool="prefork", concurrency=conc,
-                          pools={"llm": ("threads", threads)}, visibility_timeout=3600, extra_env=extra,
+                          pools={"llm": ("threads", threads), "orders": ("prefork", orders_conc)},
+                          visibility_timeout=3600, extra_env=extra,
                           ready_timeout=300.0)
         t = time.perf_counter()
         workers.start_all()
@@ -105,7 +110,7 @@ def bench_llm_load() -> None:
                 while time.time() < due:
                     if time.time() >= next_sync:
                         sync_sent.append(time.time())
-                        app.send_task("tradebot.tasks.account_sync", queue="okx")
+                        app.send_task("tradebot.tasks.account_sync", queue="orders")
                         next_sync += sync_every
                     time.sleep(0.05)
                 tick_sent.append(time.time())
@@ -118,7 +123,7 @@ def bench_llm_load() -> None:
             while time.time() < end_at:
                 if time.time() >= next_sync:
                     sync_sent.append(time.time())
-                    app.send_task("tradebot.tasks.account_sync", queue="okx")
+                    app.send_task("tradebot.tasks.account_sync", queue="orders")
                     next_sync += sync_every
                 time.sleep(0.05)
             deadline = time.monotonic() + 120 * max(scale, 0.2)

@@ -225,10 +225,10 @@ def bench_pipeline() -> None:
     workers = infra.workers_start(feed="settings")
     print(f"  workers ready in {time.perf_counter() - t:.1f} s (each builds the synthetic feed and one snapshot)")
     # How this differs from production: docker-compose.yml starts `celery -A tradebot worker -Q <queue> -c N` with
-    # Celery's default prefork pool (okx -c 2, llm -c 4, default -c 2). Prefork adds a pipe hop to a child per task,
-    # and consecutive llm stages may land in different children, which then do not share SCREENING's context.
-    print("  (production differs: docker-compose runs the prefork pool, -c 2 okx/default, -c 4 llm; prefork adds a "
-          "parent-to-child hop per task and splits the llm stages' in-process context over children)")
+    # Celery's default prefork pool (okx -c 2, orders -c 2, default -c 2) and a threads pool for llm (x8). Prefork adds
+    # a pipe hop to a child per task.
+    print("  (production differs: docker-compose runs the prefork pool, -c 2 okx/orders/default, llm on 8 threads; "
+          "prefork adds a parent-to-child hop per task)")
     try:
         for i in range(3):  # warm-up, untimed
             cycle_run(btc, DAY - timedelta(minutes=5 * (i + 1)), workers)
@@ -254,7 +254,7 @@ def bench_pipeline() -> None:
         workers.stop_all()
 
     f7 = floor[7]
-    print(f"  floor, a bare chain of 7 trivial tasks on the same queues (okx>llm>llm>llm>default>okx>default), "
+    print(f"  floor, a bare chain of 7 trivial tasks on the same queues (okx>llm>llm>llm>default>orders>default), "
           f"{len(f7)} runs: p50 {ms(statistics.median(f7))}, p99 {ms(pct(f7, 0.99))}")
     print(f"  snapshot_build (synthetic feed, feed reads included, this process): median {ms(snap)}")
 

@@ -12,7 +12,7 @@ the stream's job is to make it run at once instead of at the next 15-second beat
 After every (re)connect and login a fresh sync is requested: what happened while the stream
 was down is then seen. Requests are coalesced: at most one per `min_interval` seconds, and a
 request inside the interval is sent when it ends (so the last push is always followed by a sync).
-`request_sync(reason)` is given by the caller (it queues the account-sync task on the okx queue).
+`request_sync(reason)` is given by the caller (it queues the account-sync task on the orders queue).
 """
 from __future__ import annotations
 

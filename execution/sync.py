@@ -178,7 +178,8 @@ def account_sync(*, exchange: Exchange, mode: str = Mode.LIVE, run_id: str | Non
             if match is None:
                 continue
             used.add(match.pos_id)
-            trade_close_record(trade=trade, closed=match, exit_indicators=exit_indicators)
+            if trade_close_record(trade=trade, closed=match, exit_indicators=exit_indicators) is None:
+                continue  # another sync (the orders worker's other process, an order's own sync) closed it first
             result.closed_trade_ids.append(trade.pk)
             risk_trade_closed(pnl=match.realized_pnl, now=match.closed_at, scope=scope)
     _bot_figures_sync(scope, equity=account.equity, day=now.date())
@@ -216,8 +217,13 @@ def _match_closed(trade: Trade, closed: list[ClosedPosition], used: set[str]) ->
     return None
 
 
-def trade_close_record(*, trade: Trade, closed: ClosedPosition, exit_indicators: ExitIndicators | None = None) -> Trade:
-    """Close the journal Trade with the exchange's numbers (net PnL, fees, funding)."""
+def trade_close_record(*, trade: Trade, closed: ClosedPosition,
+                       exit_indicators: ExitIndicators | None = None) -> Trade | None:
+    """Close the journal Trade with the exchange's numbers (net PnL, fees, funding).
+
+    The close is claimed by a conditional UPDATE (the trade still open): two account syncs that run at once (the
+    orders worker has several processes; a close order syncs too) both find the closed position, and only the one
+    that closes the trade counts its loss and asks for its review. None: another one closed it first."""
     reason = closed.close_reason
     # Only a close the exchange does not explain (a close order's fill) can be ours: a stop is the stop.
     own_close = _own_close_order(trade, closed) if reason in ("", "close") else None
@@ -237,8 +243,10 @@ def trade_close_record(*, trade: Trade, closed: ClosedPosition, exit_indicators:
     trade.exit_reason = reason[:_EXIT_REASON_MAX]
     trade.status = TradeStatus.CLOSED
     # Only what a close changes: the other columns (the entry's JSON among them) are as read.
-    trade.save(update_fields=_CLOSE_FIELDS)
-    return trade
+    trade.updated_at = timezone.now()
+    won = Trade.objects.filter(pk=trade.pk, status=TradeStatus.OPEN).update(
+        **{name: getattr(trade, name) for name in _CLOSE_FIELDS})
+    return trade if won else None
 
 
 _EXIT_REASON_MAX = Trade._meta.get_field("exit_reason").max_length

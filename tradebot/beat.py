@@ -70,7 +70,7 @@ def beat_sync() -> list[PeriodicTask]:
     # Instruments turned off: their entries stop, a person's edits stay.
     PeriodicTask.objects.filter(name__startswith=CYCLE_PREFIX, task=CYCLE_TASK).exclude(name__in=enabled_names).update(enabled=False)
     entries.append(_entry(
-        "account sync", task="tradebot.tasks.account_sync", queue="okx", interval=_interval(settings.ACCOUNT_SYNC_SECONDS),
+        "account sync", task="tradebot.tasks.account_sync", queue="orders", interval=_interval(settings.ACCOUNT_SYNC_SECONDS),
         expire_seconds=settings.ACCOUNT_SYNC_SECONDS, description="Positions, balance and closed trades from the exchange",
     ))
     for period, cron in (

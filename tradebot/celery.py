@@ -1,7 +1,10 @@
 """The Celery app: queues, routing by module, JSON only, beat from the database.
 
-Queues: `okx` (market and execution: anything that talks to the exchange),
-`llm` (brain), `reflection` (self-learning), `default` (risk gate, journal).
+Queues: `okx` (market data: COLLECTING, the watchlist refresh), `orders` (what places
+or confirms an order and keeps the account true: EXECUTING/CONFIRMING, the account
+sync, execution's own tasks), `llm` (brain), `reflection` (self-learning), `default`
+(risk gate, journal). `orders` has its own worker so an approved order and the
+account sync never wait behind a tick's COLLECTING tasks or a model call.
 Tasks stay thin: they take ids, load rows, call one service and own only
 retries and time limits.
 """
@@ -23,15 +26,21 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tradebot.settings")
 app = Celery("tradebot")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 
-QUEUES = ("okx", "llm", "reflection", "default")
+QUEUES = ("okx", "orders", "llm", "reflection", "default")
+ORDERS_QUEUE = "orders"
+# Tasks of this layer that place or confirm an order or reconcile the account (execution's own tasks go there by module).
+ORDER_TASKS = frozenset({"tradebot.tasks.cycle_execute", "tradebot.tasks.account_sync"})
 
 
 def route_task(name: str, args: object, kwargs: object, options: object, task: object = None, **kw: object) -> dict[str, str]:
-    """Route by the module a task lives in; the pipeline may still name a queue."""
+    """Route by the module a task lives in, order tasks by name. A queue named by the sender wins (the pipeline's
+    signatures name theirs; a retry is sent again to the queue it came from, a redelivery comes back on it)."""
     module = name.split(".", 1)[0]
+    if name in ORDER_TASKS or module == "execution":
+        return {"queue": ORDERS_QUEUE}
     if name.startswith("brain.reflection") or name.startswith("tradebot.tasks.reflection"):
         return {"queue": "reflection"}
-    if module in ("market", "execution"):
+    if module == "market":
         return {"queue": "okx"}
     if module == "brain":
         return {"queue": "llm"}

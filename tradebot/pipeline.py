@@ -1,7 +1,7 @@
 """The Celery chain for one instrument's cycle, one task per stage, each on its queue.
 
 COLLECTING (okx) -> SCREENING (llm) -> RESEARCHING (llm) -> ANALYZING (llm)
--> RISK_CHECK (default) -> EXECUTING/CONFIRMING (okx) -> JOURNALING (default).
+-> RISK_CHECK (default) -> EXECUTING/CONFIRMING (orders) -> JOURNALING (default).
 
 Signatures are immutable (`si`): every task takes the cycle id and reads the
 rest from the Cycle row, so a redelivered task needs nothing from its parent.

@@ -320,6 +320,9 @@ ANALYST_UNCHANGED_ATR_MULTIPLE = env_decimal("ANALYST_UNCHANGED_ATR_MULTIPLE", "
 ANALYST_UNCHANGED_MAX_SECONDS = env_int("ANALYST_UNCHANGED_MAX_SECONDS", 3600, minimum=0)
 # make run / compose: threads of the llm worker (each serves one model call at a time).
 LLM_WORKER_THREADS = env_int("LLM_WORKER_THREADS", 8, minimum=1)
+# make run / compose: processes of the orders worker (EXECUTING/CONFIRMING and the account sync, on their own queue):
+# two, so an order waiting for its fill and the account sync never wait for each other.
+ORDERS_WORKER_CONCURRENCY = env_int("ORDERS_WORKER_CONCURRENCY", 2, minimum=1)
 # The watchlist (issue 20): at most WATCHLIST_MAX_ENABLED instruments trade at once (an import or the top-N selection
 # past it is refused row by row); WATCHLIST_TOP_N > 0 enables the N USDT swaps with the largest 24-hour volume on
 # OKX, refreshed daily at WATCHLIST_TOP_N_HOUR:10 UTC (0 = off: only the instruments a person enabled).

@@ -594,7 +594,7 @@ STAGES: tuple[tuple[str, Callable[[CycleWork, StageEnv], bool], str], ...] = (
     (S.RESEARCHING, research, "llm"),
     (S.ANALYZING, analyze, "llm"),
     (S.RISK_CHECK, risk, "default"),
-    (S.EXECUTING, execute, "okx"),
+    (S.EXECUTING, execute, "orders"),  # its own worker: never behind COLLECTING or a model call
     (S.JOURNALING, journal, "default"),
 )
 STAGE_FUNCS = {state: fn for state, fn, _ in STAGES}

@@ -10,7 +10,7 @@ This module wires the apps together (only `tradebot` may import them all): the p
 (market) writes the candle store and the live market rows; its triggers (the 1H move; the position
 watch's levels, read here from the journal every POSITIONS_EVERY s) start a cycle through
 `cycle_launch` (trigger "stream"); the private handler (execution) queues the account sync
-(tradebot.tasks.account_sync, okx queue), which journals closes and asks for their reviews;
+(tradebot.tasks.account_sync, orders queue), which journals closes and asks for their reviews;
 every problem a connection reports is a JournalEvent with the raw text (secrets redacted).
 
 Threads: the event loop only receives, validates and keeps. Database writes run on one
@@ -117,7 +117,7 @@ def position_levels_read(*, inst_ids: list[str], mode: str) -> dict[str, Positio
 def account_sync_send(reason: str) -> None:
     from tradebot.celery import app
 
-    app.signature(ACCOUNT_SYNC_TASK).set(queue="okx").apply_async()
+    app.signature(ACCOUNT_SYNC_TASK).set(queue="orders").apply_async()
 
 
 def stream_status_write(states: list[StreamState], *, at: float) -> None:

@@ -126,8 +126,6 @@ def _context_take(work: CycleWork) -> None:
             work.extra["brain"] = kept[2]
 
 
-
-
 def _persist(cycle: Cycle, claimed_state: str, *, snapshot_read: Any = None) -> bool:
     """Write the cycle back only if nobody ended it meanwhile (a stale-sweep or an interrupt).
 
@@ -497,7 +495,6 @@ def watchlist_refresh(self: Task) -> list[str]:
     return report.enabled
 
 
-
 # --- worker warm-up and the connection between tasks -----------------------------------------------------------------
 
 
@@ -505,15 +502,18 @@ def _warm_up(**_: Any) -> None:
     """Before the first task, what that worker's stages load lazily, so the first cycle is not the slow one (and a
     worker started again after a crash is back at full speed when it says ready).
 
-    `okx` (COLLECTING, EXECUTING): the feed, one snapshot and the execution services; `llm` (SCREENING .. ANALYZING):
-    the brain's modules; `default` (RISK_CHECK, JOURNALING): the risk gate's services. Nothing is written. On a
-    busy machine a cold first stage took ~20 s, more than a stage's time limit.
+    `okx` (COLLECTING): the feed and one snapshot; `orders` (EXECUTING/CONFIRMING, the account sync): the execution
+    services and the exchange handle; `llm` (SCREENING .. ANALYZING): the brain's modules; `default` (RISK_CHECK,
+    JOURNALING): the risk gate's services. Nothing is written. On a busy machine a cold first stage took ~20 s, more
+    than a stage's time limit.
     """
-    consumed = set(app.amqp.queues.consume_from or ()) or {"okx", "llm", "default"}
+    consumed = set(app.amqp.queues.consume_from or ()) or {"okx", "orders", "llm", "default"}
     try:
-        if consumed & {"okx", "default"}:
+        if consumed & {"okx", "orders", "default"}:
             import execution.services  # noqa: F401 - the order path and the risk gate's bookkeeping
             import execution.sync  # noqa: F401 - the account sync
+        if "orders" in consumed:
+            live_env(feed=False)  # the venue picked once per process (OKX: its client and live-trading guard)
         if "llm" in consumed:
             import brain.rules  # noqa: F401 - the offline brain (Claude's SDK loads with its first call)
             import brain.services  # noqa: F401 - the screener, the analyst, research

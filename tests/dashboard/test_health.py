@@ -38,7 +38,7 @@ def test_without_workers_or_beat_health_is_a_500_whose_json_names_each_failed_ch
     assert checks["Database(alias='default')"] == "OK"
     assert checks[f"EmbeddedBroker(folder='{embedded / 'queue'}')"] == "OK"
     assert "beat has never ticked" in checks["Beat(max_age_seconds=600)"]
-    for queue in ("okx", "llm", "reflection", "default"):
+    for queue in ("okx", "orders", "llm", "reflection", "default"):
         assert checks[f"QueueWorker(queue='{queue}')"].startswith("Unavailable"), checks
     # No login needed (a load balancer has none), and never cached.
     assert "no-cache" in response["Cache-Control"]

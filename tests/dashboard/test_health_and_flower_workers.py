@@ -80,7 +80,7 @@ def test_flower_refuses_a_request_without_credentials_and_lists_the_running_work
     assert httpx.get(f"{flower}/api/workers", auth=("flower-user", "wrong"), timeout=10).status_code == 401
     listed = httpx.get(f"{flower}/api/workers?refresh=1", auth=FLOWER_AUTH, timeout=30)
     assert listed.status_code == 200, listed.text[:500]
-    names = {f"{queue}@{workers.prefix[:-1]}" for queue in ("okx", "llm", "reflection", "default")}
+    names = {f"{queue}@{workers.prefix[:-1]}" for queue in ("okx", "orders", "llm", "reflection", "default")}
     assert names <= set(listed.json()), listed.json().keys()
     queues = {name: {q["name"] for q in info.get("active_queues") or []} for name, info in listed.json().items()}
     assert queues[f"llm@{workers.prefix[:-1]}"] == {"llm"}
@@ -97,7 +97,7 @@ def test_health_is_200_with_every_check_ok_and_500_naming_the_queue_whose_worker
     response = client.get("/health/", HTTP_ACCEPT="application/json")
     checks = response.json()
     assert response.status_code == 200, checks
-    assert set(checks.values()) == {"OK"} and len(checks) == 7, checks
+    assert set(checks.values()) == {"OK"} and len(checks) == 8, checks  # database, broker, beat, 5 queues
     assert any(name.startswith("Redis(") for name in checks)
 
     workers.kill("llm")

@@ -107,3 +107,32 @@ def test_a_flatten_with_a_long_reason_still_closes_its_trade(paper: PaperExchang
     trade = Trade.objects.get()
     assert trade.status == TradeStatus.CLOSED and reason.startswith(trade.exit_reason)
     assert len(trade.exit_reason) == Trade._meta.get_field("exit_reason").max_length
+
+
+def test_two_account_syncs_at_once_close_a_stopped_trade_once_and_count_its_loss_once(
+        paper: PaperExchange, monkeypatch) -> None:
+    """The orders worker runs several processes (issue 20): a beat sync and another (a stream's, a close order's) can
+    both find the stop's close; only the one whose conditional UPDATE closes the trade counts the loss."""
+    from execution.services import bot_state
+
+    paper.set_price(BTC, D("50000"), T0)
+    approved = approve(decision(size_pct=0.05, stop_loss=49000.0, take_profit=52000.0), last="50000")
+    order_place(approved=approved, cycle_id=None, trade_context=CONTEXT, exchange=paper)
+    paper.set_price(BTC, D("48500"), T0 + timedelta(minutes=5))  # the stop closes the position at the exchange
+    assert paper.positions() == [] and Trade.objects.get().status == TradeStatus.OPEN
+    before = bot_state().consecutive_losses
+    closed_positions = paper.closed_positions
+    other: list[services.SyncResult] = []
+    racing = [True]
+
+    def the_other_sync_closes_it_meanwhile(**kwargs):  # noqa: ANN003, ANN202
+        if racing.pop() if racing else False:  # this sync read the trade open; the other one runs to its end now
+            other.append(account_sync(exchange=paper))
+        return closed_positions(**kwargs)
+
+    monkeypatch.setattr(paper, "closed_positions", the_other_sync_closes_it_meanwhile)
+    first = account_sync(exchange=paper)
+    trade = Trade.objects.get()
+    assert trade.status == TradeStatus.CLOSED and trade.pnl_usd < 0
+    assert other[0].closed_trade_ids == [trade.pk] and first.closed_trade_ids == []
+    assert bot_state().consecutive_losses == before + 1  # one loss, counted once

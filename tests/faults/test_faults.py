@@ -46,6 +46,10 @@ pytestmark = [pytest.mark.faults]
 
 # The outage length; FAULT_OUTAGE_SECONDS shortens it where the suite's time matters more (same paths run).
 OUTAGE_SECONDS = int(os.environ.get("FAULT_OUTAGE_SECONDS", "30"))
+# Only an outage of two intervals certainly loses a tick: a shorter one may end while beat still retries its send
+# (about 5 s) or while the tick's cycle_start still retries within its interval, and then no gap row is due (every
+# tick is still a cycle or a gap: the invariants check that either way).
+LOSES_A_TICK = OUTAGE_SECONDS >= 2 * INTERVAL
 REPORT = Path(os.environ["FAULT_REPORT"]) if os.environ.get("FAULT_REPORT") else None
 FREED_WITHIN = INTERVAL + STAGE_LIMIT + 2  # the sweep comes with the first tick past the stage limit (+ beat's jitter)
 TRADES_WITHIN = INTERVAL + SLACK  # one interval, plus the cycle's own run time on a loaded machine
@@ -157,8 +161,8 @@ def test_a_worker_killed_in_analyzing_loses_the_stage_and_the_instrument_trades_
 
 
 def test_a_worker_killed_in_executing_before_the_exchange_took_the_order_sends_it_at_most_once(bot: Bot) -> None:
-    row = _kill_at_hold(bot, hold="executing_before", worker="okx", state="EXECUTING", end_session=True,
-                        fault="SIGKILL okx worker in EXECUTING after the intent row, before the exchange call",
+    row = _kill_at_hold(bot, hold="executing_before", worker="orders", state="EXECUTING", end_session=True,
+                        fault="SIGKILL orders worker in EXECUTING after the intent row, before the exchange call",
                         before=bot.flatten)
     # The first account sync past the order's in-flight time (the stage limit) settles it; on a loaded machine a sync
     # can expire in the queue (it is every ACCOUNT_SYNC s, expiring after as long), so allow a few of them.
@@ -176,8 +180,8 @@ def test_a_worker_killed_in_executing_after_the_fill_gets_its_trade_journaled_on
     # below would catch instead of this drill's fill.
     bot.wait_for("earlier orders settled", "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM execution_order "
                  "WHERE state = 'PENDING')", timeout=STAGE_LIMIT + 6 * ACCOUNT_SYNC)
-    row = _kill_at_hold(bot, hold="executing_after", worker="okx", state="EXECUTING", end_session=False,
-                        fault="SIGKILL okx worker in EXECUTING after the exchange call (filled, no trade yet)",
+    row = _kill_at_hold(bot, hold="executing_after", worker="orders", state="EXECUTING", end_session=False,
+                        fault="SIGKILL orders worker in EXECUTING after the exchange call (filled, no trade yet)",
                         before=bot.flatten)
     orders = bot.sql("SELECT client_order_id, state FROM execution_order WHERE cycle_id = %s",
                      (row["caught_cycle"]["id"],))
@@ -220,7 +224,7 @@ def test_redis_stopped_30_s_during_a_cycle_loses_no_tick_unrecorded(bot: Bot, se
     _, redis = servers
     row = _outage(bot, fault=f"Redis stopped {OUTAGE_SECONDS} s during a cycle", stop=redis.stop, start=redis.start,
                   measure=_reconnects)
-    assert row["gap_rows"] >= 1, row  # the ticks beat could not send are one recorded gap
+    assert row["gap_rows"] >= 1 or not LOSES_A_TICK, row  # the ticks beat could not send are one recorded gap
     reconnect = row["worker_reconnect_s"]
     assert all(s is not None and s <= 5.0 for s in reconnect.values()), reconnect  # retried every 0.5-2 s, forever
 
@@ -228,7 +232,7 @@ def test_redis_stopped_30_s_during_a_cycle_loses_no_tick_unrecorded(bot: Bot, se
 def test_postgresql_stopped_30_s_during_a_cycle_loses_no_tick_unrecorded(bot: Bot, servers) -> None:  # noqa: ANN001
     pg, _ = servers
     row = _outage(bot, fault=f"PostgreSQL stopped {OUTAGE_SECONDS} s during a cycle", stop=pg.stop, start=pg.start)
-    assert row["gap_rows"] >= 1, row
+    assert row["gap_rows"] >= 1 or not LOSES_A_TICK, row
 
 
 def _runbot(bot: Bot, log: Path) -> subprocess.Popen[bytes]:
@@ -272,7 +276,7 @@ def test_runbot_interrupted_during_a_cycle_after_a_postgresql_restart_records_it
             # Until every worker is in its warm shutdown (beat is stopped first): then the held stage finishes,
             # and nothing takes the cycle's next stage.
             deadline = time.monotonic() + 60
-            while log.read_bytes()[stop_mark:].count(b"Warm shutdown") < 4 and time.monotonic() < deadline:
+            while log.read_bytes()[stop_mark:].count(b"Warm shutdown") < len(QUEUES) and time.monotonic() < deadline:
                 time.sleep(0.2)
         out = _interrupt(proc, log, 0)
         said = [line for line in out.splitlines() if line.startswith(("stopped", "stopping", "database unavailable"))]

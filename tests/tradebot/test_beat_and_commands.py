@@ -32,7 +32,7 @@ def test_beat_has_one_expiring_cycle_entry_per_enabled_instrument_and_the_period
     assert cycle.task == "tradebot.tasks.cycle_start" and json.loads(cycle.args) == ["BTC-USDT-SWAP"]
     assert cycle.interval.every == 300 and cycle.expire_seconds is None and cycle.queue == "default"
     assert "cycle ETH-USDT-SWAP" not in entries
-    assert entries["account sync"].queue == "okx" and entries["account sync"].interval.every == settings.ACCOUNT_SYNC_SECONDS
+    assert entries["account sync"].queue == "orders" and entries["account sync"].interval.every == settings.ACCOUNT_SYNC_SECONDS
     assert {entries[f"performance {p}"].queue for p in ("hourly", "daily", "weekly")} == {"reflection"}
     reset = entries["risk daily reset"].crontab
     assert (reset.minute, reset.hour) == ("0", "0")
@@ -68,7 +68,7 @@ def test_bot_status_reports_state_equity_cycles_and_queues(instruments, tmp_path
     assert report["state"] == "RUNNING" and report["exchange"] == "paper"
     assert Decimal(report["equity"]) == settings.PAPER_START_BALANCE
     assert report["last_cycles"][0]["inst_id"] == "BTC-USDT-SWAP" and report["last_cycles"][0]["cycle"] is None
-    assert set(report["queues"]) == {"okx", "llm", "reflection", "default"}
+    assert set(report["queues"]) == {"okx", "orders", "llm", "reflection", "default"}
     call_command("bot", "halt", "--reason", "checking", "--by", "tester", stdout=StringIO())
     out = StringIO()
     call_command("bot", "status", stdout=out)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_stack_has_one_worker_per_queue_beat_flower_and_healthchecks() -> None:
     text = (ROOT / "docker-compose.yml").read_text()
-    for queue in ("okx", "llm", "reflection", "default"):
+    for queue in ("okx", "orders", "llm", "reflection", "default"):
         assert f"  worker-{queue}:\n" in text
         assert f'"celery -A tradebot worker -Q {queue} ' in text
     for service in ("timescaledb", "redis", "web", "beat", "flower", "stream"):

@@ -176,18 +176,19 @@ def test_every_task_delivered_twice_gives_one_order_and_one_trade(workers: Worke
 def test_a_worker_killed_during_executing_is_restarted_and_the_cycle_completes_once(workers: Workers, btc: Instrument) -> None:
     cycle = cycle_open(instrument=btc, as_of=OPEN_AT, trigger="test")
     with transaction.atomic():
-        # Hold inserts into the order table: the okx worker blocks inside EXECUTING.
+        # Hold inserts into the order table: the orders worker blocks inside EXECUTING.
         with connection.cursor() as cur:
             cur.execute("LOCK TABLE execution_order IN EXCLUSIVE MODE")
         pipeline_chain(cycle.pk).apply_async()
         wait_state(cycle.pk, S.EXECUTING)
         time.sleep(0.3)
-        workers.kill("okx")
-    time.sleep(3.5)  # past the visibility timeout: Redis hands the task out again
-    workers.start("okx")
+        workers.kill("orders")
+    time.sleep(3.5)  # past the visibility timeout: Redis hands the task out again (to the orders queue)
+    workers.start("orders")
     cycle = wait_done(cycle.pk, workers)
     assert cycle.outcome == CycleOutcome.TRADED, cycle.reason
     assert cycle.stage_times[S.EXECUTING]["attempts"] == 2
+    assert cycle.stage_times[S.EXECUTING]["queue"] == "orders"  # the redelivery came back on its own queue
     assert orders_and_trades() == (1, 1)
 
 
@@ -224,7 +225,8 @@ def test_a_tick_while_a_cycle_runs_records_a_skip_and_queues_nothing(workers: Wo
     skipped = Cycle.objects.get(state=S.SKIPPED)
     assert f"previous cycle {running.pk} still ANALYZING" in skipped.reason
     time.sleep(0.5)
-    assert Cycle.objects.count() == 2 and workers.queue_lengths() == {"okx": 0, "llm": 0, "reflection": 0, "default": 0}
+    assert Cycle.objects.count() == 2 and workers.queue_lengths() == {"okx": 0, "orders": 0, "llm": 0, "reflection": 0,
+                                                               "default": 0}
 
 
 def test_replay_gives_the_same_decisions_as_the_pipeline(workers: Workers, btc: Instrument) -> None:
@@ -285,7 +287,7 @@ def test_a_trade_the_brain_closes_gets_exactly_one_post_trade_review(workers: Wo
     # The beat's account sync afterwards (it sweeps recent closes) finds it reviewed: nothing queued twice.
     from tradebot.celery import app
 
-    app.signature("tradebot.tasks.account_sync").set(queue="okx").apply_async()
+    app.signature("tradebot.tasks.account_sync").set(queue="orders").apply_async()
     time.sleep(1.5)
     assert_reviewed_once(trade.pk, workers)
 

@@ -20,8 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from django.conf import settings
+
 from tests.fakes.http_server import FakeHttpServer
 from tests.fakes.okx_market import CANDLES, OkxMarketFake
+from tradebot.celery import QUEUES
+from tradebot.management.commands.runbot import worker_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 # The fake OKX answers as OKX did at this moment (the recorded samples cover it).
@@ -164,6 +168,17 @@ def test_runbot_waits_for_unreachable_okx_then_starts_on_okx_data_and_stops_clea
         assert okx.calls(CANDLES), "the worker never asked OKX for candles"
         children = descendants(bot.proc.pid)
         assert len(children) >= 3  # the worker, its pool process and beat
+        # One worker per queue, each a child of runbot (issue 20: the orders queue has its own).
+        workers = {}
+        for pid in children:
+            try:
+                argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
+            except OSError:
+                continue
+            if "worker" in argv and "-Q" in argv:
+                workers.setdefault(argv[argv.index("-Q") + 1], argv)
+        assert set(workers) == set(QUEUES), workers
+        assert workers["orders"][workers["orders"].index("-c") + 1] == str(settings.ORDERS_WORKER_CONCURRENCY)
 
         bot.proc.send_signal(signal.SIGINT)
         assert bot.proc.wait(timeout=90) == 0, bot.output[-4000:]
@@ -184,3 +199,16 @@ def test_ctrl_c_while_waiting_for_okx_stops_at_once_and_starts_nothing(scratch: 
     assert "stopped while waiting for OKX; nothing was started" in out
     assert "Traceback" not in out and "beat:" not in out
     assert group_alive(bot.proc.pid) == []
+
+
+def test_each_queue_gets_its_own_worker_the_orders_one_with_its_own_processes(settings) -> None:  # noqa: ANN001
+    settings.LLM_WORKER_THREADS, settings.ORDERS_WORKER_CONCURRENCY = 6, 3
+    commands = worker_commands(["celery"], concurrency=1)
+    assert set(commands) == {f"worker-{q}" for q in QUEUES} and "worker-orders" in commands
+    pools = {name: cmd[cmd.index("-Q") + 1:cmd.index("-l")] for name, cmd in commands.items()}
+    assert pools["worker-orders"] == ["orders", "-c", "3"]
+    assert pools["worker-okx"] == ["okx", "-c", "1"] and pools["worker-default"] == ["default", "-c", "1"]
+    assert pools["worker-llm"] == ["llm", "-P", "threads", "-c", "6"]
+    assert worker_commands(["celery"], concurrency=2, orders_concurrency=4)["worker-orders"][2:6] == [
+        "-Q", "orders", "-c", "4"]
+    assert all(cmd[cmd.index("-n") + 1] == f"runbot-{name.removeprefix('worker-')}@%h" for name, cmd in commands.items())

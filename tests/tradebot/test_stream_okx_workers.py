@@ -1,8 +1,8 @@
-"""A fill pushed on OKX's private stream closes the journaled trade within seconds, through a REAL okx-queue worker.
+"""A fill pushed on OKX's private stream closes the journaled trade within seconds, through a REAL orders-queue worker.
 
 The stream process (StreamApp here) logs in to the local OKX WebSocket server, a recorded
 BTC-USDT-SWAP fill is pushed on `orders`, the stream queues `tradebot.tasks.account_sync` on
-the okx queue (Redis), and a real Celery worker, trading on the local OKX REST server with the
+the orders queue (Redis), and a real Celery worker, trading on the local OKX REST server with the
 same keys, reconciles: the position is gone and positions-history has its close, so the Trade is
 journaled CLOSED with OKX's numbers.
 """
@@ -46,7 +46,7 @@ def okx_worker(django_db_setup, django_db_blocker, tmp_path_factory, okx_rest): 
         w = Workers(redis_url=url, tmp=tmp_path_factory.mktemp("stream-workers"), extra_env={
             "OKX_API_KEY": KEY, "OKX_API_SECRET": SECRET, "OKX_PASSPHRASE": PASSPHRASE, "OKX_BASE_URL": server.url,
             "OKX_DEMO": "true", "OKX_MAX_RETRIES": "0", "MARKET_DATA_SOURCE": "synthetic"})
-    w.start("okx")
+    w.start("orders")
     yield w
     w.stop_all()
 

@@ -1,4 +1,5 @@
-"""Real Celery workers for the pipeline tests: one subprocess per queue on Redis.
+"""Real Celery workers for the pipeline tests: one subprocess per queue on Redis (okx, orders, llm, reflection,
+default: `tradebot.celery.QUEUES`).
 
 Each run gets its own Redis key prefix, so two test runs on one Redis never
 take each other's tasks; the workers talk to the pytest test database.
@@ -43,7 +44,8 @@ class Workers:
         self.app_module = app_module
         self.pool = pool
         self.concurrency = concurrency
-        self.pools = pools or {}  # queue -> (pool, concurrency): e.g. {"llm": ("threads", 8)} as runbot starts it
+        # queue -> (pool, concurrency), e.g. {"llm": ("threads", 8), "orders": ("prefork", 2)} as runbot starts them
+        self.pools = pools or {}
         self.ready_timeout = ready_timeout
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._redis = None

@@ -248,7 +248,7 @@ class Command(BaseCommand):
         env.setdefault("PLAYBOOK_VALIDATION_DAYS", "3")
         env.setdefault("PLAYBOOK_VALIDATION_CYCLE_SECONDS", "900")
         procs = []
-        for name, queues in (("demo", "okx,llm,default"), ("demo-reflection", "reflection")):
+        for name, queues in (("demo", "okx,orders,llm,default"), ("demo-reflection", "reflection")):
             log_path = Path(settings.VAR_DIR) / f"{name}-worker.log"
             log = open(log_path, "wb")  # noqa: SIM115 - the child writes to it
             proc = subprocess.Popen(
@@ -300,7 +300,7 @@ class Command(BaseCommand):
                 self.stderr.write(f"   cycle at {t:%Y-%m-%d %H:%M} did not finish in 60 s; see the worker log")
                 stop = "stuck"
                 break
-            app.signature("tradebot.tasks.account_sync").set(queue="okx").apply_async()
+            app.signature("tradebot.tasks.account_sync").set(queue="orders").apply_async()
             n += 1
             closed = Trade.objects.filter(mode=Mode.DEMO, status="closed").count()
             reviews = ReflectionLog.objects.filter(reflection_type="post_trade").exclude(status__in=("requested", "failed")).count()

@@ -1,9 +1,11 @@
 """`manage.py runbot` (`make run`): the bot on one machine without Docker.
 
-One supervised process starts: one Celery worker per queue (okx, llm,
+One supervised process starts: one Celery worker per queue (okx, orders, llm,
 reflection, default; the llm worker on a threads pool of LLM_WORKER_THREADS,
 since a model call waits 1-60 s on the network, so an order, the account sync
-and the risk gate never queue behind one), Celery beat (database schedule,
+and the risk gate never queue behind one; the orders worker, which places and
+confirms orders and runs the account sync, with ORDERS_WORKER_CONCURRENCY
+processes of its own, so neither waits behind a tick's COLLECTING tasks), Celery beat (database schedule,
 synced from the enabled instruments), the admin on 127.0.0.1:8000 and, when
 FLOWER_BASIC_AUTH is set, Flower on 127.0.0.1:5555 behind that basic auth; on
 OKX data, `manage.py stream_okx` (OKX's WebSockets); with TELEGRAM_BOT_TOKEN,
@@ -44,7 +46,10 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--concurrency", type=int, default=1,
-                            help="processes of each of the okx, reflection and default workers (llm: LLM_WORKER_THREADS threads)")
+                            help="processes of each of the okx, reflection and default workers (llm: LLM_WORKER_THREADS "
+                                 "threads; orders: --orders-concurrency)")
+        parser.add_argument("--orders-concurrency", type=int, default=settings.ORDERS_WORKER_CONCURRENCY,
+                            help="processes of the orders worker (default ORDERS_WORKER_CONCURRENCY)")
         parser.add_argument("--no-web", action="store_true", help="do not start the admin")
         parser.add_argument("--enable", default=",".join(settings.INSTRUMENTS), help="instruments to trade")
         parser.add_argument("--retry-seconds", type=float, default=5.0,
@@ -56,6 +61,8 @@ class Command(BaseCommand):
 
         if opts["retry_seconds"] <= 0:
             raise CommandError("--retry-seconds must be positive")
+        if opts["concurrency"] < 1 or opts["orders_concurrency"] < 1:
+            raise CommandError("--concurrency and --orders-concurrency must be at least 1")
         broker_dirs_ensure()
         enable = [i for i in opts["enable"].split(",") if i]
 
@@ -83,7 +90,7 @@ class Command(BaseCommand):
         env = {**os.environ, "MARKET_DATA_SOURCE": source}
         manage = [sys.executable, "manage.py"]
         celery = [sys.executable, "-m", "celery", "-A", "tradebot"]
-        commands = worker_commands(celery, concurrency=opts["concurrency"])
+        commands = worker_commands(celery, concurrency=opts["concurrency"], orders_concurrency=opts["orders_concurrency"])
         commands["beat"] = celery + ["beat", "-l", "INFO"]
         if not opts["no_web"]:
             commands["web"] = manage + ["runserver", "127.0.0.1:8000", "--noreload"]
@@ -211,12 +218,17 @@ class Command(BaseCommand):
         self.stdout.write(f"instruments: {len(synced)} synced, trading {', '.join(enable)}")
 
 
-def worker_commands(celery: list[str], *, concurrency: int) -> dict[str, list[str]]:
-    """One worker per queue: the llm one on a threads pool (I/O-bound model calls), the others prefork
-    (their tasks' time limits need a child process to enforce them)."""
+def worker_commands(celery: list[str], *, concurrency: int, orders_concurrency: int | None = None) -> dict[str, list[str]]:
+    """One worker per queue: the llm one on a threads pool (I/O-bound model calls), the others prefork (their tasks'
+    time limits need a child process to enforce them); the orders one with its own number of processes."""
     commands = {}
     for queue in QUEUES:
-        pool = ["-P", "threads", "-c", str(settings.LLM_WORKER_THREADS)] if queue == "llm" else ["-c", str(concurrency)]
+        if queue == "llm":
+            pool = ["-P", "threads", "-c", str(settings.LLM_WORKER_THREADS)]
+        elif queue == "orders":
+            pool = ["-c", str(orders_concurrency or settings.ORDERS_WORKER_CONCURRENCY)]
+        else:
+            pool = ["-c", str(concurrency)]
         commands[f"worker-{queue}"] = celery + ["worker", "-Q", queue, *pool, "-l", "INFO", "-n", f"runbot-{queue}@%h"]
     return commands
 
