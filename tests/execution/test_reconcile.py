@@ -113,7 +113,8 @@ def test_two_account_syncs_at_once_close_a_stopped_trade_once_and_count_its_loss
         paper: PaperExchange, monkeypatch) -> None:
     """The orders worker runs several processes (issue 20): a beat sync and another (a stream's, a close order's) can
     both find the stop's close; only the one whose conditional UPDATE closes the trade counts the loss."""
-    from execution.services import bot_state
+    from execution.selectors import bot_state
+    from execution.sync import SyncResult
 
     paper.set_price(BTC, D("50000"), T0)
     approved = approve(decision(size_pct=0.05, stop_loss=49000.0, take_profit=52000.0), last="50000")
@@ -122,7 +123,7 @@ def test_two_account_syncs_at_once_close_a_stopped_trade_once_and_count_its_loss
     assert paper.positions() == [] and Trade.objects.get().status == TradeStatus.OPEN
     before = bot_state().consecutive_losses
     closed_positions = paper.closed_positions
-    other: list[services.SyncResult] = []
+    other: list[SyncResult] = []
     racing = [True]
 
     def the_other_sync_closes_it_meanwhile(**kwargs):  # noqa: ANN003, ANN202
