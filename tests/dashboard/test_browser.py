@@ -114,9 +114,12 @@ def driver(browser, live_server) -> Iterator[Any]:  # noqa: ANN001
 
 
 def _wait(driver: Any, condition: Any) -> Any:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_SECONDS).until(condition)
+    # A form's submit reloads the page: an element found on the old page goes stale before its text is read.
+    return WebDriverWait(driver, WAIT_SECONDS, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                         ).until(condition)
 
 
 def _login(driver: Any, base: str, username: str, next_path: str = "/dashboard/portfolio/") -> None:
