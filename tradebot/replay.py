@@ -88,6 +88,7 @@ class ReplaySummary:
     elapsed_seconds: float = 0.0
     full_snapshots: str = "acted"  # which cycles kept the full snapshot JSON (see replay_run)
     interrupted: bool = False  # stopped by Ctrl-C: the figures are those of the cycles the journal kept
+    bulk_cycles: int | None = None  # cycles the bulk path wrote (tradebot.replay_bulk); None: --per-cycle
 
     def mark(self) -> tuple[int, Counter, int]:
         """Where the counts stand before a batch (see `rewind`)."""
@@ -154,6 +155,7 @@ class ReplaySummary:
             "interrupted": self.interrupted,
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "cycles_per_second": round(self.cycles / self.elapsed_seconds, 1) if self.elapsed_seconds else None,
+            "bulk_cycles": self.bulk_cycles,
         }
 
 
@@ -201,6 +203,7 @@ def replay_run(
     full_snapshots: str = "acted",
     learn: Any = None,
     playbook: dict | None = None,
+    per_cycle: bool = False,
 ) -> ReplaySummary:
     """Run every cycle in [start, end) and return the summary (the journal holds the rest).
 
@@ -213,6 +216,9 @@ def replay_run(
     (reviews, deep reflections and validated promotion on the replay's clock: `replay --learn`).
     `playbook` replays with a playbook that is not stored
     (a parameter-search trial's, labelled `playbook_version`: the version it changes).
+    `per_cycle=True` runs every cycle through the stages; by default the cycles whose result is
+    determined (flat with no signal, holding with no exit: `tradebot.replay_bulk`) are written
+    without them, with the same rows.
     """
     if full_snapshots not in ("acted", "analyzed"):
         raise ReplayError(f"full_snapshots must be 'acted' or 'analyzed', got {full_snapshots!r}")
@@ -243,6 +249,10 @@ def replay_run(
     # Its own account: two runs in one database never share a balance (exclusive: see the docstring).
     exchange = PaperExchange(account_name=run_id[:40], exclusive=True)
     run = RunState(run_id=run_id, exchange=exchange)
+    if not per_cycle:
+        from tradebot.replay_bulk import BulkCycles
+
+        run.bulk = BulkCycles(snapshots=snapshots, full_snapshots=full_snapshots)
     env = StageEnv(feed=feed, exchange=exchange, mode=Mode.REPLAY, run_id=run_id, brain_name=brain,
                    snapshot_provider=snapshots, sync_candles=False, recent_trades_provider=run.recent_trades,
                    account_provider=run.account, bot_provider=run.bot_view, defer_journal=True)
@@ -298,6 +308,8 @@ def replay_run(
                 log.warning("replay_interrupted", run_id=run_id, cycles_kept=summary.cycles, cycles_planned=len(times))
                 break
     summary.elapsed_seconds = time.perf_counter() - began
+    if run.bulk is not None:
+        summary.bulk_cycles = run.bulk.bulk
     return summary
 
 
@@ -394,6 +406,17 @@ def _run_cycles(placeholders: list[Cycle], env: StageEnv, walker: BarWalker, sum
         if exposed:
             sync_if_needed(env, run)
         new_day(cycle.as_of, env, run)
+        determined = run.bulk.cycle(cycle, env, run) if run.bulk is not None else None
+        if determined is not None:
+            # The bulk path wrote the row (tradebot/replay_bulk.py): no order, no risk gate, a compact snapshot.
+            snapshot, log_row = determined
+            run.last_snapshot = snapshot
+            cycle.snapshot = log_row.snapshot_json = compact_snapshot(snapshot)
+            screener_logs.append(log_row)
+            summary.count(cycle)
+            if run.learn is not None and run.learn.after_cycle(cycle.as_of):
+                run.trades_stale = True
+            continue
         work = _run_cycle(cycle, env)
         if cycle.client_order_id:
             run.trades_stale = True

@@ -105,6 +105,10 @@ class FrameSnapshots:
             views[tf] = known[1]
         return views
 
+    def closed_counts(self) -> tuple[int, ...]:
+        """How many candles of each timeframe had closed at the last `views_at`: what its views depend on."""
+        return tuple(known[0] for known in self._views.values())
+
     def __call__(self, inst_id: str, as_of: datetime) -> MarketSnapshot:
         from market.snapshot import snapshot_from_frames
 

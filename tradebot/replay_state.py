@@ -38,6 +38,7 @@ class RunState:
     # bulk path's tradebot.replay_bulk.MarketAt (the same views, without the model).
     last_snapshot: Any = None
     learn: Any = None  # replay --learn: tradebot.replay_learn.ReplayLearner, told after each cycle
+    bulk: Any = None  # tradebot.replay_bulk.BulkCycles: writes the determined cycles (None: --per-cycle)
 
     def bot_view(self) -> Any:
         """`execution.selectors.bot_state` of this run, read again only after something changed it."""

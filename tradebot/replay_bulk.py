@@ -1,0 +1,221 @@
+"""The bulk path of a replay (issue 21): the cycles whose result is already determined are written
+without running the stage services.
+
+Most replayed cycles cannot change anything: flat, with no bypass rule and no playbook setup (the
+screener says "no signal"), or holding a position whose stop and take-profit are on the (paper)
+exchange while no exit rule fires (the rules analyst says HOLD). What such a cycle journals is a
+pure function of the precomputed indicator arrays (the history's `TimeframeSeries`) and of the
+feed's price, funding and open interest at its time. The replay loop (tradebot/replay.py) still
+walks the paper exchange through every bar, syncs the account after a close, starts the risk gate's
+day at 00:00 UTC and tells the learner, exactly as before, for every cycle; then it asks
+`BulkCycles.cycle`, which either writes the cycle's row and its screener log row (inserted with
+the batch's other rows, in bulk) or answers None: the cycle can act (a setup, an exit signal, a
+bypass, an anomaly, a news window), and the stages run it in full.
+
+What the verdicts are made of is the very code the stages run: the rules brain's own `screen` and
+`decide` on `MarketAt` (the snapshot's fields without the pydantic model: the same TimeframeViews,
+price, regime, 1H change, funding, anomalies), memoised per state of the closed candles (a 15m
+verdict serves three 5-minute cycles). Rows are field for field what the stages write
+(tests/tradebot/test_replay_bulk.py replays 60 days of real OKX candles both ways and compares
+every row); only the wall-clock fields differ (started/ended times, each stage's `duration_ms`,
+which is 0.0 here: no stage ran).
+
+With the Claude brain no cycle is bulk: its screener and analyst are the model (a no-signal is the
+model's answer), so nothing it journals is known without a call. `per_cycle=True` on `replay_run`
+(`manage.py replay --per-cycle`) turns the bulk path off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+
+from brain.schemas import Action, Decision
+from journal.bulk import row_new
+from journal.models import Cycle, CycleOutcome, CycleState, ScreenerLog, TradeStatus
+from market.schemas import Anomalies
+from tradebot.cycle import cycle_end
+from tradebot.replay_frames import FrameSnapshots
+from tradebot.replay_state import RunState
+from tradebot.stages import StageEnv, chosen_brain, position_view
+
+S = CycleState
+_FOUR_HOURS = timedelta(hours=4)
+_NO_RESEARCH = "a replay does not research a past market"  # tradebot.stages.research's reason in a replay
+
+
+@dataclass(frozen=True)
+class MarketAt:
+    """The fields of the snapshot `FrameSnapshots` would build at `ts`, without the model: what the
+    rules brain, the compact snapshot, the review mark and a stop's exit indicators read of it."""
+
+    inst_id: str
+    ts: datetime
+    price: Decimal
+    regime: str
+    timeframes: dict[str, Any]  # tf -> market.schemas.TimeframeView: the very views the snapshot holds
+    funding_rate: Decimal | None
+    price_change_1h_pct: float | None
+    anomalies: Anomalies
+
+
+def market_at(snapshots: FrameSnapshots, as_of: datetime) -> MarketAt:
+    """`snapshots(inst_id, as_of)` reduced to `MarketAt`: each field computed by the same functions
+    `market.snapshot.snapshot_from_frames` uses, from the same feed calls."""
+    from market.snapshot import anomalies_detect, price_change_1h
+
+    feed, inst_id = snapshots.feed, snapshots.inst_id
+    feed.set_clock(as_of)
+    views = snapshots.views_at(as_of)
+    price = feed.ticker(inst_id).last
+    change_1h = price_change_1h(price=price, candles=snapshots.frames, as_of=as_of, series=snapshots.series)
+    funding = feed.funding_rate(inst_id)
+    rate = funding.rate if funding is not None else None
+    oi = feed.open_interest(inst_id)
+    history = getattr(feed, "open_interest_at", None)
+    oi_ago = history(inst_id, as_of - _FOUR_HOURS) if oi is not None and callable(history) else None
+    oi_now = oi.oi_contracts if oi is not None else None
+    oi_change = float(oi_now / oi_ago - 1) if oi_now is not None and oi_ago is not None and oi_ago > 0 else None
+    hourly = views.get("1H")
+    return MarketAt(inst_id=inst_id, ts=as_of, price=price, regime=hourly.regime if hourly is not None else "unknown",
+                    timeframes=views, funding_rate=rate, price_change_1h_pct=change_1h,
+                    anomalies=anomalies_detect(price_change_1h_pct=change_1h, funding_rate=rate,
+                                               oi_change_4h_pct=oi_change))
+
+
+class _Holding:
+    """The part of a BrainContext the rules brain's `decide` reads while a position is open here."""
+
+    def __init__(self, position: Any) -> None:
+        self.position = position
+        self.positions = [position]
+
+    def positions_for(self, inst_id: str) -> list[Any]:
+        return [self.position] if self.position.inst_id == inst_id else []
+
+
+class BulkCycles:
+    """Per run: which cycles are determined, and their rows (see the module docstring)."""
+
+    def __init__(self, *, snapshots: FrameSnapshots, full_snapshots: str) -> None:
+        self.snapshots = snapshots
+        self.full_snapshots = full_snapshots
+        self.brain: Any = None  # the brain the memos were made with (replay --learn may promote another)
+        self._screens: dict[tuple[int, ...], Any] = {}  # closed-candle counts -> the screener's ScreenResult
+        self._manages: dict[tuple[Any, ...], Decision] = {}  # (counts, side, strategy) -> the analyst's decision
+        self._dumps: dict[str, dict[str, Any]] = {}  # a HOLD's reasoning -> its decision JSON
+        self.bulk = 0  # cycles written here
+        self.staged = 0  # cycles the stages ran
+
+    def cycle(self, cycle: Cycle, env: StageEnv, run: RunState) -> tuple[MarketAt, ScreenerLog] | None:
+        """Write the cycle's row (and return its market and screener log row) when its result is
+        determined; None when the stages must run it."""
+        from brain.rules import RulesBrain
+
+        brain = chosen_brain(env)
+        if not isinstance(brain, RulesBrain) or env.manual_trigger or (cycle.stage_times or {}).get("trigger") == "manual":
+            self.staged += 1
+            return None
+        if brain is not self.brain:
+            self.brain = brain
+            self._screens.clear()
+            self._manages.clear()
+        try:
+            market = market_at(self.snapshots, cycle.as_of)
+        except Exception:  # noqa: BLE001 - the stages run it, and journal the failure as they do
+            self.staged += 1
+            return None
+        _account, positions = run.account()
+        here = [p for p in positions if p.inst_id == market.inst_id]
+        done = self._holding(cycle, env, run, brain, market, here[0]) if here else self._flat(cycle, env, brain, market)
+        if done is None:
+            self.staged += 1
+        else:
+            self.bulk += 1
+        return done
+
+    def _flat(self, cycle: Cycle, env: StageEnv, brain: Any, market: MarketAt) -> tuple[MarketAt, ScreenerLog] | None:
+        """No position here: determined when no bypass rule applies and the screener finds no setup."""
+        from brain.news import news_event_near
+
+        if not settings.SCREENER_ENABLED:
+            return None
+        if settings.SCREENER_BYPASS_ON_NEWS and news_event_near(now=cycle.as_of) is not None:
+            return None
+        move, funding = market.price_change_1h_pct, market.funding_rate
+        if market.anomalies.move_1h or (move is not None and abs(move) > float(settings.ANOMALY_MOVE_1H_PCT)):
+            return None
+        if market.anomalies.funding_spike or (
+                funding is not None and (funding > settings.FUNDING_SPIKE_HIGH or funding < settings.FUNDING_SPIKE_LOW)):
+            return None
+        key = self.snapshots.closed_counts()
+        screen = self._screens.get(key)
+        if screen is None:
+            screen = self._screens[key] = brain.screen(snapshot=market, context=None, cycle_id=cycle.pk, mode=env.mode)
+        if screen.signal:
+            return None
+        _started(cycle, (S.COLLECTING, S.SCREENING))
+        cycle.screener_result = {"proceed": False, "bypassed": False, "reason": screen.reason, "signal": False,
+                                 "screener_log_id": None}
+        cycle_end(cycle, outcome=CycleOutcome.NO_SIGNAL, reason=f"no signal: {screen.reason}")
+        row = row_new(ScreenerLog, instrument=cycle.instrument, cycle_id=cycle.pk, mode=env.mode, signal=False,
+                      bypassed=False, bypass_reason="", reason=screen.reason, snapshot_json=None,
+                      model=(getattr(brain, "name", "") or "")[:60], tokens_used=0, latency_ms=0, cost_usd=Decimal(0))
+        return market, row
+
+    def _holding(self, cycle: Cycle, env: StageEnv, run: RunState, brain: Any, market: MarketAt,
+                 position: Any) -> tuple[MarketAt, ScreenerLog] | None:
+        """A position open here: the screener is bypassed; determined when the analyst holds."""
+        from brain.watch import review_mark
+
+        if not settings.SCREENER_BYPASS_ON_POSITION or self.full_snapshots != "acted":
+            return None  # "analyzed" keeps every analysed cycle's full snapshot: the stages build it
+        strategies = {t.inst_id: t.strategy_used for t in run.recent_trades() if t.status == TradeStatus.OPEN}
+        strategy = strategies.get(position.inst_id, "")
+        side = "short" if position.pos_side == "short" else "long"
+        key = (*self.snapshots.closed_counts(), side, strategy)
+        decision = self._manages.get(key)
+        if decision is None:
+            held = _Holding(position_view(position, strategy))
+            decision = self._manages[key] = brain.decide(snapshot=market, context=held, cycle_id=cycle.pk,
+                                                         mode=env.mode)
+        if decision.action != Action.HOLD:
+            return None
+        bypass = f"open position on {market.inst_id}"
+        reason = f"bypassed: {bypass}"
+        _started(cycle, (S.COLLECTING, S.SCREENING, S.RESEARCHING, S.ANALYZING), skipped={S.RESEARCHING: _NO_RESEARCH})
+        cycle.screener_result = {"proceed": True, "bypassed": True, "reason": reason, "signal": None,
+                                 "screener_log_id": None}
+        cycle.research = None
+        dump = self._dumps.get(decision.reasoning)
+        if dump is None:
+            dump = self._dumps[decision.reasoning] = decision.model_dump(mode="json")
+        cycle.brain = getattr(brain, "name", "") or ""
+        cycle.playbook_version = getattr(brain, "playbook_version", None)
+        cycle.decision = dump
+        env.review_marks[market.inst_id] = review_mark(market, str(decision.action))  # type: ignore[arg-type]
+        cycle_end(cycle, outcome=CycleOutcome.HOLD, reason=f"HOLD: {decision.reasoning or 'no reason given'}"[:2000])
+        row = row_new(ScreenerLog, instrument=cycle.instrument, cycle_id=cycle.pk, mode=env.mode, signal=True,
+                      bypassed=True, bypass_reason=bypass[:200], reason=reason, snapshot_json=None, model="",
+                      tokens_used=0, latency_ms=0, cost_usd=Decimal(0), analyst_action=str(decision.action)[:20],
+                      analyst_agreed=None)
+        return market, row
+
+
+def _started(cycle: Cycle, stages: tuple[str, ...], skipped: dict[str, str] | None = None) -> None:
+    """The stage marks the stages would have left (`tradebot.cycle.stage_started` on the replay's clock),
+    each with a `duration_ms` of 0.0: none ran."""
+    at = cycle.as_of.isoformat()
+    cycle.started_at = timezone.now()
+    times = cycle.stage_times
+    for stage in stages:
+        entry: dict[str, Any] = {"started": at}
+        if skipped and stage in skipped:
+            entry["skipped"] = skipped[stage]
+        entry["duration_ms"] = 0.0
+        times[stage] = entry
+    cycle.state = stages[-1]
