@@ -71,7 +71,8 @@ def market_at(snapshots: FrameSnapshots, as_of: datetime) -> MarketAt:
     feed, inst_id = snapshots.feed, snapshots.inst_id
     feed.set_clock(as_of)
     views = snapshots.views_at(as_of)
-    price = feed.ticker(inst_id).last
+    last_price = getattr(feed, "last_price", None)  # the ticker's `last` alone (market.feeds.replay.ReplayFeed)
+    price = last_price(inst_id) if callable(last_price) else feed.ticker(inst_id).last
     change_1h = price_change_1h(price=price, candles=snapshots.frames, as_of=as_of, series=snapshots.series)
     funding = feed.funding_rate(inst_id)
     rate = funding.rate if funding is not None else None

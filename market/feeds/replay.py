@@ -458,6 +458,15 @@ class ReplayFeed:
             volume_24h=_dec(round(float(s.volume[day_start:end].sum()), 8)),
         )
 
+    def last_price(self, inst_id: str) -> Decimal:
+        """`ticker(inst_id).last` without the rest of the ticker (the 24h range and volume): a replay's
+        bulk path reads only the price of most cycles (tradebot/replay_bulk.py)."""
+        s = self._finest(inst_id)
+        end = s.closed_end(self._now_ms())
+        if end == 0:
+            raise FeedPermanentError(f"replay has no closed {inst_id} bar at {self.now().isoformat()}")
+        return _dec(s.close[end - 1])
+
     def order_book(self, inst_id: str, depth: int = 5) -> OrderBook:
         return OrderBook(inst_id=inst_id, ts=self.now(), bids=(), asks=())
 
