@@ -114,33 +114,38 @@ class BulkCycles:
 
     def cycle(self, cycle: Cycle, env: StageEnv, run: RunState) -> tuple[MarketAt, ScreenerLog] | None:
         """Write the cycle's row (and return its market and screener log row) when its result is
-        determined; None when the stages must run it."""
+        determined; None when the stages must run it (nothing about the cycle changed then)."""
         from brain.rules import RulesBrain
 
-        brain = chosen_brain(env)
-        if not isinstance(brain, RulesBrain) or env.manual_trigger or (cycle.stage_times or {}).get("trigger") == "manual":
+        if env.brain_name != "rules" or env.manual_trigger or (cycle.stage_times or {}).get("trigger") == "manual":
             self.staged += 1
             return None
-        if brain is not self.brain:
-            self.brain = brain
-            self._screens.clear()
-            self._manages.clear()
         try:
+            brain = chosen_brain(env)
+            if not isinstance(brain, RulesBrain):
+                self.staged += 1
+                return None
+            if brain is not self.brain:
+                self.brain = brain
+                self._screens.clear()
+                self._manages.clear()
             market = market_at(self.snapshots, cycle.as_of)
-        except Exception:  # noqa: BLE001 - the stages run it, and journal the failure as they do
+            _account, positions = run.account()
+            here = [p for p in positions if p.inst_id == market.inst_id]
+            verdict = self._hold_verdict(cycle, env, run, brain, market, here[0]) if here else \
+                self._flat_verdict(cycle, env, brain, market)
+        except Exception:  # noqa: BLE001 - the stages run it, and journal a failure as they do
+            verdict = None
+        if verdict is None:
             self.staged += 1
             return None
-        _account, positions = run.account()
-        here = [p for p in positions if p.inst_id == market.inst_id]
-        done = self._holding(cycle, env, run, brain, market, here[0]) if here else self._flat(cycle, env, brain, market)
-        if done is None:
-            self.staged += 1
-        else:
-            self.bulk += 1
-        return done
+        self.bulk += 1
+        if here:
+            return market, self._hold_write(cycle, env, brain, market, verdict)
+        return market, self._flat_write(cycle, env, brain, verdict)
 
-    def _flat(self, cycle: Cycle, env: StageEnv, brain: Any, market: MarketAt) -> tuple[MarketAt, ScreenerLog] | None:
-        """No position here: determined when no bypass rule applies and the screener finds no setup."""
+    def _flat_verdict(self, cycle: Cycle, env: StageEnv, brain: Any, market: MarketAt) -> Any:
+        """No position here: the screener's no-signal (a ScreenResult) when no bypass rule applies, else None."""
         from brain.news import news_event_near
 
         if not settings.SCREENER_ENABLED:
@@ -157,22 +162,20 @@ class BulkCycles:
         screen = self._screens.get(key)
         if screen is None:
             screen = self._screens[key] = brain.screen(snapshot=market, context=None, cycle_id=cycle.pk, mode=env.mode)
-        if screen.signal:
-            return None
+        return None if screen.signal else screen
+
+    def _flat_write(self, cycle: Cycle, env: StageEnv, brain: Any, screen: Any) -> ScreenerLog:
         _started(cycle, (S.COLLECTING, S.SCREENING))
         cycle.screener_result = {"proceed": False, "bypassed": False, "reason": screen.reason, "signal": False,
                                  "screener_log_id": None}
         cycle_end(cycle, outcome=CycleOutcome.NO_SIGNAL, reason=f"no signal: {screen.reason}")
-        row = row_new(ScreenerLog, instrument=cycle.instrument, cycle_id=cycle.pk, mode=env.mode, signal=False,
-                      bypassed=False, bypass_reason="", reason=screen.reason, snapshot_json=None,
-                      model=(getattr(brain, "name", "") or "")[:60], tokens_used=0, latency_ms=0, cost_usd=Decimal(0))
-        return market, row
+        return row_new(ScreenerLog, instrument=cycle.instrument, cycle_id=cycle.pk, mode=env.mode, signal=False,
+                       bypassed=False, bypass_reason="", reason=screen.reason, snapshot_json=None,
+                       model=(getattr(brain, "name", "") or "")[:60], tokens_used=0, latency_ms=0, cost_usd=Decimal(0))
 
-    def _holding(self, cycle: Cycle, env: StageEnv, run: RunState, brain: Any, market: MarketAt,
-                 position: Any) -> tuple[MarketAt, ScreenerLog] | None:
-        """A position open here: the screener is bypassed; determined when the analyst holds."""
-        from brain.watch import review_mark
-
+    def _hold_verdict(self, cycle: Cycle, env: StageEnv, run: RunState, brain: Any, market: MarketAt,
+                      position: Any) -> Decision | None:
+        """A position open here (the screener bypassed): the analyst's HOLD, else None."""
         if not settings.SCREENER_BYPASS_ON_POSITION or self.full_snapshots != "acted":
             return None  # "analyzed" keeps every analysed cycle's full snapshot: the stages build it
         strategies = {t.inst_id: t.strategy_used for t in run.recent_trades() if t.status == TradeStatus.OPEN}
@@ -184,8 +187,11 @@ class BulkCycles:
             held = _Holding(position_view(position, strategy))
             decision = self._manages[key] = brain.decide(snapshot=market, context=held, cycle_id=cycle.pk,
                                                          mode=env.mode)
-        if decision.action != Action.HOLD:
-            return None
+        return decision if decision.action == Action.HOLD else None
+
+    def _hold_write(self, cycle: Cycle, env: StageEnv, brain: Any, market: MarketAt, decision: Decision) -> ScreenerLog:
+        from brain.watch import review_mark
+
         bypass = f"open position on {market.inst_id}"
         reason = f"bypassed: {bypass}"
         _started(cycle, (S.COLLECTING, S.SCREENING, S.RESEARCHING, S.ANALYZING), skipped={S.RESEARCHING: _NO_RESEARCH})
@@ -200,11 +206,10 @@ class BulkCycles:
         cycle.decision = dump
         env.review_marks[market.inst_id] = review_mark(market, str(decision.action))  # type: ignore[arg-type]
         cycle_end(cycle, outcome=CycleOutcome.HOLD, reason=f"HOLD: {decision.reasoning or 'no reason given'}"[:2000])
-        row = row_new(ScreenerLog, instrument=cycle.instrument, cycle_id=cycle.pk, mode=env.mode, signal=True,
-                      bypassed=True, bypass_reason=bypass[:200], reason=reason, snapshot_json=None, model="",
-                      tokens_used=0, latency_ms=0, cost_usd=Decimal(0), analyst_action=str(decision.action)[:20],
-                      analyst_agreed=None)
-        return market, row
+        return row_new(ScreenerLog, instrument=cycle.instrument, cycle_id=cycle.pk, mode=env.mode, signal=True,
+                       bypassed=True, bypass_reason=bypass[:200], reason=reason, snapshot_json=None, model="",
+                       tokens_used=0, latency_ms=0, cost_usd=Decimal(0), analyst_action=str(decision.action)[:20],
+                       analyst_agreed=None)
 
 
 def _started(cycle: Cycle, stages: tuple[str, ...], skipped: dict[str, str] | None = None) -> None:

@@ -159,3 +159,30 @@ def test_replays_in_one_process_share_the_indicators_of_the_same_candles(synthet
     # Other candles (a longer history): computed anew, never another history's indicators.
     replay_run(inst_id=INST, start=start, end=start + timedelta(hours=7), feed=synthetic, run_id="cache-c")
     assert replay_frames.HISTORY_STATS["misses"] > misses
+
+
+@pytest.mark.django_db
+def test_the_command_keeps_the_per_cycle_path_behind_a_flag(synthetic: SyntheticFeed, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from django.core.management import call_command
+
+    for flag, bulk in (((), True), (("--per-cycle",), False)):
+        call_command("replay", "--inst", INST, "--from", "2025-08-01", "--to", "2025-08-01T06:00", "--synthetic",
+                     "--json", *flag)
+        data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert data["cycles"] == 72
+        assert (data["bulk_cycles"] is not None and data["bulk_cycles"] > 0) if bulk else data["bulk_cycles"] is None
+
+
+def test_a_claude_replay_writes_no_cycle_in_bulk() -> None:
+    """Claude's screener and analyst are the model: nothing it journals is known without a call."""
+    from types import SimpleNamespace
+
+    from tradebot.replay_bulk import BulkCycles
+
+    bulk = BulkCycles(snapshots=SimpleNamespace(), full_snapshots="acted")  # type: ignore[arg-type]
+    env = SimpleNamespace(brain_name="claude", manual_trigger=False)
+    cycle = SimpleNamespace(stage_times={})
+    assert bulk.cycle(cycle, env, SimpleNamespace()) is None  # type: ignore[arg-type]
+    assert (bulk.bulk, bulk.staged) == (0, 1)
