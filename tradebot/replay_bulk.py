@@ -38,7 +38,8 @@ from brain.schemas import Action, Decision
 from journal.bulk import row_new
 from journal.models import Cycle, CycleOutcome, CycleState, ScreenerLog, TradeStatus
 from market.schemas import Anomalies
-from tradebot.cycle import cycle_end
+from tradebot.cycle import transition_check
+from tradebot.logging import redact
 from tradebot.replay_frames import FrameSnapshots
 from tradebot.replay_state import RunState
 from tradebot.stages import StageEnv, chosen_brain, position_view
@@ -71,15 +72,20 @@ def market_at(snapshots: FrameSnapshots, as_of: datetime) -> MarketAt:
     feed, inst_id = snapshots.feed, snapshots.inst_id
     feed.set_clock(as_of)
     views = snapshots.views_at(as_of)
-    last_price = getattr(feed, "last_price", None)  # the ticker's `last` alone (market.feeds.replay.ReplayFeed)
-    price = last_price(inst_id) if callable(last_price) else feed.ticker(inst_id).last
+    light = getattr(feed, "last_price", None) is not None  # market.feeds.replay.ReplayFeed: the values alone
+    price = feed.last_price(inst_id) if light else feed.ticker(inst_id).last
     change_1h = price_change_1h(price=price, candles=snapshots.frames, as_of=as_of, series=snapshots.series)
-    funding = feed.funding_rate(inst_id)
-    rate = funding.rate if funding is not None else None
-    oi = feed.open_interest(inst_id)
+    if light:
+        rate, oi_now = feed.funding_rate_value(inst_id), feed.open_interest_value(inst_id)
+        has_oi = True  # the feed always answers (with None when it has no figure)
+    else:
+        funding = feed.funding_rate(inst_id)
+        rate = funding.rate if funding is not None else None
+        oi = feed.open_interest(inst_id)
+        has_oi = oi is not None
+        oi_now = oi.oi_contracts if oi is not None else None
     history = getattr(feed, "open_interest_at", None)
-    oi_ago = history(inst_id, as_of - _FOUR_HOURS) if oi is not None and callable(history) else None
-    oi_now = oi.oi_contracts if oi is not None else None
+    oi_ago = history(inst_id, as_of - _FOUR_HOURS) if has_oi and callable(history) else None
     oi_change = float(oi_now / oi_ago - 1) if oi_now is not None and oi_ago is not None and oi_ago > 0 else None
     hourly = views.get("1H")
     return MarketAt(inst_id=inst_id, ts=as_of, price=price, regime=hourly.regime if hourly is not None else "unknown",
@@ -109,6 +115,7 @@ class BulkCycles:
         self._screens: dict[tuple[int, ...], Any] = {}  # closed-candle counts -> the screener's ScreenResult
         self._manages: dict[tuple[Any, ...], Decision] = {}  # (counts, side, strategy) -> the analyst's decision
         self._dumps: dict[str, dict[str, Any]] = {}  # a HOLD's reasoning -> its decision JSON
+        self._reasons: dict[str, str] = {}  # a cycle's reason -> as journaled (redacted, cut)
         self.bulk = 0  # cycles written here
         self.staged = 0  # cycles the stages ran
 
@@ -130,7 +137,8 @@ class BulkCycles:
                 self._screens.clear()
                 self._manages.clear()
             market = market_at(self.snapshots, cycle.as_of)
-            _account, positions = run.account()
+            run.balances_now()  # the exchange's account and positions at this cycle's prices (run.account's)
+            positions = run.positions
             here = [p for p in positions if p.inst_id == market.inst_id]
             verdict = self._hold_verdict(cycle, env, run, brain, market, here[0]) if here else \
                 self._flat_verdict(cycle, env, brain, market)
@@ -143,6 +151,15 @@ class BulkCycles:
         if here:
             return market, self._hold_write(cycle, env, brain, market, verdict)
         return market, self._flat_write(cycle, env, brain, verdict)
+
+    def _end(self, cycle: Cycle, outcome: str, reason: str) -> None:
+        """`tradebot.cycle.cycle_end` (state DONE, no error), with the reason's redaction done once per text."""
+        kept = self._reasons.get(reason)
+        if kept is None:
+            kept = self._reasons[reason] = redact(reason)[:4000]
+        transition_check(cycle.state, S.DONE)
+        cycle.state, cycle.outcome, cycle.reason, cycle.error = S.DONE, outcome, kept, ""
+        cycle.ended_at = timezone.now()
 
     def _flat_verdict(self, cycle: Cycle, env: StageEnv, brain: Any, market: MarketAt) -> Any:
         """No position here: the screener's no-signal (a ScreenResult) when no bypass rule applies, else None."""
@@ -168,7 +185,7 @@ class BulkCycles:
         _started(cycle, (S.COLLECTING, S.SCREENING))
         cycle.screener_result = {"proceed": False, "bypassed": False, "reason": screen.reason, "signal": False,
                                  "screener_log_id": None}
-        cycle_end(cycle, outcome=CycleOutcome.NO_SIGNAL, reason=f"no signal: {screen.reason}")
+        self._end(cycle, CycleOutcome.NO_SIGNAL, f"no signal: {screen.reason}")
         return row_new(ScreenerLog, instrument=cycle.instrument, cycle_id=cycle.pk, mode=env.mode, signal=False,
                        bypassed=False, bypass_reason="", reason=screen.reason, snapshot_json=None,
                        model=(getattr(brain, "name", "") or "")[:60], tokens_used=0, latency_ms=0, cost_usd=Decimal(0))
@@ -205,7 +222,7 @@ class BulkCycles:
         cycle.playbook_version = getattr(brain, "playbook_version", None)
         cycle.decision = dump
         env.review_marks[market.inst_id] = review_mark(market, str(decision.action))  # type: ignore[arg-type]
-        cycle_end(cycle, outcome=CycleOutcome.HOLD, reason=f"HOLD: {decision.reasoning or 'no reason given'}"[:2000])
+        self._end(cycle, CycleOutcome.HOLD, f"HOLD: {decision.reasoning or 'no reason given'}"[:2000])
         return row_new(ScreenerLog, instrument=cycle.instrument, cycle_id=cycle.pk, mode=env.mode, signal=True,
                        bypassed=True, bypass_reason=bypass[:200], reason=reason, snapshot_json=None, model="",
                        tokens_used=0, latency_ms=0, cost_usd=Decimal(0), analyst_action=str(decision.action)[:20],

@@ -486,6 +486,22 @@ class ReplayFeed:
         self._funding_last[inst_id] = ((i, next_ms), funding)
         return funding
 
+    def funding_rate_value(self, inst_id: str) -> Decimal | None:
+        """`funding_rate(inst_id).rate` without building the FundingRate (the bulk replay path reads only the rate)."""
+        data = self._funding.get(inst_id)
+        if data is None:
+            return None
+        i = int(data[0].searchsorted(self._now_ms(), side="right")) - 1
+        return None if i < 0 else self.funding_rate(inst_id).rate
+
+    def open_interest_value(self, inst_id: str) -> Decimal | None:
+        """`open_interest(inst_id).oi_contracts` without building the OpenInterest when there is none."""
+        data = self._oi.get(inst_id)
+        if data is None:
+            return None
+        i = int(data[0].searchsorted(self._now_ms(), side="right")) - 1
+        return None if i < 0 else self.open_interest(inst_id).oi_contracts
+
     def open_interest(self, inst_id: str) -> OpenInterest:
         data = self._oi.get(inst_id)
         i = -1 if data is None else int(data[0].searchsorted(self._now_ms(), side="right")) - 1
