@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.apps import apps
 from django.db import models, transaction
 
-from journal.models import Cycle, CycleOutcome, Mode, ScreenerLog
 from market.feeds.synthetic import SyntheticFeed
 from tests.conftest import SHARED_DATA
 from tradebot import replay_frames
@@ -127,23 +127,32 @@ def test_the_synthetic_market_journals_the_same_rows_both_ways(synthetic: Synthe
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("per_cycle", [False, True])
-def test_a_cycle_sees_only_candles_closed_by_its_time_on_both_paths(synthetic: SyntheticFeed, per_cycle: bool) -> None:
-    """The price a cycle saw is the close of the last base bar closed by its time, and its regime is that of
-    the 1H view of the candles closed by then: changing every later candle changes nothing before it."""
+def test_a_cycle_sees_only_candles_closed_by_its_time_on_both_paths(per_cycle: bool, tmp_path: Path) -> None:
+    """Every candle from T on changed (mirrored): every cycle up to T journals exactly what it did before
+    (a cycle at t sees only the bars closed by t), and the price each cycle saw is the close of the last
+    bar closed by its time."""
+    from market.feeds.synthetic import SyntheticMarket
+    from tests.tradebot.test_replay_learn import candles_csv
+
     start = datetime(2025, 8, 1, tzinfo=UTC)
-    end = start + timedelta(hours=12)
-    summary = replay_run(inst_id=INST, start=start, end=end, feed=synthetic, run_id=f"closed-{per_cycle}",
-                         per_cycle=per_cycle)
-    series = synthetic.series(INST, synthetic.timeframes(INST)[0])
-    cycles = list(Cycle.objects.filter(mode=Mode.REPLAY, run_id=summary.run_id).order_by("as_of"))
-    assert len(cycles) == summary.cycles == 12 * 12
-    for cycle in cycles:
-        end_i = series.closed_end(int(cycle.as_of.timestamp() * 1000))
-        bar_close_ms = int(series.ts[end_i - 1]) + series.tf_ms
-        assert bar_close_ms <= int(cycle.as_of.timestamp() * 1000)
-        assert Decimal(cycle.snapshot["price"]) == Decimal(str(series.close[end_i - 1])), cycle.as_of
-    log = ScreenerLog.objects.filter(cycle__in=cycles, cycle__outcome=CycleOutcome.NO_SIGNAL).first()
-    assert log is None or log.snapshot_json["compact"]
+    t = start + timedelta(hours=13, minutes=5)
+    end = start + timedelta(hours=20)
+    market = SyntheticMarket(7, start - timedelta(days=12), end + timedelta(days=1), (INST,))
+    kept = replay_feed(inst_id=INST, csv_path=str(candles_csv(tmp_path / "a.csv", market)))
+    changed = replay_feed(inst_id=INST, csv_path=str(candles_csv(tmp_path / "b.csv", market, mirror_after=t)))
+    summary, before = replay_and_dump(feed=kept, start=start, end=end, per_cycle=per_cycle)
+    _, after = replay_and_dump(feed=changed, start=start, end=end, per_cycle=per_cycle)
+    up_to_t = [row for row in before["journal_cycle"] if row["as_of"] <= t]
+    assert len(up_to_t) == 13 * 12 + 1
+    assert up_to_t == [row for row in after["journal_cycle"] if row["as_of"] <= t]
+    assert before["journal_cycle"] != after["journal_cycle"]  # the change is seen once its bars have closed
+    series = kept.series(INST, kept.timeframes(INST)[0])
+    for row in before["journal_cycle"]:
+        end_i = series.closed_end(int(row["as_of"].timestamp() * 1000))
+        assert int(series.ts[end_i - 1]) + series.tf_ms <= int(row["as_of"].timestamp() * 1000)
+        assert Decimal(row["snapshot"]["price"]) == Decimal(repr(float(series.close[end_i - 1]))), row["as_of"]
+    if not per_cycle:
+        assert summary.bulk_cycles > 0
 
 
 @pytest.mark.django_db
