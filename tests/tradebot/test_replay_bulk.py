@@ -62,7 +62,12 @@ def _summary(summary: Any) -> dict[str, Any]:
 
 def replay_and_dump(*, feed: Any, start: datetime, end: datetime, per_cycle: bool, **kw: Any) -> tuple[Any, dict]:
     """One replay in a transaction rolled back after its dump (its run id and its rows' ids are the next run's)."""
+    from django.db import connection
+
     from brain.playbook import playbook_current
+
+    if connection.vendor != "sqlite":
+        pytest.skip("the dumps are compared id for id: SQLite's ids roll back with the transaction, a sequence's do not")
 
     playbook_current()  # the seeded playbook (its activation time is the wall clock's) before both runs
     with transaction.atomic():
