@@ -94,7 +94,12 @@ def compare(*, label: str, database_url: str, folder: Path | None) -> None:
     ft: list[dict[str, Any]] = []
     for k in range(ROUNDS):
         if folder is not None:
-            ft.append(theirs(folder))
+            try:
+                ft.append(theirs(folder))
+            except (RuntimeError, ValueError) as exc:  # installed but not runnable here: ours alone from now on
+                print(f"  freqtrade's run.sh failed ({exc}); our figures alone")
+                folder = None
+        if folder is not None:
             print(f"  round {k + 1}: freqtrade {ft[-1]['wall']:.2f} s ({ft[-1]['trades']} trades); ", end="", flush=True)
         else:
             print(f"  round {k + 1}: ", end="", flush=True)
