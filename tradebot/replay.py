@@ -8,7 +8,10 @@ For every cycle time t (every `cycle` from `start` to `end`):
    uses bars closed by t (no lookahead), and equals what a live cycle at t
    computes from the same candles (the indicators engineer's equivalence rule;
    `tests/tradebot/test_pipeline_workers.py` checks replay == live);
-3. the cycle runs through `tradebot.stages` exactly as a worker runs it.
+3. the cycle runs through `tradebot.stages` exactly as a worker runs it, unless its result is
+   already determined (rules brain: flat with no bypass and no setup, or holding with no exit rule
+   firing): `tradebot.replay_bulk` then writes the row the stages would write, without them
+   (`per_cycle=True`, `manage.py replay --per-cycle`: every cycle through the stages).
 The journal is written with mode=replay and the run id. When the brain makes
 no network call (rules brain + paper exchange) each batch of cycles runs in one
 transaction: it reserves the batch's cycle ids first (the rows other rows point
@@ -90,13 +93,13 @@ class ReplaySummary:
     interrupted: bool = False  # stopped by Ctrl-C: the figures are those of the cycles the journal kept
     bulk_cycles: int | None = None  # cycles the bulk path wrote (tradebot.replay_bulk); None: --per-cycle
 
-    def mark(self) -> tuple[int, Counter, int]:
+    def mark(self) -> tuple[int, Counter, int, int | None]:
         """Where the counts stand before a batch (see `rewind`)."""
-        return self.cycles, Counter(self.outcomes), len(self.decisions)
+        return self.cycles, Counter(self.outcomes), len(self.decisions), self.bulk_cycles
 
-    def rewind(self, mark: tuple[int, Counter, int]) -> None:
+    def rewind(self, mark: tuple[int, Counter, int, int | None]) -> None:
         """Back to `mark`: a batch whose transaction rolled back left nothing in the journal to count."""
-        self.cycles, self.outcomes, kept = mark[0], Counter(mark[1]), mark[2]
+        self.cycles, self.outcomes, kept, self.bulk_cycles = mark[0], Counter(mark[1]), mark[2], mark[3]
         del self.decisions[kept:]
 
     def count(self, cycle: Cycle) -> None:
@@ -270,7 +273,8 @@ def replay_run(
             raise ReplayError(f"playbook version {playbook_version} does not exist")
         env.brain = brain_for_settings(brain, playbook=pinned.playbook, playbook_version=pinned.version)
     summary = ReplaySummary(run_id=run_id, inst_id=inst_id, start=start, end=end, brain=brain,
-                            source=getattr(feed, "name", "replay"), full_snapshots=full_snapshots)
+                            source=getattr(feed, "name", "replay"), full_snapshots=full_snapshots,
+                            bulk_cycles=None if per_cycle else 0)
     if learn is not None:
         learn.begin(run_id=run_id, inst_id=inst_id, env=env, start=start)
         run.learn = learn
@@ -308,8 +312,6 @@ def replay_run(
                 log.warning("replay_interrupted", run_id=run_id, cycles_kept=summary.cycles, cycles_planned=len(times))
                 break
     summary.elapsed_seconds = time.perf_counter() - began
-    if run.bulk is not None:
-        summary.bulk_cycles = run.bulk.bulk
     return summary
 
 
@@ -376,7 +378,7 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
     rows_insert(model=ScreenerLog, objs=screener_logs)
 
 
-def _keep_what_ran(placeholders: list[Cycle], summary: ReplaySummary, mark: tuple[int, Counter, int],
+def _keep_what_ran(placeholders: list[Cycle], summary: ReplaySummary, mark: tuple[int, Counter, int, int | None],
                    screener_logs: list[ScreenerLog]) -> None:
     """A network brain's batch stopped by Ctrl-C: its placeholder rows exist already (rows of the
     cycles that ran point to them). The cycles that finished are written as they ended, the one in
@@ -414,6 +416,7 @@ def _run_cycles(placeholders: list[Cycle], env: StageEnv, walker: BarWalker, sum
             cycle.snapshot = log_row.snapshot_json = compact_snapshot(snapshot)
             screener_logs.append(log_row)
             summary.count(cycle)
+            summary.bulk_cycles = (summary.bulk_cycles or 0) + 1
             if run.learn is not None and run.learn.after_cycle(cycle.as_of):
                 run.trades_stale = True
             continue
