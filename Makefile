@@ -56,7 +56,7 @@ drill: venv
 	$(PY) scripts/drill_table.py var/drill.jsonl
 
 bench: venv
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 run: venv migrate static
 	$(PY) manage.py runbot

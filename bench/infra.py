@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 DB_SECTIONS = frozenset({"pipeline", "instruments300", "replay", "llm_cost", "llm_load", "streams",
-                         "learning", "validation", "search"})
+                         "learning", "validation", "search", "vs_freqtrade"})
 
 
 @dataclass

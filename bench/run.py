@@ -15,6 +15,7 @@
     .venv/bin/python bench/run.py learning --days 60           # replay --learn vs v1 on the last 60 days of 2022
     .venv/bin/python bench/run.py validation                    # one validation, 3 folds x 30 days x 2 instruments
     .venv/bin/python bench/run.py search --trials 10                # trials per minute, one vs two workers
+    .venv/bin/python bench/run.py --vs-freqtrade [--sqlite]        # replay vs a freqtrade backtest (issue 21)
 
 The sections `pipeline` and `instruments300` start real Celery workers (one
 per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
@@ -208,6 +209,11 @@ from bench.search_bench import bench_search  # noqa: E402
 
 section("search")(bench_search)
 
+# --- vs_freqtrade (issue 21: the replay against a freqtrade backtest of the same candles; bench/freqtrade_bench.py) --
+from bench.freqtrade_bench import bench_vs_freqtrade  # noqa: E402
+
+section("vs_freqtrade")(bench_vs_freqtrade)
+
 _VALUE_OPTIONS = {"--days": ("days", float), "--cycles": ("cycles", int), "--instruments": ("instruments", int),
                   "--concurrency": ("concurrency", int), "--interval": ("interval", float),
                   "--ticks": ("load_cycles", int),
@@ -232,8 +238,10 @@ def _options(argv: list[str]) -> list[str]:
             infra.OPTIONS.profile = True
         elif arg == "--sqlite":
             infra.OPTIONS.sqlite = True
+        elif arg == "--vs-freqtrade":  # the section's name as an option: `make bench BENCH_ARGS=--vs-freqtrade`
+            names.append("vs_freqtrade")
         elif arg.startswith("-"):
-            known = [*_VALUE_OPTIONS, "--profile", "--sqlite", "--list"]
+            known = [*_VALUE_OPTIONS, "--profile", "--sqlite", "--vs-freqtrade", "--list"]
             raise SystemExit(f"unknown option {arg}; options: {', '.join(known)}")
         else:
             names.append(arg)

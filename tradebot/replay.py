@@ -8,7 +8,10 @@ For every cycle time t (every `cycle` from `start` to `end`):
    uses bars closed by t (no lookahead), and equals what a live cycle at t
    computes from the same candles (the indicators engineer's equivalence rule;
    `tests/tradebot/test_pipeline_workers.py` checks replay == live);
-3. the cycle runs through `tradebot.stages` exactly as a worker runs it.
+3. the cycle runs through `tradebot.stages` exactly as a worker runs it, unless its result is
+   already determined (rules brain: flat with no bypass and no setup, or holding with no exit rule
+   firing): `tradebot.replay_bulk` then writes the row the stages would write, without them
+   (`per_cycle=True`, `manage.py replay --per-cycle`: every cycle through the stages).
 The journal is written with mode=replay and the run id. When the brain makes
 no network call (rules brain + paper exchange) each batch of cycles runs in one
 transaction: it reserves the batch's cycle ids first (the rows other rows point
@@ -46,12 +49,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from dataclasses import replace as dataclass_replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import pandas as pd
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Sum
@@ -61,15 +62,15 @@ from journal.bulk import ids_reserve, row_new, rows_insert
 from journal.models import Cycle, CycleOutcome, CycleState, LlmCall, Mode, RiskRejection, ScreenerLog, Trade, TradeStatus
 from market.feeds.base import MarketFeed
 from market.models import TIMEFRAME_SECONDS, Instrument
-from market.schemas import MarketSnapshot
 from tradebot.cycle import cycle_end, stage_started
 from tradebot.logging import get_logger, redact
-from tradebot.stages import CYCLE_FIELDS, STAGES, CycleWork, StageEnv, TradeViews
+from tradebot.replay_frames import FrameSnapshots
+from tradebot.replay_state import BarWalker, RunState, compact_snapshot, new_day, sync_if_needed
+from tradebot.stages import CYCLE_FIELDS, STAGES, CycleWork, StageEnv
 
 log = get_logger(__name__)
 S = CycleState
 BATCH = 500
-_FOUR_HOURS = timedelta(hours=4)
 
 
 class ReplayError(Exception):
@@ -90,14 +91,15 @@ class ReplaySummary:
     elapsed_seconds: float = 0.0
     full_snapshots: str = "acted"  # which cycles kept the full snapshot JSON (see replay_run)
     interrupted: bool = False  # stopped by Ctrl-C: the figures are those of the cycles the journal kept
+    bulk_cycles: int | None = None  # cycles the bulk path wrote (tradebot.replay_bulk); None: --per-cycle
 
-    def mark(self) -> tuple[int, Counter, int]:
+    def mark(self) -> tuple[int, Counter, int, int | None]:
         """Where the counts stand before a batch (see `rewind`)."""
-        return self.cycles, Counter(self.outcomes), len(self.decisions)
+        return self.cycles, Counter(self.outcomes), len(self.decisions), self.bulk_cycles
 
-    def rewind(self, mark: tuple[int, Counter, int]) -> None:
+    def rewind(self, mark: tuple[int, Counter, int, int | None]) -> None:
         """Back to `mark`: a batch whose transaction rolled back left nothing in the journal to count."""
-        self.cycles, self.outcomes, kept = mark[0], Counter(mark[1]), mark[2]
+        self.cycles, self.outcomes, kept, self.bulk_cycles = mark[0], Counter(mark[1]), mark[2], mark[3]
         del self.decisions[kept:]
 
     def count(self, cycle: Cycle) -> None:
@@ -156,6 +158,7 @@ class ReplaySummary:
             "interrupted": self.interrupted,
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "cycles_per_second": round(self.cycles / self.elapsed_seconds, 1) if self.elapsed_seconds else None,
+            "bulk_cycles": self.bulk_cycles,
         }
 
 
@@ -163,67 +166,6 @@ def parse_cycle(text: str) -> timedelta:
     if text not in TIMEFRAME_SECONDS:
         raise ReplayError(f"--cycle must be one of {', '.join(TIMEFRAME_SECONDS)}, got {text!r}")
     return timedelta(seconds=TIMEFRAME_SECONDS[text])
-
-
-class FrameSnapshots:
-    """Snapshots from frames and indicators computed once over the whole replay history.
-
-    A timeframe's view only changes when one of its candles closes, so each view is
-    built once per closed candle (`market.snapshot.TimeframeSeries`, equal to what
-    `timeframe_view` gives at that time) and reused by the cycles in between (a 4H
-    view serves 48 five-minute cycles).
-    """
-
-    def __init__(self, feed: Any, inst_id: str, until: datetime) -> None:
-        from market.indicators import indicators_compute
-        from market.snapshot import TimeframeSeries
-
-        self.feed = feed
-        self.inst_id = inst_id
-        self.window = int(settings.INDICATOR_HISTORY_CANDLES)
-        feed.set_clock(until)
-        self.frames: dict[str, pd.DataFrame | None] = {}
-        self.computed: dict[str, pd.DataFrame] = {}
-        self.series: dict[str, TimeframeSeries] = {}
-        self._views: dict[str, tuple[int, Any]] = {}  # tf -> (closed candle count, its TimeframeView)
-        for tf in settings.TIMEFRAMES:
-            frame = feed.frame(inst_id, tf, limit=10_000_000)
-            self.frames[tf] = frame
-            if not frame.empty:
-                self.computed[tf] = indicators_compute(frame)
-            self.series[tf] = TimeframeSeries(timeframe=tf, candles=frame, computed=self.computed.get(tf),
-                                              window=self.window, recent=int(settings.SNAPSHOT_RECENT_CANDLES))
-
-    def views_at(self, as_of: datetime) -> dict[str, Any]:
-        from market.snapshot import epoch_ns
-
-        now_ns = epoch_ns(as_of)  # once for every timeframe
-        views = {}
-        for tf, series in self.series.items():
-            end = series.closed_count_ns(now_ns)
-            known = self._views.get(tf)
-            if known is None or known[0] != end:
-                known = (end, series.view(end, as_of))
-                self._views[tf] = known
-            views[tf] = known[1]
-        return views
-
-    def __call__(self, inst_id: str, as_of: datetime) -> MarketSnapshot:
-        from market.snapshot import snapshot_from_frames
-
-        feed = self.feed
-        feed.set_clock(as_of)
-        oi = feed.open_interest(inst_id)
-        history = getattr(feed, "open_interest_at", None)
-        oi_ago = history(inst_id, as_of - _FOUR_HOURS) if oi is not None and callable(history) else None
-        ours = inst_id == self.inst_id
-        return snapshot_from_frames(
-            inst_id=inst_id, as_of=as_of, source=getattr(feed, "name", "replay"), candles=self.frames,
-            computed=self.computed, ticker=feed.ticker(inst_id), order_book=feed.order_book(inst_id, 5),
-            funding=feed.funding_rate(inst_id), open_interest=oi, open_interest_4h_ago=oi_ago, window=self.window,
-            # The series wrap these very frames: their numpy arrays answer the 1H change without pandas.
-            views=self.views_at(as_of) if ours else None, series=self.series if ours else None,
-        )
 
 
 def replay_feed(*, inst_id: str, csv_path: str | None = None) -> MarketFeed:
@@ -264,6 +206,7 @@ def replay_run(
     full_snapshots: str = "acted",
     learn: Any = None,
     playbook: dict | None = None,
+    per_cycle: bool = False,
 ) -> ReplaySummary:
     """Run every cycle in [start, end) and return the summary (the journal holds the rest).
 
@@ -276,6 +219,9 @@ def replay_run(
     (reviews, deep reflections and validated promotion on the replay's clock: `replay --learn`).
     `playbook` replays with a playbook that is not stored
     (a parameter-search trial's, labelled `playbook_version`: the version it changes).
+    `per_cycle=True` runs every cycle through the stages; by default the cycles whose result is
+    determined (flat with no signal, holding with no exit: `tradebot.replay_bulk`) are written
+    without them, with the same rows.
     """
     if full_snapshots not in ("acted", "analyzed"):
         raise ReplayError(f"full_snapshots must be 'acted' or 'analyzed', got {full_snapshots!r}")
@@ -305,7 +251,11 @@ def replay_run(
     snapshots = FrameSnapshots(feed, inst_id, end)
     # Its own account: two runs in one database never share a balance (exclusive: see the docstring).
     exchange = PaperExchange(account_name=run_id[:40], exclusive=True)
-    run = _RunState(run_id=run_id, exchange=exchange)
+    run = RunState(run_id=run_id, exchange=exchange)
+    if not per_cycle:
+        from tradebot.replay_bulk import BulkCycles
+
+        run.bulk = BulkCycles(snapshots=snapshots, full_snapshots=full_snapshots)
     env = StageEnv(feed=feed, exchange=exchange, mode=Mode.REPLAY, run_id=run_id, brain_name=brain,
                    snapshot_provider=snapshots, sync_candles=False, recent_trades_provider=run.recent_trades,
                    account_provider=run.account, bot_provider=run.bot_view, defer_journal=True)
@@ -323,7 +273,8 @@ def replay_run(
             raise ReplayError(f"playbook version {playbook_version} does not exist")
         env.brain = brain_for_settings(brain, playbook=pinned.playbook, playbook_version=pinned.version)
     summary = ReplaySummary(run_id=run_id, inst_id=inst_id, start=start, end=end, brain=brain,
-                            source=getattr(feed, "name", "replay"), full_snapshots=full_snapshots)
+                            source=getattr(feed, "name", "replay"), full_snapshots=full_snapshots,
+                            bulk_cycles=None if per_cycle else 0)
     if learn is not None:
         learn.begin(run_id=run_id, inst_id=inst_id, env=env, start=start)
         run.learn = learn
@@ -333,7 +284,7 @@ def replay_run(
         times.append(t)
         t += cycle
     base_tf = feed.timeframes(inst_id)[0]  # type: ignore[attr-defined]  # the finest bars the data has
-    walker = _BarWalker(feed, inst_id, base_tf, exchange, start)
+    walker = BarWalker(feed, inst_id, base_tf, exchange, start)
     # Network brains must not run inside a database transaction (house rule); the rules brain may.
     atomic = brain == "rules"
     began = time.perf_counter()
@@ -393,165 +344,9 @@ def _collector_between_batches() -> Iterator[Callable[[], None]]:
             gc.enable()
 
 
-@dataclass
-class _RunState:
-    """What the loop remembers between cycles instead of asking the database every cycle."""
 
-    run_id: str
-    exchange: Any = None
-    scope: str = ""
-    bot: Any = None  # the run's bot state (execution.risk.BotStateView); None = read it again
-    trades: list[Any] = field(default_factory=list)
-    trades_stale: bool = True  # a trade opened or closed since `trades` was read
-    trade_views: Any = None  # tradebot.stages.TradeViews of this run (made on first use)
-    synced: bool = False
-    closes_synced: int = 0  # the paper exchange's close count at the last account sync
-    peak_synced: Decimal | None = None  # the highest equity an account sync has seen
-    last_day: Any = None  # the UTC date of the last cycle (a new one starts the risk gate's day)
-    # The exchange account and its open positions at this cycle's prices until an order changes
-    # them: the sync check and the brain's context read them, and both run before the cycle's own
-    # order (reset per cycle).
-    balances: Any = None
-    positions: list[Any] = field(default_factory=list)
-    last_snapshot: MarketSnapshot | None = None  # the latest cycle's (for a stop's or take-profit's exit indicators)
-    learn: Any = None  # replay --learn: tradebot.replay_learn.ReplayLearner, told after each cycle
-
-    def bot_view(self) -> Any:
-        """`execution.selectors.bot_state` of this run, read again only after something changed it."""
-        from execution.selectors import bot_state
-
-        if self.bot is None:
-            self.bot = bot_state(scope=self.scope)
-        return self.bot
-
-    def account(self) -> tuple[Any, list[Any]]:
-        """`execution.selectors.account_and_positions` of this run, without re-reading an unchanged bot state."""
-        bot = self.bot_view()
-        balances = self.balances_now()
-        return (dataclass_replace(balances, day_start_equity=bot.day_start_equity, peak_equity=bot.peak_equity),
-                self.positions)
-
-    def balances_now(self) -> Any:
-        """The exchange's account at this cycle's prices, computed once per cycle with its positions (see _run_batch)."""
-        if self.balances is None:
-            self.balances, self.positions = self.exchange.account_and_positions()
-        return self.balances
-
-    def exit_indicators(self, inst_id: str, closed_at: datetime) -> dict[str, Any] | None:
-        """The indicators of the last cycle's snapshot at a close the exchange made, as a live account
-        sync takes them from that cycle's row (`execution.sync._exit_indicators`): the replay's rows
-        are written per batch, and most keep a compact snapshot."""
-        from execution.sync import EXIT_SNAPSHOT_MAX_AGE
-
-        snapshot = self.last_snapshot
-        if snapshot is None or snapshot.inst_id != inst_id:
-            return None
-        if not closed_at - EXIT_SNAPSHOT_MAX_AGE <= snapshot.ts <= closed_at:
-            return None
-        return {tf: view.indicators.model_dump(mode="json") for tf, view in snapshot.timeframes.items()}
-
-    def recent_trades(self) -> list[Any]:
-        """`tradebot.stages.recent_trades` of this run, read again only after a trade opened or closed."""
-        if self.trades_stale:
-            if self.trade_views is None:
-                self.trade_views = TradeViews(mode=Mode.REPLAY, run_id=self.run_id)
-            self.trades = self.trade_views.read()
-            self.trades_stale = False
-        return self.trades
-
-
-class _BarWalker:
-    """Feeds the paper exchange every base bar up to the clock while it holds something.
-
-    Flat, only the last bar matters (market orders fill at its close). Before the bars,
-    the exchange gets the feed's funding rate at the clock (the rate settled at the last
-    00/08/16 UTC), so a position held across a settlement pays or receives it.
-    """
-
-    def __init__(self, feed: Any, inst_id: str, timeframe: str, exchange: Any, start: datetime) -> None:
-        self.feed = feed
-        self.series = feed.series(inst_id, timeframe)
-        self.inst_id = inst_id
-        self.exchange = exchange
-        self.tf_ms = self.series.tf_ms
-        self.next_i = int(self.series.closed_end(int(start.timestamp() * 1000)))
-        self.funding: Decimal | None = None  # the rate last given to the exchange
-        self.funding_set = False
-
-    def advance(self, until: datetime, exposed: bool) -> None:
-        end = self.series.closed_end(int(until.timestamp() * 1000))
-        if exposed:
-            self._funding_at(until)
-            for i in range(self.next_i, end):
-                self.exchange.process_bar(self.inst_id, self.series.bar(i))
-        elif end > self.next_i:
-            self.exchange.process_bar(self.inst_id, self.series.bar(end - 1))
-        self.next_i = max(self.next_i, end)
-
-    def _funding_at(self, until: datetime) -> None:
-        self.feed.set_clock(until)
-        rate = self.feed.funding_rate(self.inst_id).rate
-        # The exchange charges the rate it was last given at each settlement: only a new rate is news.
-        if not self.funding_set or rate != self.funding:
-            self.exchange.set_funding_rate(self.inst_id, rate)
-            self.funding, self.funding_set = rate, True
-
-
-def _compact_snapshot(snapshot: MarketSnapshot) -> dict[str, Any]:
-    """What a cycle that ended at screening keeps of its snapshot."""
-    return {
-        "compact": True,
-        "inst_id": snapshot.inst_id,
-        "ts": snapshot.ts.isoformat(),
-        "price": str(snapshot.price),
-        "regime": snapshot.regime,
-        "price_change_1h_pct": snapshot.price_change_1h_pct,
-        "funding_rate": None if snapshot.funding_rate is None else str(snapshot.funding_rate),
-        "anomalies": list(snapshot.anomalies.reasons),
-    }
-
-
-def _sync_if_needed(env: StageEnv, run: _RunState) -> None:
-    """`account_sync` when it can change something (a position closed, the first time); a new
-    equity peak alone only raises the bot state's peak.
-
-    Between those, a sync of this run would only re-read the same numbers (no order is in
-    flight in a replay: the paper exchange settles each order within `order_place`).
-    """
-    from execution.bot import bot_peak_raise
-    from execution.sync import account_sync
-
-    exchange = env.exchange
-    equity = run.balances_now().equity
-    if run.synced and exchange.closes == run.closes_synced and run.peak_synced is not None:
-        if equity > run.peak_synced:
-            # Only a new peak: all a sync would change is the bot state's peak equity.
-            raised = bot_peak_raise(equity=equity, scope=env.scope)
-            # Raised: memory takes what the UPDATE wrote, without reading the row again.
-            run.bot = dataclass_replace(run.bot, peak_equity=equity) if raised and run.bot is not None else None
-            run.peak_synced = equity
-        return
-    result = account_sync(exchange=exchange, mode=Mode.REPLAY, run_id=env.run_id, exit_indicators=run.exit_indicators)
-    run.bot = None
-    run.synced, run.closes_synced = True, exchange.closes
-    run.peak_synced = equity if run.peak_synced is None else max(run.peak_synced, equity)
-    if result.closed_trade_ids:
-        run.trades_stale = True
-
-
-def _new_day(as_of: datetime, env: StageEnv, run: _RunState) -> None:
-    """00:00 UTC, as the live beat does it: the risk gate's day starts with the equity then."""
-    from execution.bot import risk_daily_reset
-
-    if as_of.date() == run.last_day:
-        return
-    run.last_day = as_of.date()
-    midnight = as_of.replace(hour=0, minute=0, second=0, microsecond=0)
-    run.bot = risk_daily_reset(now=midnight, equity=run.balances_now().equity, scope=env.scope)
-
-
-def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, walker: _BarWalker,
-               summary: ReplaySummary, run: _RunState, full_snapshots: str, *, reserved_ids: bool) -> None:
+def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, walker: BarWalker,
+               summary: ReplaySummary, run: RunState, full_snapshots: str, *, reserved_ids: bool) -> None:
     fresh = [row_new(Cycle, instrument=instrument, mode=Mode.REPLAY, run_id=env.run_id, as_of=t, state=S.IDLE) for t in times]
     if reserved_ids:
         # In the batch's transaction: ids now, one INSERT of the finished rows at the end (journal/bulk.py).
@@ -583,7 +378,7 @@ def _run_batch(times: list[datetime], instrument: Instrument, env: StageEnv, wal
     rows_insert(model=ScreenerLog, objs=screener_logs)
 
 
-def _keep_what_ran(placeholders: list[Cycle], summary: ReplaySummary, mark: tuple[int, Counter, int],
+def _keep_what_ran(placeholders: list[Cycle], summary: ReplaySummary, mark: tuple[int, Counter, int, int | None],
                    screener_logs: list[ScreenerLog]) -> None:
     """A network brain's batch stopped by Ctrl-C: its placeholder rows exist already (rows of the
     cycles that ran point to them). The cycles that finished are written as they ended, the one in
@@ -603,7 +398,7 @@ def _keep_what_ran(placeholders: list[Cycle], summary: ReplaySummary, mark: tupl
         summary.count(cycle)
 
 
-def _run_cycles(placeholders: list[Cycle], env: StageEnv, walker: _BarWalker, summary: ReplaySummary, run: _RunState,
+def _run_cycles(placeholders: list[Cycle], env: StageEnv, walker: BarWalker, summary: ReplaySummary, run: RunState,
                 full_snapshots: str, screener_logs: list[ScreenerLog]) -> None:
     """The batch's cycles in order, each counted in the summary and its screener log row kept."""
     for cycle in placeholders:  # each holds `instrument` already (row_new caches it; bulk_create returns the same rows)
@@ -611,8 +406,20 @@ def _run_cycles(placeholders: list[Cycle], env: StageEnv, walker: _BarWalker, su
         walker.advance(cycle.as_of, exposed)
         run.balances = None  # new prices
         if exposed:
-            _sync_if_needed(env, run)
-        _new_day(cycle.as_of, env, run)
+            sync_if_needed(env, run)
+        new_day(cycle.as_of, env, run)
+        determined = run.bulk.cycle(cycle, env, run) if run.bulk is not None else None
+        if determined is not None:
+            # The bulk path wrote the row (tradebot/replay_bulk.py): no order, no risk gate, a compact snapshot.
+            snapshot, log_row = determined
+            run.last_snapshot = snapshot
+            cycle.snapshot = log_row.snapshot_json = compact_snapshot(snapshot)
+            screener_logs.append(log_row)
+            summary.count(cycle)
+            summary.bulk_cycles = (summary.bulk_cycles or 0) + 1
+            if run.learn is not None and run.learn.after_cycle(cycle.as_of):
+                run.trades_stale = True
+            continue
         work = _run_cycle(cycle, env)
         if cycle.client_order_id:
             run.trades_stale = True
@@ -627,7 +434,7 @@ def _run_cycles(placeholders: list[Cycle], env: StageEnv, walker: _BarWalker, su
         snapshot = work._snapshot
         if snapshot is not None:
             run.last_snapshot = snapshot
-            compact = _compact_snapshot(snapshot)
+            compact = compact_snapshot(snapshot)
             keep_full = bool(cycle.decision) and (full_snapshots == "analyzed" or cycle.outcome != CycleOutcome.HOLD)
             cycle.snapshot = snapshot.as_jsonable() if keep_full else compact
         log_row = work.extra.get("screener_log")

@@ -458,6 +458,15 @@ class ReplayFeed:
             volume_24h=_dec(round(float(s.volume[day_start:end].sum()), 8)),
         )
 
+    def last_price(self, inst_id: str) -> Decimal:
+        """`ticker(inst_id).last` without the rest of the ticker (the 24h range and volume): a replay's
+        bulk path reads only the price of most cycles (tradebot/replay_bulk.py)."""
+        s = self._finest(inst_id)
+        end = s.closed_end(self._now_ms())
+        if end == 0:
+            raise FeedPermanentError(f"replay has no closed {inst_id} bar at {self.now().isoformat()}")
+        return _dec(s.close[end - 1])
+
     def order_book(self, inst_id: str, depth: int = 5) -> OrderBook:
         return OrderBook(inst_id=inst_id, ts=self.now(), bids=(), asks=())
 
@@ -476,6 +485,22 @@ class ReplayFeed:
                               next_funding_time=ms_to_dt(next_ms))
         self._funding_last[inst_id] = ((i, next_ms), funding)
         return funding
+
+    def funding_rate_value(self, inst_id: str) -> Decimal | None:
+        """`funding_rate(inst_id).rate` without building the FundingRate (the bulk replay path reads only the rate)."""
+        data = self._funding.get(inst_id)
+        if data is None:
+            return None
+        i = int(data[0].searchsorted(self._now_ms(), side="right")) - 1
+        return None if i < 0 else self.funding_rate(inst_id).rate
+
+    def open_interest_value(self, inst_id: str) -> Decimal | None:
+        """`open_interest(inst_id).oi_contracts` without building the OpenInterest when there is none."""
+        data = self._oi.get(inst_id)
+        if data is None:
+            return None
+        i = int(data[0].searchsorted(self._now_ms(), side="right")) - 1
+        return None if i < 0 else self.open_interest(inst_id).oi_contracts
 
     def open_interest(self, inst_id: str) -> OpenInterest:
         data = self._oi.get(inst_id)

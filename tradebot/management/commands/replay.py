@@ -1,5 +1,5 @@
 """`manage.py replay --inst BTC-USDT-SWAP --from DATE --to DATE [--csv PATH | --synthetic] [--brain rules|claude]
-[--cycle 5m] [--json] [--trades-csv PATH] [--learn]`.
+[--cycle 5m] [--json] [--trades-csv PATH] [--learn] [--per-cycle]`.
 
 The text output is the run's summary (one figure a line), then the backtest report of `journal.report`
 (trades, results per instrument, strategy, exit reason, day and month, balances, ratios, drawdown, buy-and-hold).
@@ -57,6 +57,9 @@ class Command(BaseCommand):
         parser.add_argument("--learn", action="store_true",
                             help="review trades, reflect and promote validated versions inside the replay "
                                  "(no lookahead)")
+        parser.add_argument("--per-cycle", action="store_true",
+                            help="run every cycle through the stages (default: the cycles whose result is "
+                                 "determined are written in bulk, with the same rows: tradebot/replay_bulk.py)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
         try:
@@ -88,7 +91,7 @@ class Command(BaseCommand):
         try:
             summary = replay_run(inst_id=opts["inst"], start=opts["start"], end=opts["end"], feed=feed,
                                  brain=opts["brain"], cycle=cycle, progress=progress, learn=learner,
-                                 full_snapshots=snapshots)
+                                 full_snapshots=snapshots, per_cycle=opts["per_cycle"])
         except (ReplayError, FeedError) as exc:
             raise CommandError(str(exc)) from exc
         finally:

@@ -1,0 +1,141 @@
+"""The `vs_freqtrade` section (issue 21): `manage.py replay --brain rules` against a freqtrade backtest
+of the same candles, whole-process wall time, alternated three times each in one run.
+
+    .venv/bin/python bench/run.py vs_freqtrade            # SQLite, and PostgreSQL when it answers
+    .venv/bin/python bench/run.py --vs-freqtrade --sqlite  # SQLite only
+    make bench BENCH_ARGS=--vs-freqtrade
+
+freqtrade 2026.9 is installed once into a scratch folder by ../shared/bench/freqtrade/setup.sh (pip,
+then the shared OKX candles converted to its format); `run.sh DIR` is one backtest (BTC-USDT-SWAP 5m,
+May-Dec 2022, futures, 7 TA-Lib indicators). Where it cannot be installed (no network, no Python
+3.12) the section says why and prints our figures alone. Each program runs as its own process: the
+times include starting Python, loading the candles and computing the indicators, for both. Peak
+memory is each process tree's largest resident set (wait4). Our replays write to a scratch database
+(SQLite file; PostgreSQL: the bench's scratch database). The per-cycle path (`--per-cycle`) runs
+once for its cycles per second.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import infra
+
+FT_DIR = infra.ROOT.parent / "shared" / "bench" / "freqtrade"
+REAL_FILE = infra.ROOT.parent / "shared" / "data" / "okx_BTC-USDT-SWAP_5m_2022.csv.gz"
+SCRATCH = Path(os.environ.get("FREQTRADE_BENCH_DIR", str(infra.ROOT / "var" / "bench" / "freqtrade")))
+ROUNDS = 3
+
+
+def timed(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, int, str, str]:
+    """(wall seconds, peak RSS of the process tree in MB, stdout, stderr) of one process, to its end.
+
+    The peak is wait4's for that process: its own and its waited-for descendants' largest resident set
+    (run.sh's Python is run.sh's child)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        began = time.perf_counter()
+        proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - began
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args[:3])} ... exited {proc.returncode}: {stderr.strip()[-1500:]}")
+    return wall, int(usage.ru_maxrss // 1024), stdout, stderr
+
+
+def freqtrade_setup() -> tuple[Path | None, str]:
+    """(the scratch folder, "") once freqtrade is installed there; (None, why) when it cannot be."""
+    if not (FT_DIR / "setup.sh").is_file():
+        return None, f"{FT_DIR}/setup.sh is not here"
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    done = subprocess.run(["bash", str(FT_DIR / "setup.sh"), str(SCRATCH)], capture_output=True, text=True, check=False)
+    if done.returncode or not (SCRATCH / "venv" / "bin" / "python").exists():
+        tail = [line for line in done.stderr.splitlines() if not line.startswith("WARNING: Location")][-5:]
+        return None, f"setup.sh failed (exit {done.returncode}): {' | '.join(tail)}"
+    print(f"  freqtrade ready in {SCRATCH} (setup.sh: {time.perf_counter() - began:.0f} s, untimed)")
+    return SCRATCH, ""
+
+
+def ours(*, database_url: str, per_cycle: bool = False) -> dict[str, Any]:
+    args = [sys.executable, str(infra.ROOT / "manage.py"), "replay", "--inst", "BTC-USDT-SWAP", "--csv", str(REAL_FILE),
+            "--from", "2022-05-01", "--to", "2023-01-01", "--brain", "rules", "--json"]
+    if per_cycle:
+        args.append("--per-cycle")
+    env = {**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "ERROR"}
+    wall, peak, out, _ = timed(args, env=env, cwd=infra.ROOT)
+    summary = json.loads(out.strip().splitlines()[-1])
+    return {"wall": wall, "peak_mb": peak, "cycles": summary["cycles"], "trades": summary["trades"],
+            "loop": summary["elapsed_seconds"], "bulk": summary.get("bulk_cycles")}
+
+
+def theirs(folder: Path) -> dict[str, Any]:
+    wall, peak, out, _ = timed(["bash", str(FT_DIR / "run.sh"), str(folder)])
+    seconds, trades = out.split()[-2:]
+    return {"wall": wall, "peak_mb": peak, "own": float(seconds), "trades": trades}
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def compare(*, label: str, database_url: str, folder: Path | None) -> None:
+    mine: list[dict[str, Any]] = []
+    ft: list[dict[str, Any]] = []
+    for k in range(ROUNDS):
+        if folder is not None:
+            try:
+                ft.append(theirs(folder))
+            except (RuntimeError, ValueError) as exc:  # installed but not runnable here: ours alone from now on
+                print(f"  freqtrade's run.sh failed ({exc}); our figures alone")
+                folder = None
+        if folder is not None:
+            print(f"  round {k + 1}: freqtrade {ft[-1]['wall']:.2f} s ({ft[-1]['trades']} trades); ", end="", flush=True)
+        else:
+            print(f"  round {k + 1}: ", end="", flush=True)
+        mine.append(ours(database_url=database_url))
+        print(f"ours on {label} {mine[-1]['wall']:.2f} s ({mine[-1]['trades']} trades); {infra.load()}", flush=True)
+    m = _median(mine, "wall")
+    cycles = mine[0]["cycles"]
+    print(f"  {label}: ours median {m:.2f} s whole process for {cycles} cycles ({cycles / m:.0f} cycles/s; "
+          f"the loop alone {cycles / _median(mine, 'loop'):.0f} cycles/s, {mine[0]['bulk']} written in bulk), "
+          f"peak {max(r['peak_mb'] for r in mine)} MB")
+    if ft:
+        f = _median(ft, "wall")
+        print(f"  {label}: freqtrade median {f:.2f} s whole process ({_median(ft, 'own'):.2f} s by run.sh's clock), "
+              f"peak {max(r['peak_mb'] for r in ft)} MB; ratio ours/freqtrade {m / f:.2f} "
+              f"(target <= 1.0: {'MET' if m / f <= 1.0 else 'NOT MET'})")
+
+
+def bench_vs_freqtrade() -> None:
+    print(f"vs_freqtrade: BTC-USDT-SWAP 5m May-Dec 2022 ({REAL_FILE.name}), rules brain, paper exchange; "
+          f"{ROUNDS} alternated rounds; {infra.load()}")
+    if not REAL_FILE.is_file():
+        print(f"  the real OKX 2022 file is not here ({REAL_FILE}): skipped")
+        return
+    folder, why = freqtrade_setup()
+    if folder is None:
+        print(f"  freqtrade cannot be installed here: {why}; our figures alone")
+    assert infra.ENV.tmp is not None
+    sqlite_url = f"sqlite:///{infra.ENV.tmp / 'vs_freqtrade.sqlite3'}"
+    env = {**os.environ, "DATABASE_URL": sqlite_url}
+    subprocess.run([sys.executable, str(infra.ROOT / "manage.py"), "migrate", "-v0"], env=env, cwd=infra.ROOT, check=True)
+    compare(label="SQLite", database_url=sqlite_url, folder=folder)
+    slow = ours(database_url=sqlite_url, per_cycle=True)
+    print(f"  SQLite --per-cycle (once): {slow['wall']:.2f} s whole process, {slow['cycles'] / slow['wall']:.0f} "
+          f"cycles/s (the loop alone {slow['cycles'] / slow['loop']:.0f} cycles/s), peak {slow['peak_mb']} MB; "
+          f"{infra.load()}")
+    if infra.ENV.database == "postgresql" and infra.ENV.db_name:
+        compare(label="PostgreSQL", database_url=os.environ["DATABASE_URL"], folder=folder)
+    else:
+        print(f"  PostgreSQL: not measured ({infra.ENV.postgres_missing or 'no scratch database'})")
