@@ -10,7 +10,8 @@ import pytest
 from django.utils import timezone
 
 import execution.services as services
-from execution.exchanges.paper import ClockMixed, PaperExchange
+from execution.exchanges.paper import PaperExchange
+from execution.exchanges.paper_market import ClockMixed
 from execution.models import Order, OrderState, PaperAccount, PaperOrder
 from execution.services import order_place
 from execution.sync import account_sync

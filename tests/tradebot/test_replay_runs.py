@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from execution.exchanges.paper import PaperExchange, next_funding_after
+from execution.exchanges.paper import PaperExchange
+from execution.exchanges.paper_market import next_funding_after
 from execution.models import BotState, PaperAccount
 from journal.models import Cycle, CycleOutcome, Mode, ScreenerLog, Trade, TradeStatus
 from market.feeds.synthetic import SyntheticFeed
