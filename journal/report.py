@@ -250,8 +250,9 @@ def run_report(*, mode: str, run_id: str | None, inst_id: str | None = None, sin
         by_instrument=_groups(closed, lambda t: t.inst_id),
         by_strategy=_groups(closed, lambda t: t.strategy or "-"),
         by_exit_reason=_groups(closed, lambda t: t.exit_reason or "-"),
-        by_day=_groups(closed, lambda t: f"{t.closed_at:%Y-%m-%d}", ordered=True),
-        by_month=_groups(closed, lambda t: f"{t.closed_at:%Y-%m}", ordered=True),
+        # The close's UTC day and month, cut from its ISO text (strftime per trade was a third of the grouping).
+        by_day=_groups(closed, lambda t: t.closed_at.isoformat()[:10], ordered=True),  # type: ignore[union-attr]
+        by_month=_groups(closed, lambda t: t.closed_at.isoformat()[:7], ordered=True),  # type: ignore[union-attr]
         sharpe=_sharpe(daily), sortino=_sortino(daily),
         calmar=_calmar(pnl / base if base else ZERO, report_days, drawdown.pct),
         max_drawdown=drawdown,
@@ -285,22 +286,36 @@ def _trade_row(v: dict) -> TradeRow:
 
 def _groups(closed: list[TradeRow], key: Callable[[TradeRow], str], *,
             ordered: bool = False) -> tuple[GroupResult, ...]:
-    buckets: dict[str, list[TradeRow]] = defaultdict(list)
+    # One pass over the trades with running sums per group (a year's 5,000 trades in 365 days: one loop, not
+    # eight per group).
+    acc: dict[str, list] = {}
     for t in closed:
-        buckets[key(t)].append(t)
-    out = []
-    for name, group in buckets.items():
-        pcts = [t.pnl_pct for t in group if t.pnl_pct is not None]
-        durations = [t.duration_seconds for t in group if t.duration_seconds is not None]
-        out.append(GroupResult(
-            key=name, trades=len(group), wins=sum(1 for t in group if t.pnl_usd > 0),  # type: ignore[operator]
-            draws=sum(1 for t in group if t.pnl_usd == 0),
-            losses=sum(1 for t in group if t.pnl_usd < 0),  # type: ignore[operator]
-            pnl_usd=sum((t.pnl_usd for t in group), ZERO),  # type: ignore[misc]
-            avg_pnl_pct=sum(pcts, ZERO) / len(pcts) if pcts else None,
-            fees_usd=sum((t.fees_usd for t in group), ZERO), funding_usd=sum((t.funding_usd for t in group), ZERO),
-            avg_duration_seconds=round(sum(durations) / len(durations)) if durations else None,
-        ))
+        name = key(t)
+        a = acc.get(name)
+        if a is None:
+            # trades, wins, draws, losses, pnl, pct sum, pct count, fees, funding, duration sum, duration count
+            a = acc[name] = [0, 0, 0, 0, ZERO, ZERO, 0, ZERO, ZERO, 0, 0]
+        pnl = t.pnl_usd
+        a[0] += 1
+        if pnl > 0:  # type: ignore[operator]
+            a[1] += 1
+        elif pnl == 0:
+            a[2] += 1
+        elif pnl < 0:  # type: ignore[operator]
+            a[3] += 1
+        a[4] += pnl
+        if t.pnl_pct is not None:
+            a[5] += t.pnl_pct
+            a[6] += 1
+        a[7] += t.fees_usd
+        a[8] += t.funding_usd
+        if t.duration_seconds is not None:
+            a[9] += t.duration_seconds
+            a[10] += 1
+    out = [GroupResult(key=name, trades=a[0], wins=a[1], draws=a[2], losses=a[3], pnl_usd=a[4],
+                       avg_pnl_pct=a[5] / a[6] if a[6] else None, fees_usd=a[7], funding_usd=a[8],
+                       avg_duration_seconds=round(a[9] / a[10]) if a[10] else None)
+           for name, a in acc.items()]
     # Days and months in time order; the other groups best first, as freqtrade's tables.
     out.sort(key=(lambda g: g.key) if ordered else (lambda g: (-g.pnl_usd, g.key)))
     return tuple(out)
@@ -376,7 +391,10 @@ def _buy_and_hold(base: Decimal, start: datetime | None, end: datetime | None, c
     if start is None or end is None:
         return None
     if not inst_id:
-        names = set(cycles.values_list("instrument__inst_id", flat=True).distinct()[:2])
+        # The run's distinct instrument ids, unordered (the model's ordering would make the database sort every
+        # cycle of the run to dedupe them), from the cycles' (run_id, mode, as_of, instrument) index alone.
+        ids = cycles.order_by().values("instrument_id").distinct()[:2]
+        names = set(Instrument.objects.filter(pk__in=ids).values_list("inst_id", flat=True))
         names = names or {t.inst_id for t in rows}
         if len(names) != 1:
             return None  # several instruments (or none): no single market to hold

@@ -6,6 +6,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django import template
+from django.utils.html import escape
+from django.utils.safestring import SafeString, mark_safe
 
 register = template.Library()
 
@@ -70,3 +72,20 @@ def age(value: Any) -> str:
 @register.filter
 def get(mapping: Any, key: Any) -> Any:
     return mapping.get(key) if hasattr(mapping, "get") else None
+
+
+GROUP_HEADER = ('<table><tr><th>key</th><th class="num">trades</th><th class="num">W / D / L</th><th class="num">PnL</th>'
+                '<th class="num">avg PnL %</th><th class="num">fees</th><th class="num">funding</th></tr>\n')
+
+
+@register.filter
+def group_table(groups: Any) -> SafeString:
+    """A report's results per group (journal.report.GroupResult) as a table, formatted here rather than by the
+    template engine: a year's report has 365 days of them (3,650 template variables were ~100 ms)."""
+    rows = [f'<tr><td>{escape(g.key or "?")}</td><td class="num">{g.trades}</td>'
+            f'<td class="num">{g.wins} / {g.draws} / {g.losses}</td>'
+            f'<td class="num {sign(g.pnl_usd)}">{money(g.pnl_usd)}</td>\n<td class="num">{pct(g.avg_pnl_pct, 2)}</td>'
+            f'<td class="num">{money(g.fees_usd)}</td><td class="num">{money(g.funding_usd)}</td></tr>\n'
+            for g in groups]
+    body = "".join(rows) or '<tr><td colspan="7">none</td></tr>\n'
+    return mark_safe(GROUP_HEADER + body + "</table>")  # noqa: S308 - every value above is escaped or a number

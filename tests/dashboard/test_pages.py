@@ -244,3 +244,38 @@ def test_the_brain_page_counts_each_analysed_cycle_once_in_its_hour(admin_client
         for x, y in zip(trace["x"], trace["y"], strict=True):
             drawn[(x, trace["name"])] += y
     assert drawn == expected
+
+
+def test_the_strategies_page_counted_in_the_database_says_what_the_performance_summary_of_its_trades_says(
+        admin_client, journal: str) -> None:
+    from brain.performance import TradeRecord, performance_summarize
+
+    _grow_journal(journal, trades=60, cycles=60)  # several strategies, wins and losses
+    Trade.objects.filter(run_id=journal, status=TradeStatus.CLOSED, id__in=Trade.objects.filter(
+        run_id=journal).order_by("id").values("id")[:10]).update(confidence_at_entry=Decimal("0.85"))
+    closed = Trade.objects.filter(run_id=journal, status=TradeStatus.CLOSED, pnl_usd__isnull=False)
+    summary = performance_summarize([
+        TradeRecord(id=t.id, pnl_usd=t.pnl_usd, opened_at=t.opened_at, closed_at=t.closed_at, strategy=t.strategy_used,
+                    regime=t.market_regime, confidence=t.confidence_at_entry, direction=t.direction, inst_id="BTC-USDT-SWAP",
+                    pnl_pct=t.pnl_pct, fees_usd=t.fees_usd, funding_usd=t.funding_usd, exit_reason=t.exit_reason)
+        for t in closed])
+    response = admin_client.get(f"/dashboard/strategies/?run={journal}")
+    table = {row["strategy"]: row for row in response.context["table"]}
+    assert list(table) == list(summary.by_strategy)
+    for name, b in summary.by_strategy.items():
+        drawn = table[name]["b"]
+        assert (drawn.trades, drawn.wins, drawn.losses, drawn.win_rate) == (b.trades, b.wins, b.losses, b.win_rate)
+        assert drawn.total_pnl == pytest.approx(b.total_pnl) and drawn.profit_factor == pytest.approx(b.profit_factor)
+        rrs = [abs(t.take_profit - t.entry_price) / abs(t.entry_price - t.stop_loss) for t in closed
+               if (t.strategy_used or "unknown") == name and t.take_profit is not None and t.entry_price != t.stop_loss]
+        assert table[name]["avg_rr"] == (pytest.approx(sum(rrs) / len(rrs)) if rrs else None)
+    figures = {f["key"]: f for f in _figures(response.content.decode())}
+    regimes = {t["name"]: t for t in figures["regime_trades"]["data"]}
+    assert regimes["trades"]["x"] == list(summary.by_regime)
+    assert regimes["trades"]["y"] == [b.trades for b in summary.by_regime.values()]
+    calibration = response.context["calibration"]
+    assert list(calibration) == list(summary.confidence_calibration) and len(calibration) >= 2
+    for label, entry in summary.confidence_calibration.items():
+        assert (calibration[label].trades, calibration[label].wins) == (entry.trades, entry.wins)
+        assert calibration[label].stated_confidence == entry.stated_confidence
+        assert calibration[label].realised_win_rate == entry.realised_win_rate
