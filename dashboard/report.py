@@ -13,7 +13,7 @@ from dashboard.charts import Figure, line, markers, num, when
 from dashboard.filters import FilterError, Filters
 from dashboard.selectors_trading import list_url, trade_urls
 from journal.models import Cycle
-from journal.report import ReportError, RunReport, run_report, trades_csv
+from journal.report import ReportError, RunReport, report_trades, run_report, trades_csv
 from market.models import Candle
 
 PRICE_POINTS = 3000  # the price line is thinned to about this many points (a year of 5-minute cycles is 105,120)
@@ -73,6 +73,11 @@ def run_page(f: Filters) -> dict[str, Any]:
 
 
 def run_csv(f: Filters) -> tuple[str, int]:
+    """The report's per-trade list as CSV: its trades alone (the figures are not computed for it)."""
+    try:
+        trades = report_trades(mode=f.mode, run_id=f.run_id, inst_id=f.inst_id or None, since=f.start, until=f.end)
+    except ReportError as exc:
+        raise FilterError(str(exc)) from exc
     out = io.StringIO()
-    rows = trades_csv(report_for(f), out)
+    rows = trades_csv(trades, out)
     return out.getvalue(), rows

@@ -5,7 +5,8 @@ API (a selector: reads only, journal imports only market)::
     run_report(*, mode: str, run_id: str | None, inst_id: str | None = None,
                since: datetime | None = None, until: datetime | None = None,
                starting_balance: Decimal | None = None) -> RunReport
-    trades_csv(report: RunReport, out: TextIO) -> int        # the per-trade list as CSV, returns rows written
+    report_trades(*, mode, run_id, inst_id=None, since=None, until=None) -> tuple[TradeRow, ...]  # .trades alone
+    trades_csv(report: RunReport | tuple[TradeRow, ...], out: TextIO) -> int  # the per-trade list as CSV, rows written
     report_lines(report: RunReport, *, trade_list: bool = True) -> list[str]  # as text (`manage.py replay`)
 
 `mode` is a `journal.models.Mode` value; `run_id` names one replay run (required
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import csv
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,12 +190,20 @@ _TRADE_FIELDS = (
 )
 
 
-def run_report(*, mode: str, run_id: str | None, inst_id: str | None = None, since: datetime | None = None,
-               until: datetime | None = None, starting_balance: Decimal | None = None) -> RunReport:
-    """The report of one run (or the live bot) over a period; see the module docstring."""
+@dataclass(frozen=True)
+class _Scope:
+    cycles: QuerySet[Cycle]
+    trades: QuerySet[Trade]
+    start: datetime | None
+    end: datetime | None
+    rows: tuple[TradeRow, ...]
+
+
+def _scope(*, mode: str, run_id: str, inst_id: str | None, since: datetime | None,
+           until: datetime | None) -> _Scope:
+    """Check the arguments (ReportError) and read the period and its trades."""
     if mode not in Mode.values:
         raise ReportError(f"unknown mode {mode!r} (one of {', '.join(Mode.values)})")
-    run_id = run_id or ""
     if mode == Mode.REPLAY and not run_id:
         raise ReportError("a replay report needs a run id")
     if since is not None and until is not None and since >= until:
@@ -210,6 +220,27 @@ def run_report(*, mode: str, run_id: str | None, inst_id: str | None = None, sin
     if instrument is not None:
         cycles, trades_qs = cycles.filter(instrument=instrument), trades_qs.filter(instrument=instrument)
     start, end = _period(cycles, trades_qs, since, until)
+    in_period = trades_qs
+    if end is not None:
+        in_period = in_period.filter(opened_at__lt=end)
+    if start is not None:
+        in_period = in_period.exclude(closed_at__lt=start)
+    rows = tuple(_trade_row(values) for values in in_period.order_by("opened_at", "id").values(*_TRADE_FIELDS))
+    return _Scope(cycles=cycles, trades=trades_qs, start=start, end=end, rows=rows)
+
+
+def report_trades(*, mode: str, run_id: str | None, inst_id: str | None = None, since: datetime | None = None,
+                  until: datetime | None = None) -> tuple[TradeRow, ...]:
+    """`run_report(...).trades` (the same checks, period and rows) without the figures: what the CSV needs."""
+    return _scope(mode=mode, run_id=run_id or "", inst_id=inst_id, since=since, until=until).rows
+
+
+def run_report(*, mode: str, run_id: str | None, inst_id: str | None = None, since: datetime | None = None,
+               until: datetime | None = None, starting_balance: Decimal | None = None) -> RunReport:
+    """The report of one run (or the live bot) over a period; see the module docstring."""
+    run_id = run_id or ""
+    scope = _scope(mode=mode, run_id=run_id, inst_id=inst_id, since=since, until=until)
+    cycles, start, end, rows = scope.cycles, scope.start, scope.end, scope.rows
 
     base = Decimal(settings.PAPER_START_BALANCE) if starting_balance is None else Decimal(starting_balance)
     if since is not None:
@@ -217,12 +248,6 @@ def run_report(*, mode: str, run_id: str | None, inst_id: str | None = None, sin
         before = Trade.objects.filter(mode=mode, run_id=run_id, status=TradeStatus.CLOSED, closed_at__lt=since)
         base += before.aggregate(v=Sum("pnl_usd"))["v"] or ZERO
 
-    in_period = trades_qs
-    if end is not None:
-        in_period = in_period.filter(opened_at__lt=end)
-    if start is not None:
-        in_period = in_period.exclude(closed_at__lt=start)
-    rows = tuple(_trade_row(values) for values in in_period.order_by("opened_at", "id").values(*_TRADE_FIELDS))
     closed = sorted(
         (t for t in rows if t.status == TradeStatus.CLOSED and t.pnl_usd is not None and t.closed_at is not None
          and (until is None or t.closed_at < until)),
@@ -440,16 +465,22 @@ CSV_COLUMNS = (
 )
 
 
-def trades_csv(report: RunReport, out: TextIO) -> int:
-    """Write the report's per-trade list as CSV (times ISO UTC, money as exact decimals); return the rows written."""
+_CSV_VALUES = operator.attrgetter(*CSV_COLUMNS)
+_OPENED, _CLOSED = CSV_COLUMNS.index("opened_at"), CSV_COLUMNS.index("closed_at")
+
+
+def trades_csv(report: RunReport | tuple[TradeRow, ...], out: TextIO) -> int:
+    """Write the report's per-trade list (or `report_trades`'s) as CSV (times ISO UTC, money as exact decimals);
+    return the rows written."""
+    trades = report.trades if isinstance(report, RunReport) else report
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
-    for t in report.trades:
-        values = {**t.__dict__, "opened_at": t.opened_at.isoformat(),
-                  "closed_at": t.closed_at.isoformat() if t.closed_at else ""}
-        writer.writerow(["" if values[c] is None else values[c] for c in CSV_COLUMNS])
-    return len(report.trades)
-
+    for t in trades:
+        row = ["" if v is None else v for v in _CSV_VALUES(t)]
+        row[_OPENED] = t.opened_at.isoformat()
+        row[_CLOSED] = t.closed_at.isoformat() if t.closed_at else ""
+        writer.writerow(row)
+    return len(trades)
 
 
 def _money(value: Decimal | None) -> str:
