@@ -183,6 +183,7 @@ class RunReport:
         return max(1, math.ceil((self.end - self.start) / timedelta(days=1)))
 
 
+# TradeRow's fields in order, as the journal names them (rows are built positionally from values_list).
 _TRADE_FIELDS = (
     "id", "instrument__inst_id", "direction", "status", "strategy_used", "market_regime", "exit_reason", "opened_at",
     "closed_at", "duration_seconds", "entry_price", "exit_price", "stop_loss", "take_profit", "size", "leverage",
@@ -225,7 +226,8 @@ def _scope(*, mode: str, run_id: str, inst_id: str | None, since: datetime | Non
         in_period = in_period.filter(opened_at__lt=end)
     if start is not None:
         in_period = in_period.exclude(closed_at__lt=start)
-    rows = tuple(_trade_row(values) for values in in_period.order_by("opened_at", "id").values(*_TRADE_FIELDS))
+    # Tuples straight into TradeRow (its fields are _TRADE_FIELDS in order): 5,000 rows without a dict each.
+    rows = tuple(TradeRow(*values) for values in in_period.order_by("opened_at", "id").values_list(*_TRADE_FIELDS))
     return _Scope(cycles=cycles, trades=trades_qs, start=start, end=end, rows=rows)
 
 
@@ -296,17 +298,6 @@ def _period(cycles: QuerySet[Cycle], trades: QuerySet[Trade], since: datetime | 
         span = trades.aggregate(first=Min("opened_at"), last=Max("closed_at"), last_open=Max("opened_at"))
         first, last = span["first"], span["last"] or span["last_open"]
     return since or first, until or last
-
-
-def _trade_row(v: dict) -> TradeRow:
-    return TradeRow(
-        id=v["id"], inst_id=v["instrument__inst_id"], direction=v["direction"], status=v["status"],
-        strategy=v["strategy_used"], regime=v["market_regime"], exit_reason=v["exit_reason"],
-        opened_at=v["opened_at"], closed_at=v["closed_at"], duration_seconds=v["duration_seconds"],
-        entry_price=v["entry_price"], exit_price=v["exit_price"], stop_loss=v["stop_loss"],
-        take_profit=v["take_profit"], size=v["size"], leverage=v["leverage"], pnl_usd=v["pnl_usd"],
-        pnl_pct=v["pnl_pct"], fees_usd=v["fees_usd"], funding_usd=v["funding_usd"], cycle_id=v["cycle_id"],
-    )
 
 
 def _groups(closed: list[TradeRow], key: Callable[[TradeRow], str], *,
