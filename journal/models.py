@@ -87,7 +87,7 @@ class Cycle(models.Model):
             # A run's (or the live bot's) cycles in time order, and what the cockpit aggregates over them (issue 17:
             # 100,000 cycles): the newest page of the list, the period's first and last, the per-instrument counts
             # and the join to their screener logs are read from this index alone.
-            models.Index(fields=["run_id", "mode", "as_of", "instrument"], name="cycle_run_mode_asof"),
+            models.Index(fields=["run_id", "mode", "as_of", "id", "instrument"], name="cycle_run_mode_asof"),
         ]
 
     def __str__(self) -> str:
