@@ -27,6 +27,8 @@ from journal.models import Cycle, Mode, Trade, TradeStatus
 from market.models import Candle
 
 ZERO = Decimal(0)
+
+
 def _url_pattern(name: str) -> tuple[str, str]:
     # reverse() once per call of a page, not once per point: a chart of 5,000 trades linked each point to its
     # trade, and 5,000 reverse() calls were a large share of the Portfolio page's time.
