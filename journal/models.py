@@ -85,9 +85,9 @@ class Cycle(models.Model):
         indexes = [
             models.Index(fields=["instrument", "mode", "-as_of"], name="cycle_inst_mode_asof"),
             # A run's (or the live bot's) cycles in time order, and what the cockpit aggregates over them (issue 17:
-            # 100,000 cycles): the newest page of the list, the period's first and last, the per-instrument counts
-            # and the join to their screener logs are read from this index alone.
-            models.Index(fields=["run_id", "mode", "as_of", "id", "instrument"], name="cycle_run_mode_asof"),
+            # 100,000 cycles): the newest page of the list, the period's first and last, the last cycle per
+            # instrument, the counts by state and the join to their screener logs are read from this index alone.
+            models.Index(fields=["run_id", "mode", "as_of", "id", "instrument", "state"], name="cycle_run_mode_asof"),
         ]
 
     def __str__(self) -> str:

@@ -408,7 +408,7 @@ def _buy_and_hold(base: Decimal, start: datetime | None, end: datetime | None, c
         return None
     if not inst_id:
         # The run's distinct instrument ids, unordered (the model's ordering would make the database sort every
-        # cycle of the run to dedupe them), from the cycles' (run_id, mode, as_of, id, instrument) index alone.
+        # cycle of the run to dedupe them), from the cycles' (run_id, mode, as_of, id, instrument, state) index alone.
         ids = cycles.order_by().values("instrument_id").distinct()[:2]
         names = set(Instrument.objects.filter(pk__in=ids).values_list("inst_id", flat=True))
         names = names or {t.inst_id for t in rows}
