@@ -9,7 +9,10 @@ run's filter, once to warm up and then REPEATS times; the median, the worst and 
 printed against the 300 ms target. The Health page waits DASHBOARD_PING_TIMEOUT_SECONDS for the
 workers' answers to Celery's ping (no worker runs here): that wait is measured and printed apart.
 
-On PostgreSQL the same runs again on a scratch SQLite file in a child process (as the replay section).
+On PostgreSQL the pages are timed twice: just after the load (no planner statistics on the new rows, no
+visibility map for index-only scans) and after VACUUM ANALYZE of the journal's tables (what autovacuum
+does within a minute of a bulk load where it runs). The same then runs again on a scratch SQLite file in a
+child process (as the replay section).
 """
 from __future__ import annotations
 
@@ -137,7 +140,7 @@ def time_pages(run_id: str) -> None:
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    from dashboard.selectors_ops import workers_alive
+    from dashboard import selectors_ops as ops
 
     user, _ = User.objects.get_or_create(username="bench", defaults={"is_staff": True, "is_superuser": True})
     client = Client(HTTP_HOST="127.0.0.1")  # a host ALLOWED_HOSTS accepts
@@ -145,32 +148,45 @@ def time_pages(run_id: str) -> None:
     print(f"  {'page':<12} {'median':>9} {'worst':>9} {'queries':>8}   (target <= {TARGET_MS:.0f} ms server time)")
     met = 0
     pages = page_urls(run_id)
-    for name, url in pages.items():
-        response = client.get(url)  # warm-up (and the bot state row a page may create once)
-        if response.status_code != 200:
-            print(f"  {name:<12} HTTP {response.status_code}: {response.content[:300]!r}")
-            continue
-        times = []
-        for _ in range(REPEATS):
-            t = time.perf_counter()
-            with CaptureQueriesContext(connection) as queries:
-                client.get(url)
-            times.append((time.perf_counter() - t) * 1000)
-        median = statistics.median(times)
-        note = ""
-        if name == "health":
-            t = time.perf_counter()
-            workers_alive(settings.DASHBOARD_PING_TIMEOUT_SECONDS)
-            ping = (time.perf_counter() - t) * 1000
-            note = (f"  of which {ping:.0f} ms waiting for the workers' ping answers "
-                    f"(DASHBOARD_PING_TIMEOUT_SECONDS={settings.DASHBOARD_PING_TIMEOUT_SECONDS}); "
-                    f"{median - ping:.0f} ms without it")
-            ok = median - ping <= TARGET_MS
-        else:
-            ok = median <= TARGET_MS
-        met += ok
-        print(f"  {name:<12} {median:7.1f} ms {max(times):7.1f} ms {len(queries.captured_queries):8d}   "
-              f"{'met' if ok else 'NOT MET'}{note}", flush=True)
+    waits: list[float] = []
+
+    def ping_timed(timeout: float) -> dict:
+        # The Health page's wait for the workers' ping answers, measured inside each request (it is 0.5 or 1 s
+        # here, varying between requests): the page's own time is each request's minus its wait.
+        t = time.perf_counter()
+        try:
+            return ping(timeout)
+        finally:
+            waits.append((time.perf_counter() - t) * 1000)
+
+    ping, ops.workers_alive = ops.workers_alive, ping_timed
+    try:
+        for name, url in pages.items():
+            response = client.get(url)  # warm-up (and the bot state row a page may create once)
+            if response.status_code != 200:
+                print(f"  {name:<12} HTTP {response.status_code}: {response.content[:300]!r}")
+                continue
+            times, waits[:] = [], []
+            for _ in range(REPEATS):
+                t = time.perf_counter()
+                with CaptureQueriesContext(connection) as queries:
+                    client.get(url)
+                times.append((time.perf_counter() - t) * 1000)
+            median = statistics.median(times)
+            note = ""
+            if name == "health" and len(waits) == len(times) == REPEATS:
+                own = statistics.median(t - w for t, w in zip(times, waits, strict=True))
+                note = (f"  of which {statistics.median(waits):.0f} ms (median) waiting for the workers' ping answers "
+                        f"(DASHBOARD_PING_TIMEOUT_SECONDS={settings.DASHBOARD_PING_TIMEOUT_SECONDS}); "
+                        f"{own:.0f} ms without it")
+                ok = own <= TARGET_MS
+            else:
+                ok = median <= TARGET_MS
+            met += ok
+            print(f"  {name:<12} {median:7.1f} ms {max(times):7.1f} ms {len(queries.captured_queries):8d}   "
+                  f"{'met' if ok else 'NOT MET'}{note}", flush=True)
+    finally:
+        ops.workers_alive = ping
     print(f"  {met} of {len(pages)} pages within {TARGET_MS:.0f} ms")
 
 
@@ -197,9 +213,37 @@ def bench_dashboard() -> None:
           f"({time.perf_counter() - t:.1f} s)"
           f" = {Cycle.objects.filter(run_id=run_id).count():,} cycles, {Trade.objects.filter(run_id=run_id).count():,}"
           " trades", flush=True)
+    if infra.ENV.database == "postgresql":
+        # Right after a bulk load PostgreSQL has no statistics on the new rows and no visibility map (no
+        # index-only scans) until autovacuum analyses and vacuums the tables, within a minute where it runs.
+        print(f"  just after the load (autovacuum={pg_setting('autovacuum')} on this server; no statistics yet):",
+              flush=True)
+        time_pages(run_id)
+        t = time.perf_counter()
+        pg_vacuum_analyze()
+        print(f"  after VACUUM ANALYZE of the journal's tables ({time.perf_counter() - t:.1f} s), as autovacuum "
+              "leaves them:", flush=True)
     time_pages(run_id)
     if infra.ENV.database == "postgresql":
         on_sqlite()
+
+
+def pg_setting(name: str) -> str:
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute(f"SHOW {name}")
+        return str(cur.fetchone()[0])
+
+
+def pg_vacuum_analyze() -> None:
+    from django.db import connection
+
+    from journal.models import Cycle, LlmCall, RiskRejection, ScreenerLog, Trade
+
+    with connection.cursor() as cur:
+        for model in (Cycle, ScreenerLog, Trade, LlmCall, RiskRejection):
+            cur.execute(f'VACUUM ANALYZE "{model._meta.db_table}"')
 
 
 def on_sqlite() -> None:

@@ -213,6 +213,23 @@ def _bucket_label(confidence: Decimal) -> str | None:
     return None
 
 
+def confidence_bucket(confidence: Decimal) -> str | None:
+    """The calibration bucket a stated confidence falls in ("0.6-0.7"), None outside [0, 1]."""
+    return _bucket_label(confidence)
+
+
+def breakdown_from_sums(*, trades: int, wins: int, losses: int, total_pnl: Decimal, gross_profit: Decimal,
+                        gross_loss: Decimal) -> Breakdown:
+    """A Breakdown from a group's counts and sums (what a database aggregates); the same figures as `_breakdown`
+    over the group's trades. gross_loss is positive (the losses' sum negated)."""
+    if gross_loss == 0:
+        factor = INFINITY if gross_profit > 0 else None
+    else:
+        factor = gross_profit / gross_loss
+    return Breakdown(trades=trades, wins=wins, losses=losses, win_rate=Decimal(wins) / trades if trades else None,
+                     total_pnl=total_pnl, avg_pnl=total_pnl / trades if trades else None, profit_factor=factor)
+
+
 def confidence_calibration(trades: list[TradeRecord]) -> dict[str, CalibrationEntry]:
     buckets: dict[str, list[TradeRecord]] = {}
     for t in trades:

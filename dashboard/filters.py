@@ -76,10 +76,12 @@ class Filters:
     def cycle_rows(self, qs: QuerySet, *, instrument_field: str = "instrument_id") -> QuerySet:
         """Rows that hang off a cycle (screener logs, LLM calls, rejections): a replay's are found through
         their cycle (run id, virtual time); the live bot's by mode and their own creation time."""
+        # The cycle's own mode and run id as well: the join then starts from the cycles' (run_id, mode, as_of) index.
         if self.run_id:
-            qs = qs.filter(mode=Mode.REPLAY, cycle__run_id=self.run_id).filter(self._range("cycle__as_of"))
+            qs = qs.filter(mode=Mode.REPLAY, cycle__run_id=self.run_id, cycle__mode=Mode.REPLAY)
+            qs = qs.filter(self._range("cycle__as_of"))
         elif self.demo:
-            qs = qs.filter(mode=Mode.DEMO).filter(self._range("cycle__as_of"))
+            qs = qs.filter(mode=Mode.DEMO, cycle__run_id="", cycle__mode=Mode.DEMO).filter(self._range("cycle__as_of"))
         else:
             qs = qs.filter(mode=Mode.LIVE).filter(self._range("created_at"))
         if self.instrument_pk:

@@ -2,11 +2,12 @@
 
 `/health/` runs every check at once: the database (the library's `SELECT 1`), the broker (the library's
 Redis ping, or the embedded broker's folders), beat's last tick (the newest `last_run_at` of the enabled
-beat entries) and a live worker on each queue (the library's Celery ping, one check per queue). It
-answers 200 when every check passes and 500 when one fails (the library's statuses, which load
-balancers and `manage.py health_check` read); `?format=json` or `Accept: application/json` gives one
+beat entries), the OKX streams (`manage.py stream_okx`'s connections; critical only where the stream is
+expected, see `streams_expected`) and a live worker on each queue (the library's Celery ping, one check
+per queue). It answers 200 when every check passes and 500 when one fails (the library's statuses, which
+load balancers and `manage.py health_check` read); `?format=json` or `Accept: application/json` gives one
 line per check, "OK" or why not. `/health/beat/` is beat's check alone: the compose beat container runs
-it in-process (`manage.py health_check health-beat --no-http`).
+it in-process (`manage.py health_check health-beat --no-http`); `/health/streams/` is the streams' alone.
 """
 from __future__ import annotations
 
@@ -112,8 +113,48 @@ class StackHealthView(HealthCheckView):
         yield Database()
         yield broker(**options)
         yield Beat()
+        yield Streams()
         for queue in QUEUES:
             yield QueueWorker(queue=queue)
+
+
+def streams_expected(*, setting: str, market_data_source: str, has_status: bool) -> bool:
+    """Whether the OKX stream should be running here (HEALTH_STREAMS): "yes"/"no" say so; "auto" expects it on
+    OKX's market (MARKET_DATA_SOURCE=okx: `make run` starts it and sets that for its children), never on the
+    synthetic or replayed market (stream_okx refuses to run there), and with MARKET_DATA_SOURCE=auto (compose's
+    `stream` service) once a stream has written its status in this database."""
+    if setting in ("yes", "no"):
+        return setting == "yes"
+    if market_data_source == "okx":
+        return True
+    return market_data_source == "auto" and has_status
+
+
+@dataclasses.dataclass
+class Streams(HealthCheck):
+    """`manage.py stream_okx`'s connections, as `bot status` reads them (market.selectors.streams_health): each
+    must be up and its status fresh (STREAM_FRESH_SECONDS). Critical only where the stream is expected
+    (`streams_expected`); elsewhere it passes whatever the rows say (a stream is optional: COLLECTING falls
+    back to REST)."""
+
+    setting: str = dataclasses.field(default_factory=lambda: settings.HEALTH_STREAMS)
+
+    async def run(self) -> None:
+        from asgiref.sync import sync_to_async
+
+        from market.selectors import streams_health
+
+        # Thread-sensitive: the ORM read runs in the request's own thread and connection, as Beat's.
+        health = await sync_to_async(streams_health)()
+        if not streams_expected(setting=self.setting, market_data_source=settings.MARKET_DATA_SOURCE,
+                                has_status=bool(health["streams"])):
+            return
+        if not health["streams"]:
+            raise ServiceUnavailable("no OKX stream has run here: manage.py stream_okx is not running "
+                                     f"(expected: HEALTH_STREAMS={self.setting}, "
+                                     f"MARKET_DATA_SOURCE={settings.MARKET_DATA_SOURCE})")
+        if not health["ok"]:
+            raise ServiceUnavailable("; ".join(health["problems"]) or "manage.py stream_okx is not running")
 
 
 class BeatHealthView(HealthCheckView):
@@ -121,7 +162,13 @@ class BeatHealthView(HealthCheckView):
         yield Beat()
 
 
+class StreamsHealthView(HealthCheckView):
+    def get_checks(self) -> Iterable[HealthCheck]:
+        yield Streams()
+
+
 urlpatterns = [
     path("", StackHealthView.as_view(), name="health"),
     path("beat/", BeatHealthView.as_view(), name="health-beat"),
+    path("streams/", StreamsHealthView.as_view(), name="health-streams"),
 ]

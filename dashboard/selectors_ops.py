@@ -13,7 +13,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, Max, Sum
+from django.db.models import Count, Max, Min, Sum
 from django.db.models.functions import Substr, TruncDay, TruncHour
 from django.utils import timezone
 
@@ -52,16 +52,43 @@ def _bucket_iso(key: Any) -> str:
 
 
 # --- brain ---------------------------------------------------------------------------------------
+HOURLY_MAX_DAYS = 31  # decisions per hour up to a month (744 bars); per day beyond (a year: 365 bars)
+
+
+def _decision_unit(f: Filters) -> str:
+    """The decisions chart's bucket: hours for a short period, days for a long one (a bounded series)."""
+    start, end = f.start, f.end
+    if start is None or end is None:
+        span = f.cycles().aggregate(first=Min("as_of"), last=Max("as_of"))  # two seeks in (run_id, mode, as_of)
+        start, end = start or span["first"], end or span["last"]
+    if start is None or end is None:
+        return "hour"
+    return "hour" if end - start <= timedelta(days=HOURLY_MAX_DAYS) else "day"
+
+
 def brain(f: Filters) -> dict[str, Any]:
     logs = f.cycle_rows(ScreenerLog.objects.all())
-    hour = _bucket(f.time_field(), "hour")
-    per_hour = list(logs.exclude(analyst_action="").annotate(h=hour).values("h", "analyst_action")
-                    .annotate(n=Count("id")).order_by("h"))
+    unit = _decision_unit(f)
+    # One pass over the screener logs (a year's replay: 105,120, read from the screenerlog_cycle_counts index):
+    # counts per time bucket, analyst action, bypass and signal, and bypass reason; the page's figures and cards
+    # are summed from these groups.
+    groups = list(logs.annotate(t=_bucket(f.time_field(), unit))
+                  .values("t", "analyst_action", "bypassed", "signal", "bypass_reason")
+                  .annotate(n=Count("id")).order_by())
     actions: dict[str, dict[str, int]] = defaultdict(dict)
-    for row in per_hour:
-        actions[row["analyst_action"]][_bucket_iso(row["h"])] = row["n"]
-    screener = {(r["bypassed"], r["signal"]): r["n"] for r in logs.values("bypassed", "signal").annotate(n=Count("id"))}
-    bypass_reasons = list(logs.filter(bypassed=True).values("bypass_reason").annotate(n=Count("id")).order_by("-n")[:20])
+    screener: Counter = Counter()
+    reasons: Counter = Counter()
+    for row in sorted(groups, key=lambda r: r["t"]):
+        n = row["n"]
+        screener[(row["bypassed"], row["signal"])] += n
+        if row["bypassed"]:
+            reasons[row["bypass_reason"]] += n
+        if row["analyst_action"]:
+            by_time = actions[row["analyst_action"]]
+            key = _bucket_iso(row["t"])
+            by_time[key] = by_time.get(key, 0) + n
+    bypass_reasons = [{"bypass_reason": reason, "n": n}
+                      for reason, n in sorted(reasons.items(), key=lambda item: (-item[1], item[0]))[:20]]
     asked = screener.get((False, True), 0) + screener.get((False, False), 0)
     calls = f.cycle_rows(LlmCall.objects.all(), instrument_field="cycle__instrument_id")
     day = _bucket(f.time_field(), "day")
@@ -72,9 +99,13 @@ def brain(f: Filters) -> dict[str, Any]:
         cost[f"{row['purpose']} / {row['model']}"][_bucket_iso(row["d"])] = row["usd"]
     latency = list(calls.filter(purpose="analyze").exclude(status="pending").order_by("-id")
                    .values("id", f.time_field(), "latency_ms", "cycle_id")[:500])[::-1]
-    status = {(r["purpose"], r["status"]): r["n"] for r in calls.values("purpose", "status").annotate(n=Count("id"))}
-    tokens = calls.aggregate(inp=Sum("input_tokens"), read=Sum("cache_read_tokens"), write=Sum("cache_write_tokens"))
-    prompt_tokens = (tokens["inp"] or 0) + (tokens["read"] or 0) + (tokens["write"] or 0)
+    # Calls per purpose and status with their prompt tokens: one grouped query for the table and the cache share.
+    by_status = list(calls.values("purpose", "status").annotate(
+        n=Count("id"), inp=Sum("input_tokens"), read=Sum("cache_read_tokens"), write=Sum("cache_write_tokens"))
+        .order_by())
+    status = {(r["purpose"], r["status"]): r["n"] for r in by_status}
+    tokens = {key: sum(r[key] or 0 for r in by_status) for key in ("inp", "read", "write")}
+    prompt_tokens = tokens["inp"] + tokens["read"] + tokens["write"]
     now = timezone.now()
     from brain.budget import spent_today
 
@@ -82,7 +113,7 @@ def brain(f: Filters) -> dict[str, Any]:
     cycles_link = list_url("cycles", f)
     tkey = f.time_field()
     figures = [
-        Figure("decisions_per_hour", "Analyst decisions per hour by action",
+        Figure("decisions_per_hour", f"Analyst decisions per {unit} by action",
                [bars(action, list(by_hour), list(by_hour.values())) for action, by_hour in sorted(actions.items())],
                link=cycles_link, link_label="the cycles", layout={"barmode": "stack"}),
         Figure("bypass_reasons", "Screener bypasses by reason",
@@ -105,7 +136,7 @@ def brain(f: Filters) -> dict[str, Any]:
         "bypass_reasons": bypass_reasons,
         "budget": {"spent": spent, "limit": Decimal(settings.LLM_DAILY_BUDGET_USD),
                    "share": spent / Decimal(settings.LLM_DAILY_BUDGET_USD) if settings.LLM_DAILY_BUDGET_USD else None},
-        "cache_hit_share": Decimal(tokens["read"] or 0) / prompt_tokens if prompt_tokens else None,
+        "cache_hit_share": Decimal(tokens["read"]) / prompt_tokens if prompt_tokens else None,
         "invalid": sum(n for (purpose, s), n in status.items() if s == "invalid"),
         "hold_by_default": held,
         "status": sorted(status.items()),

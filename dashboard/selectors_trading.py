@@ -12,10 +12,14 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.db.models import Case, Count, DecimalField, F, Q, Sum, When
+from django.db.models.functions import Abs
 from django.urls import reverse
 from django.utils import timezone
 
-from brain.performance import TradeRecord, performance_summarize, sharpe_per_trade
+from brain.performance import (
+    Breakdown, CalibrationEntry, breakdown_from_sums, confidence_bucket, sharpe_per_trade,
+)
 from dashboard.charts import Figure, bars, line, markers, num, when
 from dashboard.filters import Filters
 from execution.models import Order, PaperPrice, TERMINAL_ORDER_STATES
@@ -23,9 +27,6 @@ from journal.models import Cycle, Mode, Trade, TradeStatus
 from market.models import Candle
 
 ZERO = Decimal(0)
-CLOSED_COLUMNS = ("id", "closed_at", "opened_at", "pnl_usd", "fees_usd", "funding_usd", "strategy_used", "market_regime",
-                  "confidence_at_entry", "direction", "instrument__inst_id", "pnl_pct", "exit_reason", "entry_price",
-                  "stop_loss", "take_profit", "exit_price", "size")
 
 
 def _url_pattern(name: str) -> tuple[str, str]:
@@ -59,21 +60,18 @@ def start_balance() -> Decimal:
     return Decimal(settings.PAPER_START_BALANCE)
 
 
-EQUITY_COLUMNS = ("id", "closed_at", "pnl_usd", "fees_usd", "funding_usd")
+EQUITY_COLUMNS = ("id", "closed_at", "pnl_usd")
 
 
-def closed_trades(f: Filters, columns: tuple[str, ...] = CLOSED_COLUMNS) -> list[dict[str, Any]]:
+def closed_qs(f: Filters) -> Any:
+    """The filter's closed trades (a QuerySet of Trade)."""
+    return f.trades(Trade.objects.filter(status=TradeStatus.CLOSED, pnl_usd__isnull=False), time_field="closed_at")
+
+
+def closed_trades(f: Filters, columns: tuple[str, ...] = EQUITY_COLUMNS) -> list[dict[str, Any]]:
     """The filter's closed trades in closing order, as dicts of `columns` (one query). Ask only for the
     columns a page uses: each decimal of 5,000 rows is a converter call (on SQLite most of a page's time)."""
-    qs = f.trades(Trade.objects.filter(status=TradeStatus.CLOSED, pnl_usd__isnull=False), time_field="closed_at")
-    return list(qs.order_by("closed_at", "id").values(*columns))
-
-
-def record(row: dict[str, Any]) -> TradeRecord:
-    return TradeRecord(id=row["id"], pnl_usd=row["pnl_usd"], opened_at=row["opened_at"], closed_at=row["closed_at"],
-                       strategy=row["strategy_used"], regime=row["market_regime"], confidence=row["confidence_at_entry"],
-                       direction=row["direction"], inst_id=row["instrument__inst_id"], pnl_pct=row["pnl_pct"],
-                       fees_usd=row["fees_usd"], funding_usd=row["funding_usd"], exit_reason=row["exit_reason"])
+    return list(closed_qs(f).order_by("closed_at", "id").values(*columns))
 
 
 @dataclass
@@ -119,6 +117,7 @@ def list_url(name: str, f: Filters, **extra: str) -> str:
 
 def portfolio(f: Filters) -> dict[str, Any]:
     rows = closed_trades(f, EQUITY_COLUMNS)
+    paid = closed_qs(f).aggregate(fees=Sum("fees_usd"), funding=Sum("funding_usd"))  # summed by the database
     start = start_balance()
     curve = equity_curve(rows, start)
     pnls = [r["pnl_usd"] for r in rows]
@@ -146,7 +145,7 @@ def portfolio(f: Filters) -> dict[str, Any]:
             "start_balance": start, "equity": curve.equity[-1] if curve.equity else start,
             "total_pnl": sum(pnls, ZERO), "trades": len(rows), "wins": wins,
             "win_rate": Decimal(wins) / len(rows) if rows else None, "sharpe": sharpe,
-            "fees": sum((r["fees_usd"] for r in rows), ZERO), "funding": sum((r["funding_usd"] for r in rows), ZERO),
+            "fees": paid["fees"] or ZERO, "funding": paid["funding"] or ZERO,
             "max_drawdown": curve.max_drawdown,
         },
     }
@@ -185,41 +184,82 @@ def positions(f: Filters) -> dict[str, Any]:
     return {"rows": rows, "orders": orders, "total_upl": sum((r["upl"] for r in rows if r["upl"] is not None), ZERO)}
 
 
-def _rr(row: dict[str, Any]) -> Decimal | None:
-    risk = abs(row["entry_price"] - row["stop_loss"])
-    if row["take_profit"] is None or not risk:
-        return None
-    return abs(row["take_profit"] - row["entry_price"]) / risk
+def _strategy_groups(f: Filters) -> list[dict[str, Any]]:
+    """The filter's closed trades counted and summed in the database per strategy, regime and stated confidence
+    (a few dozen groups, whatever the trade count), with each group's sum and count of R:R (|TP - entry| /
+    |entry - SL|, for trades with a take profit and a stop away from the entry)."""
+    closed = closed_qs(f)
+    has_rr = Q(take_profit__isnull=False) & ~Q(entry_price=F("stop_loss"))
+    rr = Case(When(has_rr, then=Abs(F("take_profit") - F("entry_price")) / Abs(F("entry_price") - F("stop_loss"))),
+              output_field=DecimalField(max_digits=30, decimal_places=10))
+    return list(closed.order_by().values("strategy_used", "market_regime", "confidence_at_entry").annotate(
+        n=Count("id"), wins=Count("id", filter=Q(pnl_usd__gt=0)), losses=Count("id", filter=Q(pnl_usd__lt=0)),
+        pnl=Sum("pnl_usd"), won=Sum("pnl_usd", filter=Q(pnl_usd__gt=0)), lost=Sum("pnl_usd", filter=Q(pnl_usd__lt=0)),
+        rr_sum=Sum(rr), rr_n=Count("id", filter=has_rr)))
+
+
+def _breakdowns(groups: list[dict[str, Any]], key: str) -> dict[str, Breakdown]:
+    sums: dict[str, list[Any]] = {}
+    for g in groups:
+        a = sums.setdefault(g[key] or "unknown", [0, 0, 0, ZERO, ZERO, ZERO])
+        a[0] += g["n"]
+        a[1] += g["wins"]
+        a[2] += g["losses"]
+        a[3] += g["pnl"] or ZERO
+        a[4] += g["won"] or ZERO
+        a[5] -= g["lost"] or ZERO
+    return {name: breakdown_from_sums(trades=a[0], wins=a[1], losses=a[2], total_pnl=a[3], gross_profit=a[4],
+                                      gross_loss=a[5]) for name, a in sorted(sums.items())}
+
+
+def _calibration(groups: list[dict[str, Any]]) -> dict[str, CalibrationEntry]:
+    sums: dict[str, list[Any]] = {}
+    for g in groups:
+        confidence = g["confidence_at_entry"]
+        label = confidence_bucket(confidence) if confidence is not None else None
+        if label is not None:
+            a = sums.setdefault(label, [0, 0, ZERO])
+            a[0] += g["n"]
+            a[1] += g["wins"]
+            a[2] += confidence * g["n"]
+    result = {}
+    for label, (n, wins, stated_sum) in sorted(sums.items()):
+        stated, realised = stated_sum / n, Decimal(wins) / n
+        result[label] = CalibrationEntry(trades=n, wins=wins, stated_confidence=stated, realised_win_rate=realised,
+                                         gap=stated - realised)
+    return result
 
 
 def strategies(f: Filters) -> dict[str, Any]:
-    rows = closed_trades(f)
-    summary = performance_summarize([record(r) for r in rows])
-    rr: dict[str, list[Decimal]] = defaultdict(list)
-    for r in rows:
-        value = _rr(r)
-        if value is not None:
-            rr[r["strategy_used"] or "unknown"].append(value)
-    table = [{"strategy": name, "b": b, "avg_rr": (sum(rr[name], ZERO) / len(rr[name])) if rr[name] else None,
-              "link": list_url("trades", f, status="closed", strategy=name)} for name, b in summary.by_strategy.items()]
-    names = list(summary.by_strategy)
+    # Aggregated in the database (5,000 trades were read and summarised in Python: ~0.15 s on SQLite).
+    groups = _strategy_groups(f)
+    by_strategy = _breakdowns(groups, "strategy_used")
+    by_regime = _breakdowns(groups, "market_regime")
+    rr: dict[str, list[Any]] = {}
+    for g in groups:
+        a = rr.setdefault(g["strategy_used"] or "unknown", [ZERO, 0])
+        a[0] += g["rr_sum"] or ZERO
+        a[1] += g["rr_n"]
+    table = [{"strategy": name, "b": b, "avg_rr": rr[name][0] / rr[name][1] if rr[name][1] else None,
+              "link": list_url("trades", f, status="closed", strategy=name)} for name, b in by_strategy.items()]
+    names = list(by_strategy)
     link = list_url("trades", f, status="closed")
     strat_links = [row["link"] for row in table]
-    regimes = list(summary.by_regime)
-    calib = summary.confidence_calibration
+    regimes = list(by_regime)
+    calib = _calibration(groups)
     figures = [
         Figure("strategy_pnl", "Net PnL by strategy",
-               [bars("PnL", names, [num(b.total_pnl) for b in summary.by_strategy.values()], links=strat_links)],
+               [bars("PnL", names, [num(b.total_pnl) for b in by_strategy.values()], links=strat_links)],
                link=link, link_label="the closed trades"),
         Figure("strategy_win_rate", "Win rate and trades by strategy",
-               [bars("win rate", names, [num(b.win_rate) for b in summary.by_strategy.values()], links=strat_links),
-                bars("trades", names, [b.trades for b in summary.by_strategy.values()], links=strat_links, yaxis="y2")],
+               [bars("win rate", names, [num(b.win_rate) for b in by_strategy.values()], links=strat_links),
+                bars("trades", names, [b.trades for b in by_strategy.values()], links=strat_links, yaxis="y2")],
                link=link, layout={"yaxis": {"tickformat": ".0%"}, "yaxis2": {"overlaying": "y", "side": "right"},
                                   "barmode": "group"}),
         Figure("regime_trades", "Trades and PnL by regime",
-               [bars("trades", regimes, [b.trades for b in summary.by_regime.values()],
+               [bars("trades", regimes, [b.trades for b in by_regime.values()],
                      links=[list_url("trades", f, status="closed", regime=r) for r in regimes]),
-                bars("PnL", regimes, [num(b.total_pnl) for b in summary.by_regime.values()], yaxis="y2",
+                bars("PnL", regimes, [num(b.total_pnl) for b in by_regime.values()], yaxis="y2",
                      links=[list_url("trades", f, status="closed", regime=r) for r in regimes])],
                link=link, layout={"yaxis2": {"overlaying": "y", "side": "right"}, "barmode": "group"}),
         Figure("calibration", "Confidence against outcome (stated vs realised win rate)",
@@ -227,7 +267,7 @@ def strategies(f: Filters) -> dict[str, Any]:
                 line("realised", list(calib), [num(c.realised_win_rate) for c in calib.values()], mode="lines+markers")],
                link=link, layout={"yaxis": {"tickformat": ".0%", "range": [0, 1]}}),
     ]
-    return {"figures": figures, "table": table, "calibration": calib, "summary": summary}
+    return {"figures": figures, "table": table, "calibration": calib}
 
 
 # --- one trade -----------------------------------------------------------------------------------

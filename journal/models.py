@@ -56,7 +56,8 @@ class CycleOutcome(models.TextChoices):
 class Cycle(models.Model):
     instrument = models.ForeignKey(Instrument, on_delete=models.PROTECT, related_name="cycles")
     mode = models.CharField(max_length=10, choices=Mode.choices, default=Mode.LIVE)
-    run_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
+    # Indexed as the first column of cycle_run_mode_asof (Meta.indexes).
+    run_id = models.CharField(max_length=64, blank=True, default="")
     as_of = models.DateTimeField(help_text="Market time the cycle looks at (wall time live, virtual in replay)")
     started_at = models.DateTimeField(auto_now_add=True)
     ended_at = models.DateTimeField(null=True, blank=True)
@@ -81,7 +82,13 @@ class Cycle(models.Model):
 
     class Meta:
         ordering = ["-as_of", "-id"]
-        indexes = [models.Index(fields=["instrument", "mode", "-as_of"], name="cycle_inst_mode_asof")]
+        indexes = [
+            models.Index(fields=["instrument", "mode", "-as_of"], name="cycle_inst_mode_asof"),
+            # A run's (or the live bot's) cycles in time order, and what the cockpit aggregates over them (issue 17:
+            # 100,000 cycles): the newest page of the list, the period's first and last, the last cycle per
+            # instrument, the counts by state and the join to their screener logs are read from this index alone.
+            models.Index(fields=["run_id", "mode", "as_of", "id", "instrument", "state"], name="cycle_run_mode_asof"),
+        ]
 
     def __str__(self) -> str:
         return f"cycle {self.pk} {self.instrument_id} {self.as_of:%Y-%m-%d %H:%M} {self.state}/{self.outcome}"
@@ -164,6 +171,10 @@ class ScreenerLog(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        # The Brain page's counts (decisions per hour, pass rate, bypasses by reason) over a run's 100,000 logs,
+        # joined to their cycles, read from this index without the rows (their snapshot JSON).
+        indexes = [models.Index(fields=["cycle", "mode", "analyst_action", "bypassed", "signal", "bypass_reason"],
+                                name="screenerlog_cycle_counts")]
 
 
 class RiskRejection(models.Model):

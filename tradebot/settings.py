@@ -104,6 +104,10 @@ DASHBOARD_PING_TIMEOUT_SECONDS = env_float("DASHBOARD_PING_TIMEOUT_SECONDS", 0.5
 # how long each queue's Celery ping waits for the workers' answers.
 HEALTH_BEAT_MAX_AGE_SECONDS = env_int("HEALTH_BEAT_MAX_AGE_SECONDS", 600, minimum=10)
 HEALTH_PING_TIMEOUT_SECONDS = env_float("HEALTH_PING_TIMEOUT_SECONDS", 1.0, minimum=0.1)
+# Whether /health/ fails when `manage.py stream_okx`'s connections are not up: "auto" when the stream is expected
+# (MARKET_DATA_SOURCE=okx, as `make run` sets it for its children on OKX's market; with "auto", once a stream has
+# written its status in this database, as compose's `stream` service does), "yes" always, "no" never.
+HEALTH_STREAMS = env_choice("HEALTH_STREAMS", "auto", ("auto", "yes", "no"))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 

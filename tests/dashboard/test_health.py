@@ -64,3 +64,56 @@ def test_a_missing_broker_folder_is_named(client, embedded, settings) -> None:
                                                 "data_folder_in": str(embedded / "gone")}
     checks = client.get("/health/?format=json").json()
     assert "does not exist" in checks[f"EmbeddedBroker(folder='{embedded / 'gone'}')"]
+
+
+def _stream(name: str, *, connected: bool = True, age_seconds: int = 0, error: str = "") -> None:
+    from market.models import StreamStatus
+
+    StreamStatus.objects.update_or_create(name=name, defaults={
+        "connected": connected, "error": error, "reconnects": 0 if connected else 3,
+        "updated_at": timezone.now() - timedelta(seconds=age_seconds)})
+
+
+STREAMS = "Streams(setting='{}')"
+
+
+def test_the_streams_check_is_critical_where_the_okx_stream_is_expected_and_names_what_is_down(
+        client, embedded, settings) -> None:
+    settings.HEALTH_STREAMS, settings.MARKET_DATA_SOURCE, settings.STREAM_FRESH_SECONDS = "auto", "okx", 120
+    key = STREAMS.format("auto")
+    response = client.get("/health/streams/?format=json")
+    assert response.status_code == 500 and "manage.py stream_okx is not running" in response.json()[key]
+    _stream("public")
+    _stream("business")
+    response = client.get("/health/streams/?format=json")
+    assert response.status_code == 200 and response.json() == {key: "OK"}
+    _stream("business", connected=False, error="ConnectionClosed")
+    response = client.get("/health/streams/?format=json")
+    assert response.status_code == 500
+    assert response.json()[key] == "Unavailable: business: disconnected, reconnecting (3 reconnects): ConnectionClosed"
+    _stream("business")
+    _stream("public", age_seconds=600)  # the process stopped writing: its status is old
+    assert "public: status 600s old" in client.get("/health/streams/?format=json").json()[key]
+    # The whole stack's /health/ carries the same line.
+    assert "public: status 600s old" in client.get("/health/?format=json").json()[key]
+
+
+def test_the_streams_check_passes_where_no_stream_is_expected_and_follows_health_streams(
+        client, embedded, settings) -> None:
+    settings.STREAM_FRESH_SECONDS = 120
+    for source in ("synthetic", "replay", "auto"):  # auto: no stream has ever written its status here
+        settings.HEALTH_STREAMS, settings.MARKET_DATA_SOURCE = "auto", source
+        response = client.get("/health/streams/?format=json")
+        assert response.status_code == 200 and response.json() == {STREAMS.format("auto"): "OK"}, source
+    settings.HEALTH_STREAMS = "yes"  # required even on the synthetic market
+    settings.MARKET_DATA_SOURCE = "synthetic"
+    assert client.get("/health/streams/?format=json").status_code == 500
+    _stream("public", connected=False)
+    settings.MARKET_DATA_SOURCE = "auto"  # compose: a stream has written its status here, so it is expected
+    settings.HEALTH_STREAMS = "auto"
+    response = client.get("/health/streams/?format=json")
+    assert response.status_code == 500 and "public: disconnected" in response.json()[STREAMS.format("auto")]
+    settings.HEALTH_STREAMS = "no"  # never critical
+    assert client.get("/health/streams/?format=json").json() == {STREAMS.format("no"): "OK"}
+    settings.HEALTH_STREAMS, settings.MARKET_DATA_SOURCE = "auto", "synthetic"  # stream_okx cannot run there
+    assert client.get("/health/streams/?format=json").status_code == 200

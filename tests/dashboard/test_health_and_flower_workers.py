@@ -91,13 +91,15 @@ def test_health_is_200_with_every_check_ok_and_500_naming_the_queue_whose_worker
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
     settings.REDIS_URL = workers.redis_url
+    settings.MARKET_DATA_SOURCE, settings.HEALTH_STREAMS = "synthetic", "auto"  # no OKX stream expected here
     every = IntervalSchedule.objects.create(every=15, period=IntervalSchedule.SECONDS)
     PeriodicTask.objects.create(name="account sync", task="tradebot.tasks.account_sync", interval=every,
                                 last_run_at=timezone.now() - timedelta(seconds=20))
     response = client.get("/health/", HTTP_ACCEPT="application/json")
     checks = response.json()
     assert response.status_code == 200, checks
-    assert set(checks.values()) == {"OK"} and len(checks) == 8, checks  # database, broker, beat, 5 queues
+    assert set(checks.values()) == {"OK"} and len(checks) == 9, checks  # database, broker, beat, 5 queues, streams
+    assert "Streams(setting='auto')" in checks
     assert any(name.startswith("Redis(") for name in checks)
 
     workers.kill("llm")

@@ -163,7 +163,9 @@ def test_each_pages_query_count_is_bounded_and_does_not_grow_with_the_rows_shown
         admin_client, journal: str, django_assert_max_num_queries) -> None:  # noqa: ANN001
     trade = Trade.objects.filter(run_id=journal).order_by("id").first()
     urls = [f"/dashboard/{p}/?run={journal}" for p in PAGES] + [
-        f"/dashboard/trades/{trade.pk}/", f"/dashboard/cycles/{trade.cycle_id}/", "/dashboard/controls/"]
+        f"/dashboard/trades/{trade.pk}/", f"/dashboard/cycles/{trade.cycle_id}/", "/dashboard/controls/",
+        f"/dashboard/report/?run={journal}&format=csv", f"/dashboard/brain/?run={journal}&inst=BTC-USDT-SWAP",
+        f"/dashboard/cycles/?run={journal}&outcome=hold", "/dashboard/brain/", "/dashboard/cycles/"]
     for url in urls:
         _queries(admin_client, url)  # first visits create what a page needs once (the bot state row)
     small = {}
@@ -244,3 +246,78 @@ def test_the_brain_page_counts_each_analysed_cycle_once_in_its_hour(admin_client
         for x, y in zip(trace["x"], trace["y"], strict=True):
             drawn[(x, trace["name"])] += y
     assert drawn == expected
+
+
+def test_the_strategies_page_counted_in_the_database_says_what_the_performance_summary_of_its_trades_says(
+        admin_client, journal: str) -> None:
+    from brain.performance import TradeRecord, performance_summarize
+
+    _grow_journal(journal, trades=60, cycles=60)  # several strategies, wins and losses
+    Trade.objects.filter(run_id=journal, status=TradeStatus.CLOSED, id__in=Trade.objects.filter(
+        run_id=journal).order_by("id").values("id")[:10]).update(confidence_at_entry=Decimal("0.85"))
+    closed = Trade.objects.filter(run_id=journal, status=TradeStatus.CLOSED, pnl_usd__isnull=False)
+    summary = performance_summarize([
+        TradeRecord(id=t.id, pnl_usd=t.pnl_usd, opened_at=t.opened_at, closed_at=t.closed_at, strategy=t.strategy_used,
+                    regime=t.market_regime, confidence=t.confidence_at_entry, direction=t.direction, inst_id="BTC-USDT-SWAP",
+                    pnl_pct=t.pnl_pct, fees_usd=t.fees_usd, funding_usd=t.funding_usd, exit_reason=t.exit_reason)
+        for t in closed])
+    response = admin_client.get(f"/dashboard/strategies/?run={journal}")
+    table = {row["strategy"]: row for row in response.context["table"]}
+    assert list(table) == list(summary.by_strategy)
+    for name, b in summary.by_strategy.items():
+        drawn = table[name]["b"]
+        assert (drawn.trades, drawn.wins, drawn.losses, drawn.win_rate) == (b.trades, b.wins, b.losses, b.win_rate)
+        assert drawn.total_pnl == pytest.approx(b.total_pnl) and drawn.profit_factor == pytest.approx(b.profit_factor)
+        rrs = [abs(t.take_profit - t.entry_price) / abs(t.entry_price - t.stop_loss) for t in closed
+               if (t.strategy_used or "unknown") == name and t.take_profit is not None and t.entry_price != t.stop_loss]
+        assert table[name]["avg_rr"] == (pytest.approx(sum(rrs) / len(rrs)) if rrs else None)
+    figures = {f["key"]: f for f in _figures(response.content.decode())}
+    regimes = {t["name"]: t for t in figures["regime_trades"]["data"]}
+    assert regimes["trades"]["x"] == list(summary.by_regime)
+    assert regimes["trades"]["y"] == [b.trades for b in summary.by_regime.values()]
+    calibration = response.context["calibration"]
+    assert list(calibration) == list(summary.confidence_calibration) and len(calibration) >= 2
+    for label, entry in summary.confidence_calibration.items():
+        assert (calibration[label].trades, calibration[label].wins) == (entry.trades, entry.wins)
+        assert calibration[label].stated_confidence == entry.stated_confidence
+        assert calibration[label].realised_win_rate == entry.realised_win_rate
+
+
+def test_the_lists_and_the_charts_stay_bounded_as_the_journal_grows(admin_client, journal: str) -> None:
+    """A list shows at most a page of rows; the Brain page's decisions are per hour over a month or less and per
+    day beyond it (a year of hourly bars was 8,760 per action), each bucket counting its cycles' decisions."""
+    from collections import Counter
+
+    from dashboard.selectors_ops import HOURLY_MAX_DAYS
+    from dashboard.views import LIST_LIMIT
+
+    _grow_journal(journal, trades=0, cycles=LIST_LIMIT + 50)
+    html = admin_client.get(f"/dashboard/cycles/?run={journal}").content.decode()
+    assert html.count('<tr><td><a href="/dashboard/cycles/') == LIST_LIMIT and f"next {LIST_LIMIT} →" in html
+    figure = {f["key"]: f for f in _figures(admin_client.get(f"/dashboard/brain/?run={journal}").content.decode())}
+    hourly = figure["decisions_per_hour"]
+    assert "per hour" in hourly["layout"]["title"]["text"]
+    assert all(x.endswith(":00:00+00:00") for trace in hourly["data"] for x in trace["x"])
+    # The run now spans more than a month: one late cycle, analysed.
+    inst = Instrument.objects.get(inst_id="BTC-USDT-SWAP")
+    first = Cycle.objects.filter(run_id=journal).order_by("as_of").first()
+    late = Cycle.objects.create(instrument=inst, mode=Mode.REPLAY, run_id=journal, state=CycleState.DONE,
+                                as_of=first.as_of + timedelta(days=HOURLY_MAX_DAYS + 5), outcome=CycleOutcome.HOLD)
+    ScreenerLog.objects.create(instrument=inst, cycle=late, mode=Mode.REPLAY, signal=True, analyst_action="HOLD")
+    html = admin_client.get(f"/dashboard/brain/?run={journal}").content.decode()
+    daily = {f["key"]: f for f in _figures(html)}["decisions_per_hour"]
+    assert "per day" in daily["layout"]["title"]["text"]
+    logs = ScreenerLog.objects.filter(cycle__run_id=journal).exclude(analyst_action="").select_related("cycle")
+    expected = Counter((log.cycle.as_of.replace(hour=0, minute=0, second=0, microsecond=0).isoformat(),
+                        log.analyst_action) for log in logs)
+    drawn = Counter()
+    for trace in daily["data"]:
+        for x, y in zip(trace["x"], trace["y"], strict=True):
+            drawn[(x, trace["name"])] += y
+    assert drawn == expected
+    assert len({x for trace in daily["data"] for x in trace["x"]}) <= HOURLY_MAX_DAYS + 6
+    # A filter of a few days inside it is hourly again.
+    day = first.as_of.date().isoformat()
+    hourly = {f["key"]: f for f in _figures(admin_client.get(
+        f"/dashboard/brain/?run={journal}&from={day}&to={day}").content.decode())}["decisions_per_hour"]
+    assert "per hour" in hourly["layout"]["title"]["text"] and hourly["data"]

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('journal', '0004_issue15_cycle_brain_context'),
+        ('journal', '0005_issue17_cockpit_indexes'),
     ]
 
     operations = [
