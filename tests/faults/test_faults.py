@@ -124,10 +124,11 @@ class Drill:
         row["invariants_held"] = bool(held(inv) and trades_again is not None and trades_again <= TRADES_WITHIN
                                       and (self.freed_s is None or self.freed_s <= FREED_WITHIN))
         report_row(REPORT, row)
+        # Messages as text, the invariants first: pytest shortens a tuple's repr and would hide which one failed.
         assert done is not None, f"never ran a cycle to DONE again\n{row}\n{self.bot.logs()}"
-        assert trades_again <= TRADES_WITHIN, (row, self.bot.logs())
-        assert self.freed_s is None or self.freed_s <= FREED_WITHIN, (row, self.bot.logs())
-        assert held(inv), (row, self.bot.logs())
+        assert trades_again <= TRADES_WITHIN, f"traded again after {trades_again} s\n{row}\n{self.bot.logs()}"
+        assert self.freed_s is None or self.freed_s <= FREED_WITHIN, f"freed after {self.freed_s} s\n{row}\n{self.bot.logs()}"
+        assert held(inv), f"invariants not held: {inv}\n{row}\n{self.bot.logs()}"
         return row
 
 
