@@ -284,8 +284,8 @@ class Bot:
         """The issue's invariants, read in one consistent snapshot; a snapshot taken while an order was between the
         exchange and the journal (a cycle in EXECUTING or CONFIRMING), or a stop the exchange hit that the account
         sync has not journaled yet, is read again for up to `settle` seconds: one tick (whose sweep ends a cycle past
-        its stage limit, and whose start records a gap before it), one account sync and a margin. On a machine
-        running the other test passes beside the suite one tick of slack failed a drill once, which one unseen."""
+        its stage limit, and whose start records a gap before it), one account sync and a margin. (With only the sync's
+        time, the Redis drill failed once in a stress run: the other passes and two CPU burners beside the suite.)"""
         deadline = time.monotonic() + settle
         while True:
             inv = self._invariants_once(since=since)
