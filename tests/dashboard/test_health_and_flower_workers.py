@@ -18,8 +18,7 @@ import httpx
 import pytest
 from django.utils import timezone
 
-from tests.conftest import missing_service, redis_url
-from tests.tradebot.workers import ROOT, Workers, redis_reachable
+from tests.tradebot.workers import ROOT, Workers, workers_made
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 FLOWER_AUTH = ("flower-user", "flower-secret-pw")
@@ -27,11 +26,7 @@ FLOWER_AUTH = ("flower-user", "flower-secret-pw")
 
 @pytest.fixture(scope="module")
 def workers(django_db_setup, django_db_blocker, tmp_path_factory):  # noqa: ANN001, ANN201
-    url = redis_url()
-    if not redis_reachable(url):
-        missing_service(f"Redis is not reachable at {url}")
-    with django_db_blocker.unblock():
-        w = Workers(redis_url=url, tmp=tmp_path_factory.mktemp("workers"))
+    w = workers_made(django_db_blocker, tmp_path_factory, "workers")
     w.start_all()
     yield w
     w.stop_all()

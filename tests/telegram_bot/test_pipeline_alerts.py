@@ -22,12 +22,11 @@ from execution.selectors import bot_state
 from journal.models import CycleOutcome, JournalEvent
 from market.models import Instrument
 from telegram_bot.models import AlertDelivery, DeliveryStatus
-from tests.conftest import missing_service, redis_url
 from tests.fakes.telegram_server import TOKEN, FakeTelegram
 from tests.telegram_bot.conftest import ADMIN, READER, READER_2, STRANGER
 from tests.telegram_bot.test_commands import PollingBot, ask, quiet
 from tests.tradebot.test_pipeline_workers import wait_done
-from tests.tradebot.workers import Workers, redis_reachable
+from tests.tradebot.workers import Workers, workers_made
 from tradebot.celery import QUEUES
 from tradebot.pipeline import cycle_launch
 
@@ -48,16 +47,12 @@ def tg_server() -> Iterator[FakeTelegram]:
 
 @pytest.fixture(scope="module")
 def workers(django_db_setup, django_db_blocker, tmp_path_factory, tg_server):  # noqa: ANN001, ANN201
-    url = redis_url()
-    if not redis_reachable(url):
-        missing_service(f"Redis is not reachable at {url}")
     env = {"TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_BASE_URL": tg_server.base_url,
            "TELEGRAM_CHAT_IDS": f"{READER},{READER_2}", "TELEGRAM_ADMIN_CHAT_IDS": str(ADMIN),
            "TELEGRAM_SEND_TIMEOUT_SECONDS": str(10 / CLOCK), "TELEGRAM_RETRY_FIRST_SECONDS": str(2 / CLOCK),
            "TELEGRAM_RETRY_MAX_SECONDS": str(60 / CLOCK), "TELEGRAM_COOLDOWN_SECONDS": str(int(60 / CLOCK)),
            "LOG_LEVEL": "DEBUG"}
-    with django_db_blocker.unblock():
-        w = Workers(redis_url=url, tmp=tmp_path_factory.mktemp("tg-workers"), extra_env=env)
+    w = workers_made(django_db_blocker, tmp_path_factory, "tg-workers", extra_env=env)
     w.start(*QUEUES, "telegram")
     yield w
     w.stop_all()

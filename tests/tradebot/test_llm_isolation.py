@@ -22,9 +22,9 @@ import pytest
 
 from journal.models import Cycle, CycleOutcome, CycleState
 from market.models import Instrument
-from tests.conftest import TEST_KEY, missing_service, redis_url
+from tests.conftest import TEST_KEY
 from tests.fakes.anthropic_server import FakeAnthropic, HonestModel, Received, Reply, ok
-from tests.tradebot.workers import Workers, redis_reachable
+from tests.tradebot.workers import Workers, workers_made
 from tradebot.celery import app
 from tradebot.pipeline import cycle_launch
 
@@ -82,14 +82,9 @@ def model_server():  # noqa: ANN201
 
 @pytest.fixture(scope="module")
 def workers(django_db_setup, django_db_blocker, tmp_path_factory, model_server):  # noqa: ANN001, ANN201
-    url = redis_url()
-    if not redis_reachable(url):
-        missing_service(f"Redis is not reachable at {url}")
-    with django_db_blocker.unblock():
-        w = Workers(redis_url=url, tmp=tmp_path_factory.mktemp("llm-busy"), app_module="tests.tradebot.llm_busy_app",
-                    pools={"llm": ("threads", THREADS), "orders": ("prefork", 2)},
-                    extra_env={"BRAIN": "claude", "ANTHROPIC_API_KEY": TEST_KEY,
-                               "ANTHROPIC_BASE_URL": model_server.url})
+    w = workers_made(django_db_blocker, tmp_path_factory, "llm-busy", app_module="tests.tradebot.llm_busy_app",
+                     pools={"llm": ("threads", THREADS), "orders": ("prefork", 2)},
+                     extra_env={"BRAIN": "claude", "ANTHROPIC_API_KEY": TEST_KEY, "ANTHROPIC_BASE_URL": model_server.url})
     w.start_all()
     yield w
     w.stop_all()

@@ -25,8 +25,7 @@ from journal.models import (
     Trade,
 )
 from market.models import Instrument
-from tests.conftest import missing_service, redis_url
-from tests.tradebot.workers import Workers, redis_reachable
+from tests.tradebot.workers import Workers, workers_made
 from tradebot.cycle import cycle_open
 from tradebot.pipeline import cycle_launch, pipeline_chain, stage_signature
 from tradebot.stages import STAGES
@@ -44,11 +43,7 @@ S = CycleState
 
 @pytest.fixture(scope="module")
 def workers(django_db_setup, django_db_blocker, tmp_path_factory):  # noqa: ANN001, ANN201
-    url = redis_url()
-    if not redis_reachable(url):
-        missing_service(f"Redis is not reachable at {url}")
-    with django_db_blocker.unblock():
-        w = Workers(redis_url=url, tmp=tmp_path_factory.mktemp("workers"))
+    w = workers_made(django_db_blocker, tmp_path_factory, "workers")
     w.start_all()
     yield w
     w.stop_all()

@@ -17,9 +17,8 @@ from django.db import connection
 
 from brain.models import PlaybookStatus, PlaybookTrigger, PlaybookVersion
 from brain.playbook import playbook_current
-from tests.conftest import missing_service, redis_url
 from tests.tradebot.test_search import search_market
-from tests.tradebot.workers import Workers, redis_reachable
+from tests.tradebot.workers import Workers, workers_made
 from tradebot.models import SearchStudy, SearchTrial, SearchTrialState
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
@@ -38,11 +37,7 @@ WORKER_ENV = {
 
 @pytest.fixture(scope="module")
 def workers(django_db_setup, django_db_blocker, tmp_path_factory):  # noqa: ANN001, ANN201
-    url = redis_url()
-    if not redis_reachable(url):
-        missing_service(f"Redis is not reachable at {url}")
-    with django_db_blocker.unblock():
-        w = Workers(redis_url=url, tmp=tmp_path_factory.mktemp("search-workers"), extra_env=WORKER_ENV)
+    w = workers_made(django_db_blocker, tmp_path_factory, "search-workers", extra_env=WORKER_ENV)
     w.start_as(reflection="reflection", reflection2="reflection")
     yield w
     w.stop_all()

@@ -181,3 +181,15 @@ def redis_reachable(url: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def workers_made(django_db_blocker, tmp_path_factory, name: str, **kwargs) -> Workers:  # noqa: ANN001
+    """A set of workers on the test Redis, in a fresh folder `name` (not started). Without Redis the test skips,
+    or fails under REQUIRE_SERVICES=1; the database is open to it while it is built."""
+    from tests.conftest import missing_service, redis_url
+
+    url = redis_url()
+    if not redis_reachable(url):
+        missing_service(f"Redis is not reachable at {url}")
+    with django_db_blocker.unblock():
+        return Workers(redis_url=url, tmp=tmp_path_factory.mktemp(name), **kwargs)
