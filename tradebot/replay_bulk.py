@@ -42,7 +42,8 @@ from tradebot.cycle import transition_check
 from tradebot.logging import redact
 from tradebot.replay_frames import FrameSnapshots
 from tradebot.replay_state import RunState
-from tradebot.stages import StageEnv, chosen_brain, position_view
+from tradebot.brain_views import position_view
+from tradebot.stages import StageEnv, chosen_brain
 
 S = CycleState
 _FOUR_HOURS = timedelta(hours=4)

@@ -11,7 +11,8 @@ from decimal import Decimal
 from typing import Any
 
 from journal.models import Mode
-from tradebot.stages import StageEnv, TradeViews
+from tradebot.brain_views import TradeViews
+from tradebot.stages import StageEnv
 
 
 @dataclass
@@ -24,7 +25,7 @@ class RunState:
     bot: Any = None  # the run's bot state (execution.risk.BotStateView); None = read it again
     trades: list[Any] = field(default_factory=list)
     trades_stale: bool = True  # a trade opened or closed since `trades` was read
-    trade_views: Any = None  # tradebot.stages.TradeViews of this run (made on first use)
+    trade_views: Any = None  # tradebot.brain_views.TradeViews of this run (made on first use)
     synced: bool = False
     closes_synced: int = 0  # the paper exchange's close count at the last account sync
     peak_synced: Decimal | None = None  # the highest equity an account sync has seen
@@ -75,7 +76,7 @@ class RunState:
         return {tf: view.indicators.model_dump(mode="json") for tf, view in snapshot.timeframes.items()}
 
     def recent_trades(self) -> list[Any]:
-        """`tradebot.stages.recent_trades` of this run, read again only after a trade opened or closed."""
+        """`tradebot.brain_views.recent_trades` of this run, read again only after a trade opened or closed."""
         if self.trades_stale:
             if self.trade_views is None:
                 self.trade_views = TradeViews(mode=Mode.REPLAY, run_id=self.run_id)

@@ -94,7 +94,7 @@ def _full_read(limit: int = 20) -> list[Any]:
 
 
 def test_recent_trades_equal_a_full_read_after_opens_closes_and_edits(btc: Instrument, django_assert_num_queries: Any) -> None:
-    from tradebot.stages import TradeViews
+    from tradebot.brain_views import TradeViews
 
     views = TradeViews(mode=Mode.LIVE, run_id="")
     trades = [_trade(btc, i) for i in range(23)]
@@ -131,7 +131,7 @@ def test_recent_trades_equal_a_full_read_after_opens_closes_and_edits(btc: Instr
 
 
 def test_recent_trades_forget_a_deleted_trade(btc: Instrument) -> None:
-    from tradebot.stages import TradeViews
+    from tradebot.brain_views import TradeViews
 
     views = TradeViews(mode=Mode.LIVE, run_id="", limit=5)
     trades = [_trade(btc, i) for i in range(6)]
