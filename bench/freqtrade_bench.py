@@ -13,11 +13,19 @@ times include starting Python, loading the candles and computing the indicators,
 memory is each process tree's largest resident set (wait4). Our replays write to a scratch database
 (SQLite file; PostgreSQL: the bench's scratch database). The per-cycle path (`--per-cycle`) runs
 once for its cycles per second.
+
+The year (issue 21's second target): a replay of a synthetic year of 5-minute cycles (105,120, the
+market generator a user without data runs on) against freqtrade on a run of the same length. The shared
+data has no year of 5m candles (the 2022 file holds May-Dec); its OKX BTC-USDT-SWAP 15m file does hold
+three years (2023-2025: 105,216 candles), so freqtrade backtests those with `--timeframe 15m` (its cost
+goes by candles, not by their length). The 15m candles are converted into the scratch folder once, with
+freqtrade's own data handler, as setup.sh converts the 5m ones.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -30,6 +38,7 @@ from bench import infra
 
 FT_DIR = infra.ROOT.parent / "shared" / "bench" / "freqtrade"
 REAL_FILE = infra.ROOT.parent / "shared" / "data" / "okx_BTC-USDT-SWAP_5m_2022.csv.gz"
+YEAR_FILE = infra.ROOT.parent / "shared" / "data" / "okx_BTC-USDT-SWAP_15m.csv.gz"  # 2023-01 to 2026-04
 SCRATCH = Path(os.environ.get("FREQTRADE_BENCH_DIR", str(infra.ROOT / "var" / "bench" / "freqtrade")))
 ROUNDS = 3
 
@@ -67,9 +76,12 @@ def freqtrade_setup() -> tuple[Path | None, str]:
     return SCRATCH, ""
 
 
-def ours(*, database_url: str, per_cycle: bool = False) -> dict[str, Any]:
-    args = [sys.executable, str(infra.ROOT / "manage.py"), "replay", "--inst", "BTC-USDT-SWAP", "--csv", str(REAL_FILE),
-            "--from", "2022-05-01", "--to", "2023-01-01", "--brain", "rules", "--json"]
+def ours(*, database_url: str, per_cycle: bool = False, year: bool = False) -> dict[str, Any]:
+    """One `manage.py replay` process: the 8-month real file, or (`year`) a synthetic year."""
+    source = ["--synthetic", "--from", "2025-01-01", "--to", "2026-01-01"] if year else \
+        ["--csv", str(REAL_FILE), "--from", "2022-05-01", "--to", "2023-01-01"]
+    args = [sys.executable, str(infra.ROOT / "manage.py"), "replay", "--inst", "BTC-USDT-SWAP", *source,
+            "--brain", "rules", "--json"]
     if per_cycle:
         args.append("--per-cycle")
     env = {**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "ERROR"}
@@ -83,6 +95,71 @@ def theirs(folder: Path) -> dict[str, Any]:
     wall, peak, out, _ = timed(["bash", str(FT_DIR / "run.sh"), str(folder)])
     seconds, trades = out.split()[-2:]
     return {"wall": wall, "peak_mb": peak, "own": float(seconds), "trades": trades}
+
+
+# freqtrade's 15m candles of 2023-2025, stored as setup.sh stores the 5m ones (run in freqtrade's venv).
+_CONVERT_15M = """
+import os
+from pathlib import Path
+import pandas as pd
+from freqtrade.data.history.datahandlers import get_datahandler
+from freqtrade.enums import CandleType
+df = pd.read_csv(Path(os.environ["YEAR_FILE"]))
+df["date"] = pd.to_datetime(df["ts"], unit="ms", utc=True)
+out = df[["date", "open", "high", "low", "close", "volume"]].copy()
+out["volume"] = out["volume"].fillna(0.0)
+out = out.astype({c: "float64" for c in ["open", "high", "low", "close", "volume"]})
+get_datahandler(Path("user_data/data/okx"), "feather").ohlcv_store("BTC/USDT:USDT", "15m", out, CandleType.FUTURES)
+print(len(out))
+"""
+YEAR_RANGE = "20230101-20260101"  # 105,216 15m candles (freqtrade starts 100 candles later: startup_candle_count)
+
+
+def theirs_year(folder: Path) -> dict[str, Any]:
+    """One freqtrade backtest of the three 15m years, as run.sh runs the 5m one (its own process, offline)."""
+    shared = str(FT_DIR.parent.parent / "data")
+    if not (folder / "user_data" / "data" / "okx" / "futures" / "BTC_USDT_USDT-15m-futures.feather").is_file():
+        subprocess.run([str(folder / "venv" / "bin" / "python"), "-c", _CONVERT_15M], cwd=folder, check=True,
+                       env={**os.environ, "YEAR_FILE": str(YEAR_FILE)}, capture_output=True)
+    log_path = folder / "run_year.log"
+    wall, peak, _, _ = timed(["bash", "-c", f"venv/bin/python ft_offline.py backtesting -c config_futures.json "
+                                            f"--strategy BenchStrategy --cache none --fee 0.0005 --timeframe 15m "
+                                            f"--timerange {YEAR_RANGE} > {log_path} 2>&1"],
+                             env={**os.environ, "SHARED_DATA": shared}, cwd=folder)
+    found = re.search(r"BenchStrategy *│ *(\d+)", log_path.read_text())
+    if found is None:
+        raise ValueError(f"no trade count in {log_path}")
+    return {"wall": wall, "peak_mb": peak, "trades": found.group(1)}
+
+
+def compare_year(*, database_url: str, folder: Path | None) -> None:
+    """A synthetic year of our cycles against freqtrade's three 15m years, alternated."""
+    if folder is not None and not YEAR_FILE.is_file():
+        print(f"  year: {YEAR_FILE.name} is not here: our figures alone")
+        folder = None
+    mine: list[dict[str, Any]] = []
+    ft: list[dict[str, Any]] = []
+    for k in range(ROUNDS):
+        if folder is not None:
+            try:
+                ft.append(theirs_year(folder))
+            except (RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
+                print(f"  freqtrade's year run failed ({exc}); our figures alone")
+                folder = None
+        head = f"freqtrade {ft[-1]['wall']:.2f} s ({ft[-1]['trades']} trades); " if folder is not None else ""
+        mine.append(ours(database_url=database_url, year=True))
+        print(f"  year round {k + 1}: {head}ours {mine[-1]['wall']:.2f} s ({mine[-1]['trades']} trades); {infra.load()}",
+              flush=True)
+    m = _median(mine, "wall")
+    cycles = mine[0]["cycles"]
+    print(f"  year, SQLite: ours median {m:.2f} s whole process for {cycles} synthetic cycles ({cycles / m:.0f} "
+          f"cycles/s; the loop alone {cycles / _median(mine, 'loop'):.0f} cycles/s, {mine[0]['bulk']} written in "
+          f"bulk), peak {max(r['peak_mb'] for r in mine)} MB")
+    if ft:
+        f = _median(ft, "wall")
+        print(f"  year: freqtrade median {f:.2f} s whole process for the 15m candles of {YEAR_RANGE}, peak "
+              f"{max(r['peak_mb'] for r in ft)} MB; ratio ours/freqtrade {m / f:.2f} "
+              f"(target <= 1.0: {'MET' if m / f <= 1.0 else 'NOT MET'})")
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float:
@@ -139,3 +216,4 @@ def bench_vs_freqtrade() -> None:
         compare(label="PostgreSQL", database_url=os.environ["DATABASE_URL"], folder=folder)
     else:
         print(f"  PostgreSQL: not measured ({infra.ENV.postgres_missing or 'no scratch database'})")
+    compare_year(database_url=sqlite_url, folder=folder)

@@ -106,6 +106,9 @@ class Order(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        # A run's orders on one instrument, newest first (the close order a sync looks for): the inst_id
+        # index alone read every run's orders on the instrument (see journal.Trade's trade_run_inst_open).
+        indexes = [models.Index(fields=["run_id", "mode", "inst_id", "created_at"], name="order_run_inst_created")]
 
     def __str__(self) -> str:
         return f"order {self.client_order_id} {self.action} {self.inst_id} {self.state}"

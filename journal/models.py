@@ -146,7 +146,13 @@ class Trade(models.Model):
 
     class Meta:
         ordering = ["-opened_at", "-id"]
-        indexes = [models.Index(fields=["mode", "status", "-closed_at"], name="trade_mode_status_closed")]
+        indexes = [
+            models.Index(fields=["mode", "status", "-closed_at"], name="trade_mode_status_closed"),
+            # A run's trades on one instrument (the open one an opening fill adds to, a sync's open trades):
+            # without it SQLite read every run's trades on the instrument, and a journal holding the
+            # trades of many replays (validation folds, search trials) made each replay ~3x slower.
+            models.Index(fields=["run_id", "mode", "instrument", "status", "direction"], name="trade_run_inst_open"),
+        ]
 
     def __str__(self) -> str:
         return f"trade {self.pk} {self.direction} {self.instrument_id} {self.status}"
