@@ -136,3 +136,65 @@ def on_sqlite() -> None:
     print("\n".join(shown) if shown else done.stdout)
     if done.returncode:
         print(f"  the SQLite replay failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+
+
+# --- grown_journal: a replay beside many earlier runs' orders and trades ---------------------------------------------
+GROWN_COPIES = 80  # about what 80 two-month replays (validation folds, search trials) leave in the journal
+
+
+def _replay_process(database_url: str) -> dict[str, Any]:
+    """One `manage.py replay` of two months of synthetic cycles, as its own process; its summary."""
+    import json
+    import os
+
+    args = [sys.executable, str(infra.ROOT / "manage.py"), "replay", "--inst", INST, "--synthetic",
+            "--from", "2025-06-01", "--to", "2025-08-01", "--brain", "rules", "--json"]
+    done = subprocess.run(args, cwd=infra.ROOT, check=True, capture_output=True, text=True,
+                          env={**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "ERROR"})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _copy_runs(path: Path, copies: int) -> tuple[int, int]:
+    """The journal's orders and trades copied `copies` times under other run ids (what as many earlier
+    replays of the same window would have left); (orders, trades) in the table afterwards."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        for table in ("execution_order", "journal_trade"):
+            columns = [row[1] for row in con.execute(f"PRAGMA table_info({table})") if row[1] != "id"]
+            originals = con.execute(f"SELECT max(id) FROM {table}").fetchone()[0] or 0
+            for k in range(copies):
+                picked = ", ".join(f"client_order_id || '-{k}'" if c == "client_order_id" else
+                                   f"run_id || '-copy{k}'" if c == "run_id" else c for c in columns)
+                con.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {picked} FROM {table} "
+                            f"WHERE id <= ?", (originals,))
+        con.commit()
+        return (con.execute("SELECT count(*) FROM execution_order").fetchone()[0],
+                con.execute("SELECT count(*) FROM journal_trade").fetchone()[0])
+    finally:
+        con.close()
+
+
+def bench_grown_journal() -> None:
+    """A two-month replay in an empty journal, then in one holding ~80 earlier runs' orders and trades.
+
+    Validation and the parameter search run many replays into one database; a replay's reads of its
+    own orders and trades must not slow down with the others' (they did, ~3x at this size, before
+    the run indexes of journal/0007 and execution/0004). SQLite (the embedded default), processes of
+    their own; the copies are made by SQL, not by 80 replays, to keep the section short."""
+    assert infra.ENV.tmp is not None
+    path = infra.ENV.tmp / "grown_journal.sqlite3"
+    url = f"sqlite:///{path}"
+    import os
+
+    subprocess.run([sys.executable, str(infra.ROOT / "manage.py"), "migrate", "-v0"], cwd=infra.ROOT, check=True,
+                   env={**os.environ, "DATABASE_URL": url})
+    print(f"grown_journal: {INST}, two months of synthetic 5-minute cycles, rules brain, SQLite; {infra.load()}")
+    first = _replay_process(url)
+    print(f"  empty journal: {first['elapsed_seconds']:.2f} s for {first['cycles']} cycles ({first['trades']} trades)")
+    orders, trades = _copy_runs(path, GROWN_COPIES)
+    again = _replay_process(url)
+    print(f"  beside {GROWN_COPIES} earlier runs' rows ({orders} orders, {trades} trades): "
+          f"{again['elapsed_seconds']:.2f} s (x{again['elapsed_seconds'] / first['elapsed_seconds']:.2f}); "
+          f"{infra.load()}")

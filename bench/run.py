@@ -16,6 +16,7 @@
     .venv/bin/python bench/run.py validation                    # one validation, 3 folds x 30 days x 2 instruments
     .venv/bin/python bench/run.py search --trials 10                # trials per minute, one vs two workers
     .venv/bin/python bench/run.py --vs-freqtrade [--sqlite]        # replay vs a freqtrade backtest (issue 21)
+    .venv/bin/python bench/run.py grown_journal   # a replay beside ~80 earlier runs' orders and trades (issue 21)
 
 The sections `pipeline` and `instruments300` start real Celery workers (one
 per queue) on Redis 127.0.0.1:6379 (REDIS_URL) and a scratch PostgreSQL
@@ -180,11 +181,12 @@ section("dashboard")(bench_dashboard)
 # --- pipeline, instruments300, replay (bench/pipeline_bench.py, bench/replay_bench.py) -----
 from bench import infra  # noqa: E402
 from bench.pipeline_bench import bench_instruments300, bench_pipeline  # noqa: E402
-from bench.replay_bench import bench_replay  # noqa: E402
+from bench.replay_bench import bench_grown_journal, bench_replay  # noqa: E402
 
 section("pipeline")(bench_pipeline)
 section("instruments300")(bench_instruments300)
 section("replay")(bench_replay)
+section("grown_journal")(bench_grown_journal)
 
 # --- issue 20: LLM cost per instrument-day, the latency-realistic load (bench/llm_cost_bench.py, load_bench.py)
 from bench.llm_cost_bench import bench_llm_cost  # noqa: E402
