@@ -286,11 +286,18 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
 def trade_open_record(*, order: Order, fill: ExchangeOrder, context: dict[str, Any],
                       instrument: Instrument | None = None) -> Trade | None:
     """The journal Trade for an opening fill (an ADD updates the open trade it adds to)."""
+    return trade_open_write(order=order, fill=fill, context=context, instrument=instrument)[0]
+
+
+def trade_open_write(*, order: Order, fill: ExchangeOrder, context: dict[str, Any],
+                     instrument: Instrument | None = None) -> tuple[Trade | None, bool]:
+    """`trade_open_record` and whether this call wrote a new trade (False: journaled already, here or by
+    another writer meanwhile, or an ADD to the open trade)."""
     if instrument is None or instrument.inst_id != order.inst_id:
         instrument = Instrument.objects.filter(inst_id=order.inst_id).first()
     if instrument is None:
         event_record(kind="trade_not_journaled", message=f"{order.inst_id} is not an instrument row; trade not journaled", level=EventLevel.ERROR)
-        return None
+        return None, False
     direction = Direction.LONG if order.pos_side == "long" else Direction.SHORT
     price = fill.avg_px or order.price or Decimal(order.approved.get("entry_reference", "0"))
     mode = context.get("mode", Mode.LIVE)
@@ -303,7 +310,7 @@ def trade_open_record(*, order: Order, fill: ExchangeOrder, context: dict[str, A
     ))
     mine = next((t for t in candidates if t.client_order_id == order.client_order_id), None)
     if mine is not None:
-        return mine
+        return mine, False
     existing = candidates[0] if candidates else None
     if existing is not None:
         total = existing.size + fill.filled_size
@@ -312,9 +319,9 @@ def trade_open_record(*, order: Order, fill: ExchangeOrder, context: dict[str, A
         existing.stop_loss = order.stop_loss or existing.stop_loss
         existing.take_profit = order.take_profit or existing.take_profit
         existing.save()
-        return existing
+        return existing, False
     confidence = context.get("confidence_at_entry")
-    return Trade.objects.create(
+    row = Trade(
         instrument=instrument, cycle_id=order.cycle_id, mode=mode, run_id=context.get("run_id", ""),
         opened_at=fill.ts or timezone.now(), direction=direction, entry_price=price,
         stop_loss=order.stop_loss if order.stop_loss is not None else Decimal(str(order.approved.get("stop_loss") or "0")),
@@ -326,6 +333,20 @@ def trade_open_record(*, order: Order, fill: ExchangeOrder, context: dict[str, A
         playbook_version=context.get("playbook_version"), client_order_id=order.client_order_id,
         okx_order_id=order.exchange_order_id, status=TradeStatus.OPEN,
     )
+    try:
+        if connection.in_atomic_block:  # a caller's transaction: a savepoint keeps it usable after the conflict
+            with transaction.atomic():
+                row.save(force_insert=True)
+        else:
+            row.save(force_insert=True)
+    except IntegrityError:
+        # Another writer (a second account sync, a redelivered EXECUTING) journaled this fill between our
+        # read and our INSERT (journal's trade_one_per_opening_order): theirs is the trade.
+        existing = Trade.objects.filter(client_order_id=order.client_order_id).first()
+        if existing is None:  # another constraint failed: not ours to hide
+            raise
+        return existing, False
+    return row, True
 
 
 def position_close(*, exchange: Exchange, inst_id: str, pos_side: str, reason: str, cycle_id: int | None = None, mode: str = Mode.LIVE) -> Order | None:

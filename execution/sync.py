@@ -24,7 +24,7 @@ from execution.exchanges.base import ClosedPosition, Exchange, ExchangeError
 from execution.models import ORDER_TRANSITIONS, Order, OrderState, transition
 from execution.outages import exchange_outage_end
 from execution.selectors import bot_scope
-from execution.services import _note, _settle, trade_open_record
+from execution.services import _note, _settle, trade_open_write
 from journal.models import Cycle, Direction, EventLevel, Mode, Trade, TradeStatus
 from journal.services import event_record
 import structlog
@@ -97,8 +97,8 @@ def order_fill_journal(*, order: Order, exchange: Exchange) -> Trade | None:
         return None
     if fill is None or fill.filled_size <= 0:
         return None
-    trade = trade_open_record(order=order, fill=fill, context=dict(order.trade_context))
-    if trade is not None:
+    trade, written = trade_open_write(order=order, fill=fill, context=dict(order.trade_context))
+    if written and trade is not None:  # not when another sync recovered it at the same moment (it says so)
         event_record(kind="trade_recovered", level=EventLevel.WARNING, cycle_id=order.cycle_id, mode=order.mode,
                      message=f"{order.client_order_id}: the exchange filled it and its trade was never journaled "
                              f"(its worker was lost); trade {trade.pk} opened from the exchange's fill")

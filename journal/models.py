@@ -153,6 +153,11 @@ class Trade(models.Model):
             # trades of many replays (validation folds, search trials) made each replay ~3x slower.
             models.Index(fields=["run_id", "mode", "instrument", "status", "direction"], name="trade_run_inst_open"),
         ]
+        # One trade per opening order: two account syncs (the orders worker runs several processes) that find
+        # the same fill without its trade both passed the "no trade yet" read and wrote one each; the second
+        # INSERT now fails and its writer takes the first one's trade (execution.services.trade_open_record).
+        constraints = [models.UniqueConstraint(fields=["client_order_id"], condition=~models.Q(client_order_id=""),
+                                               name="trade_one_per_opening_order")]
 
     def __str__(self) -> str:
         return f"trade {self.pk} {self.direction} {self.instrument_id} {self.status}"

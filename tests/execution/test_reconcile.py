@@ -138,3 +138,91 @@ def test_two_account_syncs_at_once_close_a_stopped_trade_once_and_count_its_loss
     assert trade.status == TradeStatus.CLOSED and trade.pnl_usd < 0
     assert other[0].closed_trade_ids == [trade.pk] and first.closed_trade_ids == []
     assert bot_state().consecutive_losses == before + 1  # one loss, counted once
+
+
+def _filled_without_its_trade(paper: PaperExchange, monkeypatch) -> Order:  # noqa: ANN001
+    """An opening order the exchange filled whose worker was killed before it wrote the trade."""
+    paper.set_price(BTC, D("50000"), T0)
+    approved = approve(decision(size_pct=0.05, stop_loss=49000.0, take_profit=52000.0), last="50000")
+
+    def worker_killed(**_):  # noqa: ANN003, ANN202
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(services, "trade_open_record", worker_killed)
+    with pytest.raises(SystemExit):
+        order_place(approved=approved, cycle_id=None, trade_context=CONTEXT, exchange=paper)
+    monkeypatch.undo()
+    return Order.objects.get()
+
+
+def test_the_journal_refuses_a_second_trade_for_one_opening_order_but_not_for_trades_without_one(
+        paper: PaperExchange, monkeypatch) -> None:
+    from django.db import IntegrityError, transaction
+
+    order = _filled_without_its_trade(paper, monkeypatch)
+    fill = paper.get_order(inst_id=BTC, client_order_id=order.client_order_id)
+    first = services.trade_open_record(order=order, fill=fill, context=dict(CONTEXT))
+    copy = Trade.objects.get(pk=first.pk)
+    copy.pk = None
+    with pytest.raises(IntegrityError), transaction.atomic():
+        copy.save(force_insert=True)
+    for _ in range(2):  # trades journaled without an order id (older rows, tests, imports) stay allowed
+        blank = Trade.objects.get(pk=first.pk)
+        blank.pk, blank.client_order_id = None, ""
+        blank.save(force_insert=True)
+    assert Trade.objects.filter(client_order_id=order.client_order_id).count() == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_writers_that_journal_one_fill_at_once_leave_one_trade_and_both_get_it(
+        paper: PaperExchange, monkeypatch) -> None:
+    """Two account syncs (the orders worker's processes) recovering the same fill: both read "no trade yet",
+    the first INSERT waits uncommitted while the second runs; the second's INSERT waits on the first's and,
+    once the first commits, takes the first one's trade instead of writing its own."""
+    import threading
+    import time
+
+    from django.db import connection, connections, transaction
+
+    order = _filled_without_its_trade(paper, monkeypatch)
+    fill = paper.get_order(inst_id=BTC, client_order_id=order.client_order_id)
+    inserted, release = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def first() -> None:
+        try:
+            with transaction.atomic():
+                results["first"] = services.trade_open_write(order=order, fill=fill, context=dict(CONTEXT))
+                inserted.set()
+                release.wait(20)
+        finally:
+            connections.close_all()
+
+    def second() -> None:
+        try:
+            inserted.wait(20)
+            results["second"] = services.trade_open_write(order=order, fill=fill, context=dict(CONTEXT))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    # The first commits once the second is seen waiting on a lock (its INSERT behind the first's), or after 5 s.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND wait_event_type = 'Lock'")
+            if cursor.fetchone()[0]:
+                break
+        time.sleep(0.05)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    trades = list(Trade.objects.filter(client_order_id=order.client_order_id))
+    assert len(trades) == 1, f"{len(trades)} trades for one fill"
+    (trade_1, written_1), (trade_2, written_2) = results["first"], results["second"]  # type: ignore[misc]
+    assert (written_1, written_2) == (True, False)
+    assert trade_1.pk == trade_2.pk == trades[0].pk
