@@ -21,6 +21,7 @@ import json
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from functools import cache
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import orjson
@@ -184,14 +185,19 @@ def rows_insert(*, model: type[models.Model], objs: Sequence[models.Model]) -> i
         for f in stamped:
             if f.auto_now or getattr(obj, f.attname) is None:
                 f.pre_save(obj, add=True)
-    converters = [(f.attname, _converter(f)) for f in fields]
+    # Every column's value in one C call per row (attrgetter), then only the columns that need it converted:
+    # a getattr per column per row in a comprehension was half of this function's time in a replay.
+    values = attrgetter(*(f.attname for f in fields))
+    converted = [(i, conv) for i, f in enumerate(fields) if (conv := _converter(f)) is not None]
     quote = connection.ops.quote_name
     sql = (f"INSERT INTO {quote(model._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
            f"VALUES ({', '.join(['%s'] * len(fields))})")
-    params = [
-        [getattr(obj, name) if conv is None else conv(getattr(obj, name)) for name, conv in converters]
-        for obj in objs
-    ]
+    params = []
+    for obj in objs:
+        row = list(values(obj)) if len(fields) > 1 else [values(obj)]
+        for i, conv in converted:
+            row[i] = conv(row[i])
+        params.append(row)
     with connection.cursor() as cur:
         if connection.vendor == "postgresql":
             # COPY: one stream for the whole batch (executemany measured ~15x slower here).

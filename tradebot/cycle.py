@@ -506,7 +506,9 @@ def stage_started(cycle: Cycle, stage: str, *, now: datetime | None = None) -> N
     """In-memory start mark (replay: no claim, nothing else runs the cycle)."""
     transition_check(cycle.state, stage)
     cycle.state = stage
-    cycle.stage_times[stage] = {"started": (now or timezone.now()).isoformat()}
+    # A plain str key (the stage may be a CycleState): orjson, which writes a replay's rows (journal.bulk),
+    # refuses str-subclass keys, and every cycle's stage_times then went through the stdlib encoder.
+    cycle.stage_times[str(stage)] = {"started": (now or timezone.now()).isoformat()}
 
 
 def cycle_end(

@@ -241,5 +241,5 @@ def _started(cycle: Cycle, stages: tuple[str, ...], skipped: dict[str, str] | No
         if skipped and stage in skipped:
             entry["skipped"] = skipped[stage]
         entry["duration_ms"] = 0.0
-        times[stage] = entry
+        times[str(stage)] = entry  # a plain str key, as tradebot.cycle.stage_started's
     cycle.state = stages[-1]
