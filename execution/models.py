@@ -107,8 +107,10 @@ class Order(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         # A run's orders on one instrument, newest first (the close order a sync looks for): the inst_id
-        # index alone read every run's orders on the instrument (see journal.Trade's trade_run_inst_open).
-        indexes = [models.Index(fields=["run_id", "mode", "inst_id", "created_at"], name="order_run_inst_created")]
+        # index alone read every run's orders on the instrument (see journal.Trade's trade_run_open). And a
+        # run's orders in a state (a sync's unsettled ones), which would otherwise read all the run's orders.
+        indexes = [models.Index(fields=["run_id", "mode", "inst_id", "created_at"], name="order_run_inst_created"),
+                   models.Index(fields=["run_id", "mode", "state"], name="order_run_state")]
 
     def __str__(self) -> str:
         return f"order {self.client_order_id} {self.action} {self.inst_id} {self.state}"
@@ -233,6 +235,9 @@ class PaperPosition(models.Model):
 
     class Meta:
         ordering = ["opened_at", "id"]
+        # An account's positions closed since a time (every account sync asks): the account index alone read
+        # all the positions the account ever closed.
+        indexes = [models.Index(fields=["account", "status", "closed_at"], name="paperpos_account_closed")]
 
 
 class PaperOrder(models.Model):
@@ -260,6 +265,9 @@ class PaperOrder(models.Model):
     class Meta:
         ordering = ["created_at", "id"]
         constraints = [models.UniqueConstraint(fields=["account", "client_order_id"], name="paper_order_clordid_unique")]
+        # An account's live (resting) orders, per instrument: asked at every bar the paper market processes; the
+        # account index alone read every order the account ever placed.
+        indexes = [models.Index(fields=["account", "state", "inst_id"], name="paperorder_account_state")]
 
 
 class PaperFill(models.Model):

@@ -13,6 +13,10 @@ class Migration(migrations.Migration):
     operations = [
         migrations.AddIndex(
             model_name='trade',
-            index=models.Index(fields=['run_id', 'mode', 'instrument', 'status', 'direction'], name='trade_run_inst_open'),
+            index=models.Index(fields=['run_id', 'mode', 'status', 'opened_at'], name='trade_run_open'),
+        ),
+        migrations.AddIndex(
+            model_name='trade',
+            index=models.Index(fields=['run_id', 'mode', '-opened_at', '-id'], name='trade_run_recent'),
         ),
     ]
