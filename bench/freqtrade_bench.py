@@ -132,66 +132,40 @@ def theirs_year(folder: Path) -> dict[str, Any]:
     return {"wall": wall, "peak_mb": peak, "trades": found.group(1)}
 
 
-def compare_year(*, database_url: str, folder: Path | None) -> None:
-    """A synthetic year of our cycles against freqtrade's three 15m years, alternated."""
-    if folder is not None and not YEAR_FILE.is_file():
-        print(f"  year: {YEAR_FILE.name} is not here: our figures alone")
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def compare(*, label: str, database_url: str, folder: Path | None, year: bool = False) -> None:
+    """Ours and freqtrade alternated ROUNDS times: the 8-month real file, or (`year`) a synthetic year of our
+    cycles against freqtrade's three 15m years; medians and the ratio printed."""
+    if year and folder is not None and not YEAR_FILE.is_file():
+        print(f"  {label}: {YEAR_FILE.name} is not here: our figures alone")
         folder = None
     mine: list[dict[str, Any]] = []
     ft: list[dict[str, Any]] = []
     for k in range(ROUNDS):
         if folder is not None:
             try:
-                ft.append(theirs_year(folder))
+                ft.append(theirs_year(folder) if year else theirs(folder))
             except (RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
-                print(f"  freqtrade's year run failed ({exc}); our figures alone")
+                # Installed but not runnable here: ours alone from now on.
+                print(f"  freqtrade's run failed ({exc}); our figures alone")
                 folder = None
         head = f"freqtrade {ft[-1]['wall']:.2f} s ({ft[-1]['trades']} trades); " if folder is not None else ""
-        mine.append(ours(database_url=database_url, year=True))
-        print(f"  year round {k + 1}: {head}ours {mine[-1]['wall']:.2f} s ({mine[-1]['trades']} trades); {infra.load()}",
-              flush=True)
+        mine.append(ours(database_url=database_url, year=year))
+        print(f"  {label} round {k + 1}: {head}ours {mine[-1]['wall']:.2f} s ({mine[-1]['trades']} trades); "
+              f"{infra.load()}", flush=True)
     m = _median(mine, "wall")
     cycles = mine[0]["cycles"]
-    print(f"  year, SQLite: ours median {m:.2f} s whole process for {cycles} synthetic cycles ({cycles / m:.0f} "
-          f"cycles/s; the loop alone {cycles / _median(mine, 'loop'):.0f} cycles/s, {mine[0]['bulk']} written in "
-          f"bulk), peak {max(r['peak_mb'] for r in mine)} MB")
+    print(f"  {label}: ours median {m:.2f} s whole process for {cycles} {'synthetic ' if year else ''}cycles "
+          f"({cycles / m:.0f} cycles/s; the loop alone {cycles / _median(mine, 'loop'):.0f} cycles/s, "
+          f"{mine[0]['bulk']} written in bulk), peak {max(r['peak_mb'] for r in mine)} MB")
     if ft:
         f = _median(ft, "wall")
-        print(f"  year: freqtrade median {f:.2f} s whole process for the 15m candles of {YEAR_RANGE}, peak "
-              f"{max(r['peak_mb'] for r in ft)} MB; ratio ours/freqtrade {m / f:.2f} "
-              f"(target <= 1.0: {'MET' if m / f <= 1.0 else 'NOT MET'})")
-
-
-def _median(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
-
-
-def compare(*, label: str, database_url: str, folder: Path | None) -> None:
-    mine: list[dict[str, Any]] = []
-    ft: list[dict[str, Any]] = []
-    for k in range(ROUNDS):
-        if folder is not None:
-            try:
-                ft.append(theirs(folder))
-            except (RuntimeError, ValueError) as exc:  # installed but not runnable here: ours alone from now on
-                print(f"  freqtrade's run.sh failed ({exc}); our figures alone")
-                folder = None
-        if folder is not None:
-            print(f"  round {k + 1}: freqtrade {ft[-1]['wall']:.2f} s ({ft[-1]['trades']} trades); ", end="", flush=True)
-        else:
-            print(f"  round {k + 1}: ", end="", flush=True)
-        mine.append(ours(database_url=database_url))
-        print(f"ours on {label} {mine[-1]['wall']:.2f} s ({mine[-1]['trades']} trades); {infra.load()}", flush=True)
-    m = _median(mine, "wall")
-    cycles = mine[0]["cycles"]
-    print(f"  {label}: ours median {m:.2f} s whole process for {cycles} cycles ({cycles / m:.0f} cycles/s; "
-          f"the loop alone {cycles / _median(mine, 'loop'):.0f} cycles/s, {mine[0]['bulk']} written in bulk), "
-          f"peak {max(r['peak_mb'] for r in mine)} MB")
-    if ft:
-        f = _median(ft, "wall")
-        print(f"  {label}: freqtrade median {f:.2f} s whole process ({_median(ft, 'own'):.2f} s by run.sh's clock), "
-              f"peak {max(r['peak_mb'] for r in ft)} MB; ratio ours/freqtrade {m / f:.2f} "
-              f"(target <= 1.0: {'MET' if m / f <= 1.0 else 'NOT MET'})")
+        what = f"for the 15m candles of {YEAR_RANGE}" if year else f"({_median(ft, 'own'):.2f} s by run.sh's clock)"
+        print(f"  {label}: freqtrade median {f:.2f} s whole process {what}, peak {max(r['peak_mb'] for r in ft)} MB; "
+              f"ratio ours/freqtrade {m / f:.2f} (target <= 1.0: {'MET' if m / f <= 1.0 else 'NOT MET'})")
 
 
 def bench_vs_freqtrade() -> None:
@@ -216,4 +190,4 @@ def bench_vs_freqtrade() -> None:
         compare(label="PostgreSQL", database_url=os.environ["DATABASE_URL"], folder=folder)
     else:
         print(f"  PostgreSQL: not measured ({infra.ENV.postgres_missing or 'no scratch database'})")
-    compare_year(database_url=sqlite_url, folder=folder)
+    compare(label="year, SQLite", database_url=sqlite_url, folder=folder, year=True)
