@@ -339,6 +339,9 @@ class Bot:
             "stuck_cycles": [list(r) for r in stuck], "executing": int(executing),
             "ticks_expected": expected, "ticks_recorded": recorded, "ticks_unrecorded": max(0, expected - recorded),
             "gap_rows": sum(1 for _, t in ticks if (t or {}).get("trigger") == "gap"),
+            # What the tick figures were counted from (as_of, trigger, missed ticks of a gap): read when one fails.
+            "tick_rows": [(as_of.strftime("%H:%M:%S.%f")[:-3], (t or {}).get("trigger"), (t or {}).get("missed_ticks"))
+                          for as_of, t in ticks],
         }
 
 
