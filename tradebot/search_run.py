@@ -194,6 +194,34 @@ def lost_check(study: SearchStudy, optuna_study: Any) -> None:
     SearchTrial.objects.filter(study=study, state=S.RUNNING, dispatch="worker", number__isnull=True,
                                started_at__lt=grace).update(
         state=S.LOST, finished_at=timezone.now(), reason="its worker died before the trial started")
+    # Optuna only fails a trial whose heartbeat went stale, never one that has none: a worker killed between
+    # Optuna's ask() and its heartbeat thread's first write left a RUNNING trial that nothing failed, and the
+    # command waited for it forever (seen once in the two-worker test). One with no heartbeat a grace after its
+    # claim is failed here, as Optuna fails a stale one.
+    silent = timezone.now() - timedelta(seconds=settings.SEARCH_TRIAL_GRACE_SECONDS + settings.SEARCH_HEARTBEAT_SECONDS)
+    for ticket in SearchTrial.objects.filter(study=study, state=S.RUNNING, dispatch="worker", number__isnull=False,
+                                             started_at__lt=silent):
+        if _heartbeats(study, ticket.number):
+            continue
+        lost = SearchTrial.objects.filter(pk=ticket.pk, state=S.RUNNING).update(
+            state=S.LOST, finished_at=timezone.now(),
+            reason=f"no heartbeat for {settings.SEARCH_TRIAL_GRACE_SECONDS} s: its worker died before its first one")
+        if lost:
+            log.warning("search_trial_lost", study=study.name, number=ticket.number, heartbeat="never")
+            _optuna_fail(study, ticket.number)
+
+
+def _heartbeats(study: SearchStudy, number: int) -> int:
+    """How many heartbeats Optuna's storage holds for the study's trial `number` (0 or 1). Its heartbeat table has
+    no public reader: read through the storage's own engine (table `trial_heartbeats`)."""
+    import sqlalchemy
+
+    storage = search_storage(heartbeat=False)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.optuna_name), number)
+    with storage.engine.connect() as conn:
+        return int(conn.execute(sqlalchemy.text("SELECT count(*) FROM trial_heartbeats WHERE trial_id = :trial"),
+                                {"trial": trial_id}).scalar() or 0)
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ ACCOUNT_SYNC = 5
 # cold stage took up to ~16 s on this shared machine at a load of 10; production's interval is 300 s, not 10).
 SLACK = 20.0
 TERMINAL = ("DONE", "SKIPPED", "FAILED", "INTERRUPTED")
+# Beat's log line before each cycle tick it sends: "2026-12-07T11:03:29.493231Z [info     ] Scheduler: Sending due
+# task cycle BTC-USDT-SWAP (tradebot.tasks.cycle_start)".
+BEAT_TICK = re.compile(r"^(\S+Z) \[info\s*\] Scheduler: Sending due task cycle ", re.M)
 HOLD_CLASS = 32343  # advisory lock namespace of the holds (the bot's cycle locks use 0x7B07)
 HOLDS = {"collecting": 1, "analyzing": 2, "executing_before": 3, "executing_after": 4}
 
@@ -280,20 +283,34 @@ class Bot:
 
     # --- the invariants ----------------------------------------------------------------------------------------------
 
-    def invariants(self, *, since: datetime, settle: float = INTERVAL + ACCOUNT_SYNC + 4.0) -> dict[str, Any]:
+    def invariants(self, *, since: datetime, settle: float = INTERVAL + ACCOUNT_SYNC + 4.0,
+                   ticks_from_beat: bool = True) -> dict[str, Any]:
         """The issue's invariants, read in one consistent snapshot; a snapshot taken while an order was between the
         exchange and the journal (a cycle in EXECUTING or CONFIRMING), or a stop the exchange hit that the account
         sync has not journaled yet, is read again for up to `settle` seconds: one tick (whose sweep ends a cycle past
         its stage limit, and whose start records a gap before it), one account sync and a margin. (With only the sync's
-        time, the Redis drill failed once in a stress run: the other passes and two CPU burners beside the suite.)"""
+        time, the Redis drill failed once in a stress run: the other passes and two CPU burners beside the suite.)
+
+        The ticks expected are the cycle ticks beat tried to send within the rows' span (its log says each one
+        before it sends), `ticks_from_beat`; otherwise, where beat itself was stopped (runbot's drill, whose own
+        beat logs elsewhere), the span's length in intervals. The span alone over-counted when beat slips: each
+        send that blocks on a dead broker (5 s) delays beat's later ticks, and two such slips made a 50 s span of
+        five attempts read as six ticks expected (the Redis drill failed so once in a clean clone under load)."""
         deadline = time.monotonic() + settle
         while True:
-            inv = self._invariants_once(since=since)
+            inv = self._invariants_once(since=since, ticks_from_beat=ticks_from_beat)
             if (held(inv) and not inv["executing"]) or time.monotonic() > deadline:
                 return inv
             time.sleep(0.5)
 
-    def _invariants_once(self, *, since: datetime) -> dict[str, Any]:
+    def beat_tick_attempts(self, start: datetime, end: datetime) -> int:
+        """Cycle ticks beat's log says it tried to send between `start` and `end` (sent or not)."""
+        path = self.log_path("beat")
+        text = path.read_text(errors="replace") if path.exists() else ""
+        stamps = [datetime.fromisoformat(m) for m in BEAT_TICK.findall(text)]
+        return sum(1 for at in stamps if start <= at <= end)
+
+    def _invariants_once(self, *, since: datetime, ticks_from_beat: bool = True) -> dict[str, Any]:
         with psycopg.connect(pg_url(self.database_url), connect_timeout=5) as conn:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             with conn.transaction(), conn.cursor() as cur:
@@ -331,13 +348,18 @@ class Bot:
                 ticks = rows("SELECT as_of, stage_times FROM journal_cycle WHERE mode = 'live' AND as_of >= %s "
                              "ORDER BY as_of", (since,))
         recorded = sum(int((t or {}).get("missed_ticks", 1)) for _, t in ticks)
-        expected = round((ticks[-1][0] - ticks[0][0]).total_seconds() / INTERVAL) + 1 if ticks else 0
+        by_span = round((ticks[-1][0] - ticks[0][0]).total_seconds() / INTERVAL) + 1 if ticks else 0
+        # A tick's as_of is the time its message was stamped, just after beat's log line (a second either side for
+        # the clocks of two processes and a gap row's as_of, one interval after the cycle before it).
+        expected = (self.beat_tick_attempts(ticks[0][0] - timedelta(seconds=1), ticks[-1][0] + timedelta(seconds=1))
+                    if ticks and ticks_from_beat else by_span)
         return {
             "orders_duplicated": int(duplicated),
             "filled_orders_without_one_trade": [r[0] for r in filled_without_one_trade],
             "open_trades": sorted(map(list, trades)), "open_positions": sorted(map(list, positions)),
             "stuck_cycles": [list(r) for r in stuck], "executing": int(executing),
-            "ticks_expected": expected, "ticks_recorded": recorded, "ticks_unrecorded": max(0, expected - recorded),
+            "ticks_expected": expected, "ticks_by_span": by_span, "ticks_recorded": recorded,
+            "ticks_unrecorded": max(0, expected - recorded),
             "gap_rows": sum(1 for _, t in ticks if (t or {}).get("trigger") == "gap"),
             # What the tick figures were counted from (as_of, trigger, missed ticks of a gap): read when one fails.
             "tick_rows": [(as_of.strftime("%H:%M:%S.%f")[:-3], (t or {}).get("trigger"), (t or {}).get("missed_ticks"))

@@ -241,3 +241,38 @@ def test_a_ticket_that_is_not_queued_any_more_is_left_alone(db) -> None:
     assert search_trial_run(ticket_id=ticket.pk, worker="w@test", dispatch="worker") is None
     ticket.refresh_from_db()
     assert ticket.state == SearchTrialState.CANCELLED and ticket.worker == "" and ticket.started_at is None
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_lost_not_waited_for_forever(
+        transactional_db, settings) -> None:
+    """Optuna fails only a trial whose heartbeat went stale: one killed between ask() and its first heartbeat had
+    none, and `optimize` waited for it forever. Failed after the grace; a trial with a heartbeat is Optuna's."""
+    import optuna
+    from django.utils import timezone
+
+    from tradebot.search import search_storage, storage_forget
+    from tradebot.search_run import lost_check
+
+    settings.SEARCH_HEARTBEAT_SECONDS, settings.SEARCH_TRIAL_GRACE_SECONDS = 1, 2
+    study = SearchStudy.objects.create(name="s", optuna_name="s-heartbeat", strategy="trend_pullback", inst_ids=[BTC],
+                                       bounds={"adx_min": [10, 40]}, base_version=1, training={}, source="database",
+                                       trials_target=3)
+    try:
+        optuna.create_study(study_name=study.optuna_name, storage=search_storage(heartbeat=False), direction="maximize")
+        watched = optuna.load_study(study_name=study.optuna_name, storage=search_storage(heartbeat=True))
+        silent, beating = watched.ask(), watched.ask()  # RUNNING in Optuna; the first never wrote a heartbeat
+        search_storage(heartbeat=True).record_heartbeat(beating._trial_id)
+        claimed = timezone.now() - timedelta(seconds=10)
+        for seq, trial in enumerate((silent, beating), start=1):
+            SearchTrial.objects.create(study=study, seq=seq, state=SearchTrialState.RUNNING, dispatch="worker",
+                                       number=trial.number, worker=f"w{seq}@test", started_at=claimed)
+        search_storage(heartbeat=True).record_heartbeat(beating._trial_id)  # fresh: its worker is alive
+        lost_check(study, watched)
+        first, second = SearchTrial.objects.order_by("seq")
+        assert first.state == SearchTrialState.LOST and "no heartbeat" in first.reason, first.reason
+        assert second.state == SearchTrialState.RUNNING
+        states = {t.number: t.state for t in optuna.load_study(
+            study_name=study.optuna_name, storage=search_storage(heartbeat=False)).trials}
+        assert states == {silent.number: optuna.trial.TrialState.FAIL, beating.number: optuna.trial.TrialState.RUNNING}
+    finally:
+        storage_forget()
