@@ -199,29 +199,34 @@ def lost_check(study: SearchStudy, optuna_study: Any) -> None:
     # command waited for it forever (seen once in the two-worker test). One with no heartbeat a grace after its
     # claim is failed here, as Optuna fails a stale one.
     silent = timezone.now() - timedelta(seconds=settings.SEARCH_TRIAL_GRACE_SECONDS + settings.SEARCH_HEARTBEAT_SECONDS)
-    for ticket in SearchTrial.objects.filter(study=study, state=S.RUNNING, dispatch="worker", number__isnull=False,
-                                             started_at__lt=silent):
-        if _heartbeats(study, ticket.number):
+    waiting = dict(SearchTrial.objects.filter(study=study, state=S.RUNNING, dispatch="worker", number__isnull=False,
+                                              started_at__lt=silent).values_list("pk", "number"))
+    if not waiting:
+        return
+    beating = _numbers_with_heartbeats(study, list(waiting.values()))  # one read per poll, not one per trial
+    for pk, number in waiting.items():
+        if number in beating:
             continue
-        lost = SearchTrial.objects.filter(pk=ticket.pk, state=S.RUNNING).update(
+        lost = SearchTrial.objects.filter(pk=pk, state=S.RUNNING).update(
             state=S.LOST, finished_at=timezone.now(),
             reason=f"no heartbeat for {settings.SEARCH_TRIAL_GRACE_SECONDS} s: its worker died before its first one")
         if lost:
-            log.warning("search_trial_lost", study=study.name, number=ticket.number, heartbeat="never")
-            _optuna_fail(study, ticket.number)
+            log.warning("search_trial_lost", study=study.name, number=number, heartbeat="never")
+            _optuna_fail(study, number)
 
 
-def _heartbeats(study: SearchStudy, number: int) -> int:
-    """How many heartbeats Optuna's storage holds for the study's trial `number` (0 or 1). Its heartbeat table has
-    no public reader: read through the storage's own engine (table `trial_heartbeats`)."""
+def _numbers_with_heartbeats(study: SearchStudy, numbers: list[int]) -> set[int]:
+    """Which of the study's trial `numbers` Optuna's storage holds a heartbeat for. Its heartbeat table has no
+    public reader: read through the storage's own engine (tables `trials`, `trial_heartbeats`)."""
     import sqlalchemy
 
     storage = search_storage(heartbeat=False)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(
-        storage.get_study_id_from_name(study.optuna_name), number)
+    query = sqlalchemy.text(
+        "SELECT t.number FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE t.study_id = :study AND t.number IN :numbers").bindparams(sqlalchemy.bindparam("numbers", expanding=True))
     with storage.engine.connect() as conn:
-        return int(conn.execute(sqlalchemy.text("SELECT count(*) FROM trial_heartbeats WHERE trial_id = :trial"),
-                                {"trial": trial_id}).scalar() or 0)
+        return {int(n) for n in conn.execute(query, {"study": storage.get_study_id_from_name(study.optuna_name),
+                                                     "numbers": numbers}).scalars()}
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------
